@@ -1,0 +1,330 @@
+"""Model specs and merge recipes: frozen dataclasses with one strict loader.
+
+Unknown keys are errors (mergekit silently ignores them, and a misspelt ``lamda:`` then merges with the
+default). Method and mask names stay plain strings here; ``pipeline`` checks them against the registries
+before any tensor is read, so this module stays at the bottom of the import graph.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import math
+import re
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from mmer.errors import ConfigError
+
+MODALITY_NAME = re.compile(r"^[a-z][a-z0-9_\-]{0,63}$")
+
+TRIM_SCOPES = ("global", "per-tensor")
+ZERO_SIGN_RULES = ("zero", "positive")
+MASK_SOURCES = ("trimmed", "raw")
+VOCAB_POLICIES = ("shared-rows", "strict", "exclude")
+DELTA_DTYPES = ("base", "float32")
+BASE_STORAGES = ("copy", "reference")
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    """One model: a local directory or a Hub id (with an optional revision).
+
+    The base spec has no ``modality``; every fine-tuned spec has one, and may override λ for its mask.
+    """
+
+    model: str
+    revision: str | None = None
+    modality: str | None = None
+    lambda_: float | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        out: dict[str, Any] = {"model": self.model}
+        if self.revision is not None:
+            out["revision"] = self.revision
+        if self.modality is not None:
+            out["modality"] = self.modality
+        if self.lambda_ is not None:
+            out["lambda"] = self.lambda_
+        return out
+
+
+@dataclass(frozen=True)
+class MergeOptions:
+    """Every knob of a merge, with the paper's defaults (mmer-method.md §2–3).
+
+    Attributes:
+        method: merge method from the registry (``ties`` = TIES-Merging as MMER uses it).
+        mask: mask rule from the registry (``mmer`` = Eq. 3 of the paper).
+        k: fraction of each task vector kept by the trim (paper: 0.8). 1.0 disables trimming.
+        alpha: scale on the merged task vector τ* (paper: 1).
+        lambda_: default λ of Eq. 3 for every modality (paper: ≈0.9); a model spec may override it.
+        trim_scope: ``global`` finds one magnitude threshold per model over all its LLM tensors (what the TIES
+            reference code and ModelCompose do); ``per-tensor`` trims each tensor on its own.
+        zero_sign: what the elected sign is where Σᵢ τᵢ is exactly 0. ``zero`` follows TIES Algorithm 1
+            (γ = sgn(0) = 0, so τ* = 0 there); ``positive`` follows mergekit (γ = +1).
+        mask_source: compare τ* with the ``trimmed`` τᵢ (the paper's notation) or the ``raw`` untrimmed τᵢ.
+        vocab_policy: ``shared-rows`` merges rows [0, V_base) of embeddings/lm_head and keeps rows beyond the
+            base as the model's private rows; ``strict`` refuses any vocabulary difference; ``exclude`` keeps
+            embeddings and lm_head out of the merge, each model keeping its own.
+        delta_dtype: dtype τ* is stored in: ``base`` (the base's dtype, the format default) or ``float32``.
+        base_storage: ``copy`` the base LLM into the output, or store a pinned ``reference`` to it.
+        device: where the arithmetic runs (``cpu``, ``cuda``, ``cuda:1``...). Bytes always go through the CPU.
+        shard_size: maximum bytes per output safetensors shard.
+        allow_nonfinite: merge tensors holding NaN/inf instead of refusing them.
+        hash_inputs: record the sha256 of every input file in the manifest.
+    """
+
+    method: str = "ties"
+    mask: str = "mmer"
+    k: float = 0.8
+    alpha: float = 1.0
+    lambda_: float = 0.9
+    trim_scope: str = "global"
+    zero_sign: str = "zero"
+    mask_source: str = "trimmed"
+    vocab_policy: str = "shared-rows"
+    delta_dtype: str = "base"
+    base_storage: str = "copy"
+    device: str = "cpu"
+    shard_size: int = 5 * 1024**3
+    allow_nonfinite: bool = False
+    hash_inputs: bool = True
+
+    def __post_init__(self) -> None:
+        if not (0.0 < self.k <= 1.0) or math.isnan(self.k):
+            raise ConfigError(f"k = {self.k} is out of range", key="k", hint="k is the fraction kept, in (0, 1]")
+        if not math.isfinite(self.alpha) or self.alpha <= 0:
+            raise ConfigError(f"alpha = {self.alpha} is out of range", key="alpha", hint="alpha must be > 0")
+        _check_lambda(self.lambda_, "lambda")
+        for name, allowed in (
+            ("trim_scope", TRIM_SCOPES),
+            ("zero_sign", ZERO_SIGN_RULES),
+            ("mask_source", MASK_SOURCES),
+            ("vocab_policy", VOCAB_POLICIES),
+            ("delta_dtype", DELTA_DTYPES),
+            ("base_storage", BASE_STORAGES),
+        ):
+            value = getattr(self, name)
+            if value not in allowed:
+                raise ConfigError(
+                    f"{name} = {value!r} is not one of {', '.join(allowed)}", key=name, hint=_closest(value, allowed)
+                )
+        if self.shard_size < 1024:
+            raise ConfigError(f"shard_size = {self.shard_size} bytes is too small", key="shard_size")
+
+    def to_dict(self) -> dict[str, Any]:
+        out = dataclasses.asdict(self)
+        out["lambda"] = out.pop("lambda_")
+        return out
+
+
+@dataclass(frozen=True)
+class Recipe:
+    """A whole merge: the base, the fine-tuned models, and the options. Written resolved into the output."""
+
+    base: ModelSpec
+    models: tuple[ModelSpec, ...]
+    options: MergeOptions = field(default_factory=MergeOptions)
+
+    def __post_init__(self) -> None:
+        if self.base.modality is not None:
+            raise ConfigError(
+                f"the base model {self.base.model!r} has a modality ({self.base.modality!r})",
+                key="modality",
+                hint="the base is the shared text LLM; give the modality only to the fine-tuned models",
+            )
+        if not self.models:
+            raise ConfigError("no fine-tuned models to merge", hint="pass at least one model YAML after the base")
+        seen: dict[str, str] = {}
+        for spec in self.models:
+            if spec.modality is None:
+                raise ConfigError(
+                    f"model {spec.model!r} has no modality", key="modality", hint="add e.g. `modality: vision`"
+                )
+            if spec.modality in seen:
+                raise ConfigError(
+                    f"modality {spec.modality!r} is given twice ({seen[spec.modality]!r} and {spec.model!r})",
+                    key="modality",
+                    hint="give each model its own modality name, e.g. vision and vision_ocr",
+                )
+            seen[spec.modality] = spec.model
+
+    def lambda_for(self, modality: str) -> float:
+        for spec in self.models:
+            if spec.modality == modality and spec.lambda_ is not None:
+                return spec.lambda_
+        return self.options.lambda_
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "base": self.base.to_dict(),
+            "models": [m.to_dict() for m in self.models],
+            "options": self.options.to_dict(),
+        }
+
+    def to_yaml(self) -> str:
+        return yaml.safe_dump(self.to_dict(), sort_keys=False)
+
+
+# --------------------------------------------------------------------------------------------------- loading
+
+_SPEC_KEYS = {"model": str, "revision": str, "modality": str, "lambda": (int, float)}
+_OPTION_TYPES: dict[str, type | tuple[type, ...]] = {
+    "method": str,
+    "mask": str,
+    "k": (int, float),
+    "alpha": (int, float),
+    "lambda": (int, float),
+    "trim_scope": str,
+    "zero_sign": str,
+    "mask_source": str,
+    "vocab_policy": str,
+    "delta_dtype": str,
+    "base_storage": str,
+    "device": str,
+    "shard_size": (int, str),
+    "allow_nonfinite": bool,
+    "hash_inputs": bool,
+}
+
+
+def _closest(value: object, choices: Any) -> str | None:
+    match = difflib.get_close_matches(str(value), list(choices), n=1)
+    return f"did you mean {match[0]!r}?" if match else f"valid: {', '.join(sorted(choices))}"
+
+
+def _check_lambda(value: float, key: str, file: str | None = None) -> None:
+    if not math.isfinite(value) or value < 0:
+        raise ConfigError(f"{key} = {value} is out of range", key=key, file=file, hint="λ must be a finite number ≥ 0")
+
+
+def _check_keys(data: Mapping[str, Any], allowed: Mapping[str, Any], where: str, file: str | None) -> None:
+    if not isinstance(data, Mapping):
+        raise ConfigError(f"{where} must be a mapping, got {type(data).__name__}", file=file)
+    for key, value in data.items():
+        if key not in allowed:
+            raise ConfigError(
+                f"unknown key {key!r} in {where}", file=file, key=str(key), hint=_closest(key, allowed)
+            )
+        expected = allowed[key]
+        if isinstance(value, bool) and expected is not bool and bool not in _as_tuple(expected):
+            raise ConfigError(f"{where}: {key} must be {_type_name(expected)}, got a boolean", file=file, key=key)
+        if not isinstance(value, expected):
+            raise ConfigError(
+                f"{where}: {key} must be {_type_name(expected)}, got {type(value).__name__} ({value!r})",
+                file=file,
+                key=key,
+            )
+
+
+def _as_tuple(t: Any) -> tuple[type, ...]:
+    return t if isinstance(t, tuple) else (t,)
+
+
+def _type_name(t: Any) -> str:
+    return " or ".join(x.__name__ for x in _as_tuple(t))
+
+
+def spec_from_dict(data: Mapping[str, Any], file: str | None = None) -> ModelSpec:
+    """Build a :class:`ModelSpec` from parsed YAML, refusing unknown keys and wrong types."""
+    _check_keys(data, _SPEC_KEYS, "model spec", file)
+    if "model" not in data:
+        raise ConfigError("model spec has no `model` key", file=file, key="model", hint="add `model: <path or hub id>`")
+    modality = data.get("modality")
+    if modality is not None and not MODALITY_NAME.match(modality):
+        raise ConfigError(
+            f"modality {modality!r} is not a valid name",
+            file=file,
+            key="modality",
+            hint="use lower-case letters, digits, '_' or '-', starting with a letter",
+        )
+    lam = data.get("lambda")
+    if lam is not None:
+        _check_lambda(float(lam), "lambda", file)
+    return ModelSpec(
+        model=data["model"],
+        revision=data.get("revision"),
+        modality=modality,
+        lambda_=None if lam is None else float(lam),
+    )
+
+
+def parse_size(value: int | str, key: str = "shard_size") -> int:
+    """Parse ``5GB``, ``500MB``, ``2GiB`` or a plain byte count."""
+    if isinstance(value, int):
+        return value
+    m = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([KMGT]?)(i?)B?\s*", value, flags=re.IGNORECASE)
+    if not m:
+        raise ConfigError(f"{key} = {value!r} is not a size", key=key, hint="write e.g. 5GB, 500MB or 1048576")
+    number, unit, binary = float(m.group(1)), m.group(2).upper(), bool(m.group(3))
+    base = 1024 if binary else 1000
+    return int(number * base ** "_KMGT".index(unit or "_"))
+
+
+def options_from_dict(data: Mapping[str, Any], file: str | None = None) -> MergeOptions:
+    """Build :class:`MergeOptions` from parsed YAML (keys as in the recipe file: ``lambda``, not ``lambda_``)."""
+    _check_keys(data, _OPTION_TYPES, "options", file)
+    kwargs: dict[str, Any] = dict(data)
+    if "lambda" in kwargs:
+        kwargs["lambda_"] = float(kwargs.pop("lambda"))
+    if "shard_size" in kwargs:
+        kwargs["shard_size"] = parse_size(kwargs["shard_size"])
+    for key in ("k", "alpha"):
+        if key in kwargs:
+            kwargs[key] = float(kwargs[key])
+    try:
+        return MergeOptions(**kwargs)
+    except ConfigError as err:
+        err.file = file
+        raise
+
+
+def _read_yaml(path: str | Path) -> Any:
+    path = Path(path)
+    try:
+        text = path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise ConfigError(f"{path}: no such file", file=str(path), hint="check the path") from None
+    except OSError as err:
+        raise ConfigError(f"{path}: cannot read ({err.strerror})", file=str(path)) from None
+    try:
+        return yaml.safe_load(text)
+    except yaml.YAMLError as err:
+        raise ConfigError(f"{path}: not valid YAML ({err})", file=str(path)) from None
+
+
+def load_spec(path: str | Path) -> ModelSpec:
+    """Read one model YAML (``model``, optional ``revision``, ``modality``, ``lambda``)."""
+    data = _read_yaml(path)
+    return spec_from_dict(data if data is not None else {}, file=str(path))
+
+
+_RECIPE_KEYS = {"base": dict, "models": list, "options": dict, "mmer_version": str, "format_version": str}
+
+
+def load_recipe(path: str | Path) -> tuple[ModelSpec | None, tuple[ModelSpec, ...], MergeOptions]:
+    """Read a recipe file: optional ``base`` and ``models``, and ``options``.
+
+    Returns the parts rather than a :class:`Recipe` because a recipe file may hold only options, the models
+    coming from the command line.
+    """
+    file = str(path)
+    data = _read_yaml(path)
+    if data is None:
+        data = {}
+    _check_keys(data, _RECIPE_KEYS, "recipe", file)
+    base = spec_from_dict(data["base"], file) if "base" in data else None
+    models = tuple(spec_from_dict(m, file) for m in data.get("models", []))
+    options = options_from_dict(data.get("options", {}), file)
+    return base, models, options
+
+
+def override_options(options: MergeOptions, **changes: Any) -> MergeOptions:
+    """Apply the non-``None`` changes (command-line flags win over the recipe file)."""
+    changes = {k: v for k, v in changes.items() if v is not None}
+    return dataclasses.replace(options, **changes) if changes else options

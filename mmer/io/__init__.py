@@ -1,0 +1,1 @@
+"""Load and write bytes: tensor names, files and layouts; never arithmetic."""

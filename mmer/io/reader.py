@@ -1,0 +1,326 @@
+"""Read a checkpoint's tensor table and its tensors one at a time, checking the bytes before trusting them.
+
+The headers of every safetensors shard are parsed here (not by the Rust reader) so that a truncated or
+hostile file is named with what is wrong before anything is allocated. Pickled ``.bin`` files are only ever
+opened with ``torch.load(weights_only=True)``: this is the one module allowed to call ``torch.load``.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import struct
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from mmer.errors import CheckpointFormatError
+
+SAFETENSORS_INDEX = "model.safetensors.index.json"
+SAFETENSORS_SINGLE = "model.safetensors"
+BIN_INDEX = "pytorch_model.bin.index.json"
+BIN_SINGLE = "pytorch_model.bin"
+
+MAX_HEADER_BYTES = 100 * 1024 * 1024  # the safetensors spec's own cap against JSON abuse
+
+SAFETENSORS_DTYPES: dict[str, torch.dtype] = {
+    "F64": torch.float64,
+    "F32": torch.float32,
+    "F16": torch.float16,
+    "BF16": torch.bfloat16,
+    "I64": torch.int64,
+    "I32": torch.int32,
+    "I16": torch.int16,
+    "I8": torch.int8,
+    "U8": torch.uint8,
+    "BOOL": torch.bool,
+    "F8_E4M3": torch.float8_e4m3fn,
+    "F8_E5M2": torch.float8_e5m2,
+}
+DTYPE_NAMES = {v: k for k, v in SAFETENSORS_DTYPES.items()}
+
+
+@dataclass(frozen=True)
+class TensorInfo:
+    """Name, dtype and shape of one stored tensor, and the file it lives in."""
+
+    name: str
+    dtype: torch.dtype
+    shape: tuple[int, ...]
+    file: Path
+
+    @property
+    def numel(self) -> int:
+        return math.prod(self.shape)
+
+    @property
+    def nbytes(self) -> int:
+        return self.numel * self.dtype.itemsize
+
+
+def _reject_duplicates(file: Path, what: str):
+    def hook(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+        out: dict[str, Any] = {}
+        for key, value in pairs:
+            if key in out:
+                raise CheckpointFormatError(
+                    f"{file}: {what} names {key!r} twice", file=str(file), tensor=key, hint="re-export the checkpoint"
+                )
+            out[key] = value
+        return out
+
+    return hook
+
+
+def read_safetensors_header(file: Path) -> tuple[dict[str, TensorInfo], dict[str, str]]:
+    """Parse and validate one safetensors header: lengths, JSON, dtypes, shapes and byte ranges."""
+    try:
+        size = file.stat().st_size
+        with open(file, "rb") as f:
+            head = f.read(8)
+            if len(head) < 8:
+                raise CheckpointFormatError(
+                    f"{file}: truncated ({size} bytes, shorter than the 8-byte header length)",
+                    file=str(file),
+                    hint="the download or copy was cut short; fetch the file again",
+                )
+            (n,) = struct.unpack("<Q", head)
+            if n > MAX_HEADER_BYTES:
+                raise CheckpointFormatError(
+                    f"{file}: header length {n} bytes exceeds the {MAX_HEADER_BYTES}-byte limit (corrupt file?)",
+                    file=str(file),
+                    hint="this is not a valid safetensors file; fetch it again",
+                )
+            if 8 + n > size:
+                raise CheckpointFormatError(
+                    f"{file}: truncated (header claims {n} bytes, file has {size - 8} after the length)",
+                    file=str(file),
+                    hint="the download or copy was cut short; fetch the file again",
+                )
+            raw = f.read(n)
+    except OSError as err:
+        raise CheckpointFormatError(f"{file}: cannot read ({err.strerror})", file=str(file)) from None
+    try:
+        header = json.loads(raw.decode("utf-8"), object_pairs_hook=_reject_duplicates(file, "the header"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise CheckpointFormatError(
+            f"{file}: header is not valid JSON ({err})", file=str(file), hint="the file is corrupt; fetch it again"
+        ) from None
+    if not isinstance(header, dict):
+        raise CheckpointFormatError(f"{file}: header is not a JSON object", file=str(file))
+    metadata = header.pop("__metadata__", None) or {}
+    data_size = size - 8 - n
+    infos: dict[str, TensorInfo] = {}
+    for name, entry in header.items():
+        infos[name] = _check_entry(file, name, entry, data_size)
+    return infos, metadata
+
+
+def _check_entry(file: Path, name: str, entry: Any, data_size: int) -> TensorInfo:
+    def bad(why: str) -> CheckpointFormatError:
+        return CheckpointFormatError(
+            f"{file}: tensor {name!r}: {why}", file=str(file), tensor=name, hint="the file is corrupt; fetch it again"
+        )
+
+    if not isinstance(entry, dict):
+        raise bad("header entry is not an object")
+    dtype = SAFETENSORS_DTYPES.get(entry.get("dtype"))  # type: ignore[arg-type]
+    if dtype is None:
+        raise bad(f"unknown dtype {entry.get('dtype')!r}")
+    shape = entry.get("shape")
+    if not isinstance(shape, list) or not all(isinstance(d, int) and not isinstance(d, bool) and d >= 0 for d in shape):
+        raise bad(f"shape {shape!r} is not a list of non-negative integers")
+    offsets = entry.get("data_offsets")
+    if not (isinstance(offsets, list) and len(offsets) == 2 and all(isinstance(o, int) for o in offsets)):
+        raise bad(f"data_offsets {offsets!r} is not a pair of integers")
+    begin, end = offsets
+    if not 0 <= begin <= end <= data_size:
+        raise bad(f"data_offsets [{begin}, {end}] fall outside the {data_size}-byte data section (truncated file?)")
+    expected = math.prod(shape) * dtype.itemsize
+    if end - begin != expected:
+        raise bad(f"{end - begin} bytes stored but dtype {entry['dtype']} and shape {shape} need {expected}")
+    return TensorInfo(name=name, dtype=dtype, shape=tuple(shape), file=file)
+
+
+class CheckpointReader:
+    """All tensors of one checkpoint directory (single file or sharded, safetensors or ``.bin``).
+
+    The table of names, dtypes and shapes is read up front from headers only; tensors are read one at a time
+    on demand, so a reader never holds more than the tensor asked for (safetensors files are memory-mapped).
+    """
+
+    def __init__(self, directory: str | Path) -> None:
+        self.directory = Path(directory)
+        self.format, files, index_map = self._find_files()
+        self.files = files
+        self.tensors: dict[str, TensorInfo] = {}
+        self._handles: dict[Path, Any] = {}
+        self._bin_cache: tuple[Path, dict[str, torch.Tensor]] | None = None
+        for file in files:
+            infos = read_safetensors_header(file)[0] if self.format == "safetensors" else self._bin_infos(file)
+            for name, info in infos.items():
+                if name in self.tensors:
+                    raise CheckpointFormatError(
+                        f"{self.directory}: tensor {name!r} is stored twice ({self.tensors[name].file.name} and "
+                        f"{file.name})",
+                        file=str(file),
+                        tensor=name,
+                        hint="the shards overlap; re-export the checkpoint",
+                    )
+                self.tensors[name] = info
+        if index_map is not None:
+            for name, shard in index_map.items():
+                info = self.tensors.get(name)
+                if info is None or info.file.name != Path(shard).name:
+                    raise CheckpointFormatError(
+                        f"{self.directory}: the index puts {name!r} in {shard}, but that shard does not hold it",
+                        file=str(self.directory / shard),
+                        tensor=name,
+                        hint="the index and the shards disagree; fetch the checkpoint again",
+                    )
+
+    # ----------------------------------------------------------------------------------------------- files
+    def _find_files(self) -> tuple[str, list[Path], dict[str, str] | None]:
+        d = self.directory
+        for index_name, single, fmt in (
+            (SAFETENSORS_INDEX, SAFETENSORS_SINGLE, "safetensors"),
+            (BIN_INDEX, BIN_SINGLE, "bin"),
+        ):
+            index_file = d / index_name
+            if index_file.is_file():
+                weight_map = self._read_index(index_file)
+                files = []
+                for shard in sorted(set(weight_map.values())):
+                    path = d / shard
+                    if Path(shard).is_absolute() or ".." in Path(shard).parts:
+                        raise CheckpointFormatError(
+                            f"{index_file}: shard path {shard!r} points outside the checkpoint",
+                            file=str(index_file),
+                            hint="shard names must be plain file names",
+                        )
+                    if not path.is_file():
+                        raise CheckpointFormatError(
+                            f"{index_file}: names shard {shard!r}, which is missing from {d}",
+                            file=str(path),
+                            hint="the download is incomplete; fetch the missing shard",
+                        )
+                    files.append(path)
+                return fmt, files, weight_map
+            if (d / single).is_file():
+                return fmt, [d / single], None
+        found = sorted(p.name for p in d.glob("*.safetensors")) + sorted(p.name for p in d.glob("*.bin"))
+        hint = (
+            f"found {', '.join(found)} but no {SAFETENSORS_INDEX}; add the index or rename a single file to "
+            f"{SAFETENSORS_SINGLE}"
+            if found
+            else "point to a directory with model.safetensors[.index.json] or pytorch_model.bin[.index.json]"
+        )
+        raise CheckpointFormatError(f"{d}: no weight files found", file=str(d), hint=hint)
+
+    def _read_index(self, index_file: Path) -> dict[str, str]:
+        try:
+            data = json.loads(
+                index_file.read_text(encoding="utf-8"),
+                object_pairs_hook=_reject_duplicates(index_file, "the index"),
+            )
+        except json.JSONDecodeError as err:
+            raise CheckpointFormatError(f"{index_file}: not valid JSON ({err})", file=str(index_file)) from None
+        weight_map = data.get("weight_map") if isinstance(data, dict) else None
+        if not isinstance(weight_map, dict) or not all(isinstance(v, str) for v in weight_map.values()):
+            raise CheckpointFormatError(
+                f"{index_file}: has no valid `weight_map`", file=str(index_file), hint="re-export the checkpoint"
+            )
+        return weight_map
+
+    def _bin_infos(self, file: Path) -> dict[str, TensorInfo]:
+        state = self._load_bin(file)
+        return {
+            name: TensorInfo(name=name, dtype=t.dtype, shape=tuple(t.shape), file=file) for name, t in state.items()
+        }
+
+    def _load_bin(self, file: Path) -> dict[str, torch.Tensor]:
+        if self._bin_cache is not None and self._bin_cache[0] == file:
+            return self._bin_cache[1]
+        try:
+            state = torch.load(file, map_location="cpu", weights_only=True, mmap=True)
+        except Exception as err:
+            if "weights_only" in str(err) or "Unsupported global" in str(err) or "Weights only load" in str(err):
+                why = "it holds Python objects other than tensors, which could run code when unpickled"
+                raise CheckpointFormatError(
+                    f"{file}: refused: {why} (torch.load(weights_only=True) rejected it)",
+                    file=str(file),
+                    hint="convert it to safetensors with a tool you trust, or get a safetensors copy of the model",
+                ) from None
+            raise CheckpointFormatError(
+                f"{file}: cannot be read as a PyTorch checkpoint ({type(err).__name__}: {err})",
+                file=str(file),
+                hint="the file is corrupt or truncated; fetch it again",
+            ) from None
+        if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+            raise CheckpointFormatError(
+                f"{file}: is not a flat dict of tensors", file=str(file), hint="save the model's state_dict()"
+            )
+        self._bin_cache = (file, state)
+        return state
+
+    # --------------------------------------------------------------------------------------------- tensors
+    def __contains__(self, name: str) -> bool:
+        return name in self.tensors
+
+    def get(self, name: str) -> torch.Tensor:
+        """Read one tensor into CPU memory (a private copy the caller may modify)."""
+        info = self.tensors[name]
+        if self.format == "bin":
+            return self._load_bin(info.file)[name].clone()
+        handle = self._handles.get(info.file)
+        if handle is None:
+            from safetensors import safe_open
+
+            try:
+                handle = safe_open(str(info.file), framework="pt", device="cpu")
+            except Exception as err:
+                raise CheckpointFormatError(
+                    f"{info.file}: cannot be opened ({err})", file=str(info.file), hint="fetch the file again"
+                ) from None
+            self._handles[info.file] = handle
+        try:
+            return handle.get_tensor(name)
+        except Exception as err:
+            raise CheckpointFormatError(
+                f"{info.file}: tensor {name!r} cannot be read ({err})", file=str(info.file), tensor=name
+            ) from None
+
+    def close(self) -> None:
+        self._handles.clear()
+        self._bin_cache = None
+
+    def __enter__(self) -> CheckpointReader:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def weight_files(self) -> list[Path]:
+        """The weight files and the index, if any (what a content hash of the weights covers)."""
+        extra = [self.directory / n for n in (SAFETENSORS_INDEX, BIN_INDEX) if (self.directory / n).is_file()]
+        return sorted(self.files) + extra
+
+
+def read_json(path: Path) -> dict[str, Any]:
+    """Read a JSON config file, naming the file if it is broken."""
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise CheckpointFormatError(f"{path}: missing", file=str(path)) from None
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise CheckpointFormatError(f"{path}: not valid JSON ({err})", file=str(path)) from None
+    if not isinstance(data, dict):
+        raise CheckpointFormatError(f"{path}: not a JSON object", file=str(path))
+    return data
+
+
+def file_size(path: Path) -> int:
+    return os.stat(path).st_size

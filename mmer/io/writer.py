@@ -1,0 +1,284 @@
+"""Write safetensors shards without buffering them, into a staging directory that is renamed when complete.
+
+Because every tensor's name, dtype and shape is known before the merge starts, each shard's header is written
+first and each tensor goes straight to its offset as soon as it is computed: the writer holds no tensor, so
+memory does not grow with shard size (mergekit buffers a whole shard). Space for each shard is reserved up
+front, so a full disk fails at the start of a shard rather than after minutes of work.
+"""
+
+from __future__ import annotations
+
+import errno
+import json
+import os
+import shutil
+import uuid
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from types import TracebackType
+
+import torch
+
+from mmer.errors import DiskFullError, OutputExistsError
+from mmer.io.reader import DTYPE_NAMES
+
+
+@dataclass(frozen=True)
+class PlannedTensor:
+    """A tensor the writer will receive: its name, dtype and shape."""
+
+    name: str
+    dtype: torch.dtype
+    shape: tuple[int, ...]
+
+    @property
+    def nbytes(self) -> int:
+        n = 1
+        for d in self.shape:
+            n *= d
+        return n * self.dtype.itemsize
+
+
+def _raise_os_error(err: OSError, path: Path) -> None:
+    if err.errno in (errno.ENOSPC, errno.EDQUOT):
+        raise DiskFullError(
+            f"{path}: no space left on the device while writing the output",
+            file=str(path),
+            hint="free space or choose another output directory; nothing partial was kept",
+        ) from None
+    raise err
+
+
+class SafetensorsFileWriter:
+    """One safetensors file whose header is fixed up front; tensors may then arrive in any order."""
+
+    def __init__(self, path: Path, entries: Sequence[PlannedTensor], metadata: dict[str, str] | None = None) -> None:
+        self.path = path
+        # Largest element size first, like safetensors itself, so every tensor starts aligned without holes.
+        ordered = sorted(entries, key=lambda e: -e.dtype.itemsize)
+        header: dict[str, object] = {}
+        if metadata:
+            header["__metadata__"] = metadata
+        self._offsets: dict[str, tuple[int, int, PlannedTensor]] = {}
+        offset = 0
+        for e in ordered:
+            if e.name in self._offsets:
+                raise ValueError(f"tensor {e.name} planned twice")
+            header[e.name] = {"dtype": DTYPE_NAMES[e.dtype], "shape": list(e.shape), "data_offsets": [offset, offset + e.nbytes]}
+            self._offsets[e.name] = (offset, offset + e.nbytes, e)
+            offset += e.nbytes
+        raw = json.dumps(header, separators=(",", ":")).encode("utf-8")
+        raw += b" " * (-len(raw) % 8)
+        self._data_start = 8 + len(raw)
+        self._total = self._data_start + offset
+        self._pending = set(self._offsets)
+        try:
+            self._file = open(path, "wb")
+            _reserve(self._file, self._total)
+            self._file.write(len(raw).to_bytes(8, "little"))
+            self._file.write(raw)
+        except OSError as err:
+            _raise_os_error(err, path)
+
+    def write(self, name: str, tensor: torch.Tensor) -> None:
+        begin, end, planned = self._offsets[name]
+        if tensor.dtype != planned.dtype or tuple(tensor.shape) != planned.shape:
+            raise ValueError(
+                f"{name}: planned {planned.dtype} {planned.shape}, got {tensor.dtype} {tuple(tensor.shape)}"
+            )
+        if name not in self._pending:
+            raise ValueError(f"{name} written twice")
+        data = tensor.detach().to("cpu").contiguous().reshape(-1).view(torch.uint8).numpy()
+        try:
+            self._file.seek(self._data_start + begin)
+            self._file.write(memoryview(data))
+        except OSError as err:
+            _raise_os_error(err, self.path)
+        self._pending.discard(name)
+
+    @property
+    def complete(self) -> bool:
+        return not self._pending
+
+    def close(self) -> None:
+        if self._pending:
+            self._file.close()
+            raise RuntimeError(f"{self.path}: closed with {len(self._pending)} tensors not written")
+        try:
+            self._file.flush()
+            os.fsync(self._file.fileno())
+            self._file.close()
+        except OSError as err:
+            _raise_os_error(err, self.path)
+
+    def abort(self) -> None:
+        if not self._file.closed:
+            self._file.close()
+
+
+def _reserve(f, size: int) -> None:
+    """Ask the file system for the whole file now, so a full disk is reported before the work is done."""
+    if hasattr(os, "posix_fallocate") and size > 0:
+        try:
+            os.posix_fallocate(f.fileno(), 0, size)
+        except OSError as err:
+            if err.errno in (errno.ENOSPC, errno.EDQUOT):
+                raise
+            # EOPNOTSUPP / EINVAL on some file systems: fall back to discovering a full disk while writing.
+
+
+def plan_shards(entries: Sequence[PlannedTensor], max_shard_bytes: int) -> list[list[PlannedTensor]]:
+    """Group tensors, in order, into shards of at most ``max_shard_bytes`` (a bigger tensor gets its own)."""
+    shards: list[list[PlannedTensor]] = [[]]
+    size = 0
+    for e in entries:
+        if shards[-1] and size + e.nbytes > max_shard_bytes:
+            shards.append([])
+            size = 0
+        shards[-1].append(e)
+        size += e.nbytes
+    return shards if shards[0] else []
+
+
+class ShardedWriter:
+    """Hugging Face style shards (``prefix-0000i-of-0000N.safetensors`` + index, or one ``prefix.safetensors``).
+
+    Each shard is opened when its first tensor arrives and closed when its last one is written, so at most a
+    few file handles are open and no tensor data is buffered.
+    """
+
+    def __init__(
+        self,
+        directory: Path,
+        entries: Sequence[PlannedTensor],
+        max_shard_bytes: int,
+        prefix: str = "model",
+        metadata: dict[str, str] | None = None,
+    ) -> None:
+        self.directory = directory
+        self.prefix = prefix
+        self.metadata = metadata
+        self._shards = plan_shards(entries, max_shard_bytes)
+        n = len(self._shards)
+        self.file_names = (
+            [f"{prefix}.safetensors"] if n == 1 else [f"{prefix}-{i + 1:05d}-of-{n:05d}.safetensors" for i in range(n)]
+        )
+        self._shard_of = {e.name: i for i, shard in enumerate(self._shards) for e in shard}
+        self._open: dict[int, SafetensorsFileWriter] = {}
+        self._done: set[int] = set()
+        self.total_bytes = sum(e.nbytes for e in entries)
+
+    @property
+    def names(self) -> Iterable[str]:
+        return self._shard_of.keys()
+
+    def write(self, name: str, tensor: torch.Tensor) -> None:
+        i = self._shard_of[name]
+        writer = self._open.get(i)
+        if writer is None:
+            if i in self._done:
+                raise ValueError(f"{name}: its shard is already closed")
+            writer = SafetensorsFileWriter(self.directory / self.file_names[i], self._shards[i], self.metadata)
+            self._open[i] = writer
+        writer.write(name, tensor)
+        if writer.complete:
+            writer.close()
+            del self._open[i]
+            self._done.add(i)
+
+    def close(self) -> list[str]:
+        """Check every planned tensor arrived, write the index; returns the file names written."""
+        for i, shard in enumerate(self._shards):
+            if i not in self._done:
+                if not shard:
+                    continue
+                missing = [e.name for e in shard if i not in self._open or e.name in self._open[i]._pending]
+                raise RuntimeError(f"{self.directory}: shard {self.file_names[i]} incomplete, missing {missing[:3]}")
+        written = list(self.file_names) if self._shards else []
+        if len(self._shards) > 1:
+            index = {
+                "metadata": {"total_size": self.total_bytes},
+                "weight_map": {name: self.file_names[i] for name, i in self._shard_of.items()},
+            }
+            index_name = f"{self.prefix}.safetensors.index.json"
+            (self.directory / index_name).write_text(json.dumps(index, indent=2, sort_keys=True) + "\n")
+            written.append(index_name)
+        return written
+
+    def abort(self) -> None:
+        for writer in self._open.values():
+            writer.abort()
+        self._open.clear()
+
+
+def write_tensors(
+    directory: Path,
+    tensors: dict[str, torch.Tensor],
+    max_shard_bytes: int,
+    prefix: str = "model",
+    metadata: dict[str, str] | None = None,
+) -> list[str]:
+    """Write small in-memory tensors (components, private rows) through the same sharded writer."""
+    entries = [PlannedTensor(n, t.dtype, tuple(t.shape)) for n, t in tensors.items()]
+    writer = ShardedWriter(directory, entries, max_shard_bytes, prefix, metadata)
+    try:
+        for name, t in tensors.items():
+            writer.write(name, t)
+        return writer.close()
+    except BaseException:
+        writer.abort()
+        raise
+
+
+class StagedOutput:
+    """An output directory that appears only when complete.
+
+    Everything is written to a hidden sibling directory (same file system, so the final rename is atomic);
+    on any exception, Ctrl-C included, the staging directory is deleted and the target is left as it was.
+    """
+
+    def __init__(self, target: str | Path, overwrite: bool = False) -> None:
+        self.target = Path(target).expanduser().absolute()
+        self.overwrite = overwrite
+        if self.target.exists() and not overwrite:
+            raise OutputExistsError(
+                f"{self.target}: already exists",
+                file=str(self.target),
+                hint="choose another output path or pass --overwrite to replace it",
+            )
+        self.staging = self.target.parent / f".{self.target.name}.mmer-staging-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+
+    def __enter__(self) -> Path:
+        try:
+            self.target.parent.mkdir(parents=True, exist_ok=True)
+            self.staging.mkdir()
+        except OSError as err:
+            _raise_os_error(err, self.staging)
+        return self.staging
+
+    def __exit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        if exc_type is not None:
+            shutil.rmtree(self.staging, ignore_errors=True)
+            return
+        try:
+            self.commit()
+        except BaseException:
+            shutil.rmtree(self.staging, ignore_errors=True)
+            raise
+
+    def commit(self) -> None:
+        if self.target.exists():
+            if not self.overwrite:
+                raise OutputExistsError(f"{self.target}: appeared while merging", file=str(self.target))
+            old = self.target.parent / f".{self.target.name}.mmer-old-{uuid.uuid4().hex[:8]}"
+            os.rename(self.target, old)
+            os.rename(self.staging, self.target)
+            if old.is_dir() and not old.is_symlink():
+                shutil.rmtree(old, ignore_errors=True)
+            else:
+                old.unlink(missing_ok=True)
+        else:
+            os.rename(self.staging, self.target)

@@ -1,0 +1,30 @@
+"""Task vectors τᵢ = θᵢ − θ_base for one tensor slot, in float32.
+
+Deltas are always taken in float32 whatever the stored dtype (fp16/bf16 checkpoints), so the subtraction
+itself adds no rounding beyond the inputs'; results are cast back only when written.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from mmer.errors import NonFiniteError
+
+
+def task_vector(finetuned: torch.Tensor, base: torch.Tensor, rows: int | None = None) -> torch.Tensor:
+    """τ = θᵢ − θ_base in float32, over the first ``rows`` rows when a model appended vocabulary rows."""
+    if rows is not None:
+        finetuned = finetuned[:rows]
+    return finetuned.float() - base.float()
+
+
+def check_finite(tensor: torch.Tensor, *, file: str, name: str) -> None:
+    """Refuse NaN/inf: one bad value would silently poison the merged vector and every mask."""
+    if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
+        bad = int((~torch.isfinite(tensor)).sum())
+        raise NonFiniteError(
+            f"{file}: tensor {name!r} holds {bad} NaN/inf value(s)",
+            file=file,
+            tensor=name,
+            hint="fix or re-export the checkpoint, or pass --allow-nonfinite to merge anyway",
+        )

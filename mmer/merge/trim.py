@@ -1,0 +1,103 @@
+"""Trim: keep the top-K fraction of a task vector by magnitude (TIES step 1).
+
+The rule is the TIES reference code's (``topk_values_mask``), which the paper's setup (ModelCompose) copies:
+with ``d`` entries and kept fraction ``K``, take ``k = d − ⌊d·K⌋`` and keep every entry whose magnitude is
+``≥`` the k-th smallest magnitude. With distinct magnitudes that keeps ``⌊d·K⌋ + 1`` entries; ``K = 1`` keeps
+everything. ``global`` scope applies it once over all LLM tensors of a model; ``per-tensor`` scope per tensor.
+
+The global threshold is found exactly without holding the model: magnitudes are non-negative floats, whose
+IEEE-754 bit patterns sort like the values, so a 65,536-bin histogram of the high 16 bits (pass 1) finds the
+bin holding the k-th smallest value, and a histogram of the low 16 bits of the entries in that bin (pass 2)
+finds the value itself. Memory is two histograms per model, whatever the model's size.
+"""
+
+from __future__ import annotations
+
+import torch
+
+_BINS = 1 << 16
+
+
+def rank_to_threshold(numel: int, k: float) -> int:
+    """The 1-based rank (ascending magnitude) of the threshold entry; 0 means keep everything."""
+    if numel == 0 or k >= 1.0:
+        return 0
+    return numel - int(numel * k)
+
+
+def trim(tau: torch.Tensor, threshold: torch.Tensor | float | None) -> torch.Tensor:
+    """Zero the entries of ``tau`` whose magnitude is below ``threshold`` (``None`` keeps all)."""
+    if threshold is None:
+        return tau
+    return torch.where(tau.abs() >= threshold, tau, torch.zeros((), dtype=tau.dtype, device=tau.device))
+
+
+def tensor_threshold(tau: torch.Tensor, k: float) -> torch.Tensor | None:
+    """Per-tensor threshold: the k-th smallest magnitude of this tensor, or ``None`` to keep all."""
+    rank = rank_to_threshold(tau.numel(), k)
+    if rank == 0:
+        return None
+    return tau.detach().reshape(-1).abs().float().kthvalue(rank).values
+
+
+def _magnitude_bits(tau: torch.Tensor) -> torch.Tensor:
+    """float32 magnitudes as int32 bit patterns: monotone in the value for non-negative floats."""
+    return tau.detach().reshape(-1).float().abs().view(torch.int32)
+
+
+class GlobalThreshold:
+    """Exact k-th smallest magnitude over many tensors, streamed in two passes.
+
+    Usage: call :meth:`add_pass1` with every tensor, then :meth:`add_pass2` with every tensor again (same
+    values, any order), then read :attr:`value`. If :attr:`keeps_all` is true after construction, no pass is
+    needed.
+    """
+
+    def __init__(self, total_numel: int, k: float, device: torch.device | str = "cpu") -> None:
+        self.rank = rank_to_threshold(total_numel, k)
+        self.total = total_numel
+        self.device = torch.device(device)
+        self._hist_high = torch.zeros(_BINS, dtype=torch.int64, device=self.device)
+        self._hist_low = torch.zeros(_BINS, dtype=torch.int64, device=self.device)
+        self._seen1 = 0
+        self._seen2 = 0
+        self._bin: int | None = None
+        self._rank_in_bin: int | None = None
+
+    @property
+    def keeps_all(self) -> bool:
+        return self.rank == 0
+
+    def add_pass1(self, tau: torch.Tensor) -> None:
+        bits = _magnitude_bits(tau)
+        self._hist_high += torch.bincount(bits >> 16, minlength=_BINS)
+        self._seen1 += bits.numel()
+
+    def _locate_bin(self) -> None:
+        if self._seen1 != self.total:
+            raise RuntimeError(f"pass 1 saw {self._seen1} entries, expected {self.total}")
+        cumulative = torch.cumsum(self._hist_high, 0)
+        b = int(torch.searchsorted(cumulative, torch.tensor(self.rank, device=self.device)).item())
+        below = int(cumulative[b - 1].item()) if b > 0 else 0
+        self._bin, self._rank_in_bin = b, self.rank - below
+
+    def add_pass2(self, tau: torch.Tensor) -> None:
+        if self._bin is None:
+            self._locate_bin()
+        bits = _magnitude_bits(tau)
+        low = bits[(bits >> 16) == self._bin] & 0xFFFF
+        if low.numel():
+            self._hist_low += torch.bincount(low, minlength=_BINS)
+        self._seen2 += bits.numel()
+
+    @property
+    def value(self) -> float | None:
+        """The threshold (keep ``|τ| ≥ value``), or ``None`` when everything is kept."""
+        if self.keeps_all:
+            return None
+        if self._bin is None or self._seen2 != self.total:
+            raise RuntimeError(f"pass 2 saw {self._seen2} entries, expected {self.total}")
+        cumulative = torch.cumsum(self._hist_low, 0)
+        low = int(torch.searchsorted(cumulative, torch.tensor(self._rank_in_bin, device=self.device)).item())
+        bits = torch.tensor([(self._bin << 16) | low], dtype=torch.int32)
+        return float(bits.view(torch.float32).item())

@@ -1,0 +1,479 @@
+"""The one place that wires io, merge and checkpoint together: plan → thresholds → merge → components → manifest.
+
+Reads one tensor slot (the base's tensor and every model's counterpart) at a time, so peak memory is set by
+the largest tensor, not by the model's depth. Output goes to a staging directory renamed only when complete.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import resource
+import shutil
+import sys
+import time
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from mmer import __version__
+from mmer.checkpoint import bits
+from mmer.checkpoint.card import write_card
+from mmer.checkpoint.decoupled import (
+    BASE_DIR,
+    COMPONENTS_DIR,
+    MASKS_DIR,
+    PRIVATE_FILE,
+    RECIPE_NAME,
+    TAU_STAR_DIR,
+    mask_metadata,
+)
+from mmer.checkpoint.manifest import MANIFEST_NAME, Manifest, ModalityRecord, SlotRecord
+from mmer.config import Recipe
+from mmer.io.reader import DTYPE_NAMES, SAFETENSORS_INDEX, BIN_INDEX
+from mmer.io.resolve import cached_blob_sha256
+from mmer.io.writer import PlannedTensor, ShardedWriter, StagedOutput
+from mmer.merge.masks import MASKS
+from mmer.merge.methods import METHODS
+from mmer.merge.task_vectors import check_finite, task_vector
+from mmer.merge.trim import GlobalThreshold, tensor_threshold, trim
+from mmer.plan import MergePlan, SourceModel, build_plan
+from mmer.progress import NULL_PROGRESS, ProgressSink
+
+# Files carried with a model besides its weights: configs, tokenizer and processor files (never code).
+SIDE_FILE_SUFFIXES = (".json", ".txt", ".model", ".jinja", ".tiktoken")
+WEIGHT_INDEXES = (SAFETENSORS_INDEX, BIN_INDEX)
+
+
+@dataclass
+class ModalityReport:
+    name: str
+    model: str
+    lambda_: float
+    kept: int
+    total: int
+    threshold: float | None
+    delta_l1: float
+
+    @property
+    def density(self) -> float:
+        return self.kept / self.total if self.total else 0.0
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "modality": self.name,
+            "model": self.model,
+            "lambda": self.lambda_,
+            "kept": self.kept,
+            "total": self.total,
+            "density": self.density,
+            "trim_threshold": self.threshold,
+            "mean_abs_delta": self.delta_l1 / self.total if self.total else 0.0,
+        }
+
+
+@dataclass
+class MergeReport:
+    """What a merge did: returned to Python callers, rendered by the CLI, printed as ``--json``."""
+
+    output: str | None
+    dry_run: bool
+    plan: dict[str, Any]
+    modalities: list[ModalityReport] = field(default_factory=list)
+    seconds: dict[str, float] = field(default_factory=dict)
+    peak_rss_bytes: int = 0
+    warnings: list[str] = field(default_factory=list)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "output": self.output,
+            "dry_run": self.dry_run,
+            "plan": self.plan,
+            "modalities": [m.to_dict() for m in self.modalities],
+            "seconds": self.seconds,
+            "peak_rss_bytes": self.peak_rss_bytes,
+            "warnings": self.warnings,
+        }
+
+
+def run_merge(
+    recipe: Recipe,
+    output: str | Path | None,
+    *,
+    overwrite: bool = False,
+    dry_run: bool = False,
+    progress: ProgressSink | None = None,
+) -> MergeReport:
+    """Merge ``recipe`` into a decoupled checkpoint at ``output`` (or only plan it, with ``dry_run``)."""
+    progress = progress or NULL_PROGRESS
+    started = time.perf_counter()
+    plan = build_plan(recipe)
+    report = MergeReport(output=None if output is None else str(output), dry_run=dry_run, plan=plan.to_dict())
+    report.warnings = list(plan.warnings)
+    report.seconds["plan"] = time.perf_counter() - started
+    if dry_run:
+        return report
+    if output is None:
+        raise ValueError("an output directory is required unless dry_run is set")
+    try:
+        with StagedOutput(output, overwrite=overwrite) as staging, ThreadPoolExecutor(max_workers=1) as hasher:
+            hashes = {m.label: _hash_inputs(m, hasher, recipe.options.hash_inputs) for m in [plan.base, *plan.models]}
+            t = time.perf_counter()
+            thresholds = find_global_thresholds(plan, progress)
+            report.seconds["thresholds"] = time.perf_counter() - t
+            t = time.perf_counter()
+            stats = merge_slots(plan, staging, thresholds, progress)
+            report.seconds["merge"] = time.perf_counter() - t
+            t = time.perf_counter()
+            component_files = {m.label: write_component(m, plan, staging, progress) for m in plan.models}
+            if recipe.options.base_storage == "copy":
+                copy_side_files(plan.base.path, staging / BASE_DIR)
+            report.seconds["components"] = time.perf_counter() - t
+            resolved_hashes = {label: {k: f.result() for k, f in files.items()} for label, files in hashes.items()}
+            manifest = _manifest(plan, stats, component_files, resolved_hashes)
+            for m in plan.models:
+                report.modalities.append(
+                    ModalityReport(
+                        m.label,
+                        m.spec.model,
+                        recipe.lambda_for(m.label),
+                        stats.kept[m.label],
+                        plan.merged_numel,
+                        thresholds.get(m.label),
+                        stats.delta_l1[m.label],
+                    )
+                )
+                if stats.delta_l1[m.label] == 0.0:
+                    report.warnings.append(
+                        f"{m.label}: its LLM equals the base (all-zero task vector): nothing of it was merged; "
+                        "frozen-LLM models (BLIP-2, Video-LLaMA) need no merge"
+                    )
+            (staging / RECIPE_NAME).write_text(_resolved_recipe(plan).to_yaml(), encoding="utf-8")
+            write_card(staging, manifest, report)
+            t = time.perf_counter()
+            manifest.files = hash_tree(staging, exclude={MANIFEST_NAME})
+            manifest.write(staging)
+            report.seconds["hash_outputs"] = time.perf_counter() - t
+    finally:
+        for m in [plan.base, *plan.models]:
+            m.reader.close()
+    report.seconds["total"] = time.perf_counter() - started
+    report.peak_rss_bytes = peak_rss_bytes()
+    return report
+
+
+# ------------------------------------------------------------------------------------------------- thresholds
+def _deltas(plan: MergePlan, slot_name: str, device: torch.device) -> tuple[torch.Tensor, list[torch.Tensor]]:
+    """θ_base and every model's τᵢ (float32, on ``device``) for one slot, checked for NaN/inf."""
+    base_info = plan.base.llm[slot_name]
+    base = plan.base.reader.get(base_info.name)
+    allow = plan.recipe.options.allow_nonfinite
+    if not allow:
+        check_finite(base, file=str(base_info.file), name=base_info.name)
+    base_dev = base.to(device)
+    rows = base.shape[0]
+    taus = []
+    for m in plan.models:
+        info = m.llm[slot_name]
+        theta = m.reader.get(info.name)
+        if not allow:
+            check_finite(theta, file=str(info.file), name=info.name)
+        taus.append(task_vector(theta.to(device), base_dev, rows if theta.shape[0] != rows else None))
+    return base, taus
+
+
+def find_global_thresholds(plan: MergePlan, progress: ProgressSink) -> dict[str, float | None]:
+    """Each model's exact global top-K magnitude threshold, in two streaming passes (see ``merge.trim``)."""
+    options = plan.recipe.options
+    method = METHODS[options.method]
+    if not method.uses_trim or options.trim_scope != "global" or options.k >= 1.0:
+        return {}
+    device = torch.device(options.device)
+    finders = {m.label: GlobalThreshold(plan.merged_numel, options.k, device) for m in plan.models}
+    slots = plan.merged_slots
+    total = sum(s.nbytes for s in slots) * (1 + len(plan.models))
+    for pass_no, stage in ((1, "threshold pass 1/2"), (2, "threshold pass 2/2")):
+        progress.start(stage, total)
+        for slot in slots:
+            _, taus = _deltas(plan, slot.name, device)
+            for m, tau in zip(plan.models, taus):
+                if pass_no == 1:
+                    finders[m.label].add_pass1(tau)
+                else:
+                    finders[m.label].add_pass2(tau)
+            progress.advance(stage, slot.nbytes * (1 + len(plan.models)))
+        progress.end(stage)
+    return {label: f.value for label, f in finders.items()}
+
+
+# ---------------------------------------------------------------------------------------------------- merging
+@dataclass
+class SlotStats:
+    kept: dict[str, int]
+    delta_l1: dict[str, float]
+    kept_per_tensor: dict[str, dict[str, int]] = field(default_factory=dict)
+
+
+def _tau_dtype(plan: MergePlan, slot_dtype: torch.dtype) -> torch.dtype:
+    return torch.float32 if plan.recipe.options.delta_dtype == "float32" else slot_dtype
+
+
+def merge_slots(
+    plan: MergePlan, staging: Path, thresholds: dict[str, float | None], progress: ProgressSink
+) -> SlotStats:
+    """The main pass: per slot, τᵢ → trim → merge → τ* → masks; writes base copy, τ*, masks, private rows."""
+    options = plan.recipe.options
+    method = METHODS[options.method]
+    rule = MASKS[options.mask]
+    device = torch.device(options.device)
+    lambdas = {m.label: plan.recipe.lambda_for(m.label) for m in plan.models}
+    merged = plan.merged_slots
+    shard = options.shard_size
+
+    writers: list[ShardedWriter] = []
+    base_writer = None
+    if options.base_storage == "copy":
+        (staging / BASE_DIR).mkdir()
+        base_writer = ShardedWriter(
+            staging / BASE_DIR, [PlannedTensor(s.name, s.dtype, s.shape) for s in plan.slots], shard
+        )
+        writers.append(base_writer)
+    (staging / TAU_STAR_DIR).mkdir()
+    tau_writer = ShardedWriter(
+        staging / TAU_STAR_DIR,
+        [PlannedTensor(s.name, _tau_dtype(plan, s.dtype), s.shape) for s in merged],
+        shard,
+        metadata={"format": "mmer-tau-star/1", "mmer_version": __version__},
+    )
+    writers.append(tau_writer)
+    (staging / MASKS_DIR).mkdir()
+    shapes = {s.name: list(s.shape) for s in merged}
+    kept_per_tensor: dict[str, dict[str, int]] = {m.label: {} for m in plan.models}
+    mask_writers = {
+        m.label: ShardedWriter(
+            staging / MASKS_DIR,
+            [PlannedTensor(s.name, torch.uint8, (bits.packed_size(s.numel),)) for s in merged],
+            max_shard_bytes=1 << 62,
+            prefix=m.label,
+            metadata=mask_metadata(shapes),
+        )
+        for m in plan.models
+    }
+    writers.extend(mask_writers.values())
+    private_writers = _private_writers(plan, staging)
+    writers.extend(private_writers.values())
+
+    stats = SlotStats(kept={m.label: 0 for m in plan.models}, delta_l1={m.label: 0.0 for m in plan.models})
+    stage = "merge"
+    progress.start(stage, sum(s.nbytes for s in plan.slots) * (1 + len(plan.models)))
+    try:
+        for slot in plan.slots:
+            if not slot.merged:
+                base = plan.base.reader.get(plan.base.llm[slot.name].name)
+                if base_writer is not None:
+                    base_writer.write(slot.name, base)
+                _write_private(plan, slot.name, private_writers)
+                progress.advance(stage, slot.nbytes * (1 + len(plan.models)))
+                continue
+            base, taus = _deltas(plan, slot.name, device)
+            if base_writer is not None:
+                base_writer.write(slot.name, base)
+            _write_private(plan, slot.name, private_writers)
+            if method.uses_trim:
+                if options.trim_scope == "global":
+                    trimmed = [trim(tau, thresholds.get(m.label)) for m, tau in zip(plan.models, taus)]
+                else:
+                    trimmed = [trim(tau, tensor_threshold(tau, options.k)) for tau in taus]
+            else:
+                trimmed = taus
+            tau_star = method.fn(trimmed, alpha=options.alpha, zero_sign=options.zero_sign)
+            stored = tau_star.to(_tau_dtype(plan, slot.dtype))
+            tau_writer.write(slot.name, stored)
+            # Masks compare against τ* as stored, so the artifact alone reproduces every bit of them.
+            effective = stored.float()
+            sources = trimmed if options.mask_source == "trimmed" else taus
+            for m, tau_i, raw in zip(plan.models, sources, taus):
+                mask = rule.fn(tau_i, effective, lambdas[m.label])
+                packed = bits.pack(mask.cpu())
+                ones = bits.popcount(packed)
+                kept_per_tensor[m.label][slot.name] = ones
+                stats.kept[m.label] += ones
+                stats.delta_l1[m.label] += float(raw.abs().sum())
+                mask_writers[m.label].write(slot.name, packed)
+            progress.advance(stage, slot.nbytes * (1 + len(plan.models)))
+            del base, taus, trimmed, tau_star, stored, effective
+        for writer in writers:
+            writer.close()
+    except BaseException:
+        for writer in writers:
+            writer.abort()
+        raise
+    finally:
+        progress.end(stage)
+    stats.kept_per_tensor = kept_per_tensor
+    return stats
+
+
+def _private_writers(plan: MergePlan, staging: Path) -> dict[str, ShardedWriter]:
+    writers = {}
+    for m in plan.models:
+        records = plan.private[m.label]
+        if not records:
+            continue
+        directory = staging / COMPONENTS_DIR / m.label
+        directory.mkdir(parents=True, exist_ok=True)
+        entries = [PlannedTensor(r.name, m.llm[r.name].dtype, tuple(r.shape)) for r in records]
+        writers[m.label] = ShardedWriter(
+            directory, entries, 1 << 62, prefix=PRIVATE_FILE.removesuffix(".safetensors")
+        )
+    return writers
+
+
+def _write_private(plan: MergePlan, slot_name: str, writers: dict[str, ShardedWriter]) -> None:
+    for m in plan.models:
+        for record in plan.private[m.label]:
+            if record.name == slot_name:
+                tensor = m.reader.get(m.llm[slot_name].name)
+                writers[m.label].write(slot_name, tensor[record.row_start :])
+
+
+# ------------------------------------------------------------------------------------------------- components
+def write_component(model: SourceModel, plan: MergePlan, staging: Path, progress: ProgressSink) -> list[str]:
+    """Copy a model's non-LLM tensors (towers, projectors) untouched, plus its config and tokenizer files."""
+    directory = staging / COMPONENTS_DIR / model.label
+    directory.mkdir(parents=True, exist_ok=True)
+    copy_side_files(model.path, directory)
+    if not model.components:
+        return []
+    stage = f"component {model.label}"
+    entries = [PlannedTensor(i.name, i.dtype, i.shape) for i in model.components]
+    progress.start(stage, sum(i.nbytes for i in model.components))
+    writer = ShardedWriter(directory, entries, plan.recipe.options.shard_size)
+    try:
+        for info in model.components:
+            writer.write(info.name, model.reader.get(info.name))
+            progress.advance(stage, info.nbytes)
+        writer.close()
+    except BaseException:
+        writer.abort()
+        raise
+    finally:
+        progress.end(stage)
+    return [i.name for i in model.components]
+
+
+def copy_side_files(source: Path, destination: Path) -> list[str]:
+    """Configs, tokenizer and processor files; never weights, indexes or code."""
+    destination.mkdir(parents=True, exist_ok=True)
+    copied = []
+    for path in sorted(source.iterdir()):
+        if not path.is_file() or path.name.startswith(".") or path.name in WEIGHT_INDEXES:
+            continue
+        if path.suffix in SIDE_FILE_SUFFIXES or path.name.startswith("tokenizer"):
+            if path.suffix in (".safetensors", ".bin", ".py"):
+                continue
+            shutil.copyfile(path, destination / path.name)
+            copied.append(path.name)
+    return copied
+
+
+# ----------------------------------------------------------------------------------------------------- record
+def _hash_inputs(model: SourceModel, pool: ThreadPoolExecutor, enabled: bool) -> dict[str, Future]:
+    futures: dict[str, Future] = {}
+    for file in model.reader.weight_files():
+        if not enabled:
+            futures[file.name] = _done(None)
+        elif (cached := cached_blob_sha256(file)) is not None:
+            futures[file.name] = _done(cached)
+        else:
+            futures[file.name] = pool.submit(sha256_file, file)
+    return futures
+
+
+def _done(value: Any) -> Future:
+    f: Future = Future()
+    f.set_result(value)
+    return f
+
+
+def sha256_file(path: Path) -> str:
+    with open(path, "rb") as f:
+        return hashlib.file_digest(f, "sha256").hexdigest() if sys.version_info >= (3, 11) else _sha256_chunks(f)
+
+
+def _sha256_chunks(f: Any) -> str:
+    h = hashlib.sha256()
+    for chunk in iter(lambda: f.read(1 << 24), b""):
+        h.update(chunk)
+    return h.hexdigest()
+
+
+def hash_tree(root: Path, exclude: set[str]) -> dict[str, str]:
+    """sha256 of every file under ``root`` by relative POSIX path, in sorted order."""
+    out = {}
+    for path in sorted(p for p in root.rglob("*") if p.is_file()):
+        rel = path.relative_to(root).as_posix()
+        if rel not in exclude:
+            out[rel] = sha256_file(path)
+    return out
+
+
+def _manifest(
+    plan: MergePlan, stats: SlotStats, component_files: dict[str, list[str]], hashes: dict[str, dict[str, str | None]]
+) -> Manifest:
+    options = plan.recipe.options
+    modalities = {}
+    for m in plan.models:
+        modalities[m.label] = ModalityRecord(
+            name=m.label,
+            source=m.record(hashes[m.label]),
+            lambda_=plan.recipe.lambda_for(m.label),
+            mask_file=f"{MASKS_DIR}/{m.label}.safetensors",
+            component_dir=f"{COMPONENTS_DIR}/{m.label}",
+            kept=stats.kept[m.label],
+            total=plan.merged_numel,
+            kept_per_tensor=stats.kept_per_tensor[m.label],
+            llm_keys={name: info.name for name, info in m.llm.items()},
+            component_tensors=component_files[m.label],
+            private=plan.private[m.label],
+            vocab_size=_vocab_rows(m),
+        )
+    tau_dtypes = sorted({DTYPE_NAMES[_tau_dtype(plan, s.dtype)] for s in plan.merged_slots})
+    return Manifest(
+        mmer_version=__version__,
+        options=options.to_dict(),
+        base=plan.base.record(hashes["base"]),
+        base_storage=options.base_storage,
+        base_dir=BASE_DIR if options.base_storage == "copy" else None,
+        tau_star_dir=TAU_STAR_DIR,
+        tau_star_dtype="/".join(tau_dtypes),
+        slots=[
+            SlotRecord(s.name, list(s.shape), DTYPE_NAMES.get(s.dtype, str(s.dtype)), s.merged, s.reason)
+            for s in plan.slots
+        ],
+        modalities=modalities,
+    )
+
+
+def _vocab_rows(model: SourceModel) -> int | None:
+    info = model.llm.get("model.embed_tokens.weight")
+    return info.shape[0] if info is not None else None
+
+
+def _resolved_recipe(plan: MergePlan) -> Recipe:
+    """The recipe with every revision pinned to the commit it resolved to, so the run repeats exactly."""
+    from dataclasses import replace
+
+    def pin(model: SourceModel):
+        if model.resolved.commit:
+            return replace(model.spec, revision=model.resolved.commit)
+        return model.spec
+
+    return Recipe(pin(plan.base), tuple(pin(m) for m in plan.models), plan.recipe.options)
+
+
+def peak_rss_bytes() -> int:
+    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return rss if sys.platform == "darwin" else rss * 1024

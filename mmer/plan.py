@@ -1,0 +1,313 @@
+"""Plan a merge from headers and configs alone: open every model, split LLM from components, check that the
+fine-tuned models share the base, and decide what happens to every tensor, before any weight is read.
+
+Everything that can be wrong with the inputs is found here, so a bad merge fails in a second, not after an
+hour; ``--dry-run`` prints this plan with its memory estimate.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from mmer.checkpoint.manifest import PrivateRecord, SourceRecord
+from mmer.config import ModelSpec, Recipe
+from mmer.errors import ConfigError, IncompatibleBaseError, LayoutError
+from mmer.io.layouts import Layout, detect_layout, is_buffer_name, is_vocab_tensor
+from mmer.io.reader import DTYPE_NAMES, CheckpointReader, TensorInfo, read_json
+from mmer.io.resolve import ResolvedModel, resolve_model
+from mmer.merge.masks import MASKS
+from mmer.merge.methods import METHODS
+
+# Config fields that fix the LLM's architecture: a mismatch means another base, whatever the shapes say.
+STRUCTURAL_KEYS = (
+    "hidden_size",
+    "num_hidden_layers",
+    "intermediate_size",
+    "num_attention_heads",
+    "num_key_value_heads",
+    "head_dim",
+)
+# Fields that differ between bases of identical shapes (Vicuna v1.1 vs v1.5: rms_norm_eps 1e-6 vs 1e-5).
+NUMERIC_KEYS = ("rms_norm_eps", "rope_theta")
+# Fields a fine-tune may legitimately change; a difference is reported, not refused.
+SOFT_KEYS = ("max_position_embeddings", "tie_word_embeddings")
+
+
+@dataclass
+class SourceModel:
+    """One opened input: where it is, how it stores its LLM, and which tensors are LLM or component."""
+
+    spec: ModelSpec
+    resolved: ResolvedModel
+    reader: CheckpointReader
+    layout: Layout
+    config: dict[str, Any] | None
+    llm: dict[str, TensorInfo]  # canonical name → on-disk tensor
+    components: list[TensorInfo]
+
+    @property
+    def label(self) -> str:
+        return self.spec.modality or "base"
+
+    @property
+    def path(self) -> Path:
+        return self.resolved.path
+
+    def text_config(self) -> dict[str, Any]:
+        config = self.config or {}
+        for key in ("text_config", "llm_config", "language_config"):
+            if isinstance(config.get(key), dict):
+                return config[key]
+        return config
+
+    def record(self, file_hashes: dict[str, str | None]) -> SourceRecord:
+        dtypes = sorted({DTYPE_NAMES.get(i.dtype, str(i.dtype)) for i in self.llm.values()})
+        return SourceRecord(
+            model=self.resolved.hub_id or str(self.resolved.path),
+            revision=self.resolved.revision,
+            commit=self.resolved.commit,
+            layout=self.layout.name,
+            dtype="/".join(dtypes),
+            config=(self.config or {}).get("model_type") if self.config else None,
+            files=file_hashes,
+        )
+
+
+def open_source(spec: ModelSpec) -> SourceModel:
+    """Resolve, open and split one model (headers only)."""
+    resolved = resolve_model(spec.model, spec.revision)
+    reader = CheckpointReader(resolved.path)
+    config_path = resolved.path / "config.json"
+    config = read_json(config_path) if config_path.is_file() else None
+    layout = detect_layout(set(reader.tensors), str(resolved.path))
+    llm: dict[str, TensorInfo] = {}
+    components: list[TensorInfo] = []
+    for key, info in reader.tensors.items():
+        canonical = layout.to_canonical(key)
+        if canonical is None:
+            components.append(info)
+        else:
+            llm[canonical] = info
+    return SourceModel(spec, resolved, reader, layout, config, llm, components)
+
+
+@dataclass
+class Slot:
+    """One canonical LLM tensor of the base and what the merge does with it."""
+
+    name: str
+    shape: tuple[int, ...]
+    dtype: torch.dtype
+    merged: bool
+    reason: str | None = None
+
+    @property
+    def numel(self) -> int:
+        return math.prod(self.shape)
+
+    @property
+    def nbytes(self) -> int:
+        return self.numel * self.dtype.itemsize
+
+
+@dataclass
+class MemoryEstimate:
+    """Bytes the merge will touch: read, written, and held at the peak (one slot across all models)."""
+
+    input_bytes: int
+    output_bytes: int
+    peak_bytes: int
+    largest_slot: str
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "input_bytes": self.input_bytes,
+            "output_bytes": self.output_bytes,
+            "peak_bytes": self.peak_bytes,
+            "largest_slot": self.largest_slot,
+        }
+
+
+@dataclass
+class MergePlan:
+    """The checked inputs and the fate of every tensor."""
+
+    recipe: Recipe
+    base: SourceModel
+    models: list[SourceModel]
+    slots: list[Slot]
+    private: dict[str, list[PrivateRecord]]
+    warnings: list[str] = field(default_factory=list)
+    estimate: MemoryEstimate | None = None
+
+    @property
+    def merged_slots(self) -> list[Slot]:
+        return [s for s in self.slots if s.merged]
+
+    @property
+    def merged_numel(self) -> int:
+        return sum(s.numel for s in self.merged_slots)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "base": {"model": self.base.spec.model, "path": str(self.base.path), "layout": self.base.layout.name},
+            "models": [
+                {
+                    "modality": m.label,
+                    "model": m.spec.model,
+                    "path": str(m.path),
+                    "layout": m.layout.name,
+                    "lambda": self.recipe.lambda_for(m.label),
+                    "component_tensors": len(m.components),
+                    "private_tensors": [p.name for p in self.private[m.label]],
+                }
+                for m in self.models
+            ],
+            "options": self.recipe.options.to_dict(),
+            "slots": {"total": len(self.slots), "merged": len(self.merged_slots), "merged_parameters": self.merged_numel},
+            "not_merged": {s.name: s.reason for s in self.slots if not s.merged},
+            "estimate": self.estimate.to_dict() if self.estimate else None,
+            "warnings": list(self.warnings),
+        }
+
+
+def check_registries(recipe: Recipe) -> None:
+    options = recipe.options
+    if options.method not in METHODS:
+        raise ConfigError(
+            f"unknown merge method {options.method!r}", key="method", hint=f"available: {', '.join(sorted(METHODS))}"
+        )
+    if options.mask not in MASKS:
+        raise ConfigError(f"unknown mask rule {options.mask!r}", key="mask", hint=f"available: {', '.join(sorted(MASKS))}")
+    device = torch.device(options.device)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ConfigError(
+            f"device {options.device!r} asked for, but no CUDA GPU is available", key="device", hint="use --device cpu"
+        )
+
+
+def build_plan(recipe: Recipe) -> MergePlan:
+    """Open every model and check it against the base; raise before any weight is read."""
+    check_registries(recipe)
+    base = open_source(recipe.base)
+    if base.components:
+        names = ", ".join(i.name for i in base.components[:3])
+        raise LayoutError(
+            f"{base.path}: the base holds tensors that are not part of an LLM ({names}...)",
+            file=str(base.path),
+            tensor=base.components[0].name,
+            hint="the base must be the shared text LLM the multimodal models were fine-tuned from",
+        )
+    models = [open_source(spec) for spec in recipe.models]
+    warnings: list[str] = []
+    for model in models:
+        _check_config(base, model, warnings)
+    slots = _plan_slots(base, recipe)
+    private = {m.label: _check_tensors(base, m, slots, recipe.options.vocab_policy) for m in models}
+    plan = MergePlan(recipe, base, models, slots, private, warnings)
+    plan.estimate = estimate_memory(plan)
+    return plan
+
+
+def _check_config(base: SourceModel, model: SourceModel, warnings: list[str]) -> None:
+    b, m = base.text_config(), model.text_config()
+    if not b or not m:
+        warnings.append(f"{model.label}: no config.json to compare with the base; only tensor shapes were checked")
+        return
+    for key in STRUCTURAL_KEYS + NUMERIC_KEYS:
+        if key in b and key in m and b[key] != m[key]:
+            raise IncompatibleBaseError(
+                f"{model.path}: config {key} = {m[key]!r} but the base has {b[key]!r}",
+                file=str(model.path / "config.json"),
+                key=key,
+                hint="this model was not fine-tuned from this base; check which base LLM it was trained from",
+            )
+    for key in SOFT_KEYS:
+        if key in b and key in m and b[key] != m[key]:
+            warnings.append(f"{model.label}: config {key} = {m[key]!r}, base has {b[key]!r}")
+
+
+def _plan_slots(base: SourceModel, recipe: Recipe) -> list[Slot]:
+    slots = []
+    for name, info in base.llm.items():
+        reason = None
+        if is_buffer_name(name):
+            reason = "buffer"
+        elif not info.dtype.is_floating_point:
+            reason = "integer dtype"
+        elif is_vocab_tensor(name) and recipe.options.vocab_policy == "exclude":
+            reason = "vocab_policy=exclude"
+        slots.append(Slot(name, info.shape, info.dtype, merged=reason is None, reason=reason))
+    return slots
+
+
+def _check_tensors(base: SourceModel, model: SourceModel, slots: list[Slot], vocab_policy: str) -> list[PrivateRecord]:
+    """Same LLM tensors with the same shapes as the base; returns the model's private vocabulary rows."""
+    private: list[PrivateRecord] = []
+    base_names = {s.name for s in slots if s.reason != "buffer"}
+    model_names = {n for n in model.llm if not is_buffer_name(n)}
+    tied_hint = "the base and this model disagree on tied embeddings (lm_head present in one only)"
+    for name in sorted(base_names - model_names):
+        raise IncompatibleBaseError(
+            f"{model.path}: LLM tensor {model.layout.to_disk(name)!r} is missing (the base has {name!r})",
+            file=str(model.path),
+            tensor=name,
+            hint=tied_hint if name == "lm_head.weight" else "was this model fine-tuned from a different base?",
+        )
+    for name in sorted(model_names - base_names):
+        raise IncompatibleBaseError(
+            f"{model.path}: LLM tensor {model.llm[name].name!r} has no counterpart in the base",
+            file=str(model.path),
+            tensor=model.llm[name].name,
+            hint=tied_hint if name == "lm_head.weight" else "was this model fine-tuned from a different base?",
+        )
+    for slot in slots:
+        if slot.reason == "buffer":
+            continue
+        info = model.llm[slot.name]
+        shape = info.shape
+        if slot.reason == "vocab_policy=exclude":
+            private.append(PrivateRecord(slot.name, 0, list(shape)))
+            continue
+        if shape == slot.shape:
+            continue
+        vocab_extension = (
+            is_vocab_tensor(slot.name) and len(shape) == len(slot.shape) and shape[1:] == slot.shape[1:] and shape[0] > slot.shape[0]
+        )
+        if vocab_extension and vocab_policy == "shared-rows":
+            private.append(PrivateRecord(slot.name, slot.shape[0], [shape[0] - slot.shape[0], *shape[1:]]))
+            continue
+        hint = "was this model fine-tuned from a different base?"
+        if vocab_extension:
+            hint = "the model adds vocabulary rows; use vocab_policy shared-rows (default) or exclude"
+        elif is_vocab_tensor(slot.name) and shape[0] < slot.shape[0]:
+            hint = "the model has fewer vocabulary rows than the base; is the base the right one?"
+        raise IncompatibleBaseError(
+            f"{model.path}: tensor {info.name!r} has shape {list(shape)} but the base's {slot.name!r} has "
+            f"{list(slot.shape)}",
+            file=str(info.file),
+            tensor=info.name,
+            hint=hint,
+        )
+    return private
+
+
+def estimate_memory(plan: MergePlan) -> MemoryEstimate:
+    """Peak ≈ the largest slot, held once per model as float32 deltas, trimmed copies and masks, plus reads."""
+    n = len(plan.models)
+    merged = plan.merged_slots or plan.slots
+    largest = max(merged, key=lambda s: s.numel)
+    read_bytes = sum(i.nbytes for m in [plan.base, *plan.models] for i in m.reader.tensors.values())
+    out_bytes = sum(s.nbytes for s in plan.slots) * (1 if plan.recipe.options.base_storage == "copy" else 0)
+    tau_itemsize = 4 if plan.recipe.options.delta_dtype == "float32" else None
+    out_bytes += sum(s.numel * (tau_itemsize or s.dtype.itemsize) for s in plan.merged_slots)
+    out_bytes += n * math.ceil(plan.merged_numel / 8)
+    out_bytes += sum(i.nbytes for m in plan.models for i in m.components)
+    # float32: n deltas + n trimmed + stacked copy (n) + τ* + temporaries (3); bool masks n; raw reads (n + 1).
+    per_element = 4 * (3 * n + 4) + n + largest.dtype.itemsize * (n + 1)
+    return MemoryEstimate(read_bytes, out_bytes, largest.numel * per_element, largest.name)
