@@ -328,3 +328,57 @@ def override_options(options: MergeOptions, **changes: Any) -> MergeOptions:
     """Apply the non-``None`` changes (command-line flags win over the recipe file)."""
     changes = {k: v for k, v in changes.items() if v is not None}
     return dataclasses.replace(options, **changes) if changes else options
+
+
+def build_recipe(
+    spec_files: list[str | Path] | tuple[str | Path, ...] = (),
+    recipe_file: str | Path | None = None,
+    lambdas: Mapping[str, float] | None = None,
+    **option_overrides: Any,
+) -> Recipe:
+    """Assemble a recipe the way the command line does.
+
+    The first spec file is the base and the rest are fine-tuned models; spec files, when given, replace the
+    recipe file's models. Options come from defaults, then the recipe file, then ``option_overrides`` (the
+    flags); ``lambdas`` sets λ per modality over everything else.
+    """
+    base: ModelSpec | None = None
+    models: tuple[ModelSpec, ...] = ()
+    options = MergeOptions()
+    if recipe_file is not None:
+        base, models, options = load_recipe(recipe_file)
+    if spec_files:
+        specs = [load_spec(f) for f in spec_files]
+        base, models = specs[0], tuple(specs[1:])
+        if base.modality is not None:
+            raise ConfigError(
+                f"{spec_files[0]}: the first YAML is the base, but it names modality {base.modality!r}",
+                file=str(spec_files[0]),
+                key="modality",
+                hint="put the base LLM's YAML first: mmer merge base.yaml vision.yaml audio.yaml",
+            )
+    if base is None:
+        raise ConfigError(
+            "no base model given", hint="pass base.yaml first, or a --recipe file with a `base:` section"
+        )
+    if option_overrides:
+        try:
+            options = override_options(options, **option_overrides)
+        except ConfigError:
+            raise
+        except TypeError as err:
+            raise ConfigError(f"bad option: {err}") from None
+    if lambdas:
+        known = {m.modality for m in models}
+        for modality, value in lambdas.items():
+            if modality not in known:
+                raise ConfigError(
+                    f"λ given for modality {modality!r}, which no model has",
+                    key=modality,
+                    hint=_closest(modality, known),
+                )
+            _check_lambda(value, f"lambda for {modality}")
+        models = tuple(
+            dataclasses.replace(m, lambda_=lambdas[m.modality]) if m.modality in lambdas else m for m in models
+        )
+    return Recipe(base, models, options)

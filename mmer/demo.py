@@ -8,6 +8,7 @@ direction and conflict elsewhere, so TIES and the masks have real work to do.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -24,6 +25,24 @@ TEXT_CONFIG = dict(
     max_position_embeddings=256,
     tie_word_embeddings=False,
 )
+
+
+def vision_density(name: str) -> float:
+    """The demo vision model rewrites attention, more so in later layers."""
+    from mmer.io.layouts import layer_index, module_type
+
+    layer = layer_index(name)
+    depth = 0.5 if layer is None else (layer + 1) / TEXT_CONFIG["num_hidden_layers"]
+    return (0.7 if module_type(name) in ("q", "k", "v", "o") else 0.15) * depth
+
+
+def audio_density(name: str) -> float:
+    """The demo audio model touches little, mostly early MLPs (MMER's audio mask kept 2.2 % in the paper)."""
+    from mmer.io.layouts import layer_index, module_type
+
+    layer = layer_index(name)
+    early = 0.5 if layer is None else 1.0 - layer / TEXT_CONFIG["num_hidden_layers"]
+    return (0.35 if module_type(name) in ("gate", "up", "down") else 0.03) * early
 
 
 @dataclass(frozen=True)
@@ -44,22 +63,26 @@ def _text_config(vocab_extra: int = 0):
 
 
 def fine_tune_deltas(
-    base_state: dict[str, torch.Tensor], seed: int, density: float, scale: float = 0.02
+    base_state: dict[str, torch.Tensor], seed: int, density: Callable[[str], float], scale: float = 0.02
 ) -> dict[str, torch.Tensor]:
-    """Seeded stand-ins for fine-tuning: a direction every model shares plus a sparse model-specific part."""
+    """Seeded stand-ins for fine-tuning: a direction every model shares plus a sparse model-specific part.
+
+    ``density(name)`` says how much of each tensor the model-specific part touches, so each demo modality
+    leaves its own footprint across layers and modules for ``inspect-masks`` to show.
+    """
     shared = torch.Generator().manual_seed(1234)
     own = torch.Generator().manual_seed(seed)
     deltas = {}
     for name in sorted(base_state):
         t = base_state[name]
-        common = torch.randn(t.shape, generator=shared) * scale * 0.5
+        common = torch.randn(t.shape, generator=shared) * scale * 0.2
         specific = torch.randn(t.shape, generator=own) * scale * 2.0
-        keep = torch.rand(t.shape, generator=own) < density
+        keep = torch.rand(t.shape, generator=own) < density(name)
         deltas[name] = common + specific * keep
     return deltas
 
 
-def _apply(model, base_state: dict[str, torch.Tensor], seed: int, density: float) -> None:
+def _apply(model, base_state: dict[str, torch.Tensor], seed: int, density: Callable[[str], float]) -> None:
     """Set the MLLM's LLM to base + deltas; rows past the base vocabulary keep their own random values."""
     from mmer.io.layouts import detect_layout
 
@@ -109,7 +132,7 @@ def build_demo_models(root: str | Path, seed: int = 0) -> DemoModels:
         projector_hidden_act="gelu",
     )
     vision = LlavaForConditionalGeneration(vision_config).eval()
-    _apply(vision, base_state, seed + 1, density=0.35)
+    _apply(vision, base_state, seed + 1, vision_density)
     vision.save_pretrained(paths.vision)
 
     audio_config = Qwen2AudioConfig(
@@ -120,7 +143,7 @@ def build_demo_models(root: str | Path, seed: int = 0) -> DemoModels:
         audio_token_index=TEXT_CONFIG["vocab_size"],
     )
     audio = Qwen2AudioForConditionalGeneration(audio_config).eval()
-    _apply(audio, base_state, seed + 2, density=0.1)
+    _apply(audio, base_state, seed + 2, audio_density)
     audio.save_pretrained(paths.audio)
 
     for spec, data in zip(

@@ -1,0 +1,207 @@
+"""`mmer` commands. Each builds its inputs through the library, calls one library function, renders the result."""
+
+from __future__ import annotations
+
+import signal
+import tempfile
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+
+import mmer
+from mmer.config import build_recipe, parse_size
+from mmer.errors import ConfigError, MmerError
+from mmer_cli import render
+
+app = typer.Typer(
+    name="mmer",
+    help="Merge multimodal LLMs that share a base LLM into one decoupled checkpoint (MMER).",
+    no_args_is_help=True,
+    pretty_exceptions_show_locals=False,
+    add_completion=False,
+)
+
+
+def _version(value: bool) -> None:
+    if value:
+        typer.echo(f"mmer {mmer.__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def main(
+    version: Annotated[
+        Optional[bool], typer.Option("--version", callback=_version, is_eager=True, help="Print the version.")
+    ] = None,
+) -> None:
+    """Merge, inspect and use decoupled MMER checkpoints."""
+    # SIGTERM (CI cancelling a job) unwinds like Ctrl-C, so the staging directory is removed.
+    signal.signal(signal.SIGTERM, _raise_interrupt)
+
+
+def _raise_interrupt(signum: int, frame: object) -> None:
+    raise KeyboardInterrupt(f"signal {signum}")
+
+
+def _fail(err: MmerError, as_json: bool) -> None:
+    render.print_error(err, as_json)
+    raise typer.Exit(err.exit_code)
+
+
+def _parse_lambdas(values: list[str]) -> dict[str, float]:
+    out = {}
+    for item in values:
+        name, sep, value = item.partition("=")
+        try:
+            out[name.strip()] = float(value)
+        except ValueError:
+            sep = ""
+        if not sep:
+            raise ConfigError(f"--lambda-for {item!r} is not MODALITY=VALUE", key="lambda-for", hint="e.g. audio=0.7")
+    return out
+
+
+@app.command()
+def merge(
+    specs: Annotated[
+        Optional[list[Path]], typer.Argument(help="base.yaml first, then one YAML per fine-tuned model.")
+    ] = None,
+    output: Annotated[Optional[Path], typer.Option("--output", "-o", help="Output directory.")] = None,
+    recipe: Annotated[Optional[Path], typer.Option(help="Recipe YAML (base, models, options); flags override it.")] = None,
+    method: Annotated[Optional[str], typer.Option(help="Merge method (default ties).")] = None,
+    mask: Annotated[Optional[str], typer.Option(help="Mask rule (default mmer).")] = None,
+    k: Annotated[Optional[float], typer.Option("--k", help="Fraction of each task vector kept by the trim (0.8).")] = None,
+    lambda_: Annotated[Optional[float], typer.Option("--lambda", help="λ of the mask rule for every modality (0.9).")] = None,
+    lambda_for: Annotated[
+        Optional[list[str]], typer.Option("--lambda-for", help="Per-modality λ, e.g. --lambda-for audio=0.7.")
+    ] = None,
+    alpha: Annotated[Optional[float], typer.Option(help="Scale of τ* (1.0).")] = None,
+    trim_scope: Annotated[Optional[str], typer.Option(help="global (paper) or per-tensor.")] = None,
+    zero_sign: Annotated[Optional[str], typer.Option(help="Elected sign where Σ τ = 0: zero (paper) or positive.")] = None,
+    mask_source: Annotated[Optional[str], typer.Option(help="Compare τ* with the trimmed (paper) or raw τᵢ.")] = None,
+    vocab_policy: Annotated[Optional[str], typer.Option(help="shared-rows, strict or exclude.")] = None,
+    delta_dtype: Annotated[Optional[str], typer.Option(help="dtype of stored τ*: base or float32.")] = None,
+    base_storage: Annotated[Optional[str], typer.Option(help="copy the base, or store a pinned reference.")] = None,
+    device: Annotated[Optional[str], typer.Option(help="Where the math runs: cpu, cuda, cuda:1...")] = None,
+    shard_size: Annotated[Optional[str], typer.Option(help="Max bytes per output shard, e.g. 5GB.")] = None,
+    allow_nonfinite: Annotated[
+        Optional[bool], typer.Option("--allow-nonfinite/--refuse-nonfinite", help="Merge weights holding NaN/inf.")
+    ] = None,
+    hash_inputs: Annotated[
+        Optional[bool], typer.Option("--hash-inputs/--no-hash-inputs", help="Record sha256 of every input file.")
+    ] = None,
+    overwrite: Annotated[bool, typer.Option(help="Replace an existing output directory.")] = False,
+    dry_run: Annotated[bool, typer.Option("--dry-run", help="Check inputs, print the plan and memory estimate.")] = False,
+    json_out: Annotated[bool, typer.Option("--json", help="Print a machine-readable summary on stdout.")] = False,
+    quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress bars.")] = False,
+) -> None:
+    """Merge fine-tuned multimodal LLMs into a decoupled checkpoint: base + τ* + one bit-mask per modality."""
+    try:
+        recipe_obj = build_recipe(
+            specs or [],
+            recipe,
+            _parse_lambdas(lambda_for or []),
+            method=method,
+            mask=mask,
+            k=k,
+            lambda_=lambda_,
+            alpha=alpha,
+            trim_scope=trim_scope,
+            zero_sign=zero_sign,
+            mask_source=mask_source,
+            vocab_policy=vocab_policy,
+            delta_dtype=delta_dtype,
+            base_storage=base_storage,
+            device=device,
+            shard_size=None if shard_size is None else parse_size(shard_size),
+            allow_nonfinite=allow_nonfinite,
+            hash_inputs=hash_inputs,
+        )
+        if output is None and not dry_run:
+            raise ConfigError("no output directory", key="output", hint="pass -o merged/ (or --dry-run)")
+        if dry_run:
+            report = mmer.run_merge(recipe_obj, output, dry_run=True)
+            if json_out:
+                render.print_json({"ok": True, **report.to_dict()})
+            else:
+                render.print_plan(report.plan)
+                render.print_warnings(report.warnings)
+            return
+        plan = mmer.build_plan(recipe_obj).to_dict()
+        if not json_out and not quiet:
+            render.print_estimate(plan["estimate"])
+        with render.RichProgress(enabled=not quiet and not json_out) as progress:
+            report = mmer.run_merge(recipe_obj, output, overwrite=overwrite, progress=progress)
+    except MmerError as err:
+        _fail(err, json_out)
+    except KeyboardInterrupt:
+        render.err_console.print("[red]interrupted[/]: the partial output was removed; nothing was written")
+        raise typer.Exit(130) from None
+    if json_out:
+        render.print_json({"ok": True, **report.to_dict()})
+    else:
+        render.print_warnings(report.warnings)
+        render.print_merge_report(report.to_dict())
+
+
+@app.command("inspect-masks")
+def inspect_masks(
+    path: Annotated[Path, typer.Argument(help="A decoupled checkpoint directory.")],
+    json_out: Annotated[bool, typer.Option("--json", help="Print the statistics as JSON.")] = False,
+    png: Annotated[Optional[Path], typer.Option(help="Write a heatmap (layers × modules, one panel per modality).")] = None,
+) -> None:
+    """Show what each modality's mask kept: per layer, per module type, and overlaps between modalities."""
+    from mmer.inspect import write_heatmap
+
+    try:
+        stats = mmer.inspect_masks(path)
+        if png is not None:
+            write_heatmap(stats, png)
+    except MmerError as err:
+        _fail(err, json_out)
+    data = stats.to_dict()
+    if json_out:
+        render.print_json({"ok": True, **data, "png": None if png is None else str(png)})
+        return
+    render.print_mask_stats(data, stats.modules, stats.rows)
+    if png is not None:
+        render.out_console.print(f"heatmap written to {png}")
+
+
+@app.command()
+def demo(
+    workdir: Annotated[
+        Optional[Path], typer.Option(help="Where to build the tiny models and write the result (default: a temp dir).")
+    ] = None,
+    json_out: Annotated[bool, typer.Option("--json", help="Print the merge and mask summaries as JSON.")] = False,
+) -> None:
+    """Build a tiny base LLM plus LLaVA-style and Qwen2-Audio models from it, merge them, inspect the masks."""
+    from mmer.demo import build_demo_models
+    from mmer.inspect import write_heatmap
+
+    root = Path(workdir) if workdir is not None else Path(tempfile.mkdtemp(prefix="mmer-demo-"))
+    try:
+        if not json_out:
+            render.err_console.print(f"building tiny demo models in {root} ...")
+        models = build_demo_models(root)
+        recipe_obj = build_recipe(list(models.specs))
+        with render.RichProgress(enabled=not json_out) as progress:
+            report = mmer.run_merge(recipe_obj, root / "merged", overwrite=True, progress=progress)
+        stats = mmer.inspect_masks(root / "merged")
+        png = write_heatmap(stats, root / "mask_density.png")
+    except MmerError as err:
+        _fail(err, json_out)
+    if json_out:
+        render.print_json({"ok": True, "merge": report.to_dict(), "masks": stats.to_dict(), "png": str(png)})
+        return
+    render.print_merge_report(report.to_dict())
+    render.print_mask_stats(stats.to_dict(), stats.modules, stats.rows)
+    render.out_console.print(
+        f"\nmodel specs: {', '.join(str(s) for s in models.specs)}\nheatmap: {png}\n"
+        f"try: mmer merge {' '.join(str(s) for s in models.specs)} -o {root / 'merged2'} --dry-run"
+    )
+
+
+if __name__ == "__main__":
+    app()

@@ -1,0 +1,187 @@
+"""Everything the terminal sees: rich progress bars with ETA, tables, errors, and --json output.
+
+The only module that imports rich; the library reports through :class:`mmer.progress.ProgressSink`.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from typing import Any
+
+from rich.console import Console
+from rich.progress import (
+    BarColumn,
+    DownloadColumn,
+    Progress,
+    TaskID,
+    TextColumn,
+    TimeElapsedColumn,
+    TimeRemainingColumn,
+    TransferSpeedColumn,
+)
+from rich.table import Table
+
+from mmer.errors import MmerError
+from mmer.progress import ProgressSink
+
+err_console = Console(stderr=True)
+out_console = Console()
+
+
+def human_bytes(n: float) -> str:
+    for unit in ("B", "KB", "MB", "GB", "TB"):
+        if abs(n) < 1000 or unit == "TB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1000
+    return f"{n:.1f} TB"
+
+
+class RichProgress(ProgressSink):
+    """Progress bars on stderr (so --json on stdout stays clean), sized in bytes for a meaningful ETA."""
+
+    def __init__(self, enabled: bool = True) -> None:
+        self.enabled = enabled
+        self._progress = Progress(
+            TextColumn("[bold]{task.description:<22}"),
+            BarColumn(),
+            DownloadColumn(),
+            TransferSpeedColumn(),
+            TextColumn("ETA"),
+            TimeRemainingColumn(),
+            TimeElapsedColumn(),
+            console=err_console,
+            transient=False,
+            disable=not enabled,
+        )
+        self._tasks: dict[str, TaskID] = {}
+
+    def __enter__(self) -> RichProgress:
+        self._progress.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._progress.stop()
+
+    def start(self, stage: str, total: float, unit: str = "B") -> None:
+        self._tasks[stage] = self._progress.add_task(stage, total=max(total, 1))
+
+    def advance(self, stage: str, amount: float) -> None:
+        if stage in self._tasks:
+            self._progress.advance(self._tasks[stage], amount)
+
+    def end(self, stage: str) -> None:
+        task = self._tasks.pop(stage, None)
+        if task is not None:
+            self._progress.update(task, completed=self._progress.tasks[task].total)
+
+    def note(self, message: str) -> None:
+        if self.enabled:
+            err_console.print(message)
+
+
+def print_json(data: Any) -> None:
+    sys.stdout.write(json.dumps(data, indent=2, default=str) + "\n")
+    sys.stdout.flush()
+
+
+def print_error(err: MmerError, as_json: bool) -> None:
+    if as_json:
+        print_json({"ok": False, **err.to_dict()})
+        return
+    err_console.print(f"[bold red]error:[/] {err.message}", highlight=False)
+    if err.hint:
+        err_console.print(f"[yellow]fix:[/] {err.hint}", highlight=False)
+
+
+def print_plan(plan: dict[str, Any]) -> None:
+    table = Table(title="merge plan", show_lines=False)
+    for col in ("role", "model", "layout", "λ", "components", "private LLM tensors"):
+        table.add_column(col)
+    base = plan["base"]
+    table.add_row("base", base["model"], base["layout"], "", "", "")
+    for m in plan["models"]:
+        table.add_row(
+            m["modality"], m["model"], m["layout"], f"{m['lambda']:g}", str(m["component_tensors"]),
+            ", ".join(m["private_tensors"]) or "-",
+        )
+    out_console.print(table)
+    slots = plan["slots"]
+    out_console.print(
+        f"LLM tensors: {slots['total']} ({slots['merged']} merged, {slots['merged_parameters']:,} parameters)"
+    )
+    for name, reason in plan["not_merged"].items():
+        out_console.print(f"  not merged: {name} ({reason})")
+    print_estimate(plan["estimate"], out_console)
+    opts = plan["options"]
+    out_console.print(
+        "options: " + ", ".join(f"{k}={v}" for k, v in opts.items() if k not in ("hash_inputs",)), highlight=False
+    )
+
+
+def print_estimate(estimate: dict[str, Any] | None, console: Console = err_console) -> None:
+    if not estimate:
+        return
+    console.print(
+        f"memory estimate: peak ≈ {human_bytes(estimate['peak_bytes'])} (largest tensor {estimate['largest_slot']}); "
+        f"reads {human_bytes(estimate['input_bytes'])}, writes ≈ {human_bytes(estimate['output_bytes'])}",
+        highlight=False,
+    )
+
+
+def print_warnings(warnings: list[str]) -> None:
+    for w in warnings:
+        err_console.print(f"[yellow]warning:[/] {w}", highlight=False)
+
+
+def print_merge_report(report: dict[str, Any]) -> None:
+    table = Table(title=f"merged into {report['output']}")
+    for col in ("modality", "λ", "mask density", "kept / total", "trim threshold", "mean |τ|"):
+        table.add_column(col, justify="right" if col != "modality" else "left")
+    for m in report["modalities"]:
+        thr = m["trim_threshold"]
+        table.add_row(
+            m["modality"],
+            f"{m['lambda']:g}",
+            f"{m['density']:.2%}",
+            f"{m['kept']:,} / {m['total']:,}",
+            "-" if thr is None else f"{thr:.3g}",
+            f"{m['mean_abs_delta']:.3g}",
+        )
+    out_console.print(table)
+    secs = report["seconds"]
+    out_console.print(
+        f"done in {secs.get('total', 0):.1f} s, peak RSS {human_bytes(report['peak_rss_bytes'])}", highlight=False
+    )
+
+
+def print_mask_stats(stats: dict[str, Any], modules: list[str], rows: list[str]) -> None:
+    names = list(stats["modalities"])
+    overall = Table(title=f"masks of {stats['path']}")
+    for col in ("modality", "density", "kept / total"):
+        overall.add_column(col, justify="left" if col == "modality" else "right")
+    for name, m in stats["modalities"].items():
+        overall.add_row(name, f"{m['density']:.2%}", f"{m['kept']:,} / {m['total']:,}")
+    out_console.print(overall)
+    for title, key, labels in (("density per module type", "by_module", modules), ("density per layer", "by_layer", rows)):
+        table = Table(title=title)
+        table.add_column("module" if key == "by_module" else "layer")
+        for name in names:
+            table.add_column(name, justify="right")
+        for label in labels:
+            cells = []
+            for name in names:
+                count = stats["modalities"][name][key].get(label)
+                cells.append("" if count is None else f"{count['density']:.1%}")
+            table.add_row(label, *cells)
+        out_console.print(table)
+    if stats["overlaps"]:
+        pairs = Table(title="pairwise overlap")
+        for col in ("a", "b", "kept by both", "jaccard", "share of a in b", "share of b in a"):
+            pairs.add_column(col, justify="right" if col not in ("a", "b") else "left")
+        for o in stats["overlaps"]:
+            pairs.add_row(
+                o["a"], o["b"], f"{o['both']:,}", f"{o['jaccard']:.1%}", f"{o['share_of_a_in_b']:.1%}",
+                f"{o['share_of_b_in_a']:.1%}",
+            )
+        out_console.print(pairs)
