@@ -75,7 +75,7 @@ def fine_tune_deltas(
     deltas = {}
     for name in sorted(base_state):
         t = base_state[name]
-        common = torch.randn(t.shape, generator=shared) * scale * 0.2
+        common = torch.randn(t.shape, generator=shared) * scale * (torch.rand(t.shape, generator=shared) < 0.3)
         specific = torch.randn(t.shape, generator=own) * scale * 2.0
         keep = torch.rand(t.shape, generator=own) < density(name)
         deltas[name] = common + specific * keep
@@ -106,6 +106,9 @@ def build_demo_models(root: str | Path, seed: int = 0) -> DemoModels:
         Qwen2ForCausalLM,
     )
 
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()
     root = Path(root)
     paths = DemoModels(
         root,
