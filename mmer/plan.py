@@ -17,7 +17,7 @@ import torch
 from mmer.checkpoint.manifest import PrivateRecord, SourceRecord
 from mmer.config import ModelSpec, Recipe
 from mmer.errors import ConfigError, IncompatibleBaseError, LayoutError
-from mmer.io.layouts import Layout, detect_layout, is_buffer_name, is_vocab_tensor
+from mmer.io.layouts import Layout, canonical_order, detect_layout, is_buffer_name, is_vocab_tensor
 from mmer.io.reader import DTYPE_NAMES, CheckpointReader, TensorInfo, read_json
 from mmer.io.resolve import ResolvedModel, resolve_model
 from mmer.merge.masks import MASKS
@@ -234,7 +234,8 @@ def _check_config(base: SourceModel, model: SourceModel, warnings: list[str]) ->
 
 def _plan_slots(base: SourceModel, recipe: Recipe) -> list[Slot]:
     slots = []
-    for name, info in base.llm.items():
+    for name in sorted(base.llm, key=canonical_order):
+        info = base.llm[name]
         reason = None
         if is_buffer_name(name):
             reason = "buffer"

@@ -130,6 +130,18 @@ def layer_index(canonical: str) -> int | None:
     return int(m.group(1)) if m else None
 
 
+def canonical_order(canonical: str) -> tuple[int, int, str]:
+    """Sort key in model order: embeddings, then layers by number (not 1, 10, 2), final norm, lm_head."""
+    layer = layer_index(canonical)
+    if layer is not None:
+        return (1, layer, canonical)
+    if canonical.startswith("model.embed_tokens"):
+        return (0, 0, canonical)
+    if canonical.startswith("lm_head."):
+        return (3, 0, canonical)
+    return (2, 0, canonical)
+
+
 def is_vocab_tensor(canonical: str) -> bool:
     """Embeddings and lm_head: row i belongs to token i, and models may append rows (new tokens)."""
     return canonical in ("model.embed_tokens.weight", "lm_head.weight")
