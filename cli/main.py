@@ -5,14 +5,14 @@ from __future__ import annotations
 import signal
 import tempfile
 from pathlib import Path
-from typing import Annotated, Optional
+from typing import Annotated
 
 import typer
+from mmer_cli import render
 
 import mmer
 from mmer.config import build_recipe, parse_size
 from mmer.errors import ConfigError, MmerError
-from mmer_cli import render
 
 app = typer.Typer(
     name="mmer",
@@ -32,7 +32,7 @@ def _version(value: bool) -> None:
 @app.callback()
 def main(
     version: Annotated[
-        Optional[bool], typer.Option("--version", callback=_version, is_eager=True, help="Print the version.")
+        bool | None, typer.Option("--version", callback=_version, is_eager=True, help="Print the version.")
     ] = None,
 ) -> None:
     """Merge, inspect and use decoupled MMER checkpoints."""
@@ -65,34 +65,44 @@ def _parse_lambdas(values: list[str]) -> dict[str, float]:
 @app.command()
 def merge(
     specs: Annotated[
-        Optional[list[Path]], typer.Argument(help="base.yaml first, then one YAML per fine-tuned model.")
+        list[Path] | None, typer.Argument(help="base.yaml first, then one YAML per fine-tuned model.")
     ] = None,
-    output: Annotated[Optional[Path], typer.Option("--output", "-o", help="Output directory.")] = None,
-    recipe: Annotated[Optional[Path], typer.Option(help="Recipe YAML (base, models, options); flags override it.")] = None,
-    method: Annotated[Optional[str], typer.Option(help="Merge method (default ties).")] = None,
-    mask: Annotated[Optional[str], typer.Option(help="Mask rule (default mmer).")] = None,
-    k: Annotated[Optional[float], typer.Option("--k", help="Fraction of each task vector kept by the trim (0.8).")] = None,
-    lambda_: Annotated[Optional[float], typer.Option("--lambda", help="λ of the mask rule for every modality (0.9).")] = None,
+    output: Annotated[Path | None, typer.Option("--output", "-o", help="Output directory.")] = None,
+    recipe: Annotated[
+        Path | None, typer.Option(help="Recipe YAML (base, models, options); flags override it.")
+    ] = None,
+    method: Annotated[str | None, typer.Option(help="Merge method (default ties).")] = None,
+    mask: Annotated[str | None, typer.Option(help="Mask rule (default mmer).")] = None,
+    k: Annotated[
+        float | None, typer.Option("--k", help="Fraction of each task vector kept by the trim (0.8).")
+    ] = None,
+    lambda_: Annotated[
+        float | None, typer.Option("--lambda", help="λ of the mask rule for every modality (0.9).")
+    ] = None,
     lambda_for: Annotated[
-        Optional[list[str]], typer.Option("--lambda-for", help="Per-modality λ, e.g. --lambda-for audio=0.7.")
+        list[str] | None, typer.Option("--lambda-for", help="Per-modality λ, e.g. --lambda-for audio=0.7.")
     ] = None,
-    alpha: Annotated[Optional[float], typer.Option(help="Scale of τ* (1.0).")] = None,
-    trim_scope: Annotated[Optional[str], typer.Option(help="global (paper) or per-tensor.")] = None,
-    zero_sign: Annotated[Optional[str], typer.Option(help="Elected sign where Σ τ = 0: zero (paper) or positive.")] = None,
-    mask_source: Annotated[Optional[str], typer.Option(help="Compare τ* with the trimmed (paper) or raw τᵢ.")] = None,
-    vocab_policy: Annotated[Optional[str], typer.Option(help="shared-rows, strict or exclude.")] = None,
-    delta_dtype: Annotated[Optional[str], typer.Option(help="dtype of stored τ*: base or float32.")] = None,
-    base_storage: Annotated[Optional[str], typer.Option(help="copy the base, or store a pinned reference.")] = None,
-    device: Annotated[Optional[str], typer.Option(help="Where the math runs: cpu, cuda, cuda:1...")] = None,
-    shard_size: Annotated[Optional[str], typer.Option(help="Max bytes per output shard, e.g. 5GB.")] = None,
+    alpha: Annotated[float | None, typer.Option(help="Scale of τ* (1.0).")] = None,
+    trim_scope: Annotated[str | None, typer.Option(help="global (paper) or per-tensor.")] = None,
+    zero_sign: Annotated[
+        str | None, typer.Option(help="Elected sign where Σ τ = 0: zero (paper) or positive.")
+    ] = None,
+    mask_source: Annotated[str | None, typer.Option(help="Compare τ* with the trimmed (paper) or raw τᵢ.")] = None,
+    vocab_policy: Annotated[str | None, typer.Option(help="shared-rows, strict or exclude.")] = None,
+    delta_dtype: Annotated[str | None, typer.Option(help="dtype of stored τ*: base or float32.")] = None,
+    base_storage: Annotated[str | None, typer.Option(help="copy the base, or store a pinned reference.")] = None,
+    device: Annotated[str | None, typer.Option(help="Where the math runs: cpu, cuda, cuda:1...")] = None,
+    shard_size: Annotated[str | None, typer.Option(help="Max bytes per output shard, e.g. 5GB.")] = None,
     allow_nonfinite: Annotated[
-        Optional[bool], typer.Option("--allow-nonfinite/--refuse-nonfinite", help="Merge weights holding NaN/inf.")
+        bool | None, typer.Option("--allow-nonfinite/--refuse-nonfinite", help="Merge weights holding NaN/inf.")
     ] = None,
     hash_inputs: Annotated[
-        Optional[bool], typer.Option("--hash-inputs/--no-hash-inputs", help="Record sha256 of every input file.")
+        bool | None, typer.Option("--hash-inputs/--no-hash-inputs", help="Record sha256 of every input file.")
     ] = None,
     overwrite: Annotated[bool, typer.Option(help="Replace an existing output directory.")] = False,
-    dry_run: Annotated[bool, typer.Option("--dry-run", help="Check inputs, print the plan and memory estimate.")] = False,
+    dry_run: Annotated[
+        bool, typer.Option("--dry-run", help="Check inputs, print the plan and memory estimate.")
+    ] = False,
     json_out: Annotated[bool, typer.Option("--json", help="Print a machine-readable summary on stdout.")] = False,
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress bars.")] = False,
 ) -> None:
@@ -149,7 +159,9 @@ def merge(
 def inspect_masks(
     path: Annotated[Path, typer.Argument(help="A decoupled checkpoint directory.")],
     json_out: Annotated[bool, typer.Option("--json", help="Print the statistics as JSON.")] = False,
-    png: Annotated[Optional[Path], typer.Option(help="Write a heatmap (layers × modules, one panel per modality).")] = None,
+    png: Annotated[
+        Path | None, typer.Option(help="Write a heatmap (layers × modules, one panel per modality).")
+    ] = None,
 ) -> None:
     """Show what each modality's mask kept: per layer, per module type, and overlaps between modalities."""
     from mmer.inspect import write_heatmap
@@ -172,7 +184,7 @@ def inspect_masks(
 @app.command()
 def demo(
     workdir: Annotated[
-        Optional[Path], typer.Option(help="Where to build the tiny models and write the result (default: a temp dir).")
+        Path | None, typer.Option(help="Where to build the tiny models and write the result (default: a temp dir).")
     ] = None,
     json_out: Annotated[bool, typer.Option("--json", help="Print the merge and mask summaries as JSON.")] = False,
 ) -> None:

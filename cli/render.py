@@ -102,7 +102,11 @@ def print_plan(plan: dict[str, Any]) -> None:
     table.add_row("base", base["model"], base["layout"], "", "", "")
     for m in plan["models"]:
         table.add_row(
-            m["modality"], m["model"], m["layout"], f"{m['lambda']:g}", str(m["component_tensors"]),
+            m["modality"],
+            m["model"],
+            m["layout"],
+            f"{m['lambda']:g}",
+            str(m["component_tensors"]),
             ", ".join(m["private_tensors"]) or "-",
         )
     out_console.print(table)
@@ -163,7 +167,10 @@ def print_mask_stats(stats: dict[str, Any], modules: list[str], rows: list[str])
     for name, m in stats["modalities"].items():
         overall.add_row(name, f"{m['density']:.2%}", f"{m['kept']:,} / {m['total']:,}")
     out_console.print(overall)
-    for title, key, labels in (("density per module type", "by_module", modules), ("density per layer", "by_layer", rows)):
+    for title, key, labels in (
+        ("density per module type", "by_module", modules),
+        ("density per layer", "by_layer", rows),
+    ):
         table = Table(title=title)
         table.add_column("module" if key == "by_module" else "layer")
         for name in names:
@@ -181,7 +188,11 @@ def print_mask_stats(stats: dict[str, Any], modules: list[str], rows: list[str])
             pairs.add_column(col, justify="right" if col not in ("a", "b") else "left")
         for o in stats["overlaps"]:
             pairs.add_row(
-                o["a"], o["b"], f"{o['both']:,}", f"{o['jaccard']:.1%}", f"{o['share_of_a_in_b']:.1%}",
+                o["a"],
+                o["b"],
+                f"{o['both']:,}",
+                f"{o['jaccard']:.1%}",
+                f"{o['share_of_a_in_b']:.1%}",
                 f"{o['share_of_b_in_a']:.1%}",
             )
         out_console.print(pairs)

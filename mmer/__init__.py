@@ -9,14 +9,13 @@ Public API::
     stats = mmer.inspect_masks("merged/")
 """
 
-__version__ = "0.1.0"
-
-from mmer.checkpoint.decoupled import DecoupledCheckpoint, load_decoupled  # noqa: E402
-from mmer.config import MergeOptions, ModelSpec, Recipe, load_recipe, load_spec  # noqa: E402
-from mmer.errors import MmerError  # noqa: E402
-from mmer.inspect import MaskStats, inspect_masks  # noqa: E402
-from mmer.pipeline import MergeReport, run_merge  # noqa: E402
-from mmer.plan import build_plan  # noqa: E402
+from mmer.checkpoint.decoupled import DecoupledCheckpoint, load_decoupled
+from mmer.config import MergeOptions, ModelSpec, Recipe, load_recipe, load_spec
+from mmer.errors import MmerError
+from mmer.inspect import MaskStats, inspect_masks
+from mmer.pipeline import MergeReport, run_merge
+from mmer.plan import build_plan
+from mmer.version import __version__
 
 merge = run_merge
 

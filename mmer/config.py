@@ -208,9 +208,7 @@ def _check_keys(data: Mapping[str, Any], allowed: Mapping[str, Any], where: str,
         raise ConfigError(f"{where} must be a mapping, got {type(data).__name__}", file=file)
     for key, value in data.items():
         if key not in allowed:
-            raise ConfigError(
-                f"unknown key {key!r} in {where}", file=file, key=str(key), hint=_closest(key, allowed)
-            )
+            raise ConfigError(f"unknown key {key!r} in {where}", file=file, key=str(key), hint=_closest(key, allowed))
         expected = allowed[key]
         if isinstance(value, bool) and expected is not bool and bool not in _as_tuple(expected):
             raise ConfigError(f"{where}: {key} must be {_type_name(expected)}, got a boolean", file=file, key=key)
@@ -234,7 +232,9 @@ def spec_from_dict(data: Mapping[str, Any], file: str | None = None) -> ModelSpe
     """Build a :class:`ModelSpec` from parsed YAML, refusing unknown keys and wrong types."""
     _check_keys(data, _SPEC_KEYS, "model spec", file)
     if "model" not in data:
-        raise ConfigError("model spec has no `model` key", file=file, key="model", hint="add `model: <path or hub id>`")
+        raise ConfigError(
+            "model spec has no `model` key", file=file, key="model", hint="add `model: <path or hub id>`"
+        )
     modality = data.get("modality")
     if modality is not None and not MODALITY_NAME.match(modality):
         raise ConfigError(

@@ -105,7 +105,6 @@ def build_demo_models(root: str | Path, seed: int = 0) -> DemoModels:
         Qwen2AudioForConditionalGeneration,
         Qwen2ForCausalLM,
     )
-
     from transformers.utils import logging as hf_logging
 
     hf_logging.disable_progress_bar()
@@ -128,7 +127,12 @@ def build_demo_models(root: str | Path, seed: int = 0) -> DemoModels:
 
     vision_config = LlavaConfig(
         vision_config=CLIPVisionConfig(
-            hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2, image_size=28, patch_size=14
+            hidden_size=32,
+            intermediate_size=64,
+            num_hidden_layers=1,
+            num_attention_heads=2,
+            image_size=28,
+            patch_size=14,
         ),
         text_config=_text_config(vocab_extra=2),
         image_token_index=TEXT_CONFIG["vocab_size"],
@@ -140,7 +144,12 @@ def build_demo_models(root: str | Path, seed: int = 0) -> DemoModels:
 
     audio_config = Qwen2AudioConfig(
         audio_config=dict(
-            d_model=32, encoder_layers=1, encoder_attention_heads=2, encoder_ffn_dim=64, num_mel_bins=16, max_source_positions=20
+            d_model=32,
+            encoder_layers=1,
+            encoder_attention_heads=2,
+            encoder_ffn_dim=64,
+            num_mel_bins=16,
+            max_source_positions=20,
         ),
         text_config=_text_config(vocab_extra=1).to_dict(),
         audio_token_index=TEXT_CONFIG["vocab_size"],
@@ -156,6 +165,7 @@ def build_demo_models(root: str | Path, seed: int = 0) -> DemoModels:
             {"model": str(paths.vision), "modality": "vision"},
             {"model": str(paths.audio), "modality": "audio", "lambda": 0.8},
         ),
+        strict=True,
     ):
         spec.write_text(yaml.safe_dump(data, sort_keys=False), encoding="utf-8")
     return paths

@@ -124,9 +124,11 @@ def inspect_masks(path: str | Path) -> MaskStats:
     overlaps = [
         Overlap(a, b, both, either, overall[a].kept, overall[b].kept) for (a, b), (both, either) in pair_counts.items()
     ]
-    ordered_rows = (["embed"] if "embed" in rows else []) + sorted(
-        (r for r in rows if r.isdigit()), key=int
-    ) + (["head"] if "head" in rows else [])
+    ordered_rows = (
+        (["embed"] if "embed" in rows else [])
+        + sorted((r for r in rows if r.isdigit()), key=int)
+        + (["head"] if "head" in rows else [])
+    )
     modules = [m for m in MODULE_TYPES if m in modules_seen]
     return MaskStats(
         str(path),
@@ -151,16 +153,14 @@ def write_heatmap(stats: MaskStats, png: str | Path) -> Path:
     except ImportError as err:  # matplotlib is an optional extra
         from mmer.errors import MmerError
 
-        raise MmerError(
-            f"drawing the heatmap needs matplotlib ({err})", hint="pip install 'mmer[plot]'"
-        ) from None
+        raise MmerError(f"drawing the heatmap needs matplotlib ({err})", hint="pip install 'mmer[plot]'") from None
     import numpy as np
 
     n = len(stats.modalities)
     fig_h = max(3.0, 0.22 * len(stats.rows) + 1.5)
     fig, axes = plt.subplots(1, n, figsize=(2.2 + 2.6 * n, fig_h), squeeze=False, constrained_layout=True)
     image = None
-    for ax, modality in zip(axes[0], stats.modalities):
+    for ax, modality in zip(axes[0], stats.modalities, strict=True):
         data = np.full((len(stats.rows), len(stats.modules)), np.nan)
         for i, row in enumerate(stats.rows):
             for j, module in enumerate(stats.modules):

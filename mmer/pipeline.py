@@ -18,7 +18,6 @@ from typing import Any
 
 import torch
 
-from mmer import __version__
 from mmer.checkpoint import bits
 from mmer.checkpoint.card import write_card
 from mmer.checkpoint.decoupled import (
@@ -32,7 +31,7 @@ from mmer.checkpoint.decoupled import (
 )
 from mmer.checkpoint.manifest import MANIFEST_NAME, Manifest, ModalityRecord, SlotRecord
 from mmer.config import Recipe
-from mmer.io.reader import DTYPE_NAMES, SAFETENSORS_INDEX, BIN_INDEX
+from mmer.io.reader import BIN_INDEX, DTYPE_NAMES, SAFETENSORS_INDEX
 from mmer.io.resolve import cached_blob_sha256
 from mmer.io.writer import PlannedTensor, ShardedWriter, StagedOutput
 from mmer.merge.masks import MASKS
@@ -41,6 +40,7 @@ from mmer.merge.task_vectors import check_finite, task_vector
 from mmer.merge.trim import GlobalThreshold, tensor_threshold, trim
 from mmer.plan import MergePlan, SourceModel, build_plan
 from mmer.progress import NULL_PROGRESS, ProgressSink
+from mmer.version import __version__
 
 # Files carried with a model besides its weights: configs, tokenizer and processor files (never code).
 SIDE_FILE_SUFFIXES = (".json", ".txt", ".model", ".jinja", ".tiktoken")
@@ -198,7 +198,7 @@ def find_global_thresholds(plan: MergePlan, progress: ProgressSink) -> dict[str,
         progress.start(stage, total)
         for slot in slots:
             _, taus = _deltas(plan, slot.name, device)
-            for m, tau in zip(plan.models, taus):
+            for m, tau in zip(plan.models, taus, strict=True):
                 if pass_no == 1:
                     finders[m.label].add_pass1(tau)
                 else:
@@ -283,7 +283,7 @@ def merge_slots(
             _write_private(plan, slot.name, private_writers)
             if method.uses_trim:
                 if options.trim_scope == "global":
-                    trimmed = [trim(tau, thresholds.get(m.label)) for m, tau in zip(plan.models, taus)]
+                    trimmed = [trim(tau, thresholds.get(m.label)) for m, tau in zip(plan.models, taus, strict=True)]
                 else:
                     trimmed = [trim(tau, tensor_threshold(tau, options.k)) for tau in taus]
             else:
@@ -294,7 +294,7 @@ def merge_slots(
             # Masks compare against τ* as stored, so the artifact alone reproduces every bit of them.
             effective = stored.float()
             sources = trimmed if options.mask_source == "trimmed" else taus
-            for m, tau_i, raw in zip(plan.models, sources, taus):
+            for m, tau_i, raw in zip(plan.models, sources, taus, strict=True):
                 mask = rule.fn(tau_i, effective, lambdas[m.label])
                 packed = bits.pack(mask.cpu())
                 ones = bits.popcount(packed)
@@ -325,9 +325,7 @@ def _private_writers(plan: MergePlan, staging: Path) -> dict[str, ShardedWriter]
         directory = staging / COMPONENTS_DIR / m.label
         directory.mkdir(parents=True, exist_ok=True)
         entries = [PlannedTensor(r.name, m.llm[r.name].dtype, tuple(r.shape)) for r in records]
-        writers[m.label] = ShardedWriter(
-            directory, entries, 1 << 62, prefix=PRIVATE_FILE.removesuffix(".safetensors")
-        )
+        writers[m.label] = ShardedWriter(directory, entries, 1 << 62, prefix=PRIVATE_FILE.removesuffix(".safetensors"))
     return writers
 
 

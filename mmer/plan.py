@@ -169,7 +169,11 @@ class MergePlan:
                 for m in self.models
             ],
             "options": self.recipe.options.to_dict(),
-            "slots": {"total": len(self.slots), "merged": len(self.merged_slots), "merged_parameters": self.merged_numel},
+            "slots": {
+                "total": len(self.slots),
+                "merged": len(self.merged_slots),
+                "merged_parameters": self.merged_numel,
+            },
             "not_merged": {s.name: s.reason for s in self.slots if not s.merged},
             "estimate": self.estimate.to_dict() if self.estimate else None,
             "warnings": list(self.warnings),
@@ -183,7 +187,9 @@ def check_registries(recipe: Recipe) -> None:
             f"unknown merge method {options.method!r}", key="method", hint=f"available: {', '.join(sorted(METHODS))}"
         )
     if options.mask not in MASKS:
-        raise ConfigError(f"unknown mask rule {options.mask!r}", key="mask", hint=f"available: {', '.join(sorted(MASKS))}")
+        raise ConfigError(
+            f"unknown mask rule {options.mask!r}", key="mask", hint=f"available: {', '.join(sorted(MASKS))}"
+        )
     device = torch.device(options.device)
     if device.type == "cuda" and not torch.cuda.is_available():
         raise ConfigError(
@@ -278,7 +284,10 @@ def _check_tensors(base: SourceModel, model: SourceModel, slots: list[Slot], voc
         if shape == slot.shape:
             continue
         vocab_extension = (
-            is_vocab_tensor(slot.name) and len(shape) == len(slot.shape) and shape[1:] == slot.shape[1:] and shape[0] > slot.shape[0]
+            is_vocab_tensor(slot.name)
+            and len(shape) == len(slot.shape)
+            and shape[1:] == slot.shape[1:]
+            and shape[0] > slot.shape[0]
         )
         if vocab_extension and vocab_policy == "shared-rows":
             private.append(PrivateRecord(slot.name, slot.shape[0], [shape[0] - slot.shape[0], *shape[1:]]))

@@ -109,7 +109,7 @@ def write_model(
         files = [f"{stem}.{ext}"]
     else:
         files = [f"{stem}-{i + 1:05d}-of-{shards:05d}.{ext}" for i in range(shards)]
-    for file, group in zip(files, groups):
+    for file, group in zip(files, groups, strict=True):
         part = {n: state[n] for n in group}
         if fmt == "safetensors":
             save_file(part, str(directory / file), metadata={"format": "pt"})

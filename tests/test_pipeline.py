@@ -86,7 +86,9 @@ def assert_matches_reference(out: Path, tiny_models, **kwargs) -> None:
 
 
 def test_streaming_merge_equals_an_in_memory_mmer_with_global_trim(tiny_models, tmp_path):
-    recipe = recipe_for(tiny_models["base_dir"], {"vision": tiny_models["vision_dir"], "audio": tiny_models["audio_dir"]})
+    recipe = recipe_for(
+        tiny_models["base_dir"], {"vision": tiny_models["vision_dir"], "audio": tiny_models["audio_dir"]}
+    )
     mmer.merge(recipe, tmp_path / "out")
     assert_matches_reference(tmp_path / "out", tiny_models)
 
@@ -133,7 +135,9 @@ def test_the_same_fine_tune_in_every_layout_gives_the_same_tau_star_and_masks(
 
 
 def test_every_tensor_of_the_decoupled_checkpoint_reads_back_as_written(tiny_models, tmp_path):
-    recipe = recipe_for(tiny_models["base_dir"], {"vision": tiny_models["vision_dir"], "audio": tiny_models["audio_dir"]})
+    recipe = recipe_for(
+        tiny_models["base_dir"], {"vision": tiny_models["vision_dir"], "audio": tiny_models["audio_dir"]}
+    )
     report = mmer.merge(recipe, tmp_path / "out")
     with mmer.load_decoupled(tmp_path / "out") as ckpt:
         assert ckpt.modalities == ["vision", "audio"]
@@ -231,7 +235,10 @@ def test_vocab_policy_exclude_keeps_each_models_own_embeddings(tiny_models, tmp_
     mmer.merge(recipe_for(tiny_models["base_dir"], models, vocab_policy="exclude"), tmp_path / "out")
     with mmer.load_decoupled(tmp_path / "out") as ckpt:
         unmerged = {s.name: s.reason for s in ckpt.slots if not s.merged}
-        assert unmerged == {"model.embed_tokens.weight": "vocab_policy=exclude", "lm_head.weight": "vocab_policy=exclude"}
+        assert unmerged == {
+            "model.embed_tokens.weight": "vocab_policy=exclude",
+            "lm_head.weight": "vocab_policy=exclude",
+        }
         assert torch.equal(ckpt.llm_tensor("audio", "lm_head.weight"), tiny_models["audio"]["lm_head.weight"])
 
 
@@ -244,7 +251,9 @@ def test_vocab_policy_strict_refuses_added_rows(tiny_models, tmp_path):
 
 
 def test_dry_run_plans_and_estimates_without_writing(tiny_models, tmp_path):
-    recipe = recipe_for(tiny_models["base_dir"], {"vision": tiny_models["vision_dir"], "audio": tiny_models["audio_dir"]})
+    recipe = recipe_for(
+        tiny_models["base_dir"], {"vision": tiny_models["vision_dir"], "audio": tiny_models["audio_dir"]}
+    )
     report = mmer.merge(recipe, tmp_path / "out", dry_run=True)
     assert not (tmp_path / "out").exists()
     plan = report.plan
@@ -266,9 +275,7 @@ def _shape_mismatch(tiny_models, d: Path) -> Path:
 
 
 def _config_mismatch(tiny_models, d: Path) -> Path:
-    return write_model(
-        d / "bad", tiny_models["vision"], "causal_lm", config={**TEXT_CONFIG, "rms_norm_eps": 1e-6}
-    )
+    return write_model(d / "bad", tiny_models["vision"], "causal_lm", config={**TEXT_CONFIG, "rms_norm_eps": 1e-6})
 
 
 def _missing_lm_head(tiny_models, d: Path) -> Path:

@@ -48,7 +48,9 @@ class MaskFile:
     def __init__(self, path: Path) -> None:
         self.path = path
         if not path.is_file():
-            raise DecoupledFormatError(f"{path}: mask file missing", file=str(path), hint="the checkpoint is incomplete")
+            raise DecoupledFormatError(
+                f"{path}: mask file missing", file=str(path), hint="the checkpoint is incomplete"
+            )
         infos, metadata = read_safetensors_header(path)
         if metadata.get("format") != MASK_FORMAT or metadata.get("bit_order") != bits.BIT_ORDER:
             raise DecoupledFormatError(

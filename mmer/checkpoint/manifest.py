@@ -155,7 +155,9 @@ class Manifest:
                 format_version=version,
             )
         except (KeyError, TypeError) as err:
-            raise DecoupledFormatError(f"{file}: malformed manifest ({type(err).__name__}: {err})", file=file) from None
+            raise DecoupledFormatError(
+                f"{file}: malformed manifest ({type(err).__name__}: {err})", file=file
+            ) from None
         for rel in manifest.referenced_paths():
             check_relative(rel, file)
         return manifest

@@ -77,13 +77,15 @@ HF_NESTED = Layout(
     whitelist=False,
     families="transformers >=4.52 in-memory layout (on disk when saved by 4.52.0-4.52.3 or some 5.x)",
 )
-TEXT_MODEL = Layout(
-    "text_model", "model.text_model.", "lm_head.", whitelist=False, families="Idefics2/3, SmolVLM"
-)
+TEXT_MODEL = Layout("text_model", "model.text_model.", "lm_head.", whitelist=False, families="Idefics2/3, SmolVLM")
 
 LAYOUTS: dict[str, Layout] = {layout.name: layout for layout in (CAUSAL_LM, HF_LEGACY, HF_NESTED, TEXT_MODEL)}
 
-_CORRUPT_PREFIXES = ("model.language_model.language_model.", "model.language_model.visual.", "language_model.language_model.")
+_CORRUPT_PREFIXES = (
+    "model.language_model.language_model.",
+    "model.language_model.visual.",
+    "language_model.language_model.",
+)
 
 
 def detect_layout(keys: list[str] | set[str], source: str) -> Layout:

@@ -131,7 +131,9 @@ def _check_entry(file: Path, name: str, entry: Any, data_size: int) -> TensorInf
     if dtype is None:
         raise bad(f"unknown dtype {entry.get('dtype')!r}")
     shape = entry.get("shape")
-    if not isinstance(shape, list) or not all(isinstance(d, int) and not isinstance(d, bool) and d >= 0 for d in shape):
+    if not isinstance(shape, list) or not all(
+        isinstance(d, int) and not isinstance(d, bool) and d >= 0 for d in shape
+    ):
         raise bad(f"shape {shape!r} is not a list of non-negative integers")
     offsets = entry.get("data_offsets")
     if not (isinstance(offsets, list) and len(offsets) == 2 and all(isinstance(o, int) for o in offsets)):

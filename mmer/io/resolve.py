@@ -68,7 +68,9 @@ def _resolve_hub(repo_id: str, revision: str | None) -> ResolvedModel:
             repo_id, revision=revision, allow_patterns=HUB_PATTERNS, local_files_only=_offline()
         )
     except HFValidationError as err:
-        raise ModelNotFoundError(f"{repo_id}: not a local directory nor a valid Hub id ({err})", file=repo_id) from None
+        raise ModelNotFoundError(
+            f"{repo_id}: not a local directory nor a valid Hub id ({err})", file=repo_id
+        ) from None
     except Exception as err:  # huggingface_hub raises many types for "not available"
         where = "in the local Hugging Face cache" if _offline() else "on the Hub"
         raise ModelNotFoundError(

@@ -65,7 +65,11 @@ class SafetensorsFileWriter:
         for e in ordered:
             if e.name in self._offsets:
                 raise ValueError(f"tensor {e.name} planned twice")
-            header[e.name] = {"dtype": DTYPE_NAMES[e.dtype], "shape": list(e.shape), "data_offsets": [offset, offset + e.nbytes]}
+            header[e.name] = {
+                "dtype": DTYPE_NAMES[e.dtype],
+                "shape": list(e.shape),
+                "data_offsets": [offset, offset + e.nbytes],
+            }
             self._offsets[e.name] = (offset, offset + e.nbytes, e)
             offset += e.nbytes
         raw = json.dumps(header, separators=(",", ":")).encode("utf-8")

@@ -47,7 +47,9 @@ def mmer_mask(tau_i: torch.Tensor, tau_star: torch.Tensor, lam: float) -> torch.
     return congruent & significant
 
 
-def reconstruct(base: torch.Tensor, tau_star: torch.Tensor, mask: torch.Tensor, dtype: torch.dtype | None = None) -> torch.Tensor:
+def reconstruct(
+    base: torch.Tensor, tau_star: torch.Tensor, mask: torch.Tensor, dtype: torch.dtype | None = None
+) -> torch.Tensor:
     """θ̂ᵢ = θ_base + mᵢ∘τ*, in float32 then cast to ``dtype`` (the base's by default).
 
     The one formula that merge checks, reconstruction and routing all use, so they cannot drift apart.
