@@ -30,7 +30,7 @@ from mmer.checkpoint.decoupled import (
     mask_metadata,
 )
 from mmer.checkpoint.manifest import MANIFEST_NAME, Manifest, ModalityRecord, SlotRecord
-from mmer.config import Recipe
+from mmer.config import ModelSpec, Recipe
 from mmer.io.reader import BIN_INDEX, DTYPE_NAMES, SAFETENSORS_INDEX
 from mmer.io.resolve import cached_blob_sha256
 from mmer.io.writer import PlannedTensor, ShardedWriter, StagedOutput
@@ -461,13 +461,14 @@ def _vocab_rows(model: SourceModel) -> int | None:
 
 
 def _resolved_recipe(plan: MergePlan) -> Recipe:
-    """The recipe with every revision pinned to the commit it resolved to, so the run repeats exactly."""
+    """The recipe with Hub revisions pinned to the commit they resolved to and local paths made absolute,
+    so the run repeats exactly from any working directory."""
     from dataclasses import replace
 
-    def pin(model: SourceModel):
+    def pin(model: SourceModel) -> ModelSpec:
         if model.resolved.commit:
             return replace(model.spec, revision=model.resolved.commit)
-        return model.spec
+        return replace(model.spec, model=str(model.resolved.path))
 
     return Recipe(pin(plan.base), tuple(pin(m) for m in plan.models), plan.recipe.options)
 

@@ -404,3 +404,28 @@ def test_real_transformers_models_rebuild_as_the_formula_says(demo_models, tmp_p
             assert torch.equal(rebuilt[: base[name].shape[0]], expected)
         assert any(n.startswith("vision_tower.") for n in ckpt.modality("vision").component_tensors)
         assert any(n.startswith("audio_tower.") for n in ckpt.modality("audio").component_tensors)
+
+
+def test_tied_embeddings_on_both_sides_merge_without_an_lm_head(tiny_models, tmp_path):
+    tied = {**TEXT_CONFIG, "tie_word_embeddings": True}
+    base = {k: v for k, v in tiny_models["base"].items() if k != "lm_head.weight"}
+    vision = {k: v for k, v in tiny_models["vision"].items() if k != "lm_head.weight"}
+    write_model(tmp_path / "base", base, config=tied)
+    write_model(tmp_path / "vision", vision, config=tied)
+    mmer.merge(recipe_for(tmp_path / "base", {"vision": tmp_path / "vision"}), tmp_path / "out")
+    with mmer.load_decoupled(tmp_path / "out") as ckpt:
+        assert "lm_head.weight" not in {s.name for s in ckpt.slots}
+
+
+def test_the_written_recipe_pins_local_paths_so_it_reruns_from_anywhere(tiny_models, tmp_path, monkeypatch):
+    monkeypatch.chdir(tiny_models["root"])
+    recipe = Recipe(ModelSpec("base"), (ModelSpec("vision", modality="vision"),), MergeOptions(hash_inputs=False))
+    mmer.merge(recipe, tmp_path / "out")
+    monkeypatch.chdir(tmp_path)
+    base, models, options = mmer.load_recipe(tmp_path / "out" / "mmer_recipe.yaml")
+    assert Path(base.model).is_absolute() and Path(models[0].model).is_absolute()
+    mmer.merge(Recipe(base, models, options), tmp_path / "again")
+    first = json.loads((tmp_path / "out" / "mmer_manifest.json").read_text())["files"]
+    second = json.loads((tmp_path / "again" / "mmer_manifest.json").read_text())["files"]
+    assert first["tau_star/model.safetensors"] == second["tau_star/model.safetensors"]
+    assert first["masks/vision.safetensors"] == second["masks/vision.safetensors"]
