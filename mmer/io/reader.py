@@ -110,7 +110,9 @@ def read_safetensors_header(file: Path) -> tuple[dict[str, TensorInfo], dict[str
             f"{file}: header is not valid JSON ({err})", file=str(file), hint="the file is corrupt; fetch it again"
         ) from None
     if not isinstance(header, dict):
-        raise CheckpointFormatError(f"{file}: header is not a JSON object", file=str(file))
+        raise CheckpointFormatError(
+            f"{file}: header is not a JSON object", file=str(file), hint="the file is corrupt; fetch it again"
+        )
     metadata = header.pop("__metadata__", None) or {}
     data_size = size - 8 - n
     infos: dict[str, TensorInfo] = {}
@@ -173,6 +175,12 @@ class CheckpointReader:
                         hint="the shards overlap; re-export the checkpoint",
                     )
                 self.tensors[name] = info
+        if not self.tensors:
+            raise CheckpointFormatError(
+                f"{self.directory}: the weight files hold no tensors",
+                file=str(self.directory),
+                hint="the checkpoint is empty or its index is wrong; fetch it again",
+            )
         if index_map is not None:
             for name, shard in index_map.items():
                 info = self.tensors.get(name)
@@ -229,7 +237,11 @@ class CheckpointReader:
                 object_pairs_hook=_reject_duplicates(index_file, "the index"),
             )
         except json.JSONDecodeError as err:
-            raise CheckpointFormatError(f"{index_file}: not valid JSON ({err})", file=str(index_file)) from None
+            raise CheckpointFormatError(
+                f"{index_file}: not valid JSON ({err})",
+                file=str(index_file),
+                hint="the index is corrupt; fetch it again or re-export the checkpoint",
+            ) from None
         weight_map = data.get("weight_map") if isinstance(data, dict) else None
         if not isinstance(weight_map, dict) or not all(isinstance(v, str) for v in weight_map.values()):
             raise CheckpointFormatError(
@@ -247,7 +259,13 @@ class CheckpointReader:
         if self._bin_cache is not None and self._bin_cache[0] == file:
             return self._bin_cache[1]
         try:
-            state = torch.load(file, map_location="cpu", weights_only=True, mmap=True)
+            try:
+                state = torch.load(file, map_location="cpu", weights_only=True, mmap=True)
+            except RuntimeError as err:
+                if "mmap" not in str(err) and "zipfile" not in str(err):
+                    raise
+                # Pre-zip (legacy) serialisation cannot be memory-mapped; it is still loaded weights-only.
+                state = torch.load(file, map_location="cpu", weights_only=True)
         except Exception as err:
             if "weights_only" in str(err) or "Unsupported global" in str(err) or "Weights only load" in str(err):
                 why = "it holds Python objects other than tensors, which could run code when unpickled"
@@ -289,7 +307,8 @@ class CheckpointReader:
                 ) from None
             self._handles[info.file] = handle
         try:
-            return handle.get_tensor(name)
+            # safetensors may hand out a view of its memory map; copy so callers own what they get.
+            return handle.get_tensor(name).clone()
         except Exception as err:
             raise CheckpointFormatError(
                 f"{info.file}: tensor {name!r} cannot be read ({err})", file=str(info.file), tensor=name

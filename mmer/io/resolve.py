@@ -69,7 +69,9 @@ def _resolve_hub(repo_id: str, revision: str | None) -> ResolvedModel:
         )
     except HFValidationError as err:
         raise ModelNotFoundError(
-            f"{repo_id}: not a local directory nor a valid Hub id ({err})", file=repo_id
+            f"{repo_id}: not a local directory nor a valid Hub id ({err})",
+            file=repo_id,
+            hint="give an existing directory, or a Hub id of the form org/name",
         ) from None
     except Exception as err:  # huggingface_hub raises many types for "not available"
         where = "in the local Hugging Face cache" if _offline() else "on the Hub"

@@ -79,10 +79,14 @@ class SafetensorsFileWriter:
         self._pending = set(self._offsets)
         try:
             self._file = open(path, "wb")
+        except OSError as err:
+            _raise_os_error(err, path)
+        try:
             _reserve(self._file, self._total)
             self._file.write(len(raw).to_bytes(8, "little"))
             self._file.write(raw)
         except OSError as err:
+            self._file.close()
             _raise_os_error(err, path)
 
     def write(self, name: str, tensor: torch.Tensor) -> None:
