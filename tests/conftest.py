@@ -7,7 +7,10 @@ layout's on-disk names, with component tensors beside it, as single or sharded s
 
 from __future__ import annotations
 
+import hashlib
 import json
+import os
+import shutil
 from collections.abc import Iterable
 from pathlib import Path
 
@@ -153,3 +156,40 @@ def demo_models(tmp_path_factory: pytest.TempPathFactory):
     from mmer.demo import build_demo_models
 
     return build_demo_models(tmp_path_factory.mktemp("demo"))
+
+
+@pytest.fixture
+def hf_cache(tmp_path, monkeypatch) -> Path:
+    """An empty Hugging Face hub cache, made the active one, with offline mode on.
+
+    huggingface_hub reads HF_HUB_CACHE / HF_HUB_OFFLINE into ``huggingface_hub.constants`` at import time and
+    ``snapshot_download`` reads ``constants.HF_HUB_CACHE`` when called, so the constants are patched as well as
+    the environment (which mmer itself reads for HF_HUB_OFFLINE).
+    """
+    import huggingface_hub.constants as constants
+
+    cache = tmp_path / "hf-home" / "hub"
+    cache.mkdir(parents=True)
+    monkeypatch.setenv("HF_HOME", str(cache.parent))
+    monkeypatch.setenv("HF_HUB_CACHE", str(cache))
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setattr(constants, "HF_HOME", str(cache.parent))
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(cache))
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
+    return cache
+
+
+def cache_model(cache: Path, repo_id: str, source: Path, commit: str) -> Path:
+    """Put a model directory into a Hub cache as huggingface_hub lays it out (blobs by sha256, symlinks)."""
+    repo = cache / ("models--" + repo_id.replace("/", "--"))
+    snapshot = repo / "snapshots" / commit
+    (repo / "blobs").mkdir(parents=True, exist_ok=True)
+    (repo / "refs").mkdir(exist_ok=True)
+    snapshot.mkdir(parents=True)
+    (repo / "refs" / "main").write_text(commit)
+    for file in sorted(source.iterdir()):
+        digest = hashlib.sha256(file.read_bytes()).hexdigest()
+        blob = repo / "blobs" / digest
+        shutil.copyfile(file, blob)
+        (snapshot / file.name).symlink_to(os.path.relpath(blob, snapshot))
+    return snapshot

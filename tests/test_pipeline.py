@@ -3,6 +3,7 @@ without leaving anything behind."""
 
 from __future__ import annotations
 
+import hashlib
 import json
 from dataclasses import replace
 from pathlib import Path
@@ -429,3 +430,35 @@ def test_the_written_recipe_pins_local_paths_so_it_reruns_from_anywhere(tiny_mod
     second = json.loads((tmp_path / "again" / "mmer_manifest.json").read_text())["files"]
     assert first["tau_star/model.safetensors"] == second["tau_star/model.safetensors"]
     assert first["masks/vision.safetensors"] == second["masks/vision.safetensors"]
+
+
+def test_hub_ids_resolve_offline_and_the_output_records_their_commits(tiny_models, tmp_path, hf_cache):
+    from conftest import cache_model
+
+    commit = "1" * 40
+    cache_model(hf_cache, "org/tiny-base", tiny_models["base_dir"], commit)
+    cache_model(hf_cache, "org/tiny-vision", tiny_models["vision_dir"], "2" * 40)
+    recipe = Recipe(
+        ModelSpec("org/tiny-base"), (ModelSpec("org/tiny-vision", revision="main", modality="vision"),), MergeOptions()
+    )
+    mmer.merge(recipe, tmp_path / "out")
+    manifest = json.loads((tmp_path / "out" / "mmer_manifest.json").read_text())
+    assert manifest["base"]["model"] == "org/tiny-base" and manifest["base"]["commit"] == commit
+    # Hub-cache blobs are named by their sha256: recorded without re-reading the file
+    expected = hashlib.sha256((tiny_models["base_dir"] / "model.safetensors").read_bytes()).hexdigest()
+    assert manifest["base"]["files"]["model.safetensors"] == expected
+    assert manifest["modalities"]["vision"]["source"]["commit"] == "2" * 40
+    base, models, _ = mmer.load_recipe(tmp_path / "out" / "mmer_recipe.yaml")
+    assert base.revision == commit and models[0].revision == "2" * 40
+    card = (tmp_path / "out" / "README.md").read_text()
+    assert "base_model: org/tiny-base" in card
+
+
+def test_an_unknown_hub_id_offline_is_refused_with_a_hint(tiny_models, tmp_path, hf_cache):
+    from mmer.errors import ModelNotFoundError
+
+    recipe = Recipe(ModelSpec("org/nowhere"), (ModelSpec(str(tiny_models["vision_dir"]), modality="vision"),))
+    with pytest.raises(ModelNotFoundError, match="org/nowhere") as info:
+        mmer.merge(recipe, tmp_path / "out")
+    assert "HF_HUB_OFFLINE" in info.value.hint
+    _no_leftovers(tmp_path)

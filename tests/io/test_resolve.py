@@ -28,27 +28,6 @@ def no_network(monkeypatch):
     monkeypatch.setattr(socket, "getaddrinfo", refuse)
 
 
-@pytest.fixture
-def hf_cache(tmp_path, monkeypatch) -> Path:
-    """An empty Hugging Face hub cache, made the active one, with offline mode on.
-
-    huggingface_hub reads HF_HUB_CACHE / HF_HUB_OFFLINE into ``huggingface_hub.constants`` at import time and
-    ``snapshot_download`` reads ``constants.HF_HUB_CACHE`` when called, so the constants are patched as well as
-    the environment (which mmer itself reads for HF_HUB_OFFLINE).
-    """
-    import huggingface_hub.constants as constants
-
-    cache = tmp_path / "hf-home" / "hub"
-    cache.mkdir(parents=True)
-    monkeypatch.setenv("HF_HOME", str(cache.parent))
-    monkeypatch.setenv("HF_HUB_CACHE", str(cache))
-    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    monkeypatch.setattr(constants, "HF_HOME", str(cache.parent))
-    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(cache))
-    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
-    return cache
-
-
 def add_cached_repo(cache: Path, repo_id: str, commit: str = COMMIT, ref: str | None = "main") -> Path:
     """Lay out ``models--org--name`` as huggingface_hub does: refs, blobs named by hash, snapshot symlinks."""
     repo = cache / ("models--" + repo_id.replace("/", "--"))
