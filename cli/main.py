@@ -215,5 +215,15 @@ def demo(
     )
 
 
+def _register_command_groups() -> None:
+    """Commands owned by their own modules (route, extend) register on the one app, in a fixed order."""
+    from mmer_cli import extend_commands, route_commands
+
+    route_commands.register(app)
+    extend_commands.register(app)
+
+
+_register_command_groups()
+
 if __name__ == "__main__":
     app()
