@@ -26,6 +26,10 @@ LAYERS = {
     "mmer.pipeline": 4,
     "mmer.inspect": 5,
     "mmer.demo": 5,
+    "mmer.route": 5,
+    "mmer.extend": 5,
+    "mmer.verify": 5,
+    "mmer.compare": 5,
     "mmer": 6,
 }
 FORBIDDEN_IN_LIBRARY = ("typer", "rich", "click", "mmer_cli")

@@ -1,0 +1,1 @@
+"""Inference on a decoupled checkpoint: rebuild one modality, route whole models, route per token."""
