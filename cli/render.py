@@ -10,6 +10,7 @@ import sys
 from typing import Any
 
 from rich.console import Console
+from rich.markup import escape
 from rich.progress import (
     BarColumn,
     DownloadColumn,
@@ -89,9 +90,15 @@ def print_error(err: MmerError, as_json: bool) -> None:
     if as_json:
         print_json({"ok": False, **err.to_dict()})
         return
-    err_console.print(f"[bold red]error:[/] {err.message}", highlight=False)
+    where = [
+        f"{label} {value}"
+        for label, value in (("file", err.file), ("tensor", err.tensor), ("key", err.key))
+        if value and str(value) not in err.message
+    ]
+    message = err.message + (f" ({', '.join(where)})" if where else "")
+    err_console.print(f"[bold red]error:[/] {escape(message)}", highlight=False)
     if err.hint:
-        err_console.print(f"[yellow]fix:[/] {err.hint}", highlight=False)
+        err_console.print(f"[yellow]fix:[/] {escape(err.hint)}", highlight=False)
 
 
 def print_plan(plan: dict[str, Any]) -> None:

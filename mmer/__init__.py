@@ -4,7 +4,7 @@ Public API::
 
     import mmer
     recipe = mmer.Recipe(base=mmer.ModelSpec("base/"), models=(mmer.ModelSpec("llava/", modality="vision"),))
-    report = mmer.merge(recipe, "merged/")
+    report = mmer.run_merge(recipe, "merged/")
     ckpt = mmer.load_decoupled("merged/")
     stats = mmer.inspect_masks("merged/")
 """
@@ -16,8 +16,6 @@ from mmer.inspect import MaskStats, inspect_masks
 from mmer.pipeline import MergeReport, run_merge
 from mmer.plan import build_plan
 from mmer.version import __version__
-
-merge = run_merge
 
 __all__ = [
     "DecoupledCheckpoint",
@@ -33,6 +31,5 @@ __all__ = [
     "load_decoupled",
     "load_recipe",
     "load_spec",
-    "merge",
     "run_merge",
 ]

@@ -13,6 +13,7 @@ import math
 import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
+from decimal import Decimal
 from pathlib import Path
 from typing import Any
 
@@ -200,10 +201,15 @@ def _closest(value: object, choices: Any) -> str | None:
 
 def _check_lambda(value: float, key: str, file: str | None = None) -> None:
     if not math.isfinite(value) or value < 0:
-        raise ConfigError(f"{key} = {value} is out of range", key=key, file=file, hint="λ must be a finite number ≥ 0")
+        where = f"{file}: " if file else ""
+        raise ConfigError(
+            f"{where}{key} = {value} is out of range", key=key, file=file, hint="λ must be a finite number ≥ 0"
+        )
 
 
 def _check_keys(data: Mapping[str, Any], allowed: Mapping[str, Any], where: str, file: str | None) -> None:
+    if file:
+        where = f"{where} {file}"
     if not isinstance(data, Mapping):
         raise ConfigError(f"{where} must be a mapping, got {type(data).__name__}", file=file)
     for key, value in data.items():
@@ -236,9 +242,9 @@ def spec_from_dict(data: Mapping[str, Any], file: str | None = None) -> ModelSpe
             "model spec has no `model` key", file=file, key="model", hint="add `model: <path or hub id>`"
         )
     modality = data.get("modality")
-    if modality is not None and not MODALITY_NAME.match(modality):
+    if modality is not None and not MODALITY_NAME.fullmatch(modality):
         raise ConfigError(
-            f"modality {modality!r} is not a valid name",
+            f"{file or 'model spec'}: modality {modality!r} is not a valid name",
             file=file,
             key="modality",
             hint="use lower-case letters, digits, '_' or '-', starting with a letter",
@@ -261,7 +267,7 @@ def parse_size(value: int | str, key: str = "shard_size") -> int:
     m = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([KMGT]?)(i?)B?\s*", value, flags=re.IGNORECASE)
     if not m:
         raise ConfigError(f"{key} = {value!r} is not a size", key=key, hint="write e.g. 5GB, 500MB or 1048576")
-    number, unit, binary = float(m.group(1)), m.group(2).upper(), bool(m.group(3))
+    number, unit, binary = Decimal(m.group(1)), m.group(2).upper(), bool(m.group(3))
     base = 1024 if binary else 1000
     return int(number * base ** "_KMGT".index(unit or "_"))
 

@@ -46,11 +46,6 @@ def test_an_unknown_key_in_a_model_yaml_names_the_file_the_key_and_the_closest_k
     assert "did you mean 'lambda'?" in str(err)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="library bug: unknown-key/wrong-type ConfigErrors keep the file only in err.file; the message, which is "
-    "all the CLI prints (cli/render.py print_error), does not name the YAML file",
-)
 def test_the_message_of_an_unknown_key_error_names_the_yaml_file(tmp_path: Path) -> None:
     path = _write(tmp_path, "audio.yaml", "model: models/audio\nmodality: audio\nlamda: 0.5\n")
     with pytest.raises(ConfigError) as info:
@@ -266,11 +261,6 @@ def test_a_good_modality_name_is_accepted(name: str) -> None:
     assert spec_from_dict({"model": "m", "modality": name}).modality == name
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="library bug: MODALITY_NAME ends in '$', which also matches before a trailing newline, so "
-    "'vision\\n' passes .match() and becomes a mask file name (masks/<modality>.safetensors)",
-)
 def test_a_modality_name_with_a_trailing_newline_is_refused(tmp_path: Path) -> None:
     path = _write(tmp_path, "vision.yaml", 'model: m\nmodality: "vision\\n"\n')
     with pytest.raises(ConfigError):
@@ -343,11 +333,6 @@ def test_parse_size_refuses_a_string_that_is_not_a_size(value: str) -> None:
     assert info.value.key == "shard_size"
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="library bug: parse_size truncates a float product, so '4.1GB' gives 4099999999 (4.1 * 1e9 in binary "
-    "floating point is just below 4.1e9); decimal sizes should be exact",
-)
 @pytest.mark.parametrize(("value", "size"), [("4.1GB", 4_100_000_000), ("2.01MB", 2_010_000), ("1.001KB", 1001)])
 def test_parse_size_of_a_decimal_size_is_exact(value: str, size: int) -> None:
     assert parse_size(value) == size

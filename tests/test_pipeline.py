@@ -90,7 +90,7 @@ def test_streaming_merge_equals_an_in_memory_mmer_with_global_trim(tiny_models, 
     recipe = recipe_for(
         tiny_models["base_dir"], {"vision": tiny_models["vision_dir"], "audio": tiny_models["audio_dir"]}
     )
-    mmer.merge(recipe, tmp_path / "out")
+    mmer.run_merge(recipe, tmp_path / "out")
     assert_matches_reference(tmp_path / "out", tiny_models)
 
 
@@ -103,7 +103,7 @@ def test_streaming_merge_equals_an_in_memory_mmer_with_per_tensor_trim(tiny_mode
         k=k,
         lambda_=lam,
     )
-    mmer.merge(recipe, tmp_path / "out")
+    mmer.run_merge(recipe, tmp_path / "out")
     assert_matches_reference(tmp_path / "out", tiny_models, k=k, lam=lam, trim_scope="per-tensor")
 
 
@@ -124,7 +124,7 @@ def test_the_same_fine_tune_in_every_layout_gives_the_same_tau_star_and_masks(
     components = component_state(11, prefix=component_prefix)
     vision_dir = write_model(tmp_path / "vision", tiny_models["vision"], layout, components, fmt, shards)
     recipe = recipe_for(tiny_models["base_dir"], {"vision": vision_dir, "audio": tiny_models["audio_dir"]})
-    mmer.merge(recipe, tmp_path / "out")
+    mmer.run_merge(recipe, tmp_path / "out")
     assert_matches_reference(tmp_path / "out", tiny_models)
     with mmer.load_decoupled(tmp_path / "out") as ckpt:
         record = ckpt.modality("vision")
@@ -139,7 +139,7 @@ def test_every_tensor_of_the_decoupled_checkpoint_reads_back_as_written(tiny_mod
     recipe = recipe_for(
         tiny_models["base_dir"], {"vision": tiny_models["vision_dir"], "audio": tiny_models["audio_dir"]}
     )
-    report = mmer.merge(recipe, tmp_path / "out")
+    report = mmer.run_merge(recipe, tmp_path / "out")
     with mmer.load_decoupled(tmp_path / "out") as ckpt:
         assert ckpt.modalities == ["vision", "audio"]
         for name, tensor in tiny_models["base"].items():
@@ -175,7 +175,7 @@ def test_every_tensor_of_the_decoupled_checkpoint_reads_back_as_written(tiny_mod
 def test_one_model_without_trim_and_lambda_zero_reproduces_itself(tiny_models, tmp_path):
     """Identity: τ* = τ, the mask is 1 exactly where τ ≠ 0, and θ_base + m∘τ* ≈ θ (one float rounding)."""
     recipe = recipe_for(tiny_models["base_dir"], {"vision": tiny_models["vision_dir"]}, k=1.0, lambda_=0.0)
-    mmer.merge(recipe, tmp_path / "out")
+    mmer.run_merge(recipe, tmp_path / "out")
     with mmer.load_decoupled(tmp_path / "out") as ckpt:
         for name, base in tiny_models["base"].items():
             tau = tiny_models["vision"][name][: base.shape[0]] - base
@@ -186,13 +186,13 @@ def test_one_model_without_trim_and_lambda_zero_reproduces_itself(tiny_models, t
 
 def test_the_same_inputs_give_bit_identical_files_across_runs_and_shard_sizes(tiny_models, tmp_path):
     models = {"vision": tiny_models["vision_dir"], "audio": tiny_models["audio_dir"]}
-    a = mmer.merge(recipe_for(tiny_models["base_dir"], models), tmp_path / "a")
-    b = mmer.merge(recipe_for(tiny_models["base_dir"], models), tmp_path / "b")
+    a = mmer.run_merge(recipe_for(tiny_models["base_dir"], models), tmp_path / "a")
+    b = mmer.run_merge(recipe_for(tiny_models["base_dir"], models), tmp_path / "b")
     files_a = json.loads((tmp_path / "a" / "mmer_manifest.json").read_text())["files"]
     files_b = json.loads((tmp_path / "b" / "mmer_manifest.json").read_text())["files"]
     assert files_a == files_b
     assert [m.to_dict() for m in a.modalities] == [m.to_dict() for m in b.modalities]
-    mmer.merge(recipe_for(tiny_models["base_dir"], models, shard_size=4096), tmp_path / "c")
+    mmer.run_merge(recipe_for(tiny_models["base_dir"], models, shard_size=4096), tmp_path / "c")
     assert len(list((tmp_path / "c" / "tau_star").glob("model-*.safetensors"))) > 1
     with mmer.load_decoupled(tmp_path / "a") as one, mmer.load_decoupled(tmp_path / "c") as other:
         for name in tiny_models["base"]:
@@ -210,21 +210,21 @@ def test_half_precision_inputs_store_tau_star_in_the_base_dtype_and_masks_follow
     write_model(tmp_path / "vision", vision, "hf_legacy")
     write_model(tmp_path / "audio", audio, "hf_legacy")
     recipe = recipe_for(tmp_path / "base", {"vision": tmp_path / "vision", "audio": tmp_path / "audio"})
-    mmer.merge(recipe, tmp_path / "out")
+    mmer.run_merge(recipe, tmp_path / "out")
     tau_ref, masks_ref = reference_mmer(base, {"vision": vision, "audio": audio})
     with mmer.load_decoupled(tmp_path / "out") as ckpt:
         for name in base:
             assert ckpt.tau_star(name).dtype == torch.bfloat16
             assert torch.equal(ckpt.tau_star(name), tau_ref[name])
             assert torch.equal(ckpt.mask("vision", name), masks_ref["vision"][name])
-    mmer.merge(replace(recipe, options=replace(recipe.options, delta_dtype="float32")), tmp_path / "f32")
+    mmer.run_merge(replace(recipe, options=replace(recipe.options, delta_dtype="float32")), tmp_path / "f32")
     with mmer.load_decoupled(tmp_path / "f32") as ckpt:
         assert ckpt.tau_star("lm_head.weight").dtype == torch.float32
 
 
 def test_base_stored_by_reference_reads_the_same_weights(tiny_models, tmp_path):
     models = {"vision": tiny_models["vision_dir"]}
-    mmer.merge(recipe_for(tiny_models["base_dir"], models, base_storage="reference"), tmp_path / "ref")
+    mmer.run_merge(recipe_for(tiny_models["base_dir"], models, base_storage="reference"), tmp_path / "ref")
     assert not (tmp_path / "ref" / "base").exists()
     with mmer.load_decoupled(tmp_path / "ref") as ckpt:
         name = "model.layers.1.mlp.up_proj.weight"
@@ -233,7 +233,7 @@ def test_base_stored_by_reference_reads_the_same_weights(tiny_models, tmp_path):
 
 def test_vocab_policy_exclude_keeps_each_models_own_embeddings(tiny_models, tmp_path):
     models = {"vision": tiny_models["vision_dir"], "audio": tiny_models["audio_dir"]}
-    mmer.merge(recipe_for(tiny_models["base_dir"], models, vocab_policy="exclude"), tmp_path / "out")
+    mmer.run_merge(recipe_for(tiny_models["base_dir"], models, vocab_policy="exclude"), tmp_path / "out")
     with mmer.load_decoupled(tmp_path / "out") as ckpt:
         unmerged = {s.name: s.reason for s in ckpt.slots if not s.merged}
         assert unmerged == {
@@ -246,7 +246,7 @@ def test_vocab_policy_exclude_keeps_each_models_own_embeddings(tiny_models, tmp_
 def test_vocab_policy_strict_refuses_added_rows(tiny_models, tmp_path):
     recipe = recipe_for(tiny_models["base_dir"], {"vision": tiny_models["vision_dir"]}, vocab_policy="strict")
     with pytest.raises(IncompatibleBaseError, match="embed_tokens") as info:
-        mmer.merge(recipe, tmp_path / "out")
+        mmer.run_merge(recipe, tmp_path / "out")
     assert "shared-rows" in info.value.hint
     assert not (tmp_path / "out").exists()
 
@@ -255,7 +255,7 @@ def test_dry_run_plans_and_estimates_without_writing(tiny_models, tmp_path):
     recipe = recipe_for(
         tiny_models["base_dir"], {"vision": tiny_models["vision_dir"], "audio": tiny_models["audio_dir"]}
     )
-    report = mmer.merge(recipe, tmp_path / "out", dry_run=True)
+    report = mmer.run_merge(recipe, tmp_path / "out", dry_run=True)
     assert not (tmp_path / "out").exists()
     plan = report.plan
     assert plan["slots"]["merged"] == len(tiny_models["base"])
@@ -341,7 +341,7 @@ def test_a_bad_model_is_refused_by_name_and_leaves_no_output(tiny_models, tmp_pa
     bad = build(tiny_models, tmp_path)
     recipe = recipe_for(tiny_models["base_dir"], {"vision": bad, "audio": tiny_models["audio_dir"]})
     with pytest.raises(error, match=fragment) as info:
-        mmer.merge(recipe, tmp_path / "out")
+        mmer.run_merge(recipe, tmp_path / "out")
     assert info.value.hint
     _no_leftovers(tmp_path)
 
@@ -349,14 +349,14 @@ def test_a_bad_model_is_refused_by_name_and_leaves_no_output(tiny_models, tmp_pa
 def test_nan_is_merged_when_explicitly_allowed(tiny_models, tmp_path):
     bad = _nan(tiny_models, tmp_path)
     recipe = recipe_for(tiny_models["base_dir"], {"vision": bad}, allow_nonfinite=True, k=1.0)
-    mmer.merge(recipe, tmp_path / "out")
+    mmer.run_merge(recipe, tmp_path / "out")
     assert json.loads((tmp_path / "out" / "mmer_manifest.json").read_text())["options"]["allow_nonfinite"] is True
 
 
 def test_a_base_holding_multimodal_tensors_is_refused(tiny_models, tmp_path):
     base = write_model(tmp_path / "base", tiny_models["base"], "hf_legacy", component_state(1))
     with pytest.raises(LayoutError, match="not part of an LLM"):
-        mmer.merge(recipe_for(base, {"vision": tiny_models["vision_dir"]}), tmp_path / "out")
+        mmer.run_merge(recipe_for(base, {"vision": tiny_models["vision_dir"]}), tmp_path / "out")
     _no_leftovers(tmp_path)
 
 
@@ -365,9 +365,9 @@ def test_an_existing_output_is_refused_unless_overwrite(tiny_models, tmp_path):
     (tmp_path / "out" / "keep.txt").write_text("precious")
     recipe = recipe_for(tiny_models["base_dir"], {"vision": tiny_models["vision_dir"]})
     with pytest.raises(OutputExistsError, match="--overwrite"):
-        mmer.merge(recipe, tmp_path / "out")
+        mmer.run_merge(recipe, tmp_path / "out")
     assert (tmp_path / "out" / "keep.txt").read_text() == "precious"
-    mmer.merge(recipe, tmp_path / "out", overwrite=True)
+    mmer.run_merge(recipe, tmp_path / "out", overwrite=True)
     assert not (tmp_path / "out" / "keep.txt").exists()
     assert (tmp_path / "out" / "mmer_manifest.json").is_file()
 
@@ -381,20 +381,20 @@ def test_an_interrupt_mid_merge_leaves_no_output(tiny_models, tmp_path, monkeypa
     monkeypatch.setattr(pipeline, "write_component", interrupted)
     recipe = recipe_for(tiny_models["base_dir"], {"vision": tiny_models["vision_dir"]})
     with pytest.raises(KeyboardInterrupt):
-        mmer.merge(recipe, tmp_path / "out")
+        mmer.run_merge(recipe, tmp_path / "out")
     _no_leftovers(tmp_path)
 
 
 def test_unknown_method_is_refused_before_reading_weights(tiny_models, tmp_path):
     recipe = recipe_for(tiny_models["base_dir"], {"vision": tiny_models["vision_dir"]}, method="tie")
     with pytest.raises(ConfigError, match="unknown merge method"):
-        mmer.merge(recipe, tmp_path / "out")
+        mmer.run_merge(recipe, tmp_path / "out")
 
 
 def test_real_transformers_models_rebuild_as_the_formula_says(demo_models, tmp_path):
     """Demo: llava-hf and Qwen2-Audio saved by transformers; θ̂ = θ_base + m∘τ* for every LLM tensor."""
     recipe = mmer.config.build_recipe(list(demo_models.specs))
-    mmer.merge(recipe, tmp_path / "out")
+    mmer.run_merge(recipe, tmp_path / "out")
     base = load_file(str(demo_models.base / "model.safetensors"))
     with mmer.load_decoupled(tmp_path / "out") as ckpt:
         assert ckpt.modality("vision").source.layout == "hf_legacy"
@@ -413,7 +413,7 @@ def test_tied_embeddings_on_both_sides_merge_without_an_lm_head(tiny_models, tmp
     vision = {k: v for k, v in tiny_models["vision"].items() if k != "lm_head.weight"}
     write_model(tmp_path / "base", base, config=tied)
     write_model(tmp_path / "vision", vision, config=tied)
-    mmer.merge(recipe_for(tmp_path / "base", {"vision": tmp_path / "vision"}), tmp_path / "out")
+    mmer.run_merge(recipe_for(tmp_path / "base", {"vision": tmp_path / "vision"}), tmp_path / "out")
     with mmer.load_decoupled(tmp_path / "out") as ckpt:
         assert "lm_head.weight" not in {s.name for s in ckpt.slots}
 
@@ -421,11 +421,11 @@ def test_tied_embeddings_on_both_sides_merge_without_an_lm_head(tiny_models, tmp
 def test_the_written_recipe_pins_local_paths_so_it_reruns_from_anywhere(tiny_models, tmp_path, monkeypatch):
     monkeypatch.chdir(tiny_models["root"])
     recipe = Recipe(ModelSpec("base"), (ModelSpec("vision", modality="vision"),), MergeOptions(hash_inputs=False))
-    mmer.merge(recipe, tmp_path / "out")
+    mmer.run_merge(recipe, tmp_path / "out")
     monkeypatch.chdir(tmp_path)
     base, models, options = mmer.load_recipe(tmp_path / "out" / "mmer_recipe.yaml")
     assert Path(base.model).is_absolute() and Path(models[0].model).is_absolute()
-    mmer.merge(Recipe(base, models, options), tmp_path / "again")
+    mmer.run_merge(Recipe(base, models, options), tmp_path / "again")
     first = json.loads((tmp_path / "out" / "mmer_manifest.json").read_text())["files"]
     second = json.loads((tmp_path / "again" / "mmer_manifest.json").read_text())["files"]
     assert first["tau_star/model.safetensors"] == second["tau_star/model.safetensors"]
@@ -441,7 +441,7 @@ def test_hub_ids_resolve_offline_and_the_output_records_their_commits(tiny_model
     recipe = Recipe(
         ModelSpec("org/tiny-base"), (ModelSpec("org/tiny-vision", revision="main", modality="vision"),), MergeOptions()
     )
-    mmer.merge(recipe, tmp_path / "out")
+    mmer.run_merge(recipe, tmp_path / "out")
     manifest = json.loads((tmp_path / "out" / "mmer_manifest.json").read_text())
     assert manifest["base"]["model"] == "org/tiny-base" and manifest["base"]["commit"] == commit
     # Hub-cache blobs are named by their sha256: recorded without re-reading the file
@@ -459,6 +459,6 @@ def test_an_unknown_hub_id_offline_is_refused_with_a_hint(tiny_models, tmp_path,
 
     recipe = Recipe(ModelSpec("org/nowhere"), (ModelSpec(str(tiny_models["vision_dir"]), modality="vision"),))
     with pytest.raises(ModelNotFoundError, match="org/nowhere") as info:
-        mmer.merge(recipe, tmp_path / "out")
+        mmer.run_merge(recipe, tmp_path / "out")
     assert "HF_HUB_OFFLINE" in info.value.hint
     _no_leftovers(tmp_path)

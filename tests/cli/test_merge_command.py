@@ -470,11 +470,6 @@ def test_an_existing_output_is_replaced_with_overwrite(demo_models, tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="bug: cli/render.py print_error prints only err.message and err.hint; err.file is dropped, and "
-    "ConfigError for an unknown key says 'in model spec' without naming which YAML file holds it",
-)
 def test_an_unknown_key_error_on_stderr_names_the_yaml_file_it_was_found_in(demo_models, tmp_path):
     bad = _bad_key_spec(demo_models, tmp_path)
 
@@ -487,24 +482,8 @@ def test_an_unknown_key_error_on_stderr_names_the_yaml_file_it_was_found_in(demo
 @pytest.mark.parametrize(
     "directory",
     [
-        pytest.param(
-            "[/models]",
-            marks=pytest.mark.xfail(
-                strict=True,
-                reason="bug: cli/render.py print_error passes err.message through rich markup; a path holding "
-                "'[/models]' raises rich.errors.MarkupError, so the CLI crashes with exit 1 and a traceback",
-            ),
-            id="closing-tag-like",
-        ),
-        pytest.param(
-            "[bold]specs",
-            marks=pytest.mark.xfail(
-                strict=True,
-                reason="bug: cli/render.py print_error passes err.message through rich markup; '[bold]' in a "
-                "path is taken as a style tag and silently removed, so the printed path is wrong",
-            ),
-            id="style-tag-like",
-        ),
+        pytest.param("[/models]", id="closing-tag-like"),
+        pytest.param("[bold]specs", id="style-tag-like"),
         pytest.param("[1]", id="not-a-tag"),
     ],
 )
