@@ -25,6 +25,9 @@ MODALITY_NAME = re.compile(r"^[a-z][a-z0-9_\-]{0,63}$")
 
 TRIM_SCOPES = ("global", "per-tensor")
 ZERO_SIGN_RULES = ("zero", "positive")
+TRIM_COUNTS = ("reference", "exact")
+ELECT_ON = ("raw", "weighted")
+AGGREGATES = ("mean", "sum")
 MASK_SOURCES = ("trimmed", "raw")
 VOCAB_POLICIES = ("shared-rows", "strict", "exclude")
 DELTA_DTYPES = ("base", "float32")
@@ -35,13 +38,15 @@ BASE_STORAGES = ("copy", "reference")
 class ModelSpec:
     """One model: a local directory or a Hub id (with an optional revision).
 
-    The base spec has no ``modality``; every fine-tuned spec has one, and may override λ for its mask.
+    The base spec has no ``modality``; every fine-tuned spec has one, and may override λ for its mask and
+    give the model a merge weight (used by ``average``, ``task_arithmetic`` and ``ties``; default 1).
     """
 
     model: str
     revision: str | None = None
     modality: str | None = None
     lambda_: float | None = None
+    weight: float | None = None
 
     def to_dict(self) -> dict[str, Any]:
         out: dict[str, Any] = {"model": self.model}
@@ -51,6 +56,8 @@ class ModelSpec:
             out["modality"] = self.modality
         if self.lambda_ is not None:
             out["lambda"] = self.lambda_
+        if self.weight is not None:
+            out["weight"] = self.weight
         return out
 
 
@@ -59,15 +66,25 @@ class MergeOptions:
     """Every knob of a merge, with the paper's defaults (mmer-method.md §2–3).
 
     Attributes:
-        method: merge method from the registry (``ties`` = TIES-Merging as MMER uses it).
-        mask: mask rule from the registry (``mmer`` = Eq. 3 of the paper).
+        method: merge method from the registry: ``ties`` (TIES-Merging as MMER uses it), ``average`` (NaiveMC),
+            ``task_arithmetic``, ``emr`` (EMR-Merging's unified vector).
+        mask: mask rule from the registry (``mmer`` = Eq. 3 of the paper; ``tall``; ``emr``), or ``none`` for a
+            single merged model written as a plain Hugging Face checkpoint.
         k: fraction of each task vector kept by the trim (paper: 0.8). 1.0 disables trimming.
-        alpha: scale on the merged task vector τ* (paper: 1).
-        lambda_: default λ of Eq. 3 for every modality (paper: ≈0.9); a model spec may override it.
+        alpha: scale on the merged task vector τ*; ``None`` takes the method's default (1 for ties, average and
+            emr as in the MMER paper; 0.3 for task_arithmetic).
+        lambda_: default λ of the mask rule for every modality; ``None`` takes the rule's default (mmer: 0.9,
+            the paper's best; tall: 0.4); a model spec may override it.
         trim_scope: ``global`` finds one magnitude threshold per model over all its LLM tensors (what the TIES
-            reference code and ModelCompose do); ``per-tensor`` trims each tensor on its own.
+            reference code and ModelCompose do); ``per-tensor`` trims each tensor on its own (mergekit).
+        trim_count: ``reference`` keeps |τ| ≥ the (d − ⌊d·K⌋)-th smallest magnitude (TIES reference code);
+            ``exact`` keeps the max(1, ⌊d·K⌋) largest (mergekit, PEFT).
         zero_sign: what the elected sign is where Σᵢ τᵢ is exactly 0. ``zero`` follows TIES Algorithm 1
             (γ = sgn(0) = 0, so τ* = 0 there); ``positive`` follows mergekit (γ = +1).
+        elect_on: TIES sign election on ``raw`` task vectors (paper, PEFT) or ``weighted`` ones (mergekit).
+        aggregate: TIES disjoint ``mean`` (paper) or ``sum`` (FusionBench's default).
+        dare: DARE drop rate p applied to every τᵢ before the method (0 = off); kept entries are scaled 1/(1−p).
+        dare_seed: seed of DARE's random masks (with the model position and tensor name).
         mask_source: compare τ* with the ``trimmed`` τᵢ (the paper's notation) or the ``raw`` untrimmed τᵢ.
         vocab_policy: ``shared-rows`` merges rows [0, V_base) of embeddings/lm_head and keeps rows beyond the
             base as the model's private rows; ``strict`` refuses any vocabulary difference; ``exclude`` keeps
@@ -83,10 +100,15 @@ class MergeOptions:
     method: str = "ties"
     mask: str = "mmer"
     k: float = 0.8
-    alpha: float = 1.0
-    lambda_: float = 0.9
+    alpha: float | None = None
+    lambda_: float | None = None
     trim_scope: str = "global"
+    trim_count: str = "reference"
     zero_sign: str = "zero"
+    elect_on: str = "raw"
+    aggregate: str = "mean"
+    dare: float = 0.0
+    dare_seed: int = 0
     mask_source: str = "trimmed"
     vocab_policy: str = "shared-rows"
     delta_dtype: str = "base"
@@ -99,11 +121,17 @@ class MergeOptions:
     def __post_init__(self) -> None:
         if not (0.0 < self.k <= 1.0) or math.isnan(self.k):
             raise ConfigError(f"k = {self.k} is out of range", key="k", hint="k is the fraction kept, in (0, 1]")
-        if not math.isfinite(self.alpha) or self.alpha <= 0:
+        if self.alpha is not None and (not math.isfinite(self.alpha) or self.alpha <= 0):
             raise ConfigError(f"alpha = {self.alpha} is out of range", key="alpha", hint="alpha must be > 0")
-        _check_lambda(self.lambda_, "lambda")
+        if self.lambda_ is not None:
+            _check_lambda(self.lambda_, "lambda")
+        if not (0.0 <= self.dare < 1.0) or math.isnan(self.dare):
+            raise ConfigError(f"dare = {self.dare} is out of range", key="dare", hint="the drop rate p is in [0, 1)")
         for name, allowed in (
             ("trim_scope", TRIM_SCOPES),
+            ("trim_count", TRIM_COUNTS),
+            ("elect_on", ELECT_ON),
+            ("aggregate", AGGREGATES),
             ("zero_sign", ZERO_SIGN_RULES),
             ("mask_source", MASK_SOURCES),
             ("vocab_policy", VOCAB_POLICIES),
@@ -155,11 +183,18 @@ class Recipe:
                 )
             seen[spec.modality] = spec.model
 
-    def lambda_for(self, modality: str) -> float:
+    def lambda_for(self, modality: str, rule_default: float | None = None) -> float | None:
+        """λ of a modality: its model spec's, else the recipe's, else the mask rule's default."""
         for spec in self.models:
             if spec.modality == modality and spec.lambda_ is not None:
                 return spec.lambda_
-        return self.options.lambda_
+        return self.options.lambda_ if self.options.lambda_ is not None else rule_default
+
+    @property
+    def weights(self) -> tuple[float, ...] | None:
+        """Per-model merge weights, or ``None`` when every model has weight 1 (plain means, counts)."""
+        weights = tuple(1.0 if m.weight is None else m.weight for m in self.models)
+        return None if all(w == 1.0 for w in weights) else weights
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -174,7 +209,7 @@ class Recipe:
 
 # --------------------------------------------------------------------------------------------------- loading
 
-_SPEC_KEYS = {"model": str, "revision": str, "modality": str, "lambda": (int, float)}
+_SPEC_KEYS = {"model": str, "revision": str, "modality": str, "lambda": (int, float), "weight": (int, float)}
 _OPTION_TYPES: dict[str, type | tuple[type, ...]] = {
     "method": str,
     "mask": str,
@@ -182,6 +217,11 @@ _OPTION_TYPES: dict[str, type | tuple[type, ...]] = {
     "alpha": (int, float),
     "lambda": (int, float),
     "trim_scope": str,
+    "trim_count": str,
+    "elect_on": str,
+    "aggregate": str,
+    "dare": (int, float),
+    "dare_seed": int,
     "zero_sign": str,
     "mask_source": str,
     "vocab_policy": str,
@@ -252,11 +292,17 @@ def spec_from_dict(data: Mapping[str, Any], file: str | None = None) -> ModelSpe
     lam = data.get("lambda")
     if lam is not None:
         _check_lambda(float(lam), "lambda", file)
+    weight = data.get("weight")
+    if weight is not None and (not math.isfinite(weight) or weight <= 0):
+        raise ConfigError(
+            f"{file or 'model spec'}: weight = {weight} is out of range", file=file, key="weight", hint="weight > 0"
+        )
     return ModelSpec(
         model=data["model"],
         revision=data.get("revision"),
         modality=modality,
         lambda_=None if lam is None else float(lam),
+        weight=None if weight is None else float(weight),
     )
 
 
@@ -274,13 +320,15 @@ def parse_size(value: int | str, key: str = "shard_size") -> int:
 
 def options_from_dict(data: Mapping[str, Any], file: str | None = None) -> MergeOptions:
     """Build :class:`MergeOptions` from parsed YAML (keys as in the recipe file: ``lambda``, not ``lambda_``)."""
+    # `alpha: null` / `lambda: null` mean "the method's / the mask rule's default"
+    data = {k: v for k, v in data.items() if not (k in ("alpha", "lambda") and v is None)}
     _check_keys(data, _OPTION_TYPES, "options", file)
     kwargs: dict[str, Any] = dict(data)
     if "lambda" in kwargs:
         kwargs["lambda_"] = float(kwargs.pop("lambda"))
     if "shard_size" in kwargs:
         kwargs["shard_size"] = parse_size(kwargs["shard_size"])
-    for key in ("k", "alpha"):
+    for key in ("k", "alpha", "dare"):
         if key in kwargs:
             kwargs[key] = float(kwargs[key])
     try:

@@ -34,10 +34,10 @@ from mmer.config import ModelSpec, Recipe
 from mmer.io.reader import BIN_INDEX, DTYPE_NAMES, SAFETENSORS_INDEX
 from mmer.io.resolve import cached_blob_sha256
 from mmer.io.writer import PlannedTensor, ShardedWriter, StagedOutput
-from mmer.merge.masks import MASKS
-from mmer.merge.methods import METHODS
+from mmer.merge.masks import MASKS, NO_MASK, reconstruct
+from mmer.merge.slot import Variant, merge_slot, prepare
 from mmer.merge.task_vectors import check_finite, task_vector
-from mmer.merge.trim import GlobalThreshold, tensor_threshold, trim
+from mmer.merge.trim import GlobalThreshold
 from mmer.plan import MergePlan, SourceModel, build_plan
 from mmer.progress import NULL_PROGRESS, ProgressSink
 from mmer.version import __version__
@@ -56,6 +56,7 @@ class ModalityReport:
     total: int
     threshold: float | None
     delta_l1: float
+    scale: float = 1.0
 
     @property
     def density(self) -> float:
@@ -71,6 +72,7 @@ class ModalityReport:
             "density": self.density,
             "trim_threshold": self.threshold,
             "mean_abs_delta": self.delta_l1 / self.total if self.total else 0.0,
+            "scale": self.scale,
         }
 
 
@@ -121,28 +123,32 @@ def run_merge(
         with StagedOutput(output, overwrite=overwrite) as staging, ThreadPoolExecutor(max_workers=1) as hasher:
             hashes = {m.label: _hash_inputs(m, hasher, recipe.options.hash_inputs) for m in [plan.base, *plan.models]}
             t = time.perf_counter()
-            thresholds = find_global_thresholds(plan, progress)
+            thresholds = find_global_thresholds(plan, [plan.variant], progress)
             report.seconds["thresholds"] = time.perf_counter() - t
             t = time.perf_counter()
             stats = merge_slots(plan, staging, thresholds, progress)
             report.seconds["merge"] = time.perf_counter() - t
             t = time.perf_counter()
             component_files = {m.label: write_component(m, plan, staging, progress) for m in plan.models}
-            if recipe.options.base_storage == "copy":
+            if plan.variant.mask == NO_MASK:
+                copy_side_files(plan.base.path, staging)  # the merged model is loadable from the root
+            elif recipe.options.base_storage == "copy":
                 copy_side_files(plan.base.path, staging / BASE_DIR)
             report.seconds["components"] = time.perf_counter() - t
             resolved_hashes = {label: {k: f.result() for k, f in files.items()} for label, files in hashes.items()}
             manifest = _manifest(plan, stats, component_files, resolved_hashes)
-            for m in plan.models:
+            model_thresholds = thresholds.get(plan.variant.threshold_key, [None] * len(plan.models))
+            for i, m in enumerate(plan.models):
                 report.modalities.append(
                     ModalityReport(
                         m.label,
                         m.spec.model,
-                        recipe.lambda_for(m.label),
-                        stats.kept[m.label],
+                        plan.lambda_for(m.label),
+                        stats.kept[m.label] if plan.variant.mask != NO_MASK else plan.merged_numel,
                         plan.merged_numel,
-                        thresholds.get(m.label),
+                        model_thresholds[i],
                         stats.delta_l1[m.label],
+                        stats.scales.get(m.label, 1.0),
                     )
                 )
                 if stats.delta_l1[m.label] == 0.0:
@@ -184,28 +190,38 @@ def _deltas(plan: MergePlan, slot_name: str, device: torch.device) -> tuple[torc
     return base, taus
 
 
-def find_global_thresholds(plan: MergePlan, progress: ProgressSink) -> dict[str, float | None]:
-    """Each model's exact global top-K magnitude threshold, in two streaming passes (see ``merge.trim``)."""
-    options = plan.recipe.options
-    method = METHODS[options.method]
-    if not method.uses_trim or options.trim_scope != "global" or options.k >= 1.0:
+Thresholds = dict[tuple, list[float | None]]
+
+
+def find_global_thresholds(plan: MergePlan, variants: list[Variant], progress: ProgressSink) -> Thresholds:
+    """Each model's exact global top-K magnitude threshold per distinct trim, in two streaming passes.
+
+    Variants that trim the same task vectors the same way (see ``Variant.threshold_key``) share one search;
+    the task vectors of a slot are read once per pass for all of them (see ``merge.trim``).
+    """
+    keys = sorted({v.threshold_key for v in variants if v.needs_global_threshold})
+    if not keys:
         return {}
-    device = torch.device(options.device)
-    finders = {m.label: GlobalThreshold(plan.merged_numel, options.k, device) for m in plan.models}
+    device = torch.device(plan.recipe.options.device)
+    by_key = {v.threshold_key: v for v in variants if v.needs_global_threshold}
+    finders = {
+        key: [GlobalThreshold(plan.merged_numel, key[0], device, count=key[1]) for _ in plan.models] for key in keys
+    }
     slots = plan.merged_slots
     total = sum(s.nbytes for s in slots) * (1 + len(plan.models))
     for pass_no, stage in ((1, "threshold pass 1/2"), (2, "threshold pass 2/2")):
         progress.start(stage, total)
         for slot in slots:
-            _, taus = _deltas(plan, slot.name, device)
-            for m, tau in zip(plan.models, taus, strict=True):
-                if pass_no == 1:
-                    finders[m.label].add_pass1(tau)
-                else:
-                    finders[m.label].add_pass2(tau)
+            _, raw = _deltas(plan, slot.name, device)
+            for key in keys:
+                for finder, tau in zip(finders[key], prepare(raw, by_key[key], slot.name), strict=True):
+                    if pass_no == 1:
+                        finder.add_pass1(tau)
+                    else:
+                        finder.add_pass2(tau)
             progress.advance(stage, slot.nbytes * (1 + len(plan.models)))
         progress.end(stage)
-    return {label: f.value for label, f in finders.items()}
+    return {key: [f.value for f in finders[key]] for key in keys}
 
 
 # ---------------------------------------------------------------------------------------------------- merging
@@ -214,96 +230,104 @@ class SlotStats:
     kept: dict[str, int]
     delta_l1: dict[str, float]
     kept_per_tensor: dict[str, dict[str, int]] = field(default_factory=dict)
+    scales: dict[str, float] = field(default_factory=dict)
 
 
 def _tau_dtype(plan: MergePlan, slot_dtype: torch.dtype) -> torch.dtype:
     return torch.float32 if plan.recipe.options.delta_dtype == "float32" else slot_dtype
 
 
-def merge_slots(
-    plan: MergePlan, staging: Path, thresholds: dict[str, float | None], progress: ProgressSink
-) -> SlotStats:
-    """The main pass: per slot, τᵢ → trim → merge → τ* → masks; writes base copy, τ*, masks, private rows."""
+def merge_slots(plan: MergePlan, staging: Path, thresholds: Thresholds, progress: ProgressSink) -> SlotStats:
+    """The main pass: per slot, τᵢ → (DARE, trim) → merge → τ* → masks; writes every LLM-side file.
+
+    Decoupled output (a mask rule): base copy, τ*, one mask file per modality, private rows. Single merged
+    model (``mask: none``): θ_base + τ* at the output's root as a plain Hugging Face checkpoint, private rows.
+    """
     options = plan.recipe.options
-    method = METHODS[options.method]
-    rule = MASKS[options.mask]
+    variant = plan.variant
     device = torch.device(options.device)
-    lambdas = {m.label: plan.recipe.lambda_for(m.label) for m in plan.models}
+    model_thresholds = thresholds.get(variant.threshold_key) if variant.needs_global_threshold else None
     merged = plan.merged_slots
     shard = options.shard_size
+    single_model = variant.mask == NO_MASK
 
     writers: list[ShardedWriter] = []
-    base_writer = None
-    if options.base_storage == "copy":
-        (staging / BASE_DIR).mkdir()
-        base_writer = ShardedWriter(
-            staging / BASE_DIR, [PlannedTensor(s.name, s.dtype, s.shape) for s in plan.slots], shard
+    base_writer = tau_writer = merged_writer = None
+    mask_writers: dict[str, ShardedWriter] = {}
+    if single_model:
+        merged_writer = ShardedWriter(staging, [PlannedTensor(s.name, s.dtype, s.shape) for s in plan.slots], shard)
+        writers.append(merged_writer)
+    else:
+        if options.base_storage == "copy":
+            (staging / BASE_DIR).mkdir()
+            base_writer = ShardedWriter(
+                staging / BASE_DIR, [PlannedTensor(s.name, s.dtype, s.shape) for s in plan.slots], shard
+            )
+            writers.append(base_writer)
+        (staging / TAU_STAR_DIR).mkdir()
+        tau_writer = ShardedWriter(
+            staging / TAU_STAR_DIR,
+            [PlannedTensor(s.name, _tau_dtype(plan, s.dtype), s.shape) for s in merged],
+            shard,
+            metadata={"format": "mmer-tau-star/1", "mmer_version": __version__},
         )
-        writers.append(base_writer)
-    (staging / TAU_STAR_DIR).mkdir()
-    tau_writer = ShardedWriter(
-        staging / TAU_STAR_DIR,
-        [PlannedTensor(s.name, _tau_dtype(plan, s.dtype), s.shape) for s in merged],
-        shard,
-        metadata={"format": "mmer-tau-star/1", "mmer_version": __version__},
-    )
-    writers.append(tau_writer)
-    (staging / MASKS_DIR).mkdir()
-    shapes = {s.name: list(s.shape) for s in merged}
-    kept_per_tensor: dict[str, dict[str, int]] = {m.label: {} for m in plan.models}
-    mask_writers = {
-        m.label: ShardedWriter(
-            staging / MASKS_DIR,
-            [PlannedTensor(s.name, torch.uint8, (bits.packed_size(s.numel),)) for s in merged],
-            max_shard_bytes=1 << 62,
-            prefix=m.label,
-            metadata=mask_metadata(shapes),
-        )
-        for m in plan.models
-    }
-    writers.extend(mask_writers.values())
+        writers.append(tau_writer)
+        (staging / MASKS_DIR).mkdir()
+        shapes = {s.name: list(s.shape) for s in merged}
+        mask_writers = {
+            m.label: ShardedWriter(
+                staging / MASKS_DIR,
+                [PlannedTensor(s.name, torch.uint8, (bits.packed_size(s.numel),)) for s in merged],
+                max_shard_bytes=1 << 62,
+                prefix=m.label,
+                metadata=mask_metadata(shapes),
+            )
+            for m in plan.models
+        }
+        writers.extend(mask_writers.values())
     private_writers = _private_writers(plan, staging)
     writers.extend(private_writers.values())
 
-    stats = SlotStats(kept={m.label: 0 for m in plan.models}, delta_l1={m.label: 0.0 for m in plan.models})
+    labels = [m.label for m in plan.models]
+    stats = SlotStats(kept=dict.fromkeys(labels, 0), delta_l1=dict.fromkeys(labels, 0.0))
+    stats.kept_per_tensor = {label: {} for label in labels}
+    scale_num, scale_den = dict.fromkeys(labels, 0.0), dict.fromkeys(labels, 0.0)
     stage = "merge"
     progress.start(stage, sum(s.nbytes for s in plan.slots) * (1 + len(plan.models)))
     try:
         for slot in plan.slots:
             if not slot.merged:
                 base = plan.base.reader.get(plan.base.llm[slot.name].name)
-                if base_writer is not None:
-                    base_writer.write(slot.name, base)
+                for writer in (base_writer, merged_writer):
+                    if writer is not None:
+                        writer.write(slot.name, base)
                 _write_private(plan, slot.name, private_writers)
                 progress.advance(stage, slot.nbytes * (1 + len(plan.models)))
                 continue
-            base, taus = _deltas(plan, slot.name, device)
+            base, raw = _deltas(plan, slot.name, device)
             if base_writer is not None:
                 base_writer.write(slot.name, base)
             _write_private(plan, slot.name, private_writers)
-            if method.uses_trim:
-                if options.trim_scope == "global":
-                    trimmed = [trim(tau, thresholds.get(m.label)) for m, tau in zip(plan.models, taus, strict=True)]
-                else:
-                    trimmed = [trim(tau, tensor_threshold(tau, options.k)) for tau in taus]
-            else:
-                trimmed = taus
-            tau_star = method.fn(trimmed, alpha=options.alpha, zero_sign=options.zero_sign)
-            stored = tau_star.to(_tau_dtype(plan, slot.dtype))
-            tau_writer.write(slot.name, stored)
-            # Masks compare against τ* as stored, so the artifact alone reproduces every bit of them.
-            effective = stored.float()
-            sources = trimmed if options.mask_source == "trimmed" else taus
-            for m, tau_i, raw in zip(plan.models, sources, taus, strict=True):
-                mask = rule.fn(tau_i, effective, lambdas[m.label])
-                packed = bits.pack(mask.cpu())
+            result = merge_slot(raw, variant, slot.name, _tau_dtype(plan, slot.dtype), model_thresholds)
+            for label, tau in zip(labels, raw, strict=True):
+                stats.delta_l1[label] += float(tau.abs().sum())
+            if merged_writer is not None:
+                merged_writer.write(slot.name, reconstruct(base.to(device), result.stored, None))
+            if tau_writer is not None:
+                tau_writer.write(slot.name, result.stored)
+            for i, label in enumerate(labels):
+                if result.masks is None:
+                    continue
+                packed = bits.pack(result.masks[i].cpu())
                 ones = bits.popcount(packed)
-                kept_per_tensor[m.label][slot.name] = ones
-                stats.kept[m.label] += ones
-                stats.delta_l1[m.label] += float(raw.abs().sum())
-                mask_writers[m.label].write(slot.name, packed)
+                stats.kept_per_tensor[label][slot.name] = ones
+                stats.kept[label] += ones
+                mask_writers[label].write(slot.name, packed)
+                if result.scale_num:
+                    scale_num[label] += result.scale_num[i]
+                    scale_den[label] += result.scale_den[i]
             progress.advance(stage, slot.nbytes * (1 + len(plan.models)))
-            del base, taus, trimmed, tau_star, stored, effective
+            del base, raw, result
         for writer in writers:
             writer.close()
     except BaseException:
@@ -312,7 +336,8 @@ def merge_slots(
         raise
     finally:
         progress.end(stage)
-    stats.kept_per_tensor = kept_per_tensor
+    if variant.mask != NO_MASK and MASKS[variant.mask].rescaled:
+        stats.scales = {label: scale_num[label] / scale_den[label] if scale_den[label] else 1.0 for label in labels}
     return stats
 
 
@@ -422,13 +447,14 @@ def _manifest(
     plan: MergePlan, stats: SlotStats, component_files: dict[str, list[str]], hashes: dict[str, dict[str, str | None]]
 ) -> Manifest:
     options = plan.recipe.options
+    single_model = plan.variant.mask == NO_MASK
     modalities = {}
     for m in plan.models:
         modalities[m.label] = ModalityRecord(
             name=m.label,
             source=m.record(hashes[m.label]),
-            lambda_=plan.recipe.lambda_for(m.label),
-            mask_file=f"{MASKS_DIR}/{m.label}.safetensors",
+            lambda_=plan.lambda_for(m.label),
+            mask_file=None if single_model else f"{MASKS_DIR}/{m.label}.safetensors",
             component_dir=f"{COMPONENTS_DIR}/{m.label}",
             kept=stats.kept[m.label],
             total=plan.merged_numel,
@@ -437,16 +463,21 @@ def _manifest(
             component_tensors=component_files[m.label],
             private=plan.private[m.label],
             vocab_size=_vocab_rows(m),
+            scale=stats.scales.get(m.label, 1.0),
+            weight=1.0 if m.spec.weight is None else m.spec.weight,
         )
     tau_dtypes = sorted({DTYPE_NAMES[_tau_dtype(plan, s.dtype)] for s in plan.merged_slots})
+    resolved = {**options.to_dict(), "alpha": plan.variant.alpha}
+    base_copied = options.base_storage == "copy" and not single_model
     return Manifest(
         mmer_version=__version__,
-        options=options.to_dict(),
+        options=resolved,
         base=plan.base.record(hashes["base"]),
-        base_storage=options.base_storage,
-        base_dir=BASE_DIR if options.base_storage == "copy" else None,
-        tau_star_dir=TAU_STAR_DIR,
+        base_storage="copy" if base_copied else "reference",
+        base_dir=BASE_DIR if base_copied else None,
+        tau_star_dir=None if single_model else TAU_STAR_DIR,
         tau_star_dtype="/".join(tau_dtypes),
+        merged_dir="." if single_model else None,
         slots=[
             SlotRecord(s.name, list(s.shape), DTYPE_NAMES.get(s.dtype, str(s.dtype)), s.merged, s.reason)
             for s in plan.slots
@@ -461,16 +492,19 @@ def _vocab_rows(model: SourceModel) -> int | None:
 
 
 def _resolved_recipe(plan: MergePlan) -> Recipe:
-    """The recipe with Hub revisions pinned to the commit they resolved to and local paths made absolute,
-    so the run repeats exactly from any working directory."""
+    """The recipe with every default resolved (α, each modality's λ), Hub revisions pinned to the commit they
+    resolved to and local paths made absolute, so the run repeats exactly from any working directory."""
     from dataclasses import replace
 
-    def pin(model: SourceModel) -> ModelSpec:
+    def pin(model: SourceModel, lam: float | None = None) -> ModelSpec:
+        spec = replace(model.spec, lambda_=lam)
         if model.resolved.commit:
-            return replace(model.spec, revision=model.resolved.commit)
-        return replace(model.spec, model=str(model.resolved.path))
+            return replace(spec, revision=model.resolved.commit)
+        return replace(spec, model=str(model.resolved.path))
 
-    return Recipe(pin(plan.base), tuple(pin(m) for m in plan.models), plan.recipe.options)
+    options = replace(plan.recipe.options, alpha=plan.variant.alpha)
+    models = tuple(pin(m, plan.lambda_for(m.label)) for m in plan.models)
+    return Recipe(pin(plan.base), models, options)
 
 
 def peak_rss_bytes() -> int:

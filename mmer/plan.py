@@ -20,8 +20,9 @@ from mmer.errors import ConfigError, IncompatibleBaseError, LayoutError
 from mmer.io.layouts import Layout, canonical_order, detect_layout, is_buffer_name, is_vocab_tensor
 from mmer.io.reader import DTYPE_NAMES, CheckpointReader, TensorInfo, read_json
 from mmer.io.resolve import ResolvedModel, resolve_model
-from mmer.merge.masks import MASKS
+from mmer.merge.masks import MASKS, NO_MASK
 from mmer.merge.methods import METHODS
+from mmer.merge.slot import Variant
 
 # Config fields that fix the LLM's architecture: a mismatch means another base, whatever the shapes say.
 STRUCTURAL_KEYS = (
@@ -142,8 +143,12 @@ class MergePlan:
     models: list[SourceModel]
     slots: list[Slot]
     private: dict[str, list[PrivateRecord]]
+    variant: Variant
     warnings: list[str] = field(default_factory=list)
     estimate: MemoryEstimate | None = None
+
+    def lambda_for(self, modality: str) -> float | None:
+        return self.variant.lambdas[[m.label for m in self.models].index(modality)]
 
     @property
     def merged_slots(self) -> list[Slot]:
@@ -162,13 +167,16 @@ class MergePlan:
                     "model": m.spec.model,
                     "path": str(m.path),
                     "layout": m.layout.name,
-                    "lambda": self.recipe.lambda_for(m.label),
+                    "lambda": self.lambda_for(m.label),
+                    "weight": 1.0 if m.spec.weight is None else m.spec.weight,
                     "component_tensors": len(m.components),
                     "private_tensors": [p.name for p in self.private[m.label]],
                 }
                 for m in self.models
             ],
-            "options": self.recipe.options.to_dict(),
+            "options": {**self.recipe.options.to_dict(), "alpha": self.variant.alpha},
+            "variant": self.variant.label,
+            "alpha": self.variant.alpha,
             "slots": {
                 "total": len(self.slots),
                 "merged": len(self.merged_slots),
@@ -181,20 +189,60 @@ class MergePlan:
 
 
 def check_registries(recipe: Recipe) -> None:
+    """Method, mask rule and device exist, and the combination makes sense, before any file is opened."""
     options = recipe.options
     if options.method not in METHODS:
         raise ConfigError(
             f"unknown merge method {options.method!r}", key="method", hint=f"available: {', '.join(sorted(METHODS))}"
         )
-    if options.mask not in MASKS:
+    if options.mask not in MASKS and options.mask != NO_MASK:
         raise ConfigError(
-            f"unknown mask rule {options.mask!r}", key="mask", hint=f"available: {', '.join(sorted(MASKS))}"
+            f"unknown mask rule {options.mask!r}",
+            key="mask",
+            hint=f"available: {', '.join(sorted(MASKS))}, or none for a single merged model",
+        )
+    if options.mask == "emr" and options.method != "emr":
+        raise ConfigError(
+            f"mask emr with method {options.method}: EMR's masks and rescalers are defined on its own unified "
+            "vector (max magnitude over agreeing task vectors), not on another method's τ*",
+            key="mask",
+            hint="use --method emr --mask emr",
+        )
+    if options.method == "emr" and recipe.weights is not None:
+        raise ConfigError(
+            "method emr takes no per-model weights", key="weight", hint="remove `weight:` from the specs"
         )
     device = torch.device(options.device)
     if device.type == "cuda" and not torch.cuda.is_available():
         raise ConfigError(
             f"device {options.device!r} asked for, but no CUDA GPU is available", key="device", hint="use --device cpu"
         )
+
+
+def resolve_variant(recipe: Recipe) -> Variant:
+    """The options with every default resolved: α from the method, λ from model spec, recipe or mask rule."""
+    options = recipe.options
+    rule = MASKS.get(options.mask)
+    default_lambda = rule.default_lambda if rule is not None else None
+    return Variant(
+        method=options.method,
+        mask=options.mask,
+        k=options.k,
+        alpha=options.alpha if options.alpha is not None else METHODS[options.method].default_alpha,
+        trim_scope=options.trim_scope,
+        trim_count=options.trim_count,
+        zero_sign=options.zero_sign,
+        elect_on=options.elect_on,
+        aggregate=options.aggregate,
+        mask_source=options.mask_source,
+        dare=options.dare,
+        dare_seed=options.dare_seed,
+        lambdas=tuple(
+            recipe.lambda_for(m.modality, default_lambda) if default_lambda is not None else None  # type: ignore[arg-type]
+            for m in recipe.models
+        ),
+        weights=recipe.weights,
+    )
 
 
 def build_plan(recipe: Recipe) -> MergePlan:
@@ -215,7 +263,7 @@ def build_plan(recipe: Recipe) -> MergePlan:
         _check_config(base, model, warnings)
     slots = _plan_slots(base, recipe)
     private = {m.label: _check_tensors(base, m, slots, recipe.options.vocab_policy) for m in models}
-    plan = MergePlan(recipe, base, models, slots, private, warnings)
+    plan = MergePlan(recipe, base, models, slots, private, resolve_variant(recipe), warnings)
     plan.estimate = estimate_memory(plan)
     return plan
 

@@ -85,7 +85,7 @@ def test_merge_math_depends_on_torch_and_errors_only():
     for path in (LIBRARY / "merge").glob("*.py"):
         for imported in imports(path):
             top = imported.split(".")[0]
-            assert top in {"torch", "mmer", "__future__", "collections", "dataclasses", "typing", "math"}, (
+            assert top in {"torch", "mmer", "__future__", "collections", "dataclasses", "typing", "math", "hashlib"}, (
                 f"{path.name} imports {imported}"
             )
             if top == "mmer":

@@ -149,15 +149,38 @@ class DecoupledCheckpoint:
             return reader.get(name)
         return reader.get(self._base_layout.to_disk(name))
 
+    @property
+    def is_single_model(self) -> bool:
+        """True when the output is one merged model (mask rule ``none``) rather than base + τ* + masks."""
+        return self.manifest.merged_dir is not None
+
     def tau_star(self, name: str) -> torch.Tensor:
         """The merged task vector τ* of a merged canonical LLM tensor."""
+        if self.manifest.tau_star_dir is None:
+            raise DecoupledFormatError(
+                f"{self.path}: a single merged model (mask rule none) stores no τ*",
+                hint="read its weights with merged_tensor() or llm_tensor()",
+            )
         if self._tau is None:
             self._tau = CheckpointReader(self.path / self.manifest.tau_star_dir)
         return self._tau.get(name)
 
+    def merged_tensor(self, name: str) -> torch.Tensor:
+        """θ* of a single merged model (mask rule ``none``), canonical name."""
+        if self.manifest.merged_dir is None:
+            raise DecoupledFormatError(
+                f"{self.path}: not a single merged model", hint="use llm_tensor(modality, name)"
+            )
+        if self._tau is None:
+            self._tau = CheckpointReader(self.path / self.manifest.merged_dir)
+        return self._tau.get(name)
+
     def mask_file(self, modality: str) -> MaskFile:
         if modality not in self._masks:
-            self._masks[modality] = MaskFile(self.path / self.modality(modality).mask_file)
+            mask_file = self.modality(modality).mask_file
+            if mask_file is None:
+                raise DecoupledFormatError(f"{self.path}: a single merged model (mask rule none) has no masks")
+            self._masks[modality] = MaskFile(self.path / mask_file)
         return self._masks[modality]
 
     def mask(self, modality: str, name: str, device: torch.device | str = "cpu") -> torch.Tensor:
@@ -187,9 +210,10 @@ class DecoupledCheckpoint:
         return self._private[modality].get_tensor(name)  # type: ignore[union-attr]
 
     def llm_tensor(self, modality: str, name: str) -> torch.Tensor:
-        """The modality's rebuilt LLM tensor θ̂ᵢ = θ_base + mᵢ∘τ*, with its private rows appended.
+        """The modality's rebuilt LLM tensor θ̂ᵢ = θ_base + sᵢ·mᵢ∘τ*, with its private rows appended.
 
-        Returned in the base's dtype under the canonical name; ``route.reconstruct`` maps names back.
+        Returned in the base's dtype under the canonical name; ``route.reconstruct`` maps names back. For a
+        single merged model it is θ* (the same for every modality) plus the modality's private rows.
         """
         from mmer.merge.masks import reconstruct
 
@@ -200,8 +224,15 @@ class DecoupledCheckpoint:
         private = {p.name: p for p in record.private}
         if name in private and private[name].row_start == 0:
             return self.private_tensor(modality, name)  # type: ignore[return-value]
-        base = self.base_tensor(name)
-        out = reconstruct(base, self.tau_star(name), self.mask(modality, name)) if slot.merged else base
+        if self.is_single_model:
+            out = self.merged_tensor(name)
+        else:
+            base = self.base_tensor(name)
+            out = (
+                reconstruct(base, self.tau_star(name), self.mask(modality, name), scale=record.scale)
+                if slot.merged
+                else base
+            )
         if name in private:
             out = torch.cat([out, self.private_tensor(modality, name).to(out.dtype)])  # type: ignore[union-attr]
         return out

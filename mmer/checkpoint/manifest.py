@@ -58,8 +58,8 @@ class ModalityRecord:
 
     name: str
     source: SourceRecord
-    lambda_: float
-    mask_file: str
+    lambda_: float | None
+    mask_file: str | None  # None for a single merged model (mask rule "none")
     component_dir: str
     kept: int
     total: int
@@ -68,6 +68,8 @@ class ModalityRecord:
     private: list[PrivateRecord] = field(default_factory=list)
     vocab_size: int | None = None
     kept_per_tensor: dict[str, int] = field(default_factory=dict)  # canonical name → set bits of its mask
+    scale: float = 1.0  # EMR's rescaler sᵢ in θ̂ᵢ = θ_base + sᵢ·mᵢ∘τ* (1 for every other rule)
+    weight: float = 1.0  # the model's merge weight
 
     @property
     def density(self) -> float:
@@ -83,11 +85,12 @@ class Manifest:
     base: SourceRecord
     base_storage: str  # "copy" (under base/) or "reference" (fetch base.source again)
     base_dir: str | None
-    tau_star_dir: str
+    tau_star_dir: str | None  # None for a single merged model
     tau_star_dtype: str
     slots: list[SlotRecord]
     modalities: dict[str, ModalityRecord]
     files: dict[str, str] = field(default_factory=dict)  # relative path → sha256 of every other file
+    merged_dir: str | None = None  # "." when the output is one merged model (mask rule "none")
     format: str = FORMAT_NAME
     format_version: str = FORMAT_VERSION
 
@@ -152,6 +155,7 @@ class Manifest:
                 slots=[SlotRecord(**s) for s in data["slots"]],
                 modalities=modalities,
                 files=dict(data.get("files", {})),
+                merged_dir=data.get("merged_dir"),
                 format_version=version,
             )
         except (KeyError, TypeError) as err:
@@ -163,11 +167,12 @@ class Manifest:
         return manifest
 
     def referenced_paths(self) -> list[str]:
-        paths = [self.tau_star_dir, *self.files]
-        if self.base_dir:
-            paths.append(self.base_dir)
+        paths = [*self.files]
+        for optional in (self.tau_star_dir, self.base_dir, self.merged_dir):
+            if optional:
+                paths.append(optional)
         for m in self.modalities.values():
-            paths += [m.mask_file, m.component_dir]
+            paths += [p for p in (m.mask_file, m.component_dir) if p]
         return paths
 
 

@@ -1,8 +1,14 @@
-"""Merge methods by name: a list of (trimmed) task vectors for one tensor → the merged task vector τ*.
+"""Merge methods by name: the task vectors of one tensor slot → the merged task vector τ*.
 
-A method is a plain function registered with :func:`register_method`; the pipeline does the streaming and
-the trimming (whose global threshold needs a pass over the whole model) and calls the method once per tensor.
-Read beside mmer-method.md §2: symbols are the paper's (τ, γ, α).
+A method is a plain function registered with :func:`register_method`; the pipeline does the streaming, DARE
+and the trimming (whose global threshold needs a pass over the whole model) and calls the method once per
+tensor. Every method takes the same keyword arguments and ignores those it has no use for, so one engine
+drives them all. Read beside mmer-method.md §2 and §10: symbols are the papers' (τ, γ, α).
+
+Where libraries disagree on TIES (peer-toolkits.md, "TIES semantics differ") the choice is a named argument:
+``elect_on`` (``raw``: γ from Σ τᵢ as in the TIES paper and PEFT; ``weighted``: γ from Σ wᵢτᵢ as in mergekit),
+``aggregate`` (``mean``: disjoint mean, the paper's; ``sum``: disjoint sum, FusionBench's default), and
+``zero_sign`` (what γ is where the sum is exactly 0).
 """
 
 from __future__ import annotations
@@ -19,30 +25,43 @@ class MergeMethod:
 
     Attributes:
         name: the registry name used in recipes, on the command line and in manifests.
-        fn: ``fn(taus, alpha=..., zero_sign=...) -> tau_star`` over float32 tensors of one slot.
-        uses_trim: whether the pipeline trims the task vectors to the top-K fraction first.
+        fn: ``fn(taus, *, weights, alpha, zero_sign, elect_on, aggregate) -> tau_star`` over float32 tensors.
+        uses_trim: whether the pipeline first trims each task vector to its top-K fraction.
+        default_alpha: α used when the recipe does not set one.
         summary: one line for ``--help`` and the model card.
     """
 
     name: str
     fn: Callable[..., torch.Tensor]
     uses_trim: bool
+    default_alpha: float
     summary: str
 
 
 METHODS: dict[str, MergeMethod] = {}
 
 
-def register_method(name: str, *, uses_trim: bool, summary: str) -> Callable[[Callable[..., torch.Tensor]], Callable]:
+def register_method(
+    name: str, *, uses_trim: bool, summary: str, default_alpha: float = 1.0
+) -> Callable[[Callable[..., torch.Tensor]], Callable[..., torch.Tensor]]:
     """Register ``fn`` under ``name``; a second registration of a name is a bug, not an override."""
 
     def decorate(fn: Callable[..., torch.Tensor]) -> Callable[..., torch.Tensor]:
         if name in METHODS:
             raise KeyError(f"merge method {name!r} is already registered")
-        METHODS[name] = MergeMethod(name, fn, uses_trim, summary)
+        METHODS[name] = MergeMethod(name, fn, uses_trim, default_alpha, summary)
         return fn
 
     return decorate
+
+
+def _weights(taus: Sequence[torch.Tensor], weights: Sequence[float] | None) -> torch.Tensor:
+    """Per-model weights shaped to broadcast over a stack of task vectors."""
+    stacked_dims = taus[0].dim()
+    w = torch.tensor(
+        [1.0] * len(taus) if weights is None else list(weights), dtype=torch.float32, device=taus[0].device
+    )
+    return w.reshape(-1, *([1] * stacked_dims))
 
 
 def elect_sign(taus: Sequence[torch.Tensor], zero_sign: str = "zero") -> torch.Tensor:
@@ -59,18 +78,91 @@ def elect_sign(taus: Sequence[torch.Tensor], zero_sign: str = "zero") -> torch.T
     return gamma
 
 
-def disjoint_mean(taus: Sequence[torch.Tensor], gamma: torch.Tensor) -> torch.Tensor:
-    """Average, per entry, only the τᵢ that are non-zero and agree with γ (TIES step 3); 0 where none do."""
+def disjoint_mean(
+    taus: Sequence[torch.Tensor], gamma: torch.Tensor, weights: Sequence[float] | None = None, aggregate: str = "mean"
+) -> torch.Tensor:
+    """Combine, per entry, only the τᵢ that are non-zero and agree with γ (TIES step 3); 0 where none do.
+
+    ``mean`` divides the weighted sum by the weights of the agreeing models (by their count when unweighted);
+    ``sum`` does not divide.
+    """
     stacked = torch.stack(list(taus))
     agree = (torch.sign(stacked) == gamma) & (stacked != 0)
-    total = torch.where(agree, stacked, torch.zeros((), dtype=stacked.dtype, device=stacked.device)).sum(0)
-    count = agree.sum(0)
-    return total / count.clamp(min=1).to(total.dtype)
+    zero = torch.zeros((), dtype=stacked.dtype, device=stacked.device)
+    if weights is None:
+        total = torch.where(agree, stacked, zero).sum(0)
+        if aggregate == "sum":
+            return total
+        return total / agree.sum(0).clamp(min=1).to(total.dtype)
+    w = _weights(taus, weights)
+    total = torch.where(agree, stacked * w, zero).sum(0)
+    if aggregate == "sum":
+        return total
+    divisor = torch.where(agree, w.expand_as(stacked), zero).sum(0)
+    return total / torch.where(divisor == 0, torch.ones_like(divisor), divisor)
+
+
+@register_method("average", uses_trim=False, summary="NaiveMC: weighted average of the task vectors (θ* = mean θᵢ)")
+def average(
+    taus: Sequence[torch.Tensor], *, weights: Sequence[float] | None = None, alpha: float = 1.0, **_: object
+) -> torch.Tensor:
+    """τ* = α · Σ wᵢτᵢ / Σ wᵢ; with unit weights and α = 1 the merged LLM is the plain average of the LLMs."""
+    if weights is None:
+        merged = torch.stack(list(taus)).sum(0) / len(taus)
+    else:
+        w = _weights(taus, weights)
+        merged = (torch.stack(list(taus)) * w).sum(0) / w.sum()
+    return merged * alpha if alpha != 1.0 else merged
+
+
+@register_method(
+    "task_arithmetic",
+    uses_trim=False,
+    default_alpha=0.3,
+    summary="Task arithmetic: α · Σ wᵢτᵢ (α defaults to 0.3, FusionBench's and the TA paper's usual value)",
+)
+def task_arithmetic(
+    taus: Sequence[torch.Tensor], *, weights: Sequence[float] | None = None, alpha: float = 1.0, **_: object
+) -> torch.Tensor:
+    """τ* = α · Σ wᵢτᵢ."""
+    stacked = torch.stack(list(taus))
+    merged = stacked.sum(0) if weights is None else (stacked * _weights(taus, weights)).sum(0)
+    return merged * alpha if alpha != 1.0 else merged
 
 
 @register_method("ties", uses_trim=True, summary="TIES-Merging: trim to top-K, elect sign by mass, disjoint mean")
-def ties(taus: Sequence[torch.Tensor], *, alpha: float = 1.0, zero_sign: str = "zero") -> torch.Tensor:
+def ties(
+    taus: Sequence[torch.Tensor],
+    *,
+    weights: Sequence[float] | None = None,
+    alpha: float = 1.0,
+    zero_sign: str = "zero",
+    elect_on: str = "raw",
+    aggregate: str = "mean",
+    **_: object,
+) -> torch.Tensor:
     """τ* = α · disjoint_mean(τ, γ) with γ = sgn(Σ τᵢ), over already-trimmed τᵢ (mmer-method.md §2)."""
-    gamma = elect_sign(taus, zero_sign)
-    tau_star = disjoint_mean(taus, gamma)
+    if elect_on == "weighted" and weights is not None:
+        w = _weights(taus, weights)
+        gamma = elect_sign([t * wi for t, wi in zip(taus, w, strict=True)], zero_sign)
+    elif elect_on in ("raw", "weighted"):
+        gamma = elect_sign(taus, zero_sign)
+    else:
+        raise ValueError(f"unknown elect_on {elect_on!r}")
+    tau_star = disjoint_mean(taus, gamma, weights, aggregate)
     return tau_star * alpha if alpha != 1.0 else tau_star
+
+
+@register_method(
+    "emr",
+    uses_trim=False,
+    summary="EMR-Merging's unified vector: γ = sgn(Σ τᵢ) (0 counts as −), magnitude = max over agreeing τᵢ",
+)
+def emr(taus: Sequence[torch.Tensor], *, alpha: float = 1.0, **_: object) -> torch.Tensor:
+    """τ_uni = γ · maxᵢ |τᵢ| over the τᵢ with τᵢ·γ > 0, where γ = +1 if Σ τᵢ > 0 else −1 (EMR's code)."""
+    stacked = torch.stack(list(taus))
+    gamma = torch.where(stacked.sum(0) > 0, 1.0, -1.0).to(stacked.dtype)
+    agree = stacked * gamma > 0
+    magnitude = torch.where(agree, stacked.abs(), torch.zeros((), dtype=stacked.dtype, device=stacked.device))
+    unified = magnitude.amax(0) * gamma
+    return unified * alpha if alpha != 1.0 else unified

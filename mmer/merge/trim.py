@@ -4,6 +4,8 @@ The rule is the TIES reference code's (``topk_values_mask``), which the paper's 
 with ``d`` entries and kept fraction ``K``, take ``k = d − ⌊d·K⌋`` and keep every entry whose magnitude is
 ``≥`` the k-th smallest magnitude. With distinct magnitudes that keeps ``⌊d·K⌋ + 1`` entries; ``K = 1`` keeps
 everything. ``global`` scope applies it once over all LLM tensors of a model; ``per-tensor`` scope per tensor.
+``count="exact"`` instead keeps the ``max(1, ⌊d·K⌋)`` largest (mergekit's and PEFT's rule); magnitudes tied at
+the threshold are all kept either way, where mergekit's ``argsort`` would pick among them arbitrarily.
 
 The global threshold is found exactly without holding the model: magnitudes are non-negative floats, whose
 IEEE-754 bit patterns sort like the values, so a 65,536-bin histogram of the high 16 bits (pass 1) finds the
@@ -18,11 +20,18 @@ import torch
 _BINS = 1 << 16
 
 
-def rank_to_threshold(numel: int, k: float) -> int:
+TRIM_COUNTS = ("reference", "exact")
+
+
+def rank_to_threshold(numel: int, k: float, count: str = "reference") -> int:
     """The 1-based rank (ascending magnitude) of the threshold entry; 0 means keep everything."""
     if numel == 0 or k >= 1.0:
         return 0
-    return numel - int(numel * k)
+    if count == "reference":
+        return numel - int(numel * k)
+    if count == "exact":
+        return numel - max(1, int(numel * k)) + 1
+    raise ValueError(f"unknown trim count rule {count!r}")
 
 
 def trim(tau: torch.Tensor, threshold: torch.Tensor | float | None) -> torch.Tensor:
@@ -32,9 +41,9 @@ def trim(tau: torch.Tensor, threshold: torch.Tensor | float | None) -> torch.Ten
     return torch.where(tau.abs() >= threshold, tau, torch.zeros((), dtype=tau.dtype, device=tau.device))
 
 
-def tensor_threshold(tau: torch.Tensor, k: float) -> torch.Tensor | None:
+def tensor_threshold(tau: torch.Tensor, k: float, count: str = "reference") -> torch.Tensor | None:
     """Per-tensor threshold: the k-th smallest magnitude of this tensor, or ``None`` to keep all."""
-    rank = rank_to_threshold(tau.numel(), k)
+    rank = rank_to_threshold(tau.numel(), k, count)
     if rank == 0:
         return None
     return tau.detach().reshape(-1).abs().float().kthvalue(rank).values
@@ -53,8 +62,10 @@ class GlobalThreshold:
     needed.
     """
 
-    def __init__(self, total_numel: int, k: float, device: torch.device | str = "cpu") -> None:
-        self.rank = rank_to_threshold(total_numel, k)
+    def __init__(
+        self, total_numel: int, k: float, device: torch.device | str = "cpu", count: str = "reference"
+    ) -> None:
+        self.rank = rank_to_threshold(total_numel, k, count)
         self.total = total_numel
         self.device = torch.device(device)
         self._hist_high = torch.zeros(_BINS, dtype=torch.int64, device=self.device)

@@ -336,10 +336,7 @@ def test_a_bad_checkpoint_is_refused_with_an_error_naming_the_file_and_tensor(tm
 
 @pytest.mark.parametrize(
     "build",
-    [
-        pytest.param(b, id=i)
-        for i, b in BAD_CASES
-    ],
+    [pytest.param(b, id=i) for i, b in BAD_CASES],
 )
 def test_a_bad_checkpoint_error_carries_a_hint_saying_what_to_do(tmp_path, build):
     directory, _ = _checkpoint_dir(tmp_path, build)

@@ -185,12 +185,14 @@ def test_merging_does_not_depend_on_the_order_of_the_models(name: str, zero_sign
 
 @pytest.mark.parametrize("name", sorted(METHODS))
 def test_merging_general_floats_in_another_model_order_differs_only_by_float_rounding(name: str) -> None:
-    # float32 addition is not associative, so other orders may differ in the last bit, never more
+    # float32 addition is not associative, so other orders may differ by rounding: at most a few ulps of the
+    # magnitudes summed (Σ|τᵢ|), which bounds methods that add opposite signs (average, task arithmetic) too
     taus = _float_task_vectors(3, (5000,), seed=4)
+    scale = torch.stack(taus).abs().sum(0)
     reference = METHODS[name].fn(taus, alpha=1.0, zero_sign="zero")
     for perm in itertools.permutations(range(3)):
         out = METHODS[name].fn([taus[i] for i in perm], alpha=1.0, zero_sign="zero")
-        assert torch.all((out - reference).abs() <= 1e-6 * reference.abs() + 1e-12), perm
+        assert torch.all((out - reference).abs() <= 1e-6 * scale + 1e-12), perm
 
 
 @pytest.fixture

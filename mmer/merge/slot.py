@@ -1,0 +1,122 @@
+"""One tensor slot through one merge variant: DARE → trim → merge → τ* → masks (→ EMR rescaler sums).
+
+The merge pipeline calls this once per slot, and ``compare`` calls it once per slot and variant, so every
+method and mask rule streams through the same code. Pure tensor math: the caller reads and writes.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+import torch
+
+from mmer.merge.dare import dare
+from mmer.merge.masks import MASKS, NO_MASK
+from mmer.merge.methods import METHODS
+from mmer.merge.trim import tensor_threshold, trim
+
+
+@dataclass(frozen=True)
+class Variant:
+    """Everything that decides how a slot is merged and masked, resolved (no ``None`` defaults left).
+
+    Built by the pipeline from a recipe's options; kept here so the math does not depend on the config layer.
+    """
+
+    method: str
+    mask: str
+    k: float
+    alpha: float
+    trim_scope: str
+    trim_count: str
+    zero_sign: str
+    elect_on: str
+    aggregate: str
+    mask_source: str
+    dare: float
+    dare_seed: int
+    lambdas: tuple[float | None, ...]
+    weights: tuple[float, ...] | None = None
+
+    @property
+    def uses_trim(self) -> bool:
+        return METHODS[self.method].uses_trim and self.k < 1.0
+
+    @property
+    def needs_global_threshold(self) -> bool:
+        return self.uses_trim and self.trim_scope == "global"
+
+    @property
+    def threshold_key(self) -> tuple[float, str, float, int]:
+        """Variants with equal keys share their global thresholds (same task vectors, same trim)."""
+        return (self.k, self.trim_count, self.dare, self.dare_seed if self.dare > 0 else 0)
+
+    @property
+    def label(self) -> str:
+        dare_part = f"+dare{self.dare:g}" if self.dare > 0 else ""
+        return f"{self.method}{dare_part}/{self.mask}"
+
+
+@dataclass
+class SlotResult:
+    """τ* of one slot as stored, each modality's mask, and EMR's rescaler sums for this slot."""
+
+    stored: torch.Tensor
+    masks: list[torch.Tensor] | None
+    scale_num: list[float] = field(default_factory=list)
+    scale_den: list[float] = field(default_factory=list)
+
+
+def prepare(raw_taus: Sequence[torch.Tensor], variant: Variant, name: str) -> list[torch.Tensor]:
+    """The task vectors that enter the method: DARE'd when asked (seeded by model position and tensor name)."""
+    if variant.dare <= 0:
+        return list(raw_taus)
+    return [dare(t, variant.dare, variant.dare_seed, i, name) for i, t in enumerate(raw_taus)]
+
+
+def merge_slot(
+    raw_taus: Sequence[torch.Tensor],
+    variant: Variant,
+    name: str,
+    store_dtype: torch.dtype,
+    thresholds: Sequence[float | None] | None = None,
+) -> SlotResult:
+    """Merge one slot. ``thresholds`` are the models' global trim thresholds (``trim_scope="global"``)."""
+    taus = prepare(raw_taus, variant, name)
+    if variant.uses_trim:
+        if variant.trim_scope == "global":
+            if thresholds is None:
+                raise ValueError("global trim needs the models' thresholds")
+            trimmed = [trim(t, thr) for t, thr in zip(taus, thresholds, strict=True)]
+        else:
+            trimmed = [trim(t, tensor_threshold(t, variant.k, variant.trim_count)) for t in taus]
+    else:
+        trimmed = taus
+    tau_star = METHODS[variant.method].fn(
+        trimmed,
+        weights=variant.weights,
+        alpha=variant.alpha,
+        zero_sign=variant.zero_sign,
+        elect_on=variant.elect_on,
+        aggregate=variant.aggregate,
+    )
+    stored = tau_star.to(store_dtype)
+    if variant.mask == NO_MASK:
+        return SlotResult(stored, None)
+    rule = MASKS[variant.mask]
+    # Masks compare against τ* as stored, so the artifact alone reproduces every bit of them.
+    effective = stored.float()
+    sources = raw_taus if rule.uses_raw or variant.mask_source == "raw" else trimmed
+    masks = [
+        rule.fn(source, effective, lam if lam is not None else 0.0)
+        for source, lam in zip(sources, variant.lambdas, strict=True)
+    ]
+    result = SlotResult(stored, masks)
+    if rule.rescaled:
+        zero = torch.zeros((), device=effective.device)
+        for tau, mask in zip(trimmed, masks, strict=True):
+            result.scale_num.append(float(tau.abs().mean()) if tau.numel() else 0.0)
+            kept = torch.where(mask, effective.abs(), zero)
+            result.scale_den.append(float(kept.mean()) if kept.numel() else 0.0)
+    return result
