@@ -71,8 +71,10 @@ def merge(
     recipe: Annotated[
         Path | None, typer.Option(help="Recipe YAML (base, models, options); flags override it.")
     ] = None,
-    method: Annotated[str | None, typer.Option(help="Merge method (default ties).")] = None,
-    mask: Annotated[str | None, typer.Option(help="Mask rule (default mmer).")] = None,
+    method: Annotated[
+        str | None, typer.Option(help="Merge method: ties (default), average, task_arithmetic, emr.")
+    ] = None,
+    mask: Annotated[str | None, typer.Option(help="Mask rule: mmer (default), tall, emr, or none.")] = None,
     k: Annotated[
         float | None, typer.Option("--k", help="Fraction of each task vector kept by the trim (0.8).")
     ] = None,
@@ -82,11 +84,18 @@ def merge(
     lambda_for: Annotated[
         list[str] | None, typer.Option("--lambda-for", help="Per-modality λ, e.g. --lambda-for audio=0.7.")
     ] = None,
-    alpha: Annotated[float | None, typer.Option(help="Scale of τ* (1.0).")] = None,
+    alpha: Annotated[float | None, typer.Option(help="Scale of τ* (method default: 1; task_arithmetic 0.3).")] = None,
     trim_scope: Annotated[str | None, typer.Option(help="global (paper) or per-tensor.")] = None,
     zero_sign: Annotated[
         str | None, typer.Option(help="Elected sign where Σ τ = 0: zero (paper) or positive.")
     ] = None,
+    trim_count: Annotated[
+        str | None, typer.Option(help="reference (TIES code: ⌊d·K⌋+1 kept) or exact (mergekit: ⌊d·K⌋).")
+    ] = None,
+    elect_on: Annotated[str | None, typer.Option(help="TIES sign election on raw (paper) or weighted deltas.")] = None,
+    aggregate: Annotated[str | None, typer.Option(help="TIES disjoint mean (paper) or sum.")] = None,
+    dare: Annotated[float | None, typer.Option(help="DARE drop rate p applied before the method (0 = off).")] = None,
+    dare_seed: Annotated[int | None, typer.Option(help="Seed of DARE's random masks.")] = None,
     mask_source: Annotated[str | None, typer.Option(help="Compare τ* with the trimmed (paper) or raw τᵢ.")] = None,
     vocab_policy: Annotated[str | None, typer.Option(help="shared-rows, strict or exclude.")] = None,
     delta_dtype: Annotated[str | None, typer.Option(help="dtype of stored τ*: base or float32.")] = None,
@@ -118,7 +127,12 @@ def merge(
             lambda_=lambda_,
             alpha=alpha,
             trim_scope=trim_scope,
+            trim_count=trim_count,
             zero_sign=zero_sign,
+            elect_on=elect_on,
+            aggregate=aggregate,
+            dare=dare,
+            dare_seed=dare_seed,
             mask_source=mask_source,
             vocab_policy=vocab_policy,
             delta_dtype=delta_dtype,
@@ -153,6 +167,49 @@ def merge(
     else:
         render.print_warnings(report.warnings)
         render.print_merge_report(report.to_dict())
+
+
+@app.command()
+def compare(
+    specs: Annotated[
+        list[Path] | None, typer.Argument(help="base.yaml first, then one YAML per fine-tuned model.")
+    ] = None,
+    variant: Annotated[
+        list[str] | None,
+        typer.Option(
+            "--variant",
+            help="METHOD[+dare[=P]][/MASK], repeatable (default: the MMER paper's baselines and MMER itself).",
+        ),
+    ] = None,
+    recipe: Annotated[Path | None, typer.Option(help="Recipe YAML whose options every variant starts from.")] = None,
+    k: Annotated[float | None, typer.Option("--k", help="Fraction kept by the trim (0.8).")] = None,
+    lambda_: Annotated[float | None, typer.Option("--lambda", help="λ for every modality (rule default).")] = None,
+    dare: Annotated[float | None, typer.Option(help="Drop rate of '+dare' variants without '=P' (0.5).")] = None,
+    device: Annotated[str | None, typer.Option(help="Where the math runs: cpu, cuda...")] = None,
+    json_out: Annotated[bool, typer.Option("--json", help="Print the results as JSON.")] = False,
+    png: Annotated[Path | None, typer.Option(help="Write a bar chart of errors and densities.")] = None,
+    quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress bars.")] = False,
+) -> None:
+    """Compare merge methods and mask rules on the same models: how far each modality's rebuilt LLM is from its own."""
+    from mmer.compare import PAPER_VARIANTS, run_compare, write_bar_chart
+
+    try:
+        recipe_obj = build_recipe(specs or [], recipe, None, k=k, lambda_=lambda_, dare=dare, device=device)
+        with render.RichProgress(enabled=not quiet and not json_out) as progress:
+            report = run_compare(recipe_obj, tuple(variant or PAPER_VARIANTS), progress=progress)
+        if png is not None:
+            write_bar_chart(report, png)
+    except MmerError as err:
+        _fail(err, json_out)
+    except KeyboardInterrupt:
+        render.err_console.print("[red]interrupted[/]")
+        raise typer.Exit(130) from None
+    if json_out:
+        render.print_json({"ok": True, **report.to_dict(), "png": None if png is None else str(png)})
+        return
+    render.print_compare(report.to_dict())
+    if png is not None:
+        render.out_console.print(f"bar chart written to {png}")
 
 
 @app.command("inspect-masks")

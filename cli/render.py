@@ -112,7 +112,7 @@ def print_plan(plan: dict[str, Any]) -> None:
             m["modality"],
             m["model"],
             m["layout"],
-            f"{m['lambda']:g}",
+            "-" if m["lambda"] is None else f"{m['lambda']:g}",
             str(m["component_tensors"]),
             ", ".join(m["private_tensors"]) or "-",
         )
@@ -153,7 +153,7 @@ def print_merge_report(report: dict[str, Any]) -> None:
         thr = m["trim_threshold"]
         table.add_row(
             m["modality"],
-            f"{m['lambda']:g}",
+            "-" if m["lambda"] is None else f"{m['lambda']:g}",
             f"{m['density']:.2%}",
             f"{m['kept']:,} / {m['total']:,}",
             "-" if thr is None else f"{thr:.3g}",
@@ -203,3 +203,19 @@ def print_mask_stats(stats: dict[str, Any], modules: list[str], rows: list[str])
                 f"{o['share_of_b_in_a']:.1%}",
             )
         out_console.print(pairs)
+
+
+def print_compare(report: dict[str, Any]) -> None:
+    table = Table(title="reconstruction error ‖θ̂ᵢ − θᵢ‖₁ / ‖τᵢ‖₁ (mask density)")
+    table.add_column("variant")
+    for modality in report["modalities"]:
+        table.add_column(modality, justify="right")
+    for v in report["variants"]:
+        cells = []
+        for modality in report["modalities"]:
+            r = v["modalities"][modality]
+            scale = "" if r["scale"] == 1.0 else f", s={r['scale']:.3g}"
+            cells.append(f"{r['rel_l1']:.4f} ({r['density']:.1%}{scale})")
+        table.add_row(v["variant"], *cells)
+    out_console.print(table)
+    out_console.print(f"{len(report['variants'])} variants in {report['seconds']:.1f} s", highlight=False)

@@ -143,6 +143,20 @@ def inspect_masks(path: str | Path) -> MaskStats:
     )
 
 
+def _pyplot() -> Any:
+    """matplotlib's pyplot on the file-only Agg backend; matplotlib is the optional ``plot`` extra."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError as err:
+        from mmer.errors import MmerError
+
+        raise MmerError(f"drawing needs matplotlib ({err})", hint="pip install 'mmer[plot]'") from None
+    return plt
+
+
 def write_heatmap(stats: MaskStats, png: str | Path) -> Path:
     """One panel per modality: rows are layers (embed … head), columns module types, colour the density."""
     try:

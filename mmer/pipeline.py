@@ -171,7 +171,7 @@ def run_merge(
 
 
 # ------------------------------------------------------------------------------------------------- thresholds
-def _deltas(plan: MergePlan, slot_name: str, device: torch.device) -> tuple[torch.Tensor, list[torch.Tensor]]:
+def slot_deltas(plan: MergePlan, slot_name: str, device: torch.device) -> tuple[torch.Tensor, list[torch.Tensor]]:
     """θ_base and every model's τᵢ (float32, on ``device``) for one slot, checked for NaN/inf."""
     base_info = plan.base.llm[slot_name]
     base = plan.base.reader.get(base_info.name)
@@ -212,7 +212,7 @@ def find_global_thresholds(plan: MergePlan, variants: list[Variant], progress: P
     for pass_no, stage in ((1, "threshold pass 1/2"), (2, "threshold pass 2/2")):
         progress.start(stage, total)
         for slot in slots:
-            _, raw = _deltas(plan, slot.name, device)
+            _, raw = slot_deltas(plan, slot.name, device)
             for key in keys:
                 for finder, tau in zip(finders[key], prepare(raw, by_key[key], slot.name), strict=True):
                     if pass_no == 1:
@@ -233,7 +233,7 @@ class SlotStats:
     scales: dict[str, float] = field(default_factory=dict)
 
 
-def _tau_dtype(plan: MergePlan, slot_dtype: torch.dtype) -> torch.dtype:
+def tau_dtype(plan: MergePlan, slot_dtype: torch.dtype) -> torch.dtype:
     return torch.float32 if plan.recipe.options.delta_dtype == "float32" else slot_dtype
 
 
@@ -267,7 +267,7 @@ def merge_slots(plan: MergePlan, staging: Path, thresholds: Thresholds, progress
         (staging / TAU_STAR_DIR).mkdir()
         tau_writer = ShardedWriter(
             staging / TAU_STAR_DIR,
-            [PlannedTensor(s.name, _tau_dtype(plan, s.dtype), s.shape) for s in merged],
+            [PlannedTensor(s.name, tau_dtype(plan, s.dtype), s.shape) for s in merged],
             shard,
             metadata={"format": "mmer-tau-star/1", "mmer_version": __version__},
         )
@@ -304,11 +304,11 @@ def merge_slots(plan: MergePlan, staging: Path, thresholds: Thresholds, progress
                 _write_private(plan, slot.name, private_writers)
                 progress.advance(stage, slot.nbytes * (1 + len(plan.models)))
                 continue
-            base, raw = _deltas(plan, slot.name, device)
+            base, raw = slot_deltas(plan, slot.name, device)
             if base_writer is not None:
                 base_writer.write(slot.name, base)
             _write_private(plan, slot.name, private_writers)
-            result = merge_slot(raw, variant, slot.name, _tau_dtype(plan, slot.dtype), model_thresholds)
+            result = merge_slot(raw, variant, slot.name, tau_dtype(plan, slot.dtype), model_thresholds)
             for label, tau in zip(labels, raw, strict=True):
                 stats.delta_l1[label] += float(tau.abs().sum())
             if merged_writer is not None:
@@ -466,7 +466,7 @@ def _manifest(
             scale=stats.scales.get(m.label, 1.0),
             weight=1.0 if m.spec.weight is None else m.spec.weight,
         )
-    tau_dtypes = sorted({DTYPE_NAMES[_tau_dtype(plan, s.dtype)] for s in plan.merged_slots})
+    tau_dtypes = sorted({DTYPE_NAMES[tau_dtype(plan, s.dtype)] for s in plan.merged_slots})
     resolved = {**options.to_dict(), "alpha": plan.variant.alpha}
     base_copied = options.base_storage == "copy" and not single_model
     return Manifest(

@@ -3,14 +3,11 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import yaml
 
 from mmer.checkpoint.manifest import Manifest
-
-if TYPE_CHECKING:  # the report type lives in pipeline, which imports this module
-    pass
 
 
 def write_card(directory: Path, manifest: Manifest, report: Any) -> Path:
@@ -21,13 +18,23 @@ def write_card(directory: Path, manifest: Manifest, report: Any) -> Path:
     }
     if manifest.base.revision is not None or "/" in manifest.base.model and not manifest.base.model.startswith("/"):
         front["base_model"] = manifest.base.model
-    rows = "\n".join(
-        f"| {name} | `{m.source.model}` | {m.source.layout} | {m.lambda_:g} | {m.kept / m.total:.2%} |"
-        if m.total
-        else f"| {name} | `{m.source.model}` | {m.source.layout} | {m.lambda_:g} | n/a |"
-        for name, m in manifest.modalities.items()
-    )
+    single_model = manifest.merged_dir is not None
+
+    def row(name: str, m: Any) -> str:
+        lam = "-" if m.lambda_ is None else f"{m.lambda_:g}"
+        density = "all of τ*" if single_model else (f"{m.kept / m.total:.2%}" if m.total else "n/a")
+        scale = "" if m.scale == 1.0 else f" (scale {m.scale:.4g})"
+        return f"| {name} | `{m.source.model}` | {m.source.layout} | {lam} | {density}{scale} |"
+
+    rows = "\n".join(row(name, m) for name, m in manifest.modalities.items())
     options = manifest.options
+    dare = f", DARE p = {options['dare']}" if options.get("dare") else ""
+    masks = (
+        "This is that single merged model θ_base + τ* (mask rule `none`), loadable with transformers' "
+        "`from_pretrained` from this directory; each modality's encoder and projector are under `components/`."
+        if single_model
+        else f"Each modality keeps a 1-bit mask of τ* (mask rule `{options['mask']}`)."
+    )
     text = f"""---
 {yaml.safe_dump(front, sort_keys=False).strip()}
 ---
@@ -37,13 +44,13 @@ def write_card(directory: Path, manifest: Manifest, report: Any) -> Path:
 Made by [mmer](https://pypi.org/project/mmer/) {manifest.mmer_version} (format {manifest.format_version}) from the
 base LLM `{manifest.base.model}` and {len(manifest.modalities)} fine-tuned multimodal models. Their LLM task vectors
 were merged with `{options["method"]}` (K = {options["k"]}, α = {options["alpha"]}, trim scope
-`{options["trim_scope"]}`) into one τ*, and each modality keeps a 1-bit mask of τ* (mask rule `{options["mask"]}`).
+`{options["trim_scope"]}`{dare}) into one τ*. {masks}
 
 | modality | source model | layout | λ | mask density |
 |---|---|---|---|---|
 {rows}
 
-Rebuild one modality's LLM as θ_base + mᵢ∘τ*:
+Rebuild one modality's LLM (θ_base + mᵢ∘τ*, or θ* for a single merged model):
 
 ```python
 import mmer

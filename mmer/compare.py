@@ -1,0 +1,207 @@
+"""Run several merge variants over the same inputs and measure how far each modality's model moves.
+
+For every variant (method, DARE, mask rule) and modality: the relative ℓ1 reconstruction error
+‖θ̂ᵢ − θᵢ‖₁ / ‖τᵢ‖₁ over the merged LLM tensors (0 = the fine-tuned LLM is rebuilt exactly; 1 = as far as
+the base itself), and the mask density. θ̂ᵢ is rebuilt in the base's dtype exactly as a written checkpoint
+would give it, and the difference is taken in float32 as (θ̂ᵢ − θ_base) − τᵢ.
+
+Reads are shared: the task vectors of a slot are read once for all variants. Passes: two for the global trim
+thresholds (all variants at once, see ``merge.trim``), one for EMR's rescalers when an EMR variant is asked
+for (the rescaler is a whole-model ratio, needed before any error can be measured), and one for the errors.
+"""
+
+from __future__ import annotations
+
+import re
+import time
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from mmer.config import MergeOptions, Recipe
+from mmer.errors import ConfigError
+from mmer.merge.masks import MASKS, NO_MASK, reconstruct
+from mmer.merge.slot import Variant, merge_slot
+from mmer.pipeline import find_global_thresholds, peak_rss_bytes, slot_deltas, tau_dtype
+from mmer.plan import build_plan, check_registries, resolve_variant
+from mmer.progress import NULL_PROGRESS, ProgressSink
+
+# The MMER paper's comparison (Tables 1-2): NaiveMC, TA, TIES, each with DARE, then the mask methods.
+PAPER_VARIANTS = (
+    "average/none",
+    "task_arithmetic/none",
+    "ties/none",
+    "average+dare/none",
+    "task_arithmetic+dare/none",
+    "ties+dare/none",
+    "task_arithmetic/tall",
+    "emr/emr",
+    "ties/mmer",
+)
+DEFAULT_DARE = 0.5  # the paper does not give its DARE drop rate; 0.5 is DARE's own common setting
+
+_VARIANT = re.compile(r"^(?P<method>[a-z_]+)(?P<dare>\+dare(?:=(?P<p>[0-9.]+))?)?(?:/(?P<mask>[a-z_]+))?$")
+
+
+def parse_variant(text: str, options: MergeOptions) -> MergeOptions:
+    """``METHOD[+dare[=P]][/MASK]`` on top of ``options``, e.g. ``ties+dare=0.3/none`` or ``ties/mmer``."""
+    m = _VARIANT.match(text.strip())
+    if not m:
+        raise ConfigError(
+            f"variant {text!r} is not METHOD[+dare[=P]][/MASK]",
+            key="variant",
+            hint="e.g. ties/mmer or average+dare/none",
+        )
+    dare = 0.0
+    if m.group("dare"):
+        dare = float(m.group("p")) if m.group("p") else (options.dare or DEFAULT_DARE)
+    try:
+        return replace(options, method=m.group("method"), mask=m.group("mask") or options.mask, dare=dare)
+    except ConfigError as err:
+        err.key = "variant"
+        raise
+
+
+@dataclass
+class VariantResult:
+    """One variant's outcome for every modality."""
+
+    label: str
+    rel_l1: dict[str, float]
+    density: dict[str, float]
+    scale: dict[str, float]
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "variant": self.label,
+            "modalities": {
+                m: {"rel_l1": self.rel_l1[m], "density": self.density[m], "scale": self.scale[m]} for m in self.rel_l1
+            },
+        }
+
+
+@dataclass
+class CompareReport:
+    modalities: list[str]
+    results: list[VariantResult] = field(default_factory=list)
+    seconds: float = 0.0
+    peak_rss_bytes: int = 0
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "modalities": self.modalities,
+            "variants": [r.to_dict() for r in self.results],
+            "seconds": self.seconds,
+            "peak_rss_bytes": self.peak_rss_bytes,
+        }
+
+
+def run_compare(
+    recipe: Recipe, variants: list[str] | tuple[str, ...] = PAPER_VARIANTS, progress: ProgressSink | None = None
+) -> CompareReport:
+    """Measure every variant on ``recipe``'s models (the recipe's options are the base every variant edits)."""
+    progress = progress or NULL_PROGRESS
+    started = time.perf_counter()
+    if not variants:
+        raise ConfigError("no variants to compare", key="variant", hint=f"e.g. {', '.join(PAPER_VARIANTS[:3])}")
+    recipes = []
+    for text in variants:
+        r = replace(recipe, options=parse_variant(text, recipe.options))
+        check_registries(r)
+        recipes.append(r)
+    plan = build_plan(recipe)
+    resolved: list[Variant] = [resolve_variant(r) for r in recipes]
+    labels = [m.label for m in plan.models]
+    device = torch.device(recipe.options.device)
+    try:
+        thresholds = find_global_thresholds(plan, resolved, progress)
+
+        def slot_result(variant: Variant, name: str, raw: list[torch.Tensor], dtype: torch.dtype):
+            key = thresholds.get(variant.threshold_key) if variant.needs_global_threshold else None
+            return merge_slot(raw, variant, name, dtype, key)
+
+        scales = {i: dict.fromkeys(labels, 1.0) for i in range(len(resolved))}
+        rescaled = [i for i, v in enumerate(resolved) if v.mask != NO_MASK and MASKS[v.mask].rescaled]
+        slots = plan.merged_slots
+        total = sum(s.nbytes for s in slots) * (1 + len(labels))
+        if rescaled:
+            num = {i: [0.0] * len(labels) for i in rescaled}
+            den = {i: [0.0] * len(labels) for i in rescaled}
+            progress.start("rescalers", total)
+            for slot in slots:
+                _, raw = slot_deltas(plan, slot.name, device)
+                for i in rescaled:
+                    result = slot_result(resolved[i], slot.name, raw, tau_dtype(plan, slot.dtype))
+                    for j in range(len(labels)):
+                        num[i][j] += result.scale_num[j]
+                        den[i][j] += result.scale_den[j]
+                progress.advance("rescalers", slot.nbytes * (1 + len(labels)))
+            progress.end("rescalers")
+            for i in rescaled:
+                scales[i] = {label: num[i][j] / den[i][j] if den[i][j] else 1.0 for j, label in enumerate(labels)}
+
+        error = {i: dict.fromkeys(labels, 0.0) for i in range(len(resolved))}
+        kept = {i: dict.fromkeys(labels, 0) for i in range(len(resolved))}
+        norm = dict.fromkeys(labels, 0.0)
+        progress.start("compare", total)
+        for slot in slots:
+            base, raw = slot_deltas(plan, slot.name, device)
+            base_dev = base.to(device)
+            for j, label in enumerate(labels):
+                norm[label] += float(raw[j].abs().sum())
+            for i, variant in enumerate(resolved):
+                result = slot_result(variant, slot.name, raw, tau_dtype(plan, slot.dtype))
+                for j, label in enumerate(labels):
+                    mask = None if result.masks is None else result.masks[j]
+                    rebuilt = reconstruct(base_dev, result.stored, mask, scale=scales[i][label])
+                    error[i][label] += float(((rebuilt.float() - base_dev.float()) - raw[j]).abs().sum())
+                    kept[i][label] += slot.numel if mask is None else int(mask.sum())
+            progress.advance("compare", slot.nbytes * (1 + len(labels)))
+            del base, base_dev, raw
+        progress.end("compare")
+    finally:
+        for m in [plan.base, *plan.models]:
+            m.reader.close()
+    report = CompareReport(labels)
+    for i, variant in enumerate(resolved):
+        report.results.append(
+            VariantResult(
+                variant.label,
+                {label: error[i][label] / norm[label] if norm[label] else 0.0 for label in labels},
+                {label: kept[i][label] / plan.merged_numel if plan.merged_numel else 0.0 for label in labels},
+                scales[i],
+            )
+        )
+    report.seconds = time.perf_counter() - started
+    report.peak_rss_bytes = peak_rss_bytes()
+    return report
+
+
+def write_bar_chart(report: CompareReport, png: str | Path) -> Path:
+    """Grouped bars: reconstruction error (left) and mask density (right), one bar per modality per variant."""
+    from mmer.inspect import _pyplot
+
+    plt = _pyplot()
+    import numpy as np
+
+    labels = [r.label for r in report.results]
+    x = np.arange(len(labels))
+    width = 0.8 / max(1, len(report.modalities))
+    fig, axes = plt.subplots(1, 2, figsize=(max(8.0, 1.3 * len(labels) + 3), 4.2), constrained_layout=True)
+    for panel, (title, key) in zip(
+        axes,
+        (("relative ℓ1 error ‖θ̂ᵢ − θᵢ‖₁ / ‖τᵢ‖₁ (lower is better)", "rel_l1"), ("mask density", "density")),
+        strict=True,
+    ):
+        for j, modality in enumerate(report.modalities):
+            values = [getattr(r, key)[modality] for r in report.results]
+            panel.bar(x + (j - (len(report.modalities) - 1) / 2) * width, values, width, label=modality)
+        panel.set_title(title, fontsize=9)
+        panel.set_xticks(x, labels, rotation=45, ha="right", fontsize=7)
+    axes[0].legend(fontsize=8)
+    png = Path(png)
+    fig.savefig(png, dpi=130)
+    plt.close(fig)
+    return png
