@@ -212,6 +212,29 @@ def compare(
         render.out_console.print(f"bar chart written to {png}")
 
 
+@app.command()
+def verify(
+    path: Annotated[Path, typer.Argument(help="A decoupled checkpoint directory.")],
+    sources: Annotated[
+        bool, typer.Option("--sources", help="Also rebuild each modality and compare with its source model.")
+    ] = False,
+    json_out: Annotated[bool, typer.Option("--json", help="Print the report as JSON.")] = False,
+) -> None:
+    """Check every file's hash, every mask's shape and count, and optionally the rebuild against the sources."""
+    from mmer.verify import verify as run_verify
+
+    try:
+        report = run_verify(path, sources=sources)
+    except MmerError as err:
+        _fail(err, json_out)
+    if json_out:
+        render.print_json(report.to_dict())
+    else:
+        render.print_verify(report.to_dict())
+    if not report.ok:
+        raise typer.Exit(1)
+
+
 @app.command("inspect-masks")
 def inspect_masks(
     path: Annotated[Path, typer.Argument(help="A decoupled checkpoint directory.")],

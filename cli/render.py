@@ -219,3 +219,17 @@ def print_compare(report: dict[str, Any]) -> None:
         table.add_row(v["variant"], *cells)
     out_console.print(table)
     out_console.print(f"{len(report['variants'])} variants in {report['seconds']:.1f} s", highlight=False)
+
+
+def print_verify(report: dict[str, Any]) -> None:
+    for problem in report["problems"]:
+        err_console.print(f"[red]✗[/] {escape(problem)}", highlight=False)
+    for modality, r in report["reconstruction"].items():
+        out_console.print(
+            f"{modality}: rebuilt LLM is {r['rel_l1']:.4f} of its task vector away from the source "
+            f"(max |Δ| {r['max_abs']:.3g}); private rows {'equal' if r['private_rows_equal'] else 'DIFFER'}",
+            highlight=False,
+        )
+    status = "[green]ok[/]" if report["ok"] else f"[red]{len(report['problems'])} problem(s)[/]"
+    counts = f"{report['files_checked']} files, {report['masks_checked']} masks checked"
+    out_console.print(f"{escape(report['path'])}: {status} ({counts})")

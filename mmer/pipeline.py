@@ -29,7 +29,7 @@ from mmer.checkpoint.decoupled import (
     TAU_STAR_DIR,
     mask_metadata,
 )
-from mmer.checkpoint.manifest import MANIFEST_NAME, Manifest, ModalityRecord, SlotRecord
+from mmer.checkpoint.manifest import MANIFEST_NAME, MANIFEST_SHA_NAME, Manifest, ModalityRecord, SlotRecord
 from mmer.config import ModelSpec, Recipe
 from mmer.io.reader import BIN_INDEX, DTYPE_NAMES, SAFETENSORS_INDEX
 from mmer.io.resolve import cached_blob_sha256
@@ -159,7 +159,7 @@ def run_merge(
             (staging / RECIPE_NAME).write_text(_resolved_recipe(plan).to_yaml(), encoding="utf-8")
             write_card(staging, manifest, report)
             t = time.perf_counter()
-            manifest.files = hash_tree(staging, exclude={MANIFEST_NAME})
+            manifest.files = hash_tree(staging, exclude={MANIFEST_NAME, MANIFEST_SHA_NAME})
             manifest.write(staging)
             report.seconds["hash_outputs"] = time.perf_counter() - t
     finally:

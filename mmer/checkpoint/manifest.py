@@ -7,6 +7,7 @@ refuse a newer major (a wrong merge is worse than a failed one).
 
 from __future__ import annotations
 
+import hashlib
 import json
 from dataclasses import asdict, dataclass, field
 from pathlib import Path, PurePosixPath
@@ -15,6 +16,7 @@ from typing import Any
 from mmer.errors import DecoupledFormatError
 
 MANIFEST_NAME = "mmer_manifest.json"
+MANIFEST_SHA_NAME = "mmer_manifest.json.sha256"  # the manifest's own hash: with `files`, every byte is covered
 FORMAT_NAME = "mmer-decoupled"
 FORMAT_VERSION = "1.0"
 
@@ -103,8 +105,11 @@ class Manifest:
         return {"format": data.pop("format"), "format_version": data.pop("format_version"), **data}
 
     def write(self, directory: Path) -> Path:
+        """Write the manifest and, beside it, its sha256 (so a changed manifest is caught too)."""
         path = directory / MANIFEST_NAME
-        path.write_text(json.dumps(self.to_dict(), indent=2, sort_keys=False) + "\n", encoding="utf-8")
+        data = (json.dumps(self.to_dict(), indent=2, sort_keys=False) + "\n").encode("utf-8")
+        path.write_bytes(data)
+        (directory / MANIFEST_SHA_NAME).write_text(hashlib.sha256(data).hexdigest() + "\n", encoding="utf-8")
         return path
 
     @classmethod
