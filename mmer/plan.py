@@ -366,6 +366,8 @@ def estimate_memory(plan: MergePlan) -> MemoryEstimate:
     out_bytes += sum(s.numel * (tau_itemsize or s.dtype.itemsize) for s in plan.merged_slots)
     out_bytes += n * math.ceil(plan.merged_numel / 8)
     out_bytes += sum(i.nbytes for m in plan.models for i in m.components)
-    # float32: n deltas + n trimmed + stacked copy (n) + τ* + temporaries (3); bool masks n; raw reads (n + 1).
-    per_element = 4 * (3 * n + 4) + n + largest.dtype.itemsize * (n + 1)
+    # Per element of the largest slot, measured rather than guessed (tests/test_reliability.py): the raw reads
+    # and their memory-mapped file pages (2·(n+1)·itemsize), then float32 working copies: n task vectors, n
+    # trimmed, and TIES' stacked copy, signs and selection (≈3n), plus τ*, its stored cast and temporaries.
+    per_element = 4 * (6 * n + 6) + 2 * (n + 1) * largest.dtype.itemsize
     return MemoryEstimate(read_bytes, out_bytes, largest.numel * per_element, largest.name)
