@@ -18,7 +18,7 @@ from mmer.checkpoint.manifest import PrivateRecord, SourceRecord
 from mmer.config import ModelSpec, Recipe
 from mmer.errors import ConfigError, IncompatibleBaseError, LayoutError
 from mmer.io.layouts import Layout, canonical_order, detect_layout, is_buffer_name, is_vocab_tensor
-from mmer.io.reader import DTYPE_NAMES, CheckpointReader, TensorInfo, read_json
+from mmer.io.reader import DTYPE_NAMES, CheckpointReader, Sized, TensorInfo, read_json
 from mmer.io.resolve import ResolvedModel, resolve_model
 from mmer.merge.masks import MASKS, NO_MASK
 from mmer.merge.methods import METHODS
@@ -98,7 +98,7 @@ def open_source(spec: ModelSpec) -> SourceModel:
 
 
 @dataclass
-class Slot:
+class Slot(Sized):
     """One canonical LLM tensor of the base and what the merge does with it."""
 
     name: str
@@ -106,14 +106,6 @@ class Slot:
     dtype: torch.dtype
     merged: bool
     reason: str | None = None
-
-    @property
-    def numel(self) -> int:
-        return math.prod(self.shape)
-
-    @property
-    def nbytes(self) -> int:
-        return self.numel * self.dtype.itemsize
 
 
 @dataclass

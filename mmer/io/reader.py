@@ -43,14 +43,11 @@ SAFETENSORS_DTYPES: dict[str, torch.dtype] = {
 DTYPE_NAMES = {v: k for k, v in SAFETENSORS_DTYPES.items()}
 
 
-@dataclass(frozen=True)
-class TensorInfo:
-    """Name, dtype and shape of one stored tensor, and the file it lives in."""
+class Sized:
+    """Element and byte counts of anything with a ``shape`` and a ``dtype`` (stored, planned or merged)."""
 
-    name: str
-    dtype: torch.dtype
     shape: tuple[int, ...]
-    file: Path
+    dtype: torch.dtype
 
     @property
     def numel(self) -> int:
@@ -59,6 +56,16 @@ class TensorInfo:
     @property
     def nbytes(self) -> int:
         return self.numel * self.dtype.itemsize
+
+
+@dataclass(frozen=True)
+class TensorInfo(Sized):
+    """Name, dtype and shape of one stored tensor, and the file it lives in."""
+
+    name: str
+    dtype: torch.dtype
+    shape: tuple[int, ...]
+    file: Path
 
 
 def _reject_duplicates(file: Path, what: str):

@@ -21,23 +21,16 @@ from types import TracebackType
 import torch
 
 from mmer.errors import DiskFullError, OutputExistsError
-from mmer.io.reader import DTYPE_NAMES
+from mmer.io.reader import DTYPE_NAMES, Sized
 
 
 @dataclass(frozen=True)
-class PlannedTensor:
+class PlannedTensor(Sized):
     """A tensor the writer will receive: its name, dtype and shape."""
 
     name: str
     dtype: torch.dtype
     shape: tuple[int, ...]
-
-    @property
-    def nbytes(self) -> int:
-        n = 1
-        for d in self.shape:
-            n *= d
-        return n * self.dtype.itemsize
 
 
 def _raise_os_error(err: OSError, path: Path) -> None:
