@@ -297,9 +297,10 @@ def demo(
 
 def _register_command_groups() -> None:
     """Commands owned by their own modules (route, extend) register on the one app, in a fixed order."""
-    from mmer_cli import extend_commands, route_commands
+    from mmer_cli import extend_commands, route_commands, tune_commands
 
     route_commands.register(app)
+    tune_commands.register(app)
     extend_commands.register(app)
 
 

@@ -30,7 +30,9 @@ LAYERS = {
     "mmer.extend": 5,
     "mmer.verify": 5,
     "mmer.compare": 5,
-    "mmer": 6,
+    "mmer.add": 5,
+    "mmer.tune": 6,
+    "mmer": 7,
 }
 FORBIDDEN_IN_LIBRARY = ("typer", "rich", "click", "mmer_cli")
 
