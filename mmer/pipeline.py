@@ -37,7 +37,7 @@ from mmer.io.writer import PlannedTensor, ShardedWriter, StagedOutput
 from mmer.merge.masks import MASKS, NO_MASK, reconstruct
 from mmer.merge.slot import Variant, merge_slot, prepare
 from mmer.merge.task_vectors import check_finite, task_vector
-from mmer.merge.trim import GlobalThreshold
+from mmer.merge.trim import GlobalThreshold, WindowedThreshold
 from mmer.plan import MergePlan, SourceModel, build_plan
 from mmer.progress import NULL_PROGRESS, ProgressSink
 from mmer.version import __version__
@@ -172,56 +172,117 @@ def run_merge(
 
 # ------------------------------------------------------------------------------------------------- thresholds
 def slot_deltas(plan: MergePlan, slot_name: str, device: torch.device) -> tuple[torch.Tensor, list[torch.Tensor]]:
-    """θ_base and every model's τᵢ (float32, on ``device``) for one slot, checked for NaN/inf."""
+    """θ_base and every model's τᵢ (float32, on ``device``) for one slot, checked for NaN/inf.
+
+    The base is converted to float32 once per slot; NaN/inf are caught from each τᵢ's ℓ1 norm (one reduction,
+    no temporary) and only then located exactly, so the check costs little on clean models.
+    """
     base_info = plan.base.llm[slot_name]
-    base = plan.base.reader.get(base_info.name)
-    allow = plan.recipe.options.allow_nonfinite
-    if not allow:
-        check_finite(base, file=str(base_info.file), name=base_info.name)
-    base_dev = base.to(device)
-    rows = base.shape[0]
+    base = plan.base.reader.get(base_info.name, copy=False)
+    base_f = base.to(device).float()
+    rows = base.shape[0] if base.dim() else None
     taus = []
     for m in plan.models:
         info = m.llm[slot_name]
-        theta = m.reader.get(info.name)
-        if not allow:
-            check_finite(theta, file=str(info.file), name=info.name)
-        taus.append(task_vector(theta.to(device), base_dev, rows if theta.shape[0] != rows else None))
+        theta = m.reader.get(info.name, copy=False)
+        taus.append(task_vector(theta.to(device), base_f, rows if theta.dim() and theta.shape[0] != rows else None))
+    if not plan.recipe.options.allow_nonfinite:
+        for m, tau in zip(plan.models, taus, strict=True):
+            if not bool(torch.isfinite(torch.linalg.vector_norm(tau, 1))):
+                check_finite(base, file=str(base_info.file), name=base_info.name)
+                info = m.llm[slot_name]
+                check_finite(m.reader.get(info.name, copy=False), file=str(info.file), name=info.name)
     return base, taus
 
 
 Thresholds = dict[tuple, list[float | None]]
+SAMPLE_TARGET = 1 << 20  # sampled entries per model to place the threshold window (about 1 M)
+SAMPLE_BLOCK = 1 << 14  # contiguous entries per sampled block: whole pages of every tensor, spread evenly
+
+
+def _sample_blocks(numel: int, total: int) -> list[tuple[int, int]]:
+    """Evenly spaced contiguous blocks of one tensor, in proportion to its share of the model."""
+    if numel == 0:
+        return []
+    count = max(1, round(SAMPLE_TARGET * numel / max(total, 1) / SAMPLE_BLOCK))
+    if count * SAMPLE_BLOCK >= numel:
+        return [(0, numel)]
+    step = numel // count
+    return [(i * step, i * step + SAMPLE_BLOCK) for i in range(count)]
 
 
 def find_global_thresholds(plan: MergePlan, variants: list[Variant], progress: ProgressSink) -> Thresholds:
-    """Each model's exact global top-K magnitude threshold per distinct trim, in two streaming passes.
+    """Each model's exact global top-K magnitude threshold per distinct trim, in one streaming pass.
 
-    Variants that trim the same task vectors the same way (see ``Variant.threshold_key``) share one search;
-    the task vectors of a slot are read once per pass for all of them (see ``merge.trim``).
+    Variants that trim the same task vectors the same way (see ``Variant.threshold_key``) share one search,
+    and the task vectors of a slot are read once for all of them. A sample of a few blocks per tensor places a
+    narrow window around each threshold, one full pass finds it exactly (``merge.trim.WindowedThreshold``);
+    DARE'd task vectors, whose random masks are drawn per whole tensor, and any window that missed take the
+    two-pass search instead. Exact either way.
     """
     keys = sorted({v.threshold_key for v in variants if v.needs_global_threshold})
     if not keys:
         return {}
     device = torch.device(plan.recipe.options.device)
     by_key = {v.threshold_key: v for v in variants if v.needs_global_threshold}
-    finders = {
-        key: [GlobalThreshold(plan.merged_numel, key[0], device, count=key[1]) for _ in plan.models] for key in keys
-    }
     slots = plan.merged_slots
-    total = sum(s.nbytes for s in slots) * (1 + len(plan.models))
-    for pass_no, stage in ((1, "threshold pass 1/2"), (2, "threshold pass 2/2")):
-        progress.start(stage, total)
+    n_models = len(plan.models)
+    total_bytes = sum(s.nbytes for s in slots) * (1 + n_models)
+    windowed = [key for key in keys if key[2] == 0]
+    finders = {
+        key: [WindowedThreshold(plan.merged_numel, key[0], device, count=key[1]) for _ in plan.models]
+        for key in windowed
+    }
+    if windowed:
+        for slot in slots:
+            base = plan.base.reader.get(plan.base.llm[slot.name].name, copy=False).reshape(-1)
+            shared = slot.numel
+            for i, m in enumerate(plan.models):
+                theta = m.reader.get(m.llm[slot.name].name, copy=False).reshape(-1)
+                for start, stop in _sample_blocks(shared, plan.merged_numel):
+                    tau = theta[start:stop].to(device).float() - base[start:stop].to(device).float()
+                    for key in windowed:
+                        finders[key][i].add_sample(tau)
+        for key in windowed:
+            for finder in finders[key]:
+                finder.open_window()
+        stage = "threshold"
+        progress.start(stage, total_bytes)
         for slot in slots:
             _, raw = slot_deltas(plan, slot.name, device)
-            for key in keys:
-                for finder, tau in zip(finders[key], prepare(raw, by_key[key], slot.name), strict=True):
-                    if pass_no == 1:
-                        finder.add_pass1(tau)
-                    else:
-                        finder.add_pass2(tau)
-            progress.advance(stage, slot.nbytes * (1 + len(plan.models)))
+            for key in windowed:
+                for finder, tau in zip(finders[key], raw, strict=True):
+                    finder.add(tau)
+            progress.advance(stage, slot.nbytes * (1 + n_models))
+            del raw
         progress.end(stage)
-    return {key: [f.value for f in finders[key]] for key in keys}
+    values: Thresholds = {
+        key: [f.value if not f.needs_second_pass else None for f in finders[key]] for key in windowed
+    }
+    missed = {(key, i) for key in windowed for i, f in enumerate(finders[key]) if f.needs_second_pass}
+    two_pass = [key for key in keys if key[2] != 0] + sorted({key for key, _ in missed})
+    if not two_pass:
+        return values
+    searches = {
+        key: [GlobalThreshold(plan.merged_numel, key[0], device, count=key[1]) for _ in plan.models]
+        for key in two_pass
+    }
+    for pass_no, stage in ((1, "threshold pass 1/2"), (2, "threshold pass 2/2")):
+        progress.start(stage, total_bytes)
+        for slot in slots:
+            _, raw = slot_deltas(plan, slot.name, device)
+            for key in two_pass:
+                for search, tau in zip(searches[key], prepare(raw, by_key[key], slot.name), strict=True):
+                    search.add_pass1(tau) if pass_no == 1 else search.add_pass2(tau)
+            progress.advance(stage, slot.nbytes * (1 + n_models))
+        progress.end(stage)
+    for key in two_pass:
+        found = [s.value for s in searches[key]]
+        if key in values:
+            values[key] = [found[i] if (key, i) in missed else values[key][i] for i in range(n_models)]
+        else:
+            values[key] = found
+    return values
 
 
 # ---------------------------------------------------------------------------------------------------- merging
@@ -297,7 +358,7 @@ def merge_slots(plan: MergePlan, staging: Path, thresholds: Thresholds, progress
     try:
         for slot in plan.slots:
             if not slot.merged:
-                base = plan.base.reader.get(plan.base.llm[slot.name].name)
+                base = plan.base.reader.get(plan.base.llm[slot.name].name, copy=False)
                 for writer in (base_writer, merged_writer):
                     if writer is not None:
                         writer.write(slot.name, base)
@@ -358,7 +419,7 @@ def _write_private(plan: MergePlan, slot_name: str, writers: dict[str, ShardedWr
     for m in plan.models:
         for record in plan.private[m.label]:
             if record.name == slot_name:
-                tensor = m.reader.get(m.llm[slot_name].name)
+                tensor = m.reader.get(m.llm[slot_name].name, copy=False)
                 writers[m.label].write(slot_name, tensor[record.row_start :])
 
 
@@ -376,7 +437,7 @@ def write_component(model: SourceModel, plan: MergePlan, staging: Path, progress
     writer = ShardedWriter(directory, entries, plan.recipe.options.shard_size)
     try:
         for info in model.components:
-            writer.write(info.name, model.reader.get(info.name))
+            writer.write(info.name, model.reader.get(info.name, copy=False))
             progress.advance(stage, info.nbytes)
         writer.close()
     except BaseException:

@@ -462,3 +462,20 @@ def test_an_unknown_hub_id_offline_is_refused_with_a_hint(tiny_models, tmp_path,
         mmer.run_merge(recipe, tmp_path / "out")
     assert "HF_HUB_OFFLINE" in info.value.hint
     _no_leftovers(tmp_path)
+
+
+def test_a_threshold_window_that_misses_falls_back_to_the_exact_two_pass_search(tiny_models, tmp_path, monkeypatch):
+    import importlib
+
+    trim = importlib.import_module("mmer.merge.trim")  # the module (mmer.merge re-exports a function `trim`)
+
+    def wrong_window(self):
+        self._samples.clear()
+        self._lo, self._hi = 0, 3  # only denormal magnitudes: the k-th value is never in here
+
+    monkeypatch.setattr(trim.WindowedThreshold, "open_window", wrong_window)
+    recipe = recipe_for(
+        tiny_models["base_dir"], {"vision": tiny_models["vision_dir"], "audio": tiny_models["audio_dir"]}
+    )
+    mmer.run_merge(recipe, tmp_path / "out")
+    assert_matches_reference(tmp_path / "out", tiny_models)

@@ -297,11 +297,17 @@ class CheckpointReader:
     def __contains__(self, name: str) -> bool:
         return name in self.tensors
 
-    def get(self, name: str) -> torch.Tensor:
-        """Read one tensor into CPU memory (a private copy the caller may modify)."""
+    def get(self, name: str, copy: bool = True) -> torch.Tensor:
+        """Read one tensor into CPU memory.
+
+        With ``copy`` (the default) the caller owns the result and may modify it. ``copy=False`` may return a
+        read-only view of the memory-mapped file: no copy, no extra memory; the merge pipeline, which never
+        writes into its inputs, reads this way.
+        """
         info = self.tensors[name]
         if self.format == "bin":
-            return self._load_bin(info.file)[name].clone()
+            tensor = self._load_bin(info.file)[name]
+            return tensor.clone() if copy else tensor
         handle = self._handles.get(info.file)
         if handle is None:
             from safetensors import safe_open
@@ -314,8 +320,9 @@ class CheckpointReader:
                 ) from None
             self._handles[info.file] = handle
         try:
-            # safetensors may hand out a view of its memory map; copy so callers own what they get.
-            return handle.get_tensor(name).clone()
+            # safetensors hands out a view of its memory map; copy unless the caller only reads.
+            tensor = handle.get_tensor(name)
+            return tensor.clone() if copy else tensor
         except Exception as err:
             raise CheckpointFormatError(
                 f"{info.file}: tensor {name!r} cannot be read ({err})", file=str(info.file), tensor=name

@@ -33,11 +33,12 @@ class MaskRule:
     """
 
     name: str
-    fn: Callable[[torch.Tensor, torch.Tensor, float], torch.Tensor]
+    fn: Callable[..., torch.Tensor]
     summary: str
     default_lambda: float | None = None
     uses_raw: bool = False
     rescaled: bool = False
+    prepare: Callable[[torch.Tensor], object] | None = None  # per-slot work shared by every modality's call
 
 
 MASKS: dict[str, MaskRule] = {}
@@ -45,24 +46,44 @@ NO_MASK = "none"  # not a rule: one merged model, no masks (NaiveMC, TA and TIES
 
 
 def register_mask(
-    name: str, *, summary: str, default_lambda: float | None = None, uses_raw: bool = False, rescaled: bool = False
+    name: str,
+    *,
+    summary: str,
+    default_lambda: float | None = None,
+    uses_raw: bool = False,
+    rescaled: bool = False,
+    prepare: Callable[[torch.Tensor], object] | None = None,
 ) -> Callable:
-    def decorate(fn: Callable[[torch.Tensor, torch.Tensor, float], torch.Tensor]) -> Callable:
+    def decorate(fn: Callable[..., torch.Tensor]) -> Callable:
         if name in MASKS or name == NO_MASK:
             raise KeyError(f"mask rule {name!r} is already registered")
-        MASKS[name] = MaskRule(name, fn, summary, default_lambda, uses_raw, rescaled)
+        MASKS[name] = MaskRule(name, fn, summary, default_lambda, uses_raw, rescaled, prepare)
         return fn
 
     return decorate
 
 
-@register_mask("mmer", summary="MMER Eq. 3: sign agrees with τ* and |τᵢ| ≥ λ·0.5·|τ*|", default_lambda=0.9)
-def mmer_mask(tau_i: torch.Tensor, tau_star: torch.Tensor, lam: float) -> torch.Tensor:
-    """Directional congruence ∧ dominant significance (Eq. 3)."""
-    sign_star = torch.sign(tau_star)
-    congruent = (torch.sign(tau_i) == sign_star) & (sign_star != 0)
-    significant = tau_i.abs() >= (lam * 0.5) * tau_star.abs()
-    return congruent & significant
+def _mmer_prepare(tau_star: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    return torch.sign(tau_star), tau_star.abs()
+
+
+@register_mask(
+    "mmer",
+    summary="MMER Eq. 3: sign agrees with τ* and |τᵢ| ≥ λ·0.5·|τ*|",
+    default_lambda=0.9,
+    prepare=_mmer_prepare,
+)
+def mmer_mask(
+    tau_i: torch.Tensor, tau_star: torch.Tensor, lam: float, prepared: tuple[torch.Tensor, torch.Tensor] | None = None
+) -> torch.Tensor:
+    """Directional congruence ∧ dominant significance (Eq. 3).
+
+    With s = sgn(τ*), u = τᵢ·s is |τᵢ| where the signs agree, −|τᵢ| where they differ and 0 where τ* = 0 (a
+    product with ±1 or 0 is exact), so the mask is [u > 0] ∧ [u ≥ λ·0.5·|τ*|] in five vector operations.
+    """
+    sign_star, abs_star = prepared if prepared is not None else _mmer_prepare(tau_star)
+    u = tau_i * sign_star
+    return (u > 0) & (u >= (lam * 0.5) * abs_star)
 
 
 @register_mask(

@@ -70,7 +70,11 @@ def elect_sign(taus: Sequence[torch.Tensor], zero_sign: str = "zero") -> torch.T
     Where the sum is exactly 0, ``zero`` keeps γ = 0 (TIES Algorithm 1: no entry agrees, τ* = 0) and
     ``positive`` sets γ = +1 (mergekit's convention).
     """
-    gamma = torch.sign(torch.stack(list(taus)).sum(0))
+    return _elect(torch.stack(list(taus)), zero_sign)
+
+
+def _elect(stacked: torch.Tensor, zero_sign: str) -> torch.Tensor:
+    gamma = torch.sign(stacked.sum(0))
     if zero_sign == "positive":
         gamma = torch.where(gamma == 0, torch.ones_like(gamma), gamma)
     elif zero_sign != "zero":
@@ -86,15 +90,21 @@ def disjoint_mean(
     ``mean`` divides the weighted sum by the weights of the agreeing models (by their count when unweighted);
     ``sum`` does not divide.
     """
-    stacked = torch.stack(list(taus))
-    agree = (torch.sign(stacked) == gamma) & (stacked != 0)
+    return _disjoint(torch.stack(list(taus)), gamma, weights, aggregate)
+
+
+def _disjoint(
+    stacked: torch.Tensor, gamma: torch.Tensor, weights: Sequence[float] | None, aggregate: str
+) -> torch.Tensor:
+    # τᵢ·γ > 0 ⟺ sgn(τᵢ) = γ ∧ τᵢ ≠ 0, exactly: γ ∈ {−1, 0, 1}, so the product only flips a sign.
+    agree = stacked * gamma > 0
     zero = torch.zeros((), dtype=stacked.dtype, device=stacked.device)
     if weights is None:
         total = torch.where(agree, stacked, zero).sum(0)
         if aggregate == "sum":
             return total
         return total / agree.sum(0).clamp(min=1).to(total.dtype)
-    w = _weights(taus, weights)
+    w = _weights(list(stacked), weights)
     total = torch.where(agree, stacked * w, zero).sum(0)
     if aggregate == "sum":
         return total
@@ -142,14 +152,14 @@ def ties(
     **_: object,
 ) -> torch.Tensor:
     """τ* = α · disjoint_mean(τ, γ) with γ = sgn(Σ τᵢ), over already-trimmed τᵢ (mmer-method.md §2)."""
+    stacked = torch.stack(list(taus))
     if elect_on == "weighted" and weights is not None:
-        w = _weights(taus, weights)
-        gamma = elect_sign([t * wi for t, wi in zip(taus, w, strict=True)], zero_sign)
+        gamma = _elect(stacked * _weights(taus, weights), zero_sign)
     elif elect_on in ("raw", "weighted"):
-        gamma = elect_sign(taus, zero_sign)
+        gamma = _elect(stacked, zero_sign)
     else:
         raise ValueError(f"unknown elect_on {elect_on!r}")
-    tau_star = disjoint_mean(taus, gamma, weights, aggregate)
+    tau_star = _disjoint(stacked, gamma, weights, aggregate)
     return tau_star * alpha if alpha != 1.0 else tau_star
 
 

@@ -108,8 +108,9 @@ def merge_slot(
     # Masks compare against τ* as stored, so the artifact alone reproduces every bit of them.
     effective = stored.float()
     sources = raw_taus if rule.uses_raw or variant.mask_source == "raw" else trimmed
+    extra = {"prepared": rule.prepare(effective)} if rule.prepare is not None else {}
     masks = [
-        rule.fn(source, effective, lam if lam is not None else 0.0)
+        rule.fn(source, effective, lam if lam is not None else 0.0, **extra)
         for source, lam in zip(sources, variant.lambdas, strict=True)
     ]
     result = SlotResult(stored, masks)

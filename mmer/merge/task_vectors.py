@@ -12,9 +12,14 @@ from mmer.errors import NonFiniteError
 
 
 def task_vector(finetuned: torch.Tensor, base: torch.Tensor, rows: int | None = None) -> torch.Tensor:
-    """τ = θᵢ − θ_base in float32, over the first ``rows`` rows when a model appended vocabulary rows."""
+    """τ = θᵢ − θ_base in float32, over the first ``rows`` rows when a model appended vocabulary rows.
+
+    Pass ``base`` already in float32 when it is shared by several models, so it is converted once.
+    """
     if rows is not None:
         finetuned = finetuned[:rows]
+    if base.dtype == torch.float32:
+        return torch.sub(finetuned, base)  # promotes a half-precision θᵢ on the fly: no float32 copy of it
     return finetuned.float() - base.float()
 
 

@@ -11,9 +11,17 @@ The global threshold is found exactly without holding the model: magnitudes are 
 IEEE-754 bit patterns sort like the values, so a 65,536-bin histogram of the high 16 bits (pass 1) finds the
 bin holding the k-th smallest value, and a histogram of the low 16 bits of the entries in that bin (pass 2)
 finds the value itself. Memory is two histograms per model, whatever the model's size.
+
+:class:`WindowedThreshold` usually needs one full pass instead of two: a small sample of the task vector
+(read first, a few contiguous blocks per tensor) guesses a narrow window of magnitudes around the k-th
+value; the full pass counts the entries below the window and keeps the few inside it. If the k-th value
+falls inside the window (almost always), it is found exactly among them; if not, the two passes of
+:class:`GlobalThreshold` run. Either way the answer is the exact k-th smallest magnitude.
 """
 
 from __future__ import annotations
+
+import math
 
 import torch
 
@@ -111,4 +119,90 @@ class GlobalThreshold:
         cumulative = torch.cumsum(self._hist_low, 0)
         low = int(torch.searchsorted(cumulative, torch.tensor(self._rank_in_bin, device=self.device)).item())
         bits = torch.tensor([(self._bin << 16) | low], dtype=torch.int32)
+        return float(bits.view(torch.float32).item())
+
+
+class WindowedThreshold:
+    """Exact k-th smallest magnitude in one full pass when a sample's guess is right (else two).
+
+    Usage: :meth:`add_sample` with blocks of the task vectors (any subset), :meth:`open_window`, then
+    :meth:`add` with every full tensor, then read :attr:`value`. If :attr:`needs_second_pass` is true, the
+    window missed: the caller runs the two passes of :class:`GlobalThreshold` instead (exactness first).
+
+    The window is a range of magnitudes around the sample's quantile, ± max(``margin``, 8 standard errors of
+    a sample quantile); the full pass counts entries below it and keeps the bit patterns of those inside
+    (about 2·margin of the model: 4 bytes each), so the k-th is found by ``kthvalue`` on the few candidates.
+    """
+
+    def __init__(
+        self,
+        total_numel: int,
+        k: float,
+        device: torch.device | str = "cpu",
+        count: str = "reference",
+        margin: float = 0.002,
+        max_candidates: int = 1 << 27,
+    ) -> None:
+        self.rank = rank_to_threshold(total_numel, k, count)
+        self.total = total_numel
+        self.device = torch.device(device)
+        self.margin = margin
+        self.max_candidates = max_candidates
+        self._samples: list[torch.Tensor] = []
+        self._lo = 0
+        self._hi = -1
+        self._below = 0
+        self._seen = 0
+        self._candidates: list[torch.Tensor] = []
+        self._kept = 0
+        self._overflow = False
+
+    @property
+    def keeps_all(self) -> bool:
+        return self.rank == 0
+
+    def add_sample(self, tau: torch.Tensor) -> None:
+        self._samples.append(_magnitude_bits(tau))
+
+    def open_window(self) -> None:
+        """Choose the magnitudes [lo, hi] (as bit patterns) around the sample quantile rank/total."""
+        if self._samples:
+            ordered = torch.cat(self._samples).sort().values
+            n = ordered.numel()
+            q = self.rank / self.total
+            margin = max(self.margin, 8.0 * math.sqrt(max(q * (1 - q), 1e-9) / n))
+            self._lo = int(ordered[max(0, int((q - margin) * n) - 1)])
+            self._hi = int(ordered[min(n - 1, int((q + margin) * n) + 1)])
+        self._samples.clear()
+
+    def add(self, tau: torch.Tensor) -> None:
+        bits = _magnitude_bits(tau)
+        self._seen += bits.numel()
+        self._below += int((bits < self._lo).sum())
+        if self._overflow:
+            return
+        inside = bits[(bits >= self._lo) & (bits <= self._hi)]
+        self._kept += inside.numel()
+        if self._kept > self.max_candidates:  # the window is far too wide: stop collecting, fall back
+            self._overflow = True
+            self._candidates.clear()
+        elif inside.numel():
+            self._candidates.append(inside)
+
+    @property
+    def needs_second_pass(self) -> bool:
+        if self.keeps_all:
+            return False
+        if self._seen != self.total:
+            raise RuntimeError(f"the pass saw {self._seen} entries, expected {self.total}")
+        return self._overflow or not (self._below < self.rank <= self._below + self._kept)
+
+    @property
+    def value(self) -> float | None:
+        if self.keeps_all:
+            return None
+        if self.needs_second_pass:
+            raise RuntimeError("the window missed the k-th value; use the two-pass GlobalThreshold")
+        candidates = torch.cat(self._candidates)
+        bits = candidates.kthvalue(self.rank - self._below).values.reshape(1).cpu()
         return float(bits.view(torch.float32).item())

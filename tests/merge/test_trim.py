@@ -260,3 +260,40 @@ def test_global_threshold_refuses_pass_two_when_pass_one_missed_entries() -> Non
     gt.add_pass1(torch.arange(10.0))
     with pytest.raises(RuntimeError, match="pass 1 saw 10 entries, expected 20"):
         gt.add_pass2(torch.arange(10.0))
+
+
+# --------------------------------------------------------------------------------- one-pass windowed search
+from mmer.merge.trim import WindowedThreshold  # noqa: E402
+
+
+def _kth(tensors: list[torch.Tensor], k: float, count: str = "reference") -> float | None:
+    flat = torch.cat([t.reshape(-1) for t in tensors]).abs().float()
+    rank = rank_to_threshold(flat.numel(), k, count)
+    return None if rank == 0 else float(flat.kthvalue(rank).values)
+
+
+@pytest.mark.parametrize("seed", range(4))
+@pytest.mark.parametrize("k", [0.01, 0.2, 0.8, 0.99])
+@pytest.mark.parametrize("count", ["reference", "exact"])
+def test_the_windowed_search_is_exact_when_its_sample_places_the_window(seed, k, count):
+    g = torch.Generator().manual_seed(seed)
+    tensors = [torch.randn(n, generator=g) * 10.0 ** float(e) for n, e in ((5000, -3), (20000, -2), (777, 0))]
+    finder = WindowedThreshold(sum(t.numel() for t in tensors), k, count=count)
+    for t in tensors:
+        finder.add_sample(t[::7])
+    finder.open_window()
+    for t in tensors:
+        finder.add(t)
+    assert not finder.needs_second_pass
+    assert finder.value == _kth(tensors, k, count)
+
+
+def test_a_window_that_misses_is_reported_so_the_two_pass_search_can_run():
+    tensors = [torch.linspace(0.001, 1.0, 10000)]
+    finder = WindowedThreshold(10000, 0.5)
+    finder.add_sample(torch.full((100,), 1e-20))  # a sample nothing like the data
+    finder.open_window()
+    finder.add(tensors[0])
+    assert finder.needs_second_pass
+    with pytest.raises(RuntimeError, match="two-pass"):
+        _ = finder.value

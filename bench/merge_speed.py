@@ -1,0 +1,324 @@
+"""Merge speed and memory: mmer's full MMER merge against the stream floor and mergekit's TIES, one table.
+
+Workload (issue "Performance"): a TinyLlama-shaped Llama (hidden 2048, 22 layers, intermediate 5632, vocab
+32000, bf16, sharded safetensors) as the base, plus three fine-tunes = base + small seeded Gaussian deltas.
+Built once, deterministically, under bench/.cache/ (about 8.8 GB); no download.
+
+Measured in fresh subprocesses, median of --repeats runs each, wall time and peak RSS of the child:
+  floor        read every input tensor, one elementwise pass (sum of the deltas), write one model
+  mmer-global  mmer merge (TIES K=0.8 global trim + MMER masks + decoupled write)
+  mmer-tensor  the same with per-tensor trim
+  mergekit     mergekit-yaml TIES (density 0.2, weight 1, normalize, bfloat16) from its own venv, if present
+
+Usage:
+  python bench/merge_speed.py                       # full workload (needs ~20 GB free disk)
+  python bench/merge_speed.py --small               # a 4-layer, hidden-512 version for CI (seconds)
+  python bench/merge_speed.py --mergekit-python /path/to/venv/bin/python   # where mergekit is installed
+  python bench/merge_speed.py --device cuda         # run mmer's math on a GPU
+  python bench/merge_speed.py --check-floor-ratio 6 # exit 1 if mmer-global is slower than 6x the floor
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import shutil
+import statistics
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+RESULTS = HERE / "results"
+
+FULL = {"hidden": 2048, "layers": 22, "intermediate": 5632, "vocab": 32000, "heads": 32, "kv_heads": 4}
+SMALL = {"hidden": 512, "layers": 4, "intermediate": 1408, "vocab": 8000, "heads": 8, "kv_heads": 2}
+
+
+def shapes(cfg: dict) -> dict[str, tuple[int, ...]]:
+    h, f, v = cfg["hidden"], cfg["intermediate"], cfg["vocab"]
+    kv = h // cfg["heads"] * cfg["kv_heads"]
+    out: dict[str, tuple[int, ...]] = {"model.embed_tokens.weight": (v, h)}
+    for i in range(cfg["layers"]):
+        p = f"model.layers.{i}."
+        out |= {
+            p + "self_attn.q_proj.weight": (h, h),
+            p + "self_attn.k_proj.weight": (kv, h),
+            p + "self_attn.v_proj.weight": (kv, h),
+            p + "self_attn.o_proj.weight": (h, h),
+            p + "mlp.gate_proj.weight": (f, h),
+            p + "mlp.up_proj.weight": (f, h),
+            p + "mlp.down_proj.weight": (h, f),
+            p + "input_layernorm.weight": (h,),
+            p + "post_attention_layernorm.weight": (h,),
+        }
+    out |= {"model.norm.weight": (h,), "lm_head.weight": (v, h)}
+    return out
+
+
+def build(root: Path, cfg: dict, n_models: int = 3) -> list[Path]:
+    """Write base + fine-tunes once (bf16, ~1 GB shards), tensor by tensor; reuse when already complete."""
+    import torch
+    from safetensors.torch import save_file
+
+    dirs = [root / "base"] + [root / f"ft{i}" for i in range(n_models)]
+    if all((d / "done").is_file() for d in dirs):
+        return dirs
+    shutil.rmtree(root, ignore_errors=True)
+    names = shapes(cfg)
+    config = {
+        "architectures": ["LlamaForCausalLM"],
+        "model_type": "llama",
+        "hidden_size": cfg["hidden"],
+        "intermediate_size": cfg["intermediate"],
+        "num_hidden_layers": cfg["layers"],
+        "num_attention_heads": cfg["heads"],
+        "num_key_value_heads": cfg["kv_heads"],
+        "vocab_size": cfg["vocab"],
+        "rms_norm_eps": 1e-5,
+        "rope_theta": 10000.0,
+        "max_position_embeddings": 2048,
+        "tie_word_embeddings": False,
+        "torch_dtype": "bfloat16",
+    }
+    for m, d in enumerate(dirs):
+        d.mkdir(parents=True)
+        shard, shard_bytes, files, weight_map = {}, 0, [], {}
+
+        def flush() -> None:
+            nonlocal shard, shard_bytes
+            if shard:
+                name = f"model-{len(files) + 1:05d}.safetensors"
+                save_file(shard, str(d / name), metadata={"format": "pt"})
+                files.append(name)
+                weight_map.update(dict.fromkeys(shard, name))
+                shard, shard_bytes = {}, 0
+
+        for i, (name, shape) in enumerate(names.items()):
+            g = torch.Generator().manual_seed(1000 * i)
+            base = torch.randn(shape, generator=g) * 0.02
+            if m > 0:
+                gd = torch.Generator().manual_seed(1000 * i + m)
+                base += torch.randn(shape, generator=gd) * 0.002
+            shard[name] = base.to(torch.bfloat16)
+            shard_bytes += shard[name].numel() * 2
+            if shard_bytes >= 1_000_000_000:
+                flush()
+        flush()
+        total = len(files)
+        renamed = {}
+        for k, old in enumerate(files):
+            new = f"model-{k + 1:05d}-of-{total:05d}.safetensors"
+            (d / old).rename(d / new)
+            renamed[old] = new
+        index = {"metadata": {}, "weight_map": {n: renamed[f] for n, f in weight_map.items()}}
+        (d / "model.safetensors.index.json").write_text(json.dumps(index))
+        (d / "config.json").write_text(json.dumps(config))
+        (d / "done").write_text("ok")
+    return dirs
+
+
+CHILD = {
+    "floor": """
+        import sys, torch
+        from pathlib import Path
+        from safetensors import safe_open
+        from safetensors.torch import save_file
+        dirs, out = [Path(p) for p in sys.argv[1:-1]], Path(sys.argv[-1])
+        out.mkdir(parents=True, exist_ok=True)
+        from mmer.io.reader import CheckpointReader
+        readers = [CheckpointReader(d) for d in dirs]
+        result = {}
+        for name in readers[0].tensors:
+            base = readers[0].get(name, copy=False).float()
+            acc = torch.zeros_like(base)
+            for r in readers[1:]:
+                acc += r.get(name, copy=False).float() - base
+            result[name] = (base + acc).to(torch.bfloat16)
+            if sum(t.numel() for t in result.values()) * 2 > 1_000_000_000:
+                save_file(result, str(out / f"{len(list(out.iterdir()))}.safetensors")); result = {}
+        if result:
+            save_file(result, str(out / f"{len(list(out.iterdir()))}.safetensors"))
+    """,
+    "mmer": """
+        import sys, mmer
+        from pathlib import Path
+        scope, device, dirs, out = sys.argv[1], sys.argv[2], sys.argv[3:-1], Path(sys.argv[-1])
+        recipe = mmer.Recipe(
+            mmer.ModelSpec(dirs[0]),
+            tuple(mmer.ModelSpec(d, modality=f"m{i}") for i, d in enumerate(dirs[1:])),
+            mmer.MergeOptions(trim_scope=scope, device=device, hash_inputs=False),
+        )
+        report = mmer.run_merge(recipe, out, overwrite=True)
+        print("MMER_SECONDS", report.seconds)
+    """,
+}
+
+MEASURE = """
+import json, resource, subprocess, sys, time
+t = time.perf_counter()
+proc = subprocess.run(sys.argv[1:], capture_output=True, text=True)
+wall = time.perf_counter() - t
+rss = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss * 1024
+print(json.dumps({"wall": wall, "rss": rss, "rc": proc.returncode, "stdout": proc.stdout[-2000:], "stderr": proc.stderr[-2000:]}))
+"""
+
+
+def measure(cmd: list[str]) -> dict:
+    """Run ``cmd`` under a tiny parent that reports its wall time and peak RSS (RUSAGE_CHILDREN)."""
+    out = subprocess.run([sys.executable, "-c", MEASURE, *cmd], capture_output=True, text=True, check=True)
+    result = json.loads(out.stdout)
+    if result["rc"] != 0:
+        raise RuntimeError(f"{cmd[:4]} failed:\n{result['stderr']}")
+    return result
+
+
+def mergekit_config(dirs: list[Path], path: Path) -> Path:
+    models = [{"model": str(d), "parameters": {"density": 0.2, "weight": 1.0}} for d in dirs[1:]]
+    config = {
+        "merge_method": "ties",
+        "base_model": str(dirs[0]),
+        "models": models,
+        "parameters": {"normalize": True},
+        "dtype": "bfloat16",
+    }
+    import yaml
+
+    path.write_text(yaml.safe_dump(config))
+    return path
+
+
+def machine() -> dict:
+    cpu = "unknown"
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    import torch
+
+    mem = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") if hasattr(os, "sysconf") else 0
+    return {
+        "cpu": cpu,
+        "cores": os.cpu_count(),
+        "ram_gb": round(mem / 1e9, 1),
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "gpu": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
+        "date": time.strftime("%Y-%m-%d %H:%M"),
+    }
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--small", action="store_true", help="4 layers, hidden 512 (for CI)")
+    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--device", default="cpu")
+    ap.add_argument("--mergekit-python", default=None, help="python of a venv with mergekit (default: search)")
+    ap.add_argument("--skip-mergekit", action="store_true")
+    ap.add_argument("--only", nargs="*", default=None, help="subset of: floor mmer-global mmer-tensor mergekit")
+    ap.add_argument("--check-floor-ratio", type=float, default=None, help="fail if mmer-global > ratio × floor")
+    ap.add_argument("--cache", type=Path, default=HERE / ".cache")
+    args = ap.parse_args()
+
+    cfg = SMALL if args.small else FULL
+    tag = "small" if args.small else "tinyllama"
+    t = time.perf_counter()
+    dirs = build(args.cache / f"speed-{tag}", cfg)
+    print(f"workload ready in {time.perf_counter() - t:.0f} s: {dirs[0].parent}", flush=True)
+    work = args.cache / f"speed-{tag}-out"
+    mk_python = args.mergekit_python
+    if mk_python is None:
+        for candidate in (shutil.which("mergekit-yaml"), "/work/peervenv/bin/mergekit-yaml"):
+            if candidate and Path(candidate).exists():
+                mk_python = str(Path(candidate).parent / "python")
+                break
+    runs = {
+        "floor": [sys.executable, "-c", textwrap.dedent(CHILD["floor"]), *map(str, dirs), str(work / "floor")],
+        "mmer-global": [
+            sys.executable,
+            "-c",
+            textwrap.dedent(CHILD["mmer"]),
+            "global",
+            args.device,
+            *map(str, dirs),
+            str(work / "g"),
+        ],
+        "mmer-tensor": [
+            sys.executable,
+            "-c",
+            textwrap.dedent(CHILD["mmer"]),
+            "per-tensor",
+            args.device,
+            *map(str, dirs),
+            str(work / "t"),
+        ],
+    }
+    if mk_python and not args.skip_mergekit:
+        config = mergekit_config(dirs, args.cache / f"mergekit-{tag}.yml")
+        mk = str(Path(mk_python).parent / "mergekit-yaml")
+        runs["mergekit"] = [mk, str(config), str(work / "mk"), "--allow-crimes", "--lazy-unpickle"]
+    if args.only:
+        runs = {k: v for k, v in runs.items() if k in args.only}
+    results: dict[str, dict] = {}
+    for name, cmd in runs.items():
+        walls, rsss = [], []
+        for r in range(args.repeats):
+            shutil.rmtree(work, ignore_errors=True)
+            m = measure(cmd)
+            walls.append(m["wall"])
+            rsss.append(m["rss"])
+            print(f"{name:12s} run {r + 1}: {m['wall']:7.1f} s, peak RSS {m['rss'] / 1e9:5.2f} GB", flush=True)
+        results[name] = {
+            "wall_s": statistics.median(walls),
+            "peak_rss_gb": statistics.median(rsss) / 1e9,
+            "runs": walls,
+        }
+    shutil.rmtree(work, ignore_errors=True)
+    table = render(results, cfg, tag)
+    print(table)
+    RESULTS.mkdir(exist_ok=True)
+    payload = {
+        "workload": {"tag": tag, **cfg, "fine_tunes": 3, "dtype": "bfloat16"},
+        "machine": machine(),
+        "results": results,
+    }
+    suffix = "" if args.device == "cpu" else f"-{args.device.replace(':', '')}"
+    (RESULTS / f"merge_speed-{tag}{suffix}.json").write_text(json.dumps(payload, indent=2) + "\n")
+    (RESULTS / f"merge_speed-{tag}{suffix}.md").write_text(
+        f"# merge speed ({tag}, {args.device})\n\nMachine: {json.dumps(payload['machine'])}\n\n{table}\n"
+    )
+    if args.check_floor_ratio is not None and "floor" in results and "mmer-global" in results:
+        ratio = results["mmer-global"]["wall_s"] / results["floor"]["wall_s"]
+        if ratio > args.check_floor_ratio:
+            print(f"FAIL: mmer-global takes {ratio:.2f}x the stream floor (limit {args.check_floor_ratio}x)")
+            return 1
+    return 0
+
+
+def render(results: dict[str, dict], cfg: dict, tag: str) -> str:
+    floor = results.get("floor", {}).get("wall_s")
+    mk = results.get("mergekit")
+    lines = [
+        f"| run ({tag}: hidden {cfg['hidden']}, {cfg['layers']} layers, 3 fine-tunes) | wall s (median) | peak RSS GB | "
+        "÷ floor | mergekit ÷ this | RSS ÷ mergekit |",
+        "|---|---|---|---|---|---|",
+    ]
+    for name, r in results.items():
+        ratio_floor = f"{r['wall_s'] / floor:.2f}" if floor else "-"
+        speedup = f"{mk['wall_s'] / r['wall_s']:.2f}" if mk else "-"
+        rss_ratio = f"{r['peak_rss_gb'] / mk['peak_rss_gb']:.2f}" if mk else "-"
+        lines.append(
+            f"| {name} | {r['wall_s']:.1f} | {r['peak_rss_gb']:.2f} | {ratio_floor} | {speedup} | {rss_ratio} |"
+        )
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
