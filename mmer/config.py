@@ -48,6 +48,14 @@ class ModelSpec:
     lambda_: float | None = None
     weight: float | None = None
 
+    def __post_init__(self) -> None:
+        if self.lambda_ is not None:
+            _check_lambda(self.lambda_, f"lambda of {self.model}")
+        if self.weight is not None and (not math.isfinite(self.weight) or self.weight <= 0):
+            raise ConfigError(
+                f"weight of {self.model} = {self.weight} is out of range", key="weight", hint="a merge weight is > 0"
+            )
+
     def to_dict(self) -> dict[str, Any]:
         out: dict[str, Any] = {"model": self.model}
         if self.revision is not None:

@@ -200,6 +200,13 @@ def check_registries(recipe: Recipe) -> None:
             key="mask",
             hint="use --method emr --mask emr",
         )
+    if options.method == "emr" and options.dare > 0:
+        raise ConfigError(
+            "DARE with method emr: EMR's unified vector keeps the largest agreeing magnitude, which DARE's 1/(1−p) "
+            "rescaling would inflate; neither paper defines the combination",
+            key="dare",
+            hint="use DARE with average, task_arithmetic or ties",
+        )
     if options.method == "emr" and recipe.weights is not None:
         raise ConfigError(
             "method emr takes no per-model weights", key="weight", hint="remove `weight:` from the specs"
