@@ -87,28 +87,24 @@ def build(root: Path, cfg: dict, n_models: int = 3) -> list[Path]:
     }
     for m, d in enumerate(dirs):
         d.mkdir(parents=True)
-        shard, shard_bytes, files, weight_map = {}, 0, [], {}
-
-        def flush() -> None:
-            nonlocal shard, shard_bytes
-            if shard:
-                name = f"model-{len(files) + 1:05d}.safetensors"
-                save_file(shard, str(d / name), metadata={"format": "pt"})
-                files.append(name)
-                weight_map.update(dict.fromkeys(shard, name))
-                shard, shard_bytes = {}, 0
-
-        for i, (name, shape) in enumerate(names.items()):
+        files: list[str] = []
+        weight_map: dict[str, str] = {}
+        shard: dict[str, torch.Tensor] = {}
+        names_list = list(names.items())
+        for i, (name, shape) in enumerate(names_list):
             g = torch.Generator().manual_seed(1000 * i)
             base = torch.randn(shape, generator=g) * 0.02
             if m > 0:
                 gd = torch.Generator().manual_seed(1000 * i + m)
                 base += torch.randn(shape, generator=gd) * 0.002
             shard[name] = base.to(torch.bfloat16)
-            shard_bytes += shard[name].numel() * 2
-            if shard_bytes >= 1_000_000_000:
-                flush()
-        flush()
+            last = i == len(names_list) - 1
+            if last or sum(t.numel() for t in shard.values()) * 2 >= 1_000_000_000:
+                file = f"model-{len(files) + 1:05d}.safetensors"
+                save_file(shard, str(d / file), metadata={"format": "pt"})
+                files.append(file)
+                weight_map.update(dict.fromkeys(shard, file))
+                shard = {}
         total = len(files)
         renamed = {}
         for k, old in enumerate(files):
@@ -164,7 +160,8 @@ t = time.perf_counter()
 proc = subprocess.run(sys.argv[1:], capture_output=True, text=True)
 wall = time.perf_counter() - t
 rss = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss * 1024
-print(json.dumps({"wall": wall, "rss": rss, "rc": proc.returncode, "stdout": proc.stdout[-2000:], "stderr": proc.stderr[-2000:]}))
+tail = {"stdout": proc.stdout[-2000:], "stderr": proc.stderr[-2000:]}
+print(json.dumps({"wall": wall, "rss": rss, "rc": proc.returncode, **tail}))
 """
 
 
@@ -306,8 +303,8 @@ def render(results: dict[str, dict], cfg: dict, tag: str) -> str:
     floor = results.get("floor", {}).get("wall_s")
     mk = results.get("mergekit")
     lines = [
-        f"| run ({tag}: hidden {cfg['hidden']}, {cfg['layers']} layers, 3 fine-tunes) | wall s (median) | peak RSS GB | "
-        "÷ floor | mergekit ÷ this | RSS ÷ mergekit |",
+        f"| run ({tag}: hidden {cfg['hidden']}, {cfg['layers']} layers, 3 fine-tunes) | wall s (median) | "
+        "peak RSS GB | ÷ floor | mergekit ÷ this | RSS ÷ mergekit |",
         "|---|---|---|---|---|---|",
     ]
     for name, r in results.items():
