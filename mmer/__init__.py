@@ -9,12 +9,15 @@ Public API::
     stats = mmer.inspect_masks("merged/")
 """
 
+from mmer.add import add_models
 from mmer.checkpoint.decoupled import DecoupledCheckpoint, load_decoupled
+from mmer.compare import run_compare
 from mmer.config import MergeOptions, ModelSpec, Recipe, load_recipe, load_spec
 from mmer.errors import MmerError
 from mmer.inspect import MaskStats, inspect_masks
 from mmer.pipeline import MergeReport, run_merge
 from mmer.plan import build_plan
+from mmer.tune import run_tune
 from mmer.version import __version__
 
 __all__ = [
@@ -26,6 +29,9 @@ __all__ = [
     "ModelSpec",
     "Recipe",
     "__version__",
+    "add_models",
+    "run_compare",
+    "run_tune",
     "build_plan",
     "inspect_masks",
     "load_decoupled",

@@ -122,41 +122,8 @@ def run_merge(
     try:
         with StagedOutput(output, overwrite=overwrite) as staging, ThreadPoolExecutor(max_workers=1) as hasher:
             hashes = {m.label: _hash_inputs(m, hasher, recipe.options.hash_inputs) for m in [plan.base, *plan.models]}
-            t = time.perf_counter()
-            thresholds = find_global_thresholds(plan, [plan.variant], progress)
-            report.seconds["thresholds"] = time.perf_counter() - t
-            t = time.perf_counter()
-            stats = merge_slots(plan, staging, thresholds, progress)
-            report.seconds["merge"] = time.perf_counter() - t
-            t = time.perf_counter()
-            component_files = {m.label: write_component(m, plan, staging, progress) for m in plan.models}
-            if plan.variant.mask == NO_MASK:
-                copy_side_files(plan.base.path, staging)  # the merged model is loadable from the root
-            elif recipe.options.base_storage == "copy":
-                copy_side_files(plan.base.path, staging / BASE_DIR)
-            report.seconds["components"] = time.perf_counter() - t
-            resolved_hashes = {label: {k: f.result() for k, f in files.items()} for label, files in hashes.items()}
-            manifest = _manifest(plan, stats, component_files, resolved_hashes)
-            model_thresholds = thresholds.get(plan.variant.threshold_key, [None] * len(plan.models))
-            for i, m in enumerate(plan.models):
-                report.modalities.append(
-                    ModalityReport(
-                        m.label,
-                        m.spec.model,
-                        plan.lambda_for(m.label),
-                        stats.kept[m.label] if plan.variant.mask != NO_MASK else plan.merged_numel,
-                        plan.merged_numel,
-                        model_thresholds[i],
-                        stats.delta_l1[m.label],
-                        stats.scales.get(m.label, 1.0),
-                    )
-                )
-                if stats.delta_l1[m.label] == 0.0:
-                    report.warnings.append(
-                        f"{m.label}: its LLM equals the base (all-zero task vector): nothing of it was merged; "
-                        "frozen-LLM models (BLIP-2, Video-LLaMA) need no merge"
-                    )
-            (staging / RECIPE_NAME).write_text(_resolved_recipe(plan).to_yaml(), encoding="utf-8")
+            manifest = execute_plan(plan, staging, hashes, report, progress)
+            (staging / RECIPE_NAME).write_text(resolved_recipe(plan).to_yaml(), encoding="utf-8")
             write_card(staging, manifest, report)
             t = time.perf_counter()
             manifest.files = hash_tree(staging, exclude={MANIFEST_NAME, MANIFEST_SHA_NAME})
@@ -168,6 +135,55 @@ def run_merge(
     report.seconds["total"] = time.perf_counter() - started
     report.peak_rss_bytes = peak_rss_bytes()
     return report
+
+
+def execute_plan(
+    plan: MergePlan,
+    staging: Path,
+    hashes: dict[str, dict[str, Future]],
+    report: MergeReport,
+    progress: ProgressSink,
+) -> Manifest:
+    """The steps every writer of a decoupled checkpoint shares: thresholds, the merge pass, components and
+    side files, then the manifest (without file hashes) and the per-modality report.
+
+    ``run_merge`` and ``add`` call it on their plans and then add what is theirs (recipe, card, history).
+    """
+    t = time.perf_counter()
+    thresholds = find_global_thresholds(plan, [plan.variant], progress)
+    report.seconds["thresholds"] = time.perf_counter() - t
+    t = time.perf_counter()
+    stats = merge_slots(plan, staging, thresholds, progress)
+    report.seconds["merge"] = time.perf_counter() - t
+    t = time.perf_counter()
+    component_files = {m.label: write_component(m, plan, staging, progress) for m in plan.models}
+    if plan.variant.mask == NO_MASK:
+        copy_side_files(plan.base.path, staging)  # the merged model is loadable from the root
+    elif plan.recipe.options.base_storage == "copy":
+        copy_side_files(plan.base.path, staging / BASE_DIR)
+    report.seconds["components"] = time.perf_counter() - t
+    resolved_hashes = {label: {k: f.result() for k, f in files.items()} for label, files in hashes.items()}
+    manifest = build_manifest(plan, stats, component_files, resolved_hashes)
+    model_thresholds = thresholds.get(plan.variant.threshold_key, [None] * len(plan.models))
+    for i, m in enumerate(plan.models):
+        report.modalities.append(
+            ModalityReport(
+                m.label,
+                m.spec.model,
+                plan.lambda_for(m.label),
+                stats.kept[m.label] if plan.variant.mask != NO_MASK else plan.merged_numel,
+                plan.merged_numel,
+                model_thresholds[i],
+                stats.delta_l1[m.label],
+                stats.scales.get(m.label, 1.0),
+            )
+        )
+        if stats.delta_l1[m.label] == 0.0:
+            report.warnings.append(
+                f"{m.label}: its LLM equals the base (all-zero task vector): nothing of it was merged; "
+                "frozen-LLM models (BLIP-2, Video-LLaMA) need no merge"
+            )
+    return manifest
 
 
 # ------------------------------------------------------------------------------------------------- thresholds
@@ -504,7 +520,7 @@ def hash_tree(root: Path, exclude: set[str]) -> dict[str, str]:
     return out
 
 
-def _manifest(
+def build_manifest(
     plan: MergePlan, stats: SlotStats, component_files: dict[str, list[str]], hashes: dict[str, dict[str, str | None]]
 ) -> Manifest:
     options = plan.recipe.options
@@ -552,7 +568,7 @@ def _vocab_rows(model: SourceModel) -> int | None:
     return info.shape[0] if info is not None else None
 
 
-def _resolved_recipe(plan: MergePlan) -> Recipe:
+def resolved_recipe(plan: MergePlan) -> Recipe:
     """The recipe with every default resolved (α, each modality's λ), Hub revisions pinned to the commit they
     resolved to and local paths made absolute, so the run repeats exactly from any working directory."""
     from dataclasses import replace
