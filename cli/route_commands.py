@@ -2,8 +2,68 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+from typing import Annotated
+
 import typer
+from mmer_cli import render
+
+from mmer.config import parse_size
+from mmer.errors import ConfigError, MmerError
+
+
+def reconstruct(
+    path: Annotated[Path, typer.Argument(help="A decoupled checkpoint directory (the output of `mmer merge`).")],
+    output: Annotated[Path, typer.Option("--output", "-o", help="Where the rebuilt model(s) go.")],
+    modality: Annotated[
+        list[str] | None, typer.Option("--modality", "-m", help="Modality to rebuild (repeatable).")
+    ] = None,
+    all_: Annotated[bool, typer.Option("--all", help="Rebuild every modality, one subdirectory each.")] = False,
+    shard_size: Annotated[str, typer.Option(help="Max bytes per output shard, e.g. 5GB.")] = "5GiB",
+    overwrite: Annotated[bool, typer.Option(help="Replace an existing output directory.")] = False,
+    json_out: Annotated[bool, typer.Option("--json", help="Print a machine-readable summary on stdout.")] = False,
+    quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress bars.")] = False,
+) -> None:
+    """Rebuild θ_base + mᵢ∘τ* as a standalone checkpoint in the source model's own layout, loadable unchanged.
+
+    One --modality writes the model into OUTPUT; --all (or several --modality) writes OUTPUT/<modality>/.
+    """
+    from mmer.route.reconstruct import reconstruct as rebuild
+
+    try:
+        if all_ == bool(modality):
+            raise ConfigError(
+                "give either --modality or --all", key="modality", hint="e.g. --modality vision, or --all"
+            )
+        names = None if all_ else modality
+        with render.RichProgress(enabled=not quiet and not json_out) as progress:
+            report = rebuild(
+                path,
+                output,
+                names,
+                subdirs=all_ or len(names or []) > 1,
+                overwrite=overwrite,
+                shard_size=parse_size(shard_size),
+                progress=progress,
+            )
+    except MmerError as err:
+        render.print_error(err, json_out)
+        raise typer.Exit(err.exit_code) from None
+    except KeyboardInterrupt:
+        render.err_console.print("[red]interrupted[/]: the partial output was removed; nothing was written")
+        raise typer.Exit(130) from None
+    if json_out:
+        render.print_json({"ok": True, **report.to_dict()})
+        return
+    for model in report.models:
+        render.out_console.print(
+            f"{model.modality}: {model.path} ({model.layout} layout, {model.llm_tensors} LLM + "
+            f"{model.component_tensors} component tensors, {render.human_bytes(model.bytes)})",
+            highlight=False,
+        )
+    render.out_console.print(f"done in {report.seconds:.1f} s", highlight=False)
 
 
 def register(app: typer.Typer) -> None:
     """Add this module's commands to ``app``."""
+    app.command("reconstruct")(reconstruct)

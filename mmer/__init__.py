@@ -17,6 +17,7 @@ from mmer.errors import MmerError
 from mmer.inspect import MaskStats, inspect_masks
 from mmer.pipeline import MergeReport, run_merge
 from mmer.plan import build_plan
+from mmer.route import Router, reconstruct, reconstruct_modality
 from mmer.tune import run_tune
 from mmer.version import __version__
 
@@ -28,6 +29,7 @@ __all__ = [
     "MmerError",
     "ModelSpec",
     "Recipe",
+    "Router",
     "__version__",
     "add_models",
     "run_compare",
@@ -37,5 +39,7 @@ __all__ = [
     "load_decoupled",
     "load_recipe",
     "load_spec",
+    "reconstruct",
+    "reconstruct_modality",
     "run_merge",
 ]

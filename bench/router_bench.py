@@ -1,0 +1,606 @@
+#!/usr/bin/env python
+"""Router benchmark: switch latency, routed versus plain forward time, and expansion mode's cache trade-off.
+
+    python bench/router_bench.py                          # CPU, a small Qwen2-shaped LLM (< 3 min on 2 cores)
+    python bench/router_bench.py --device cuda --preset 7b  # a 7B-shaped LLM (Llama-2-7B dims) in bf16
+
+It writes (once, cached under bench/.cache/) a decoupled checkpoint with random weights straight in the
+format of FORMAT.md: a Qwen2-architecture base LLM of the preset's shape, τ*, a vision mask (30 % density) and
+an audio mask (5 %), and two modalities whose components are a small llava-hf CLIP tower (224-pixel images,
+256 image tokens) and a small Qwen2-Audio encoder (50 audio tokens) with 2 and 1 private vocabulary rows.
+Random weights are fine here: the timings depend on shapes, not values. (A 7B *merge* would need three
+fine-tuned copies on disk; writing the checkpoint directly needs one base and one τ*.)
+
+Then, in this process, on ``--device``:
+
+* ``load``       ``Router.from_pretrained``: θ_base, τ*, packed masks, components onto the device;
+* ``switch``     ``router.switch`` vision ↔ audio (rebuild from θ_base of every tensor whose mask differs),
+                 against the alternative of reloading a rebuilt checkpoint (``from_pretrained``, the same
+                 model ``mmer reconstruct`` writes);
+* ``forward``    one forward pass of the vision prompt through the plain reloaded transformers model, and
+                 through the router (vision already active; and right after audio was active);
+* ``expansion``  one forward pass of a mixed prompt (text, image, text, audio, text) with per-token weights,
+                 modality weights cached versus rebuilt per layer, against the same-length pass on text
+                 weights with routing off; with the bytes each mode adds (and CUDA peak memory on a GPU).
+
+Median of ``--repeats`` timed runs after one warm-up. Prints one table and writes
+bench/results/router_bench.json and .md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import math
+import os
+import platform
+import shutil
+import statistics
+import sys
+import time
+from collections.abc import Callable
+from functools import partial
+from pathlib import Path
+from typing import Any
+
+import torch
+
+HERE = Path(__file__).resolve().parent
+CACHE = HERE / ".cache" / "router"
+RESULTS = HERE / "results"
+BUILDER_VERSION = 1  # bump when the synthetic checkpoint changes, so stale caches are rebuilt
+PRESETS: dict[str, dict[str, int]] = {
+    # ~59 M parameters: quick on a laptop CPU, big enough that the LLM, not Python, dominates.
+    "small": {"hidden": 512, "intermediate": 1408, "layers": 8, "heads": 8, "kv_heads": 8, "vocab": 32000},
+    # Llama-2-7B / Vicuna-7B dimensions (6.7 B parameters), the paper's base LLM.
+    "7b": {"hidden": 4096, "intermediate": 11008, "layers": 32, "heads": 32, "kv_heads": 32, "vocab": 32000},
+}
+DENSITY = {"vision": 0.30, "audio": 0.05}  # Fig. 4a reports image 34.1 %, audio 2.2 %
+PRIVATE_ROWS = {"vision": 2, "audio": 1}
+GB = 1e9
+
+
+# =========================================================================================== the checkpoint
+def text_config(shape: dict[str, int], dtype: torch.dtype, extra_vocab: int = 0) -> Any:
+    from transformers import Qwen2Config
+
+    return Qwen2Config(
+        hidden_size=shape["hidden"],
+        intermediate_size=shape["intermediate"],
+        num_hidden_layers=shape["layers"],
+        num_attention_heads=shape["heads"],
+        num_key_value_heads=shape["kv_heads"],
+        vocab_size=shape["vocab"] + extra_vocab,
+        max_position_embeddings=4096,
+        tie_word_embeddings=False,
+        torch_dtype=str(dtype).removeprefix("torch."),
+    )
+
+
+def modality_config(modality: str, shape: dict[str, int], dtype: torch.dtype) -> Any:
+    from transformers import CLIPVisionConfig, LlavaConfig, Qwen2AudioConfig
+
+    text = text_config(shape, dtype, PRIVATE_ROWS[modality])
+    if modality == "vision":
+        config = LlavaConfig(
+            vision_config=CLIPVisionConfig(
+                hidden_size=64,
+                intermediate_size=128,
+                num_hidden_layers=1,
+                num_attention_heads=2,
+                image_size=224,
+                patch_size=14,
+            ),
+            text_config=text,
+            image_token_index=shape["vocab"],
+            projector_hidden_act="gelu",
+        )
+        config.architectures = ["LlavaForConditionalGeneration"]
+    else:
+        config = Qwen2AudioConfig(
+            audio_config={
+                "d_model": 64,
+                "encoder_layers": 1,
+                "encoder_attention_heads": 2,
+                "encoder_ffn_dim": 128,
+                "num_mel_bins": 16,
+                "max_source_positions": 100,
+            },
+            text_config=text.to_dict(),
+            audio_token_index=shape["vocab"],
+        )
+        config.architectures = ["Qwen2AudioForConditionalGeneration"]
+    config.torch_dtype = str(dtype).removeprefix("torch.")
+    return config
+
+
+def meta_state(config: Any, cls_name: str) -> dict[str, torch.Tensor]:
+    import transformers
+    from accelerate import init_empty_weights
+
+    with init_empty_weights():
+        model = getattr(transformers, cls_name)._from_config(config)
+    return dict(model.state_dict())
+
+
+def write_checkpoint(directory: Path, shape: dict[str, int], dtype: torch.dtype, seed: int = 0) -> None:
+    """A decoupled checkpoint with random weights, written tensor by tensor (FORMAT.md, format 1.0)."""
+    from mmer.checkpoint import bits
+    from mmer.checkpoint.decoupled import PRIVATE_FILE, mask_metadata
+    from mmer.checkpoint.manifest import Manifest, ModalityRecord, PrivateRecord, SlotRecord, SourceRecord
+    from mmer.io.layouts import detect_layout
+    from mmer.io.reader import DTYPE_NAMES
+    from mmer.io.writer import PlannedTensor, ShardedWriter, StagedOutput, write_tensors
+
+    g = torch.Generator().manual_seed(seed)
+    base_cfg = text_config(shape, dtype)
+    base_cfg.architectures = ["Qwen2ForCausalLM"]
+    llm = meta_state(base_cfg, "Qwen2ForCausalLM")
+    dname = DTYPE_NAMES[dtype]
+    shard = 5 * 1024**3
+    with StagedOutput(directory, overwrite=True) as out:
+        for sub in ("base", "tau_star", "masks"):
+            (out / sub).mkdir()
+        base_cfg.save_pretrained(out / "base")
+        base_w = ShardedWriter(out / "base", [PlannedTensor(n, dtype, tuple(t.shape)) for n, t in llm.items()], shard)
+        tau_w = ShardedWriter(
+            out / "tau_star",
+            [PlannedTensor(n, dtype, tuple(t.shape)) for n, t in llm.items()],
+            shard,
+            metadata={"format": "mmer-tau-star/1"},
+        )
+        shapes = {n: list(t.shape) for n, t in llm.items()}
+        mask_w = {
+            m: ShardedWriter(
+                out / "masks",
+                [PlannedTensor(n, torch.uint8, (bits.packed_size(t.numel()),)) for n, t in llm.items()],
+                1 << 62,
+                prefix=m,
+                metadata=mask_metadata(shapes),
+            )
+            for m in DENSITY
+        }
+        kept = dict.fromkeys(DENSITY, 0)
+        for name, meta in llm.items():
+            if name.endswith("norm.weight"):
+                base = torch.ones(meta.shape)
+            else:
+                base = torch.randn(meta.shape, generator=g) * 0.02
+            base_w.write(name, base.to(dtype))
+            tau_w.write(name, (torch.randn(meta.shape, generator=g) * 0.002).to(dtype))
+            for m, density in DENSITY.items():
+                packed = bits.pack(torch.rand(meta.shape, generator=g) < density)
+                kept[m] += bits.popcount(packed)
+                mask_w[m].write(name, packed)
+        for w in (base_w, tau_w, *mask_w.values()):
+            w.close()
+
+        modalities = {}
+        for m in DENSITY:
+            cls_name = "LlavaForConditionalGeneration" if m == "vision" else "Qwen2AudioForConditionalGeneration"
+            config = modality_config(m, shape, dtype)
+            state = meta_state(config, cls_name)
+            layout = detect_layout(set(state), cls_name)
+            comp_dir = out / "components" / m
+            comp_dir.mkdir(parents=True)
+            config.save_pretrained(comp_dir)
+            # Stored like transformers saves these classes (llava-hf legacy names: no leading "model.").
+            components = {
+                n.removeprefix("model."): (torch.randn(t.shape, generator=g) * 0.02).to(dtype)
+                for n, t in state.items()
+                if layout.to_canonical(n) is None
+            }
+            write_tensors(comp_dir, components, shard)
+            rows = PRIVATE_ROWS[m]
+            private = {
+                n: (torch.randn(rows, shape["hidden"], generator=g) * 0.02).to(dtype)
+                for n in ("model.embed_tokens.weight", "lm_head.weight")
+            }
+            write_tensors(comp_dir, private, shard, prefix=PRIVATE_FILE.removesuffix(".safetensors"))
+            source = SourceRecord(
+                model=f"synthetic-{m}",
+                revision=None,
+                commit=None,
+                layout="hf_legacy",
+                dtype=dname,
+                config=config.model_type,
+                files={},
+            )
+            modalities[m] = ModalityRecord(
+                name=m,
+                source=source,
+                lambda_=0.9,
+                mask_file=f"masks/{m}.safetensors",
+                component_dir=f"components/{m}",
+                kept=kept[m],
+                total=sum(t.numel() for t in llm.values()),
+                llm_keys={n: "language_model." + n for n in llm},
+                component_tensors=sorted(components),
+                private=[PrivateRecord(n, shape["vocab"], [rows, shape["hidden"]]) for n in private],
+                vocab_size=shape["vocab"] + rows,
+            )
+        manifest = Manifest(
+            mmer_version="bench",
+            options={"synthetic": True},
+            base=SourceRecord(
+                model="synthetic-base",
+                revision=None,
+                commit=None,
+                layout="causal_lm",
+                dtype=dname,
+                config="qwen2",
+                files={},
+            ),
+            base_storage="copy",
+            base_dir="base",
+            tau_star_dir="tau_star",
+            tau_star_dtype=dname,
+            slots=[SlotRecord(n, list(t.shape), dname, True) for n, t in llm.items()],
+            modalities=modalities,
+        )
+        manifest.write(out)
+        (out / "builder.json").write_text(json.dumps({"version": BUILDER_VERSION, "shape": shape, "dtype": dname}))
+
+
+def checkpoint_dir(shape: dict[str, int], dtype: torch.dtype) -> Path:
+    tag = "-".join(f"{k[0]}{v}" for k, v in shape.items())
+    return CACHE / f"qwen2-{tag}-{str(dtype).removeprefix('torch.')}"
+
+
+def ensure_checkpoint(shape: dict[str, int], dtype: torch.dtype) -> tuple[Path, float]:
+    directory = checkpoint_dir(shape, dtype)
+    marker = directory / "builder.json"
+    if marker.is_file() and json.loads(marker.read_text()).get("version") == BUILDER_VERSION:
+        return directory, 0.0
+    started = time.perf_counter()
+    write_checkpoint(directory, shape, dtype)
+    return directory, time.perf_counter() - started
+
+
+# ================================================================================================ inputs
+def vision_inputs(vocab: int, dtype: torch.dtype, device: torch.device, text: int = 32) -> dict[str, torch.Tensor]:
+    g = torch.Generator().manual_seed(1)
+    ids = torch.randint(0, vocab, (1, text), generator=g)
+    ids = torch.cat([ids[:, : text // 2], torch.full((1, 256), vocab), ids[:, text // 2 :]], dim=1)
+    return {"input_ids": ids.to(device), "pixel_values": torch.randn(1, 3, 224, 224, generator=g).to(device, dtype)}
+
+
+def audio_inputs(vocab: int, dtype: torch.dtype, device: torch.device, text: int = 16) -> dict[str, torch.Tensor]:
+    g = torch.Generator().manual_seed(2)
+    ids = torch.randint(0, vocab, (1, text), generator=g)
+    ids = torch.cat([ids[:, : text // 2], torch.full((1, 50), vocab), ids[:, text // 2 :]], dim=1)
+    return {
+        "input_ids": ids.to(device),
+        "input_features": torch.randn(1, 16, 200, generator=g).to(device, dtype),
+        "feature_attention_mask": torch.ones(1, 200, dtype=torch.long, device=device),
+    }
+
+
+# ================================================================================================ timing
+def sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+Stats = dict[str, float]
+
+
+def _stats(wall: list[float], cpu: list[float]) -> Stats:
+    return {
+        "median_s": statistics.median(wall),
+        "min_s": min(wall),
+        "max_s": max(wall),
+        "cpu_median_s": statistics.median(cpu),
+    }
+
+
+def once(fn: Callable[[], Any], device: torch.device) -> Stats:
+    """Wall and CPU time of one call (for things done once: loading, writing)."""
+    wall, cpu = time.perf_counter(), time.process_time()
+    fn()
+    sync(device)
+    return _stats([time.perf_counter() - wall], [time.process_time() - cpu])
+
+
+def timed_interleaved(fns: dict[str, Callable[[], Any]], device: torch.device, repeats: int) -> dict[str, Stats]:
+    """Wall and CPU time of each contender, median of ``repeats`` after one warm-up.
+
+    The contenders run in turn within each repeat, so that load from other processes (or clock drift) hits
+    them alike. CPU time (this process, all threads) is reported too: on a shared CPU it is the steadier
+    measure of work, and the CPU ratios use it.
+    """
+    for fn in fns.values():
+        fn()
+    sync(device)
+    wall: dict[str, list[float]] = {name: [] for name in fns}
+    cpu: dict[str, list[float]] = {name: [] for name in fns}
+    for _ in range(repeats):
+        for name, fn in fns.items():
+            w, c = time.perf_counter(), time.process_time()
+            fn()
+            sync(device)
+            wall[name].append(time.perf_counter() - w)
+            cpu[name].append(time.process_time() - c)
+    return {n: _stats(wall[n], cpu[n]) for n in fns}
+
+
+def timed(fn: Callable[[], Any], device: torch.device, repeats: int) -> Stats:
+    return timed_interleaved({"fn": fn}, device, repeats)["fn"]
+
+
+def peak_bytes(fn: Callable[[], Any], device: torch.device) -> int | None:
+    """CUDA memory allocated at the peak of ``fn`` above what was allocated before it (None on the CPU)."""
+    if device.type != "cuda":
+        return None
+    sync(device)
+    torch.cuda.reset_peak_memory_stats(device)
+    before = torch.cuda.memory_allocated(device)
+    fn()
+    sync(device)
+    return torch.cuda.max_memory_allocated(device) - before
+
+
+def machine() -> dict[str, Any]:
+    info: dict[str, Any] = {
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "platform": platform.platform(),
+        "cores": os.cpu_count(),
+        "threads": torch.get_num_threads(),
+    }
+    try:
+        import transformers
+
+        info["transformers"] = transformers.__version__
+    except ImportError:
+        pass
+    if torch.cuda.is_available():
+        info["gpu"] = torch.cuda.get_device_name(0)
+    return info
+
+
+# ================================================================================================== runs
+def run(args: argparse.Namespace) -> dict[str, Any]:
+    from transformers import LlavaForConditionalGeneration
+    from transformers.utils import logging as hf_logging
+
+    from mmer.route.reconstruct import reconstruct_modality
+    from mmer.route.router import Router
+
+    hf_logging.disable_progress_bar()
+    device = torch.device(args.device)
+    dtype = getattr(torch, args.dtype)
+    shape = dict(PRESETS[args.preset])
+    for key in ("hidden", "intermediate", "layers"):
+        if getattr(args, key) is not None:
+            shape[key] = getattr(args, key)
+    path, build_s = ensure_checkpoint(shape, dtype)
+    params = sum(math.prod(s["shape"]) for s in json.loads((path / "mmer_manifest.json").read_text())["slots"])
+    print(
+        f"router benchmark: {args.preset} ({params / 1e9:.2f} B LLM parameters, {args.dtype}) on {device}, "
+        f"median of {args.repeats}; checkpoint {path.relative_to(HERE.parent)}"
+        + (f" written in {build_s:.0f} s" if build_s else " (cached)"),
+        flush=True,
+    )
+    rows: list[dict[str, Any]] = []
+    load_before = os.getloadavg()[0]
+
+    use_cpu_time = device.type == "cpu"
+
+    def row(
+        group: str, what: str, stats: Stats, ref: Stats | None = None, note: str = "", nbytes: int | None = None
+    ) -> None:
+        key = "cpu_median_s" if use_cpu_time else "median_s"
+        ratio = None if ref is None or not ref[key] else stats[key] / ref[key]
+        rows.append(
+            {
+                "group": group,
+                "what": what,
+                "seconds": stats["median_s"],
+                "cpu_seconds": stats["cpu_median_s"],
+                "ratio": ratio,
+                "note": note,
+                "bytes": nbytes,
+            }
+        )
+        r = "" if ratio is None else f"  ×{ratio:.2f}"
+        print(
+            f"  {group:9s} {what:56s} {stats['median_s'] * 1e3:9.1f} ms (cpu {stats['cpu_median_s'] * 1e3:9.1f})"
+            f"{r}  {note}",
+            flush=True,
+        )
+
+    box: dict[str, Any] = {}
+    load_t = once(lambda: box.setdefault("router", Router.from_pretrained(path, device=device)), device)
+    router = box.pop("router")
+    held = router.nbytes()
+    row("load", "Router.from_pretrained", load_t, note=", ".join(f"{k} {v / GB:.2f} GB" for k, v in held.items()))
+
+    # ---- switch latency, against reloading a rebuilt checkpoint
+    order = iter(["audio", "vision"] * (args.repeats + 2))
+    switch = timed(lambda: router.switch(next(order)), device, args.repeats)
+    row(
+        "switch",
+        "router.switch (vision <-> audio), rebuild from θ_base",
+        switch,
+        note=f"{router.last_switch_rebuilt} tensors rebuilt",
+    )
+    rebuilt_dir = CACHE / "out" / f"{path.name}-vision"
+    shutil.rmtree(rebuilt_dir, ignore_errors=True)
+    row(
+        "switch",
+        "mmer reconstruct to disk (once per modality)",
+        once(partial(reconstruct_modality, path, "vision", rebuilt_dir), device),
+    )
+
+    def reload() -> torch.nn.Module:
+        return LlavaForConditionalGeneration.from_pretrained(rebuilt_dir, dtype=dtype).to(device).eval()
+
+    reload_t = timed(reload, device, args.repeats)
+    row(
+        "switch",
+        "alternative: from_pretrained of the rebuilt model",
+        reload_t,
+        switch,
+        note="× = this / router.switch",
+    )
+
+    # ---- routed versus plain forward (interleaved)
+    v_in = vision_inputs(shape["vocab"], dtype, device)
+    a_in = audio_inputs(shape["vocab"], dtype, device)
+    plain = reload()
+
+    def away_and_back() -> Any:
+        router.switch("audio")
+        return router(**v_in, modality="vision")
+
+    router.switch("vision")
+    with torch.no_grad():
+        forward = timed_interleaved(
+            {
+                "plain": partial(plain, **v_in),
+                "routed": partial(router, **v_in, modality="vision"),  # "away_and_back" leaves vision active
+                "switching": away_and_back,
+            },
+            device,
+            args.repeats,
+        )
+    plain = None  # free it before expansion mode
+    tokens = v_in["input_ids"].shape[1]
+    row("forward", f"plain transformers model, vision prompt ({tokens} tokens)", forward["plain"])
+    row("forward", "router, modality already active", forward["routed"], forward["plain"])
+    row(
+        "forward",
+        "router, after the other modality was active",
+        forward["switching"],
+        forward["plain"],
+        note="switch to audio and back (2 switches), then the forward",
+    )
+
+    # ---- expansion: per-token weights, cached versus rebuilt per layer (interleaved)
+    from mmer.route.weights import MEAN
+
+    to_text = iter([MEAN, "vision"] * (args.repeats + 2))
+    mean_t = timed(lambda: router.switch(next(to_text)), device, args.repeats)
+    row(
+        "expansion",
+        "router.switch to/from the text weights θ_base + m̄∘τ*",
+        mean_t,
+        note="once per expansion call after a retention call",
+    )
+    built: dict[str, Any] = {}
+    for label, cache in (("cached", True), ("rebuilt", False)):
+        built[label + "_s"] = once(
+            lambda c=cache, k=label: built.setdefault(k, router.expansion(cache_modality_weights=c)), device
+        )["median_s"]
+    cached, rebuilt = built["cached"], built["rebuilt"]
+    mixed = cached.embed(
+        [
+            torch.randint(0, shape["vocab"], (1, 16)).to(device),
+            ("vision", v_in),
+            torch.randint(0, shape["vocab"], (1, 8)).to(device),
+            ("audio", a_in),
+            torch.randint(0, shape["vocab"], (1, 8)).to(device),
+        ]
+    )
+    n = mixed.token_modality.shape[1]
+    expansion_t = timed_interleaved(
+        {
+            "text": partial(cached, inputs_embeds=mixed.inputs_embeds),
+            "cached": partial(cached, mixed),
+            "rebuilt": partial(rebuilt, mixed),
+        },
+        device,
+        args.repeats,
+    )
+    row("expansion", f"text weights for every token, routing off ({n} tokens)", expansion_t["text"])
+    for label, model, what in (("cached", cached, "cached"), ("rebuilt", rebuilt, "rebuilt per layer")):
+        cache_bytes = model.nbytes()["modality_cache"]
+        peak = peak_bytes(partial(model, mixed), device)
+        note = f"built in {built[label + '_s']:.1f} s; modality weight cache {cache_bytes / GB:.2f} GB" + (
+            "" if peak is None else f"; forward peak {peak / GB:.2f} GB above the weights"
+        )
+        row(
+            "expansion",
+            f"mixed prompt, per-token weights, {what}",
+            expansion_t[label],
+            expansion_t["text"],
+            note=note,
+            nbytes=cache_bytes,
+        )
+    return {
+        "benchmark": "router_bench",
+        "argv": sys.argv[1:],
+        "args": {"device": args.device, "preset": args.preset, "dtype": args.dtype, "repeats": args.repeats},
+        "shape": shape,
+        "llm_parameters": params,
+        "router_bytes": held,
+        "machine": machine(),
+        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "load_average_before": load_before,
+        "load_average_after": os.getloadavg()[0],
+        "rows": rows,
+    }
+
+
+def markdown(result: dict[str, Any]) -> str:
+    s, m = result["shape"], result["machine"]
+    lines = [
+        f"# Router benchmark ({result['args']['preset']}, {result['args']['dtype']}, {result['args']['device']})",
+        "",
+        f"LLM: Qwen2 architecture, hidden {s['hidden']}, intermediate {s['intermediate']}, {s['layers']} layers, "
+        f"{s['heads']} heads, vocab {s['vocab']} ({result['llm_parameters'] / 1e9:.2f} B parameters); masks "
+        f"vision {DENSITY['vision']:.0%}, audio {DENSITY['audio']:.0%}. Median of {result['args']['repeats']} "
+        f"runs after one warm-up. Machine: {m.get('gpu', 'CPU')}, {m['cores']} cores, torch {m['torch']}, "
+        f"transformers {m.get('transformers')}; {result['date']}. 1-minute load average "
+        f"{result['load_average_before']:.1f} before, {result['load_average_after']:.1f} after "
+        f"({m['cores']} cores): above the core count, other processes shared the CPU and times are inflated.",
+        "",
+        "| group | measure | wall | CPU time | × baseline | note |",
+        "|---|---|---:|---:|---:|---|",
+    ]
+    for r in result["rows"]:
+        ratio = "" if r["ratio"] is None else f"{r['ratio']:.2f}"
+        lines.append(
+            f"| {r['group']} | {r['what']} | {r['seconds'] * 1e3:.1f} ms | {r['cpu_seconds'] * 1e3:.1f} ms "
+            f"| {ratio} | {r['note']} |"
+        )
+    lines += [
+        "",
+        "Baselines (× column): `forward` rows against the plain transformers model, `expansion` rows against the "
+        "same sequence on the text weights with routing off, and the reload row against `router.switch`. Ratios "
+        "use CPU time on the CPU (the process's own work, steady when other processes share the cores) and wall "
+        "time on a GPU. CPU time counts every thread, so it exceeds wall time when torch runs in parallel.",
+    ]
+    return "\n".join(lines) + "\n"
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1 ...")
+    parser.add_argument("--preset", default="small", choices=sorted(PRESETS), help="LLM shape (default small)")
+    parser.add_argument("--dtype", default=None, help="float32 / bfloat16 (default: float32 on CPU, bf16 on GPU)")
+    parser.add_argument("--hidden", type=int, help="override the preset's hidden size")
+    parser.add_argument("--intermediate", type=int, help="override the preset's MLP size")
+    parser.add_argument("--layers", type=int, help="override the preset's depth")
+    parser.add_argument("--repeats", type=int, default=5, help="timed runs per measure (default 5)")
+    parser.add_argument("--results", type=Path, default=RESULTS, help="where the .json and .md go")
+    args = parser.parse_args(argv)
+    if args.dtype is None:
+        args.dtype = "bfloat16" if args.device.startswith("cuda") else "float32"
+    started = time.perf_counter()
+    result = run(args)
+    result["total_seconds"] = time.perf_counter() - started
+    args.results.mkdir(parents=True, exist_ok=True)
+    suffix = "" if args.device == "cpu" and args.preset == "small" else f"_{args.device.split(':')[0]}_{args.preset}"
+    (args.results / f"router_bench{suffix}.json").write_text(json.dumps(result, indent=2) + "\n")
+    (args.results / f"router_bench{suffix}.md").write_text(markdown(result))
+    print(f"wrote {args.results / f'router_bench{suffix}.json'} and .md in {result['total_seconds']:.0f} s")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

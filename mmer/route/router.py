@@ -1,0 +1,253 @@
+"""Run every modality of a decoupled checkpoint from one copy of the LLM: switch by rebuilding from θ_base.
+
+Retention mode (mmer-method.md §4b): the model of modality i is θ_base + mᵢ∘τ* with its own encoder and
+projector. :class:`Router` keeps θ_base, τ* and the packed masks on the device and one set of *live* LLM
+weights that every modality's transformers model is bound to (their LLM parameters are views of it). Switching
+to modality i rewrites the live weights from θ_base with ``mmer.merge.masks.reconstruct``, never by
+subtracting the previous modality's delta, so nothing drifts however many times it switches (a bf16
+``(θ + δ) − δ`` is not θ); a tensor whose mask and rows are the same for both modalities is left as it is.
+
+Memory on the device: θ_base + live weights (two LLMs in the base's dtype) + τ* + n bits per parameter + the
+components; ``base_device="cpu"`` moves θ_base to pinned host memory and streams it per tensor on a switch.
+For a 7B LLM in bf16 with two modalities that is 13.5 GB × 3 + 2 × 0.84 GB ≈ 42 GB on one GPU (28 GB with the
+base on the host). Expansion mode uses the same live weights for its text weights (``MEAN`` state).
+
+On a GPU: ``Router.from_pretrained(path, device="cuda")``; tensors are read through the CPU once, then every
+switch runs on the device (mask bits unpacked there with ``mmer.checkpoint.bits.unpack``). Models are built
+with accelerate's ``init_empty_weights``, so no LLM is ever allocated per modality.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import torch
+
+from mmer.checkpoint.decoupled import DecoupledCheckpoint, load_decoupled
+from mmer.io.layouts import Layout, is_vocab_tensor
+from mmer.route.models import (
+    RoutingInputError,
+    attach_generation_config,
+    bind_model,
+    check_device,
+    decoder_module,
+    empty_model,
+    llm_layout,
+    load_config,
+    model_class,
+    placeholder_ids,
+)
+from mmer.route.weights import MEAN, DeviceWeights
+
+if TYPE_CHECKING:
+    from mmer.route.expansion import ExpansionModel
+
+
+class ModalityModel:
+    """One modality's transformers model as the router built it, with what expansion mode needs to know."""
+
+    def __init__(self, name: str, model: torch.nn.Module, layout: Layout, config: Any, directory: Path) -> None:
+        self.name = name
+        self.model = model
+        self.layout = layout
+        self.config = config
+        self.directory = directory
+        self.placeholders = placeholder_ids(config)
+        self.unused_components: list[str] = []
+
+    @property
+    def decoder(self) -> torch.nn.Module:
+        """The LLM decoder module inside the model (where expansion mode reads the input embeddings)."""
+        return decoder_module(self.model, self.layout)
+
+
+class Router:
+    """Every modality's model on one device, sharing one LLM; ``router(**inputs, modality="vision")``.
+
+    Build it with :meth:`from_pretrained`. The model :meth:`use` returns is valid until the next switch (its
+    LLM parameters are views of the shared live weights).
+    """
+
+    def __init__(
+        self,
+        ckpt: DecoupledCheckpoint,
+        weights: DeviceWeights,
+        live: dict[str, torch.Tensor],
+        models: dict[str, ModalityModel],
+    ) -> None:
+        self.ckpt = ckpt
+        self.weights = weights
+        self.live = live
+        self.models = models
+        self.active: str | None = None
+        self.switches = 0
+        self.last_switch_seconds = 0.0
+        self.last_switch_rebuilt = 0
+
+    # ------------------------------------------------------------------------------------------- building
+    @classmethod
+    def from_pretrained(
+        cls,
+        path: str | Path,
+        device: str | torch.device = "cpu",
+        *,
+        modalities: Sequence[str] | None = None,
+        base_device: str | torch.device | None = None,
+        model_classes: dict[str, type] | None = None,
+        activate: str | None = None,
+    ) -> Router:
+        """Open a decoupled checkpoint and build every modality's model on ``device``.
+
+        Args:
+            path: the output directory of ``mmer merge``.
+            device: where the live LLM, τ*, masks and components go (``"cuda"``, ``"cuda:1"``, ``"cpu"``).
+            modalities: which modalities to load (all by default); also the masks m̄ averages in expansion mode.
+            base_device: where θ_base stays (``device`` by default; ``"cpu"`` saves one LLM of GPU memory).
+            model_classes: a transformers class per modality, where ``config.architectures`` names none.
+            activate: the modality made active first (the first one by default).
+        """
+        device = torch.device(device)
+        check_device(device)
+        if base_device is not None:
+            check_device(torch.device(base_device))
+        ckpt = load_decoupled(path)
+        names = list(ckpt.modalities if modalities is None else modalities)
+        if not names:
+            raise RoutingInputError(f"{path}: no modality to load", key="modalities", hint="name at least one")
+        for name in names:
+            ckpt.modality(name)
+        weights = DeviceWeights(ckpt, names, device, None if base_device is None else torch.device(base_device))
+        # One live tensor per LLM slot, with as many rows as the largest modality needs (private vocabulary).
+        live = {}
+        for name, slot_dtype in weights.dtypes.items():
+            shapes = [weights.rows[m][name] for m in [*names, MEAN]]
+            rows = max(s[0] for s in shapes) if is_vocab_tensor(name) else shapes[0][0] if shapes[0] else 0
+            shape = (rows, *shapes[0][1:]) if shapes[0] else ()
+            live[name] = torch.zeros(shape, dtype=slot_dtype, device=device)
+        models = {}
+        for name in names:
+            models[name] = _build_modality(ckpt, name, weights, live, device, (model_classes or {}).get(name))
+        router = cls(ckpt, weights, live, models)
+        router.switch(activate or names[0])
+        return router
+
+    # ------------------------------------------------------------------------------------------ switching
+    @property
+    def modalities(self) -> list[str]:
+        """The loaded modalities, in checkpoint order."""
+        return list(self.models)
+
+    def _check(self, modality: str) -> str:
+        if modality not in self.models and modality != MEAN:
+            raise RoutingInputError(
+                f"no modality {modality!r} in this router (has {', '.join(self.models)})",
+                key=modality,
+                hint="load it with Router.from_pretrained(..., modalities=[...])",
+            )
+        return modality
+
+    @torch.no_grad()
+    def switch(self, modality: str) -> None:
+        """Make ``modality`` active: rebuild, from θ_base, every live tensor that differs from the active one's.
+
+        ``MEAN`` (``mmer.route.weights.MEAN``) makes the live weights expansion mode's text weights.
+        """
+        self._check(modality)
+        if modality == self.active:
+            return
+        started = time.perf_counter()
+        rebuilt = 0
+        for name, target in self.live.items():
+            if self.active is not None and self.weights.same_weights(self.active, modality, name):
+                continue
+            self.weights.write_into(target, modality, name)
+            rebuilt += 1
+        if self.weights.device.type == "cuda":
+            torch.cuda.synchronize(self.weights.device)
+        self.active = modality
+        self.switches += 1
+        self.last_switch_seconds = time.perf_counter() - started
+        self.last_switch_rebuilt = rebuilt
+
+    def use(self, modality: str) -> torch.nn.Module:
+        """Switch to ``modality`` and return its transformers model (valid until the next switch)."""
+        self.switch(modality)
+        return self.models[modality].model
+
+    def __call__(self, *args: Any, modality: str, **inputs: Any) -> Any:
+        """``model(**inputs)`` of the modality's model, after switching to it."""
+        with torch.no_grad():
+            return self.use(modality)(*args, **inputs)
+
+    def generate(self, *args: Any, modality: str, **kwargs: Any) -> Any:
+        """``model.generate(...)`` of the modality's model, after switching to it."""
+        return self.use(modality).generate(*args, **kwargs)
+
+    def llm_state(self, modality: str | None = None) -> dict[str, torch.Tensor]:
+        """The active modality's LLM tensors under canonical names (views of the live weights, its rows only)."""
+        modality = self.active if modality is None else self._check(modality)
+        if modality != self.active:
+            raise RoutingInputError(
+                f"{modality!r} is not active ({self.active!r} is)", key=modality, hint=f"call switch({modality!r})"
+            )
+        assert modality is not None
+        return {n: t[: self.weights.rows[modality][n][0]] if t.dim() else t for n, t in self.live.items()}
+
+    def component_dir(self, modality: str) -> Path:
+        """Where the modality's config, tokenizer and processor files are (for ``AutoProcessor``)."""
+        return self.models[self._check(modality)].directory
+
+    def expansion(self, *, cache_modality_weights: bool = True, route_norms: bool = True) -> ExpansionModel:
+        """A mixed-modality model (§4a) over this router's checkpoint; see :mod:`mmer.route.expansion`."""
+        from mmer.route.expansion import ExpansionModel
+
+        return ExpansionModel(self, cache_modality_weights=cache_modality_weights, route_norms=route_norms)
+
+    def nbytes(self) -> dict[str, int]:
+        """Bytes held, by part (base, tau_star, masks, private, live, components)."""
+        out = self.weights.nbytes()
+        out["live"] = sum(t.nbytes for t in self.live.values())
+        live_ptrs = {t.untyped_storage().data_ptr() for t in self.live.values()}
+        out["components"] = sum(
+            p.nbytes
+            for m in self.models.values()
+            for p in m.model.parameters()
+            if p.untyped_storage().data_ptr() not in live_ptrs
+        )
+        return out
+
+    def close(self) -> None:
+        """Close the checkpoint's files (the loaded tensors stay usable)."""
+        self.ckpt.close()
+
+
+def _build_modality(
+    ckpt: DecoupledCheckpoint,
+    name: str,
+    weights: DeviceWeights,
+    live: dict[str, torch.Tensor],
+    device: torch.device,
+    override: type | None,
+) -> ModalityModel:
+    record = ckpt.modality(name)
+    directory = ckpt.path / record.component_dir
+    config = load_config(directory)
+    model = empty_model(model_class(config, directory, override), config)
+    layout = llm_layout(model)
+    rows = weights.rows[name]
+
+    def llm_tensor(canonical: str) -> torch.Tensor | None:
+        tensor = live.get(canonical)
+        if tensor is None:
+            return None
+        return tensor[: rows[canonical][0]] if tensor.dim() else tensor
+
+    attach_generation_config(model, directory)
+    built = ModalityModel(name, model, layout, config, directory)
+    built.unused_components = bind_model(
+        model, layout, llm_tensor, ckpt.component_reader(name), device, str(directory)
+    )
+    return built

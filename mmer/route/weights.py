@@ -1,0 +1,247 @@
+"""A decoupled checkpoint's LLM held on a device: θ_base, τ*, the packed masks and each modality's private rows.
+
+Everything the router and expansion mode compute comes from here, with the one formula of
+``mmer.merge.masks.reconstruct`` (θ̂ᵢ = θ_base + mᵢ∘τ*, float32 then the base's dtype) and, for text tokens in
+expansion mode, :func:`reconstruct_mean` (θ_base + m̄∘τ*, m̄ the mean of the masks). Masks stay packed, one bit
+per parameter, and are unpacked on the device (``mmer.checkpoint.bits.unpack``) only while a tensor is rebuilt.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from mmer.checkpoint import bits
+from mmer.checkpoint.decoupled import BASE_DIR, PRIVATE_FILE, DecoupledCheckpoint
+from mmer.checkpoint.manifest import SlotRecord
+from mmer.errors import DecoupledFormatError
+from mmer.io.reader import SAFETENSORS_DTYPES, read_safetensors_header
+from mmer.merge.masks import reconstruct
+
+MEAN = "<mean>"  # the text-weight state of expansion mode, θ_base + m̄∘τ* (not a valid modality name)
+
+
+def reconstruct_mean(
+    base: torch.Tensor,
+    tau_star: torch.Tensor,
+    masks: Sequence[torch.Tensor],
+    scales: Sequence[float] | None = None,
+) -> torch.Tensor:
+    """θ_base + m̄∘τ* with m̄ = (Σᵢ sᵢ·mᵢ)/n, the "merged mask" text tokens use in expansion mode (§4a, Fig. 3).
+
+    m̄ is fractional (values 0, 1/n, …, 1 when every sᵢ = 1, as in MMER); the rescalers sᵢ of a rescaled mask
+    rule (EMR) weigh each mask the way its modality's own model does. Computed in float32 and cast to the
+    base's dtype like :func:`mmer.merge.masks.reconstruct`; with one mask it equals that function.
+    """
+    scales = [1.0] * len(masks) if scales is None else list(scales)
+    weighted = torch.zeros(base.shape, dtype=torch.float32, device=tau_star.device)
+    for mask, scale in zip(masks, scales, strict=True):
+        weighted += mask if scale == 1.0 else mask * scale
+    mean_mask = weighted / len(masks)
+    return (base.float() + mean_mask * tau_star.float()).to(base.dtype)
+
+
+@dataclass(frozen=True)
+class PrivateRows:
+    """Rows ``[row_start, row_start + len(tensor))`` of one modality's LLM tensor that were never merged."""
+
+    row_start: int
+    tensor: torch.Tensor
+
+
+def slot_dtype(slot: SlotRecord) -> torch.dtype:
+    """The torch dtype of a manifest slot (``"BF16"`` → ``torch.bfloat16``)."""
+    try:
+        return SAFETENSORS_DTYPES[slot.dtype]
+    except KeyError:
+        raise DecoupledFormatError(
+            f"slot {slot.name!r} has unknown dtype {slot.dtype!r}", tensor=slot.name, hint="the manifest is corrupt"
+        ) from None
+
+
+def private_dtypes(ckpt: DecoupledCheckpoint, modality: str) -> dict[str, torch.dtype]:
+    """Stored dtype of each private tensor of ``modality``, read from its safetensors header only."""
+    record = ckpt.modality(modality)
+    if not record.private:
+        return {}
+    path = ckpt.path / record.component_dir / PRIVATE_FILE
+    infos, _ = read_safetensors_header(path)
+    missing = [p.name for p in record.private if p.name not in infos]
+    if missing:
+        raise DecoupledFormatError(
+            f"{path}: the manifest lists private tensor {missing[0]!r} but the file does not hold it",
+            file=str(path),
+            tensor=missing[0],
+            hint="the checkpoint is incomplete; re-run the merge",
+        )
+    return {p.name: infos[p.name].dtype for p in record.private}
+
+
+def modality_shape(ckpt: DecoupledCheckpoint, modality: str, name: str) -> tuple[int, ...]:
+    """Shape of the modality's full LLM tensor ``name``: the base's, with its private rows appended (FORMAT.md)."""
+    slot = next(s for s in ckpt.slots if s.name == name)
+    shape = list(slot.shape)
+    for p in ckpt.modality(modality).private:
+        if p.name != name:
+            continue
+        if p.row_start == 0:
+            return tuple(p.shape)
+        if p.row_start != shape[0] or list(p.shape[1:]) != shape[1:]:
+            raise DecoupledFormatError(
+                f"{ckpt.path}: private rows of {name!r} for {modality!r} start at row {p.row_start} with shape "
+                f"{p.shape}, which does not continue the base's {slot.shape}",
+                tensor=name,
+                key=modality,
+                hint="the manifest is corrupt; re-run the merge",
+            )
+        shape[0] += p.shape[0]
+    return tuple(shape)
+
+
+def base_config_dir(ckpt: DecoupledCheckpoint) -> Path:
+    """The directory holding the base LLM's ``config.json`` (or the single merged model's)."""
+    if ckpt.manifest.merged_dir is not None:
+        return ckpt.path / ckpt.manifest.merged_dir
+    if ckpt.manifest.base_storage == "copy":
+        return ckpt.path / (ckpt.manifest.base_dir or BASE_DIR)
+    return ckpt.base_reader().directory
+
+
+class DeviceWeights:
+    """θ_base, τ*, packed masks and private rows of the chosen modalities, loaded once onto devices.
+
+    A modality's tensor is θ_base + sᵢ·mᵢ∘τ* (sᵢ = 1 except for a rescaled rule such as EMR), private rows
+    appended: what ``DecoupledCheckpoint.llm_tensor`` gives, computed on the device.
+
+    ``device`` holds τ*, the masks and the private rows; ``base_device`` holds θ_base (the same device by
+    default; ``"cpu"`` keeps the base off the GPU at the price of a host-to-device copy per rebuilt tensor).
+    """
+
+    def __init__(
+        self,
+        ckpt: DecoupledCheckpoint,
+        modalities: Sequence[str],
+        device: torch.device,
+        base_device: torch.device | None = None,
+    ) -> None:
+        self.ckpt = ckpt
+        self.modalities = tuple(modalities)
+        self.device = device
+        self.base_device = base_device or device
+        self.slots: dict[str, SlotRecord] = {s.name: s for s in ckpt.slots}
+        self.dtypes = {name: slot_dtype(s) for name, s in self.slots.items()}
+        # A single merged model (mask rule none) stores θ* itself: it stands in for θ_base with no τ* or masks.
+        self.single_model = ckpt.is_single_model
+        pin = self.base_device.type == "cpu" and device.type == "cuda"
+        self.base: dict[str, torch.Tensor] = {}
+        self.tau: dict[str, torch.Tensor] = {}
+        for name, slot in self.slots.items():
+            base = ckpt.merged_tensor(name) if self.single_model else ckpt.base_tensor(name)
+            self.base[name] = base.pin_memory() if pin else base.to(self.base_device)
+            if slot.merged and not self.single_model:
+                self.tau[name] = ckpt.tau_star(name).to(device)
+        self.scales = {m: ckpt.modality(m).scale for m in self.modalities}
+        self._same: dict[tuple[str, str, str], bool] = {}
+        self.masks: dict[str, dict[str, torch.Tensor]] = {}
+        self.shapes: dict[str, tuple[int, ...]] = {}
+        self.private: dict[str, dict[str, PrivateRows]] = {}
+        self.rows: dict[str, dict[str, tuple[int, ...]]] = {}
+        for m in self.modalities:
+            self.masks[m] = {}
+            if self.tau:
+                mask_file = ckpt.mask_file(m)
+                self.masks[m] = {n: mask_file.packed(n).to(device) for n in self.tau}
+                self.shapes.update(mask_file.shapes)
+            self.private[m] = {
+                p.name: PrivateRows(p.row_start, ckpt.private_tensor(m, p.name).to(device))  # type: ignore[union-attr]
+                for p in ckpt.modality(m).private
+            }
+            self.rows[m] = {name: modality_shape(ckpt, m, name) for name in self.slots}
+        self.private[MEAN] = {}
+        self.rows[MEAN] = {name: tuple(slot.shape) for name, slot in self.slots.items()}
+
+    # --------------------------------------------------------------------------------------------- rebuilds
+    def mask(self, modality: str, name: str) -> torch.Tensor:
+        """mᵢ of one tensor, unpacked to bool on the device."""
+        return bits.unpack(self.masks[modality][name], self.shapes[name])
+
+    def base_on_device(self, name: str) -> torch.Tensor:
+        """θ_base of one tensor on the compute device (copied from the host when the base lives there)."""
+        return self.base[name].to(self.device, non_blocking=True)
+
+    def shared_part(self, modality: str, name: str) -> torch.Tensor:
+        """Rows ``[0, V_base)`` of the modality's tensor: θ_base + mᵢ∘τ* when merged, else θ_base."""
+        base = self.base_on_device(name)
+        if name not in self.tau:
+            return base
+        return reconstruct(base, self.tau[name], self.mask(modality, name), scale=self.scales[modality])
+
+    def text_part(self, name: str) -> torch.Tensor:
+        """θ_base + m̄∘τ* (expansion mode's text weights), or θ_base for a tensor that was not merged."""
+        base = self.base_on_device(name)
+        if name not in self.tau:
+            return base
+        masks = [self.mask(m, name) for m in self.modalities]
+        return reconstruct_mean(base, self.tau[name], masks, [self.scales[m] for m in self.modalities])
+
+    def whole_private(self, modality: str, name: str) -> torch.Tensor | None:
+        """The modality's own copy of a tensor kept out of the merge (``vocab_policy = exclude``), or ``None``."""
+        rows = self.private[modality].get(name)
+        return rows.tensor if rows is not None and rows.row_start == 0 else None
+
+    def full(self, modality: str, name: str) -> torch.Tensor:
+        """The modality's whole LLM tensor, as ``DecoupledCheckpoint.llm_tensor`` builds it (FORMAT.md)."""
+        whole = self.whole_private(modality, name)
+        if whole is not None:
+            return whole
+        out = self.shared_part(modality, name)
+        rows = self.private[modality].get(name)
+        if rows is not None:
+            out = torch.cat([out, rows.tensor.to(out.dtype)])
+        return out
+
+    def write_into(self, target: torch.Tensor, modality: str, name: str) -> None:
+        """Write the modality's tensor (or, for :data:`MEAN`, the text weights) into the first rows of ``target``.
+
+        Always rebuilt from θ_base, never derived from what ``target`` held.
+        """
+        if modality == MEAN:
+            text = self.text_part(name)
+            target[: text.shape[0]].copy_(text)
+            return
+        whole = self.whole_private(modality, name)
+        if whole is not None:
+            target[: whole.shape[0]].copy_(whole)
+            return
+        shared = self.shared_part(modality, name)
+        target[: shared.shape[0]].copy_(shared)
+        rows = self.private[modality].get(name)
+        if rows is not None:
+            target[rows.row_start : rows.row_start + rows.tensor.shape[0]].copy_(rows.tensor)
+
+    def same_weights(self, a: str, b: str, name: str) -> bool:
+        """Whether modalities ``a`` and ``b`` have bit-identical tensors ``name`` (same mask, no private rows)."""
+        if name in self.private[a] or name in self.private[b]:
+            return False
+        if name not in self.tau:
+            return True
+        if MEAN in (a, b):
+            return False
+        key = (a, b, name) if a <= b else (b, a, name)
+        if key not in self._same:  # compared once per pair: masks never change after loading
+            self._same[key] = self.scales[a] == self.scales[b] and torch.equal(
+                self.masks[a][name], self.masks[b][name]
+            )
+        return self._same[key]
+
+    def nbytes(self) -> dict[str, int]:
+        """Bytes held, by part: base, tau_star, masks, private."""
+        return {
+            "base": sum(t.nbytes for t in self.base.values()),
+            "tau_star": sum(t.nbytes for t in self.tau.values()),
+            "masks": sum(t.nbytes for per in self.masks.values() for t in per.values()),
+            "private": sum(r.tensor.nbytes for per in self.private.values() for r in per.values()),
+        }
