@@ -1,9 +1,379 @@
-"""`mmer extend` (MoExtend, mmer.extend); registered on the app by cli/main.py."""
+"""`mmer extend ...` (MoExtend, mmer.extend); registered on the app by cli/main.py.
+
+Thin: each command reads its inputs through the library, calls one library function, renders the result.
+Stage flags (--steps, --lr, ...) apply to the stage the command runs; the other stages come from --recipe.
+"""
 
 from __future__ import annotations
 
+import dataclasses
+from pathlib import Path
+from typing import Annotated, Any
+
 import typer
+from mmer_cli import render
+
+from mmer.errors import ConfigError, MmerError, OutputExistsError
+
+extend_app = typer.Typer(
+    name="extend",
+    help="MoExtend: extend a pretrained MoE LLM (Mixtral, Qwen2-MoE, OLMoE) with new experts for a new modality.",
+    no_args_is_help=True,
+)
+
+Base = Annotated[Path, typer.Argument(help="The base MoE causal LM (a local transformers directory).")]
+Data = Annotated[Path, typer.Argument(help="Training data: a safetensors file written by mmer.extend.save_data.")]
+Recipe = Annotated[
+    Path | None, typer.Option(help="MoExtend recipe YAML (align, probe, finetune, selection, extend...).")
+]
+Steps = Annotated[int | None, typer.Option(help="Optimiser steps of this stage (default: the recipe's).")]
+Lr = Annotated[float | None, typer.Option("--lr", help="Peak learning rate of this stage.")]
+BatchSize = Annotated[int | None, typer.Option(help="Samples per micro-batch.")]
+Device = Annotated[str | None, typer.Option(help="auto, cpu or cuda.")]
+Precision = Annotated[str | None, typer.Option(help="auto, no, bf16 or fp16.")]
+Seed = Annotated[int | None, typer.Option(help="Seed of init, data order and RNG.")]
+CheckpointDir = Annotated[Path | None, typer.Option(help="Keep resumable checkpoints here.")]
+Resume = Annotated[bool, typer.Option(help="Continue from the latest checkpoint in --checkpoint-dir.")]
+SaveEvery = Annotated[int | None, typer.Option(help="Steps between checkpoints.")]
+Projector = Annotated[Path | None, typer.Option(help="An aligned projector: the pack `mmer extend align` wrote.")]
+Overwrite = Annotated[bool, typer.Option(help="Replace an existing output.")]
+JsonOut = Annotated[bool, typer.Option("--json", help="Print a machine-readable summary on stdout.")]
+Quiet = Annotated[bool, typer.Option("--quiet", "-q", help="No progress bars.")]
+
+
+def _fail(err: MmerError, as_json: bool) -> None:
+    render.print_error(err, as_json)
+    raise typer.Exit(err.exit_code)
+
+
+def _recipe(path: Path | None, stage: str, **flags: Any):
+    """The recipe file (or defaults) with this stage's flags applied."""
+    from mmer.extend import MoExtendRecipe, load_moextend_recipe
+    from mmer.extend.options import replace_options
+
+    recipe = load_moextend_recipe(path) if path is not None else MoExtendRecipe()
+    changes = {k: v for k, v in flags.items() if v is not None}
+    if not changes:
+        return recipe
+    section = replace_options(getattr(recipe, stage), stage, changes)
+    return dataclasses.replace(recipe, **{stage: section})
+
+
+def _stage_flags(steps, lr, batch_size, device, mixed_precision, seed, save_every) -> dict[str, Any]:
+    return {
+        "steps": steps,
+        "learning_rate": lr,
+        "batch_size": batch_size,
+        "device": device,
+        "mixed_precision": mixed_precision,
+        "seed": seed,
+        "save_every": save_every,
+    }
+
+
+def _aligned(base: Path, projector: Path | None):
+    """The base LM, with the aligned projector loaded onto it when one is given."""
+    from mmer.extend import load_base, load_extension_pack
+
+    if projector is None:
+        return None, load_base(base)
+    model = load_extension_pack(base, projector)
+    if model.projector is None or model.manifest is None or model.manifest["layers"]:
+        raise ConfigError(
+            f"{projector}: not a projector pack",
+            file=str(projector),
+            key="projector",
+            hint="pass what `mmer extend align` wrote",
+        )
+    return model, model.lm
+
+
+def _finish(summary: dict[str, Any], as_json: bool, lines: list[str]) -> None:
+    if as_json:
+        render.print_json({"ok": True, **summary})
+        return
+    for line in lines:
+        render.out_console.print(line, highlight=False)
+
+
+def _report_lines(reports: dict[str, Any]) -> list[str]:
+    out = []
+    for name, r in reports.items():
+        final = "-" if r["final_loss"] is None else f"{r['final_loss']:.4f}"
+        resumed = f", resumed at step {r['resumed_from']}" if r.get("resumed_from") else ""
+        out.append(
+            f"{name}: {r['steps']} steps, {r['trainable_parameters']:,} trainable parameters, final loss {final}, "
+            f"{r['seconds']:.1f} s on {r['device']} ({r['mixed_precision']}){resumed}"
+        )
+    return out
+
+
+def _run(as_json: bool, quiet: bool, work):
+    """Run ``work(progress)`` with progress bars, turning library errors and Ctrl-C into exit codes."""
+    try:
+        with render.RichProgress(enabled=not quiet and not as_json) as progress:
+            return work(progress)
+    except MmerError as err:
+        _fail(err, as_json)
+    except KeyboardInterrupt:
+        render.err_console.print("[red]interrupted[/]: partial outputs were removed; checkpoints are kept")
+        raise typer.Exit(130) from None
+
+
+@extend_app.command()
+def align(
+    base: Base,
+    data: Data,
+    output: Annotated[Path, typer.Option("--output", "-o", help="Where to write the projector pack.")],
+    recipe: Recipe = None,
+    steps: Steps = None,
+    lr: Lr = None,
+    batch_size: BatchSize = None,
+    device: Device = None,
+    mixed_precision: Precision = None,
+    seed: Seed = None,
+    save_every: SaveEvery = None,
+    checkpoint_dir: CheckpointDir = None,
+    resume: Resume = False,
+    overwrite: Overwrite = False,
+    json_out: JsonOut = False,
+    quiet: Quiet = False,
+) -> None:
+    """Stage a: train the new modality's projector with the whole LLM frozen; writes a projector-only pack."""
+    from mmer.extend import align as align_stage
+    from mmer.extend import load_base, load_data, write_pack
+    from mmer.extend.pack import check_output
+
+    def work(progress):
+        check_output(output, overwrite)
+        rec = _recipe(
+            recipe, "align", **_stage_flags(steps, lr, batch_size, device, mixed_precision, seed, save_every)
+        )
+        model, report = align_stage(
+            load_base(base),
+            load_data(data),
+            projector_options=rec.projector,
+            options=rec.align,
+            checkpoint_dir=checkpoint_dir,
+            resume=resume,
+            progress=progress,
+        )
+        write_pack(
+            model,
+            output,
+            modality=rec.extend.modality,
+            training={"align": report.to_dict()},
+            recipe=rec.to_dict(),
+            overwrite=overwrite,
+        )
+        return report.to_dict()
+
+    report = _run(json_out, quiet, work)
+    _finish(
+        {"output": str(output), "reports": {"align": report}},
+        json_out,
+        [*_report_lines({"align": report}), f"projector pack written to {output}"],
+    )
+
+
+@extend_app.command()
+def probe(
+    base: Base,
+    data: Data,
+    output: Annotated[Path, typer.Option("--output", "-o", help="Where to write the probe result (JSON).")],
+    projector: Projector = None,
+    stats_data: Annotated[
+        Path | None, typer.Option(help="Statistics set S_e (default: a held-out share of DATA).")
+    ] = None,
+    fraction: Annotated[float | None, typer.Option(help="Share p of the MoE layers to extend (0.5).")] = None,
+    recipe: Recipe = None,
+    steps: Steps = None,
+    lr: Lr = None,
+    batch_size: BatchSize = None,
+    device: Device = None,
+    mixed_precision: Precision = None,
+    seed: Seed = None,
+    save_every: SaveEvery = None,
+    checkpoint_dir: CheckpointDir = None,
+    resume: Resume = False,
+    overwrite: Overwrite = False,
+    json_out: JsonOut = False,
+    quiet: Quiet = False,
+) -> None:
+    """Stage b: tune only the routers, score each layer by its change of routing (d_j), pick the top p."""
+    from mmer.extend import MoExtendModel, load_data, run_probe
+    from mmer.extend.options import replace_options
+
+    def work(progress):
+        if output.exists() and not overwrite:
+            raise OutputExistsError(f"{output}: already exists", file=str(output), hint="pass --overwrite")
+        rec = _recipe(
+            recipe, "probe", **_stage_flags(steps, lr, batch_size, device, mixed_precision, seed, save_every)
+        )
+        selection = (
+            rec.selection if fraction is None else replace_options(rec.selection, "selection", {"fraction": fraction})
+        )
+        model, lm = _aligned(base, projector)
+        result = run_probe(
+            model or MoExtendModel(lm),
+            load_data(data),
+            rec.probe,
+            selection,
+            stats_data=None if stats_data is None else load_data(stats_data),
+            checkpoint_dir=checkpoint_dir,
+            resume=resume,
+            progress=progress,
+        )
+        result.save(output)
+        return result
+
+    result = _run(json_out, quiet, work)
+    summary = {
+        "output": str(output),
+        "selected": result.selected,
+        "scores": {str(k): v for k, v in result.scores.items()},
+    }
+    lines = [f"layer {k}: d = {v:.4g}{'  ← extend' if k in result.selected else ''}" for k, v in result.scores.items()]
+    _finish(summary, json_out, [*lines, f"chosen layers {result.selected}; probe result written to {output}"])
+
+
+def _parse_layers(value: str | None) -> str | tuple[int, ...] | None:
+    if value is None or value in ("extender", "all"):
+        return value
+    try:
+        return tuple(int(v) for v in value.split(",") if v.strip())
+    except ValueError:
+        raise ConfigError(
+            f"--layers {value!r} is not extender, all or a comma-separated list",
+            key="layers",
+            hint="e.g. --layers 1,3",
+        ) from None
+
+
+@extend_app.command()
+def train(
+    base: Base,
+    data: Data,
+    output: Annotated[Path, typer.Option("--output", "-o", help="Where to write the extension pack.")],
+    layers: Annotated[
+        str | None, typer.Option(help="extender (paper: the probe's choice), all, or a list such as 1,3.")
+    ] = None,
+    probe_result: Annotated[
+        Path | None, typer.Option("--probe", help="A probe result from `mmer extend probe` (else it runs here).")
+    ] = None,
+    projector: Projector = None,
+    stats_data: Annotated[Path | None, typer.Option(help="Statistics set S_e for the probe.")] = None,
+    modality: Annotated[str | None, typer.Option(help="Name of the new modality (vision).")] = None,
+    recipe: Recipe = None,
+    steps: Steps = None,
+    lr: Lr = None,
+    batch_size: BatchSize = None,
+    device: Device = None,
+    mixed_precision: Precision = None,
+    seed: Seed = None,
+    save_every: SaveEvery = None,
+    workdir: Annotated[Path | None, typer.Option(help="Keep every stage's resumable checkpoints here.")] = None,
+    resume: Resume = False,
+    overwrite: Overwrite = False,
+    json_out: JsonOut = False,
+    quiet: Quiet = False,
+) -> None:
+    """Stages b″ and c (running a and b first when needed): add experts, train only them, write the pack."""
+    from mmer.extend import ProbeResult, load_data, run_moextend
+    from mmer.extend.options import replace_options
+
+    def work(progress):
+        rec = _recipe(
+            recipe, "finetune", **_stage_flags(steps, lr, batch_size, device, mixed_precision, seed, save_every)
+        )
+        changes = {"layers": _parse_layers(layers), "modality": modality}
+        changes = {k: v for k, v in changes.items() if v is not None}
+        if changes:
+            rec = dataclasses.replace(rec, extend=replace_options(rec.extend, "extend", changes))
+        model, lm = _aligned(base, projector)
+        result = run_moextend(
+            lm,
+            load_data(data),
+            output,
+            rec,
+            projector_model=model,
+            probe=None if probe_result is None else ProbeResult.load(probe_result),
+            stats_data=None if stats_data is None else load_data(stats_data),
+            workdir=workdir,
+            resume=resume,
+            overwrite=overwrite,
+            progress=progress,
+        )
+        return result.to_dict()
+
+    summary = _run(json_out, quiet, work)
+    lines = _report_lines(summary["reports"])
+    lines.append(f"extended layers {summary['layers']} (new experts copied from {summary['sources']})")
+    lines.append(f"extension pack written to {output}")
+    _finish(summary, json_out, lines)
+
+
+@extend_app.command()
+def inspect(
+    pack: Annotated[Path, typer.Argument(help="An extension pack directory.")],
+    json_out: JsonOut = False,
+) -> None:
+    """Show what a pack holds: base, extended layers, source experts, scores, calibration, training."""
+    from mmer.extend import read_pack_manifest
+
+    try:
+        manifest = read_pack_manifest(pack)
+    except MmerError as err:
+        _fail(err, json_out)
+    if json_out:
+        render.print_json({"ok": True, **manifest})
+        return
+    base = manifest["base"]
+    lines = [
+        f"pack {pack}: modality {manifest['modality']!r}, stage {manifest['stage']}, "
+        f"format {manifest['format_version']}",
+        f"base: {base['architecture']} ({base['model_type']}, {base['dtype']}), {base['num_hidden_layers']} layers, "
+        f"sha256 {base['sha256'][:16]}…",
+    ]
+    for entry in manifest["layers"]:
+        score = "" if entry.get("score") is None else f", d = {entry['score']:.4g}"
+        lines.append(
+            f"  layer {entry['layer']}: {entry['base_experts']} → {entry['base_experts'] + entry['new_experts']} "
+            f"experts, copied from {entry['source_experts']}{score}"
+        )
+    if manifest.get("calibration"):
+        lines.append(f"calibration: {manifest['calibration']['form']} (hidden {manifest['calibration']['hidden']})")
+    if manifest.get("projector"):
+        p = manifest["projector"]
+        lines.append(f"projector: {p['kind']} from {p['in_features']} features, placeholder id {p['placeholder_id']}")
+    lines.append(f"tensors: {manifest['tensors']['parameters']:,} parameters in {manifest['tensors']['file']}")
+    _finish({}, False, lines)
+
+
+@extend_app.command("eval")
+def evaluate(
+    base: Base,
+    data: Data,
+    pack: Annotated[
+        Path | None, typer.Option(help="Evaluate with this pack on the base (else the base alone).")
+    ] = None,
+    batch_size: Annotated[int, typer.Option(help="Samples per batch.")] = 8,
+    json_out: JsonOut = False,
+) -> None:
+    """Mean next-token loss and accuracy on DATA's labelled tokens (forgetting: compare with and without --pack)."""
+    from mmer.extend import MoExtendModel, load_base, load_data, load_extension_pack
+    from mmer.extend import evaluate as evaluate_model
+
+    try:
+        model = load_extension_pack(base, pack) if pack is not None else MoExtendModel(load_base(base))
+        metrics = evaluate_model(model, load_data(data), batch_size)
+    except MmerError as err:
+        _fail(err, json_out)
+    summary = {"pack": None if pack is None else str(pack), **metrics}
+    line = f"loss {metrics['loss']:.4f}, accuracy {metrics['accuracy']:.2%} over {metrics['tokens']:,} tokens"
+    _finish(summary, json_out, [line + ("" if pack is None else f" with {pack}")])
 
 
 def register(app: typer.Typer) -> None:
     """Add this module's commands to ``app``."""
+    app.add_typer(extend_app, name="extend")

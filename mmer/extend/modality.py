@@ -1,0 +1,94 @@
+"""The new modality's entry into the LLM: a projector, and a model that splices projected features into the text.
+
+The encoder (CLIP in the paper) is frozen and external: mmer takes its output features, never runs it. A
+sample is token ids in which ``placeholder_id`` marks as many positions as the sample has feature vectors;
+the projector maps the features to the embedding width and they overwrite those positions' embeddings in
+order (the authors' ``<imgpad>`` scheme, LLaVA's too). Text-only data (a task extension) has no features.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import nn
+
+from mmer.errors import ConfigError
+
+
+class Projector(nn.Module):
+    """Encoder features → LLM embeddings: ``mlp2x_gelu`` (Linear → GELU → Linear, the paper's) or ``linear``."""
+
+    def __init__(self, kind: str, in_features: int, hidden: int) -> None:
+        super().__init__()
+        self.kind = kind
+        self.in_features = in_features
+        if kind == "mlp2x_gelu":
+            self.net = nn.Sequential(nn.Linear(in_features, hidden), nn.GELU(), nn.Linear(hidden, hidden))
+        elif kind == "linear":
+            self.net = nn.Sequential(nn.Linear(in_features, hidden))
+        else:
+            raise ValueError(f"unknown projector kind {kind!r}")
+
+    def forward(self, features: torch.Tensor) -> torch.Tensor:
+        return self.net(features.to(self.net[0].weight.dtype))
+
+
+def parameter_count(module: nn.Module | None) -> int:
+    return 0 if module is None else sum(p.numel() for p in module.parameters())
+
+
+class MoExtendModel(nn.Module):
+    """A transformers MoE causal LM (``lm``, possibly extended in place) plus the modality's projector.
+
+    Calling it returns next-token logits; ``features`` fill the ``placeholder_id`` positions.
+    """
+
+    def __init__(self, lm: nn.Module, projector: Projector | None = None, placeholder_id: int | None = None) -> None:
+        super().__init__()
+        if projector is not None and placeholder_id is None:
+            raise ConfigError("a projector needs a placeholder token id", key="placeholder_id")
+        self.lm = lm
+        self.projector = projector
+        self.placeholder_id = placeholder_id
+        self.manifest: dict[str, Any] | None = None
+
+    def embed(self, input_ids: torch.Tensor, features: torch.Tensor | None = None) -> torch.Tensor:
+        """Token embeddings with the projected features written over the placeholder positions."""
+        embeds = self.lm.get_input_embeddings()(input_ids)
+        if features is None:
+            return embeds
+        if self.projector is None or self.placeholder_id is None:
+            raise ConfigError(
+                "the batch has features but the model has no projector",
+                key="features",
+                hint="align a projector first (mmer extend align) or drop the features from the data",
+            )
+        slots = input_ids == self.placeholder_id
+        expected = features.shape[0] * features.shape[1]
+        if int(slots.sum()) != expected:
+            raise ConfigError(
+                f"the batch has {int(slots.sum())} placeholder tokens (id {self.placeholder_id}) but {expected} "
+                f"feature vectors ({features.shape[0]} samples × {features.shape[1]})",
+                key="features",
+                hint="every sample needs exactly one placeholder token per feature vector",
+            )
+        projected = self.projector(features).to(embeds.dtype)
+        return embeds.masked_scatter(slots.unsqueeze(-1), projected.reshape(-1, embeds.shape[-1]))
+
+    def forward(
+        self,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor | None = None,
+        features: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """Logits [batch, length, vocab]."""
+        embeds = self.embed(input_ids, features)
+        out = self.lm(inputs_embeds=embeds, attention_mask=attention_mask, use_cache=False, output_router_logits=False)
+        return out.logits
+
+    @torch.no_grad()
+    def generate(self, input_ids: torch.Tensor, features: torch.Tensor | None = None, **kwargs: Any) -> torch.Tensor:
+        """transformers' ``generate`` from the spliced embeddings (returns only the new tokens)."""
+        attention_mask = kwargs.pop("attention_mask", torch.ones_like(input_ids))
+        return self.lm.generate(inputs_embeds=self.embed(input_ids, features), attention_mask=attention_mask, **kwargs)
