@@ -65,7 +65,9 @@ class RichProgress(ProgressSink):
         self._progress.stop()
 
     def start(self, stage: str, total: float, unit: str = "B") -> None:
-        self._tasks[stage] = self._progress.add_task(stage, total=max(total, 1))
+        # Byte stages show sizes and speed; other units (steps, batches) show a plain count in the description.
+        label = stage if unit == "B" else f"{stage} ({unit})"
+        self._tasks[stage] = self._progress.add_task(label, total=max(total, 1))
 
     def advance(self, stage: str, amount: float) -> None:
         if stage in self._tasks:

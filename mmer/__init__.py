@@ -14,6 +14,7 @@ from mmer.checkpoint.decoupled import DecoupledCheckpoint, load_decoupled
 from mmer.compare import run_compare
 from mmer.config import MergeOptions, ModelSpec, Recipe, load_recipe, load_spec
 from mmer.errors import MmerError
+from mmer.extend import load_extension_pack, run_moextend, unload_extension
 from mmer.inspect import MaskStats, inspect_masks
 from mmer.pipeline import MergeReport, run_merge
 from mmer.plan import build_plan
@@ -34,12 +35,15 @@ __all__ = [
     "add_models",
     "run_compare",
     "run_tune",
+    "unload_extension",
     "build_plan",
     "inspect_masks",
     "load_decoupled",
+    "load_extension_pack",
     "load_recipe",
     "load_spec",
     "reconstruct",
     "reconstruct_modality",
     "run_merge",
+    "run_moextend",
 ]
