@@ -3,12 +3,8 @@ the merge of the old modalities' reconstructions, bit for bit; either way it rec
 
 from __future__ import annotations
 
-import inspect
 import json
-import re
 import shutil
-import signal
-from dataclasses import dataclass
 from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
@@ -16,6 +12,7 @@ from typing import Any
 import pytest
 import torch
 import yaml
+from cli_runner import cli
 from conftest import component_state, finetune_state, write_model
 from test_pipeline import recipe_for
 
@@ -30,37 +27,6 @@ PROVENANCE = {"README.md", "mmer_recipe.yaml", HISTORY_NAME}
 
 
 # ---------------------------------------------------------------------------------------------------- helpers
-ANSI = re.compile(r"\x1b\[[0-9;?]*[A-Za-z]")
-CLI_ENV = {"COLUMNS": "500", "LINES": "200", "TTY_COMPATIBLE": "0", "NO_COLOR": "1", "FORCE_COLOR": None}
-
-
-@dataclass
-class CliResult:
-    exit_code: int
-    stdout: str
-    stderr: str
-
-    def json(self) -> Any:
-        return json.loads(self.stdout)
-
-    def __str__(self) -> str:
-        return f"exit {self.exit_code}\n--- stdout\n{self.stdout}\n--- stderr\n{self.stderr}"
-
-
-def cli(*args: str | Path) -> CliResult:
-    """The CLI through Typer's runner (the same small runner as tests/cli; it has no conftest.py to share)."""
-    from mmer_cli.main import app
-    from typer.testing import CliRunner
-
-    mix = {"mix_stderr": False} if "mix_stderr" in inspect.signature(CliRunner.__init__).parameters else {}
-    previous = signal.getsignal(signal.SIGTERM)
-    try:
-        result = CliRunner(env=CLI_ENV, **mix).invoke(app, [str(a) for a in args])
-    finally:
-        signal.signal(signal.SIGTERM, previous)
-    if result.exception is not None and not isinstance(result.exception, SystemExit):
-        raise result.exception
-    return CliResult(result.exit_code, ANSI.sub("", result.stdout), ANSI.sub("", result.stderr))
 
 
 def files_of(directory: Path) -> dict[str, bytes]:

@@ -2,50 +2,15 @@
 
 from __future__ import annotations
 
-import inspect
-import json
-import re
-import signal
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 import pytest
-from mmer_cli.main import app
-from typer.testing import CliRunner
+
+# ---------------------------------------------------------------------------------------------------- runner
+from cli_runner import cli
 
 import mmer
 from mmer.config import build_recipe
-
-# ---------------------------------------------------------------------------------------------------- runner
-# The same small runner as the other CLI test modules (tests/cli has no conftest.py, see there).
-ANSI = re.compile(r"\x1b\[[0-9;?]*[A-Za-z]")
-CLI_ENV = {"COLUMNS": "500", "LINES": "200", "TTY_COMPATIBLE": "0", "NO_COLOR": "1", "FORCE_COLOR": None}
-
-
-@dataclass
-class CliResult:
-    exit_code: int
-    stdout: str
-    stderr: str
-    exception: BaseException | None
-
-    def json(self) -> Any:
-        return json.loads(self.stdout)
-
-    def __str__(self) -> str:
-        return f"exit {self.exit_code}\n--- stdout\n{self.stdout}\n--- stderr\n{self.stderr}\n--- {self.exception!r}"
-
-
-def cli(*args: str | Path) -> CliResult:
-    mix = {"mix_stderr": False} if "mix_stderr" in inspect.signature(CliRunner.__init__).parameters else {}
-    previous = signal.getsignal(signal.SIGTERM)
-    try:
-        result = CliRunner(env=CLI_ENV, **mix).invoke(app, [str(a) for a in args])
-    finally:
-        signal.signal(signal.SIGTERM, previous)
-    exception = None if isinstance(result.exception, SystemExit) else result.exception
-    return CliResult(result.exit_code, ANSI.sub("", result.stdout), ANSI.sub("", result.stderr), exception)
 
 
 @pytest.fixture(scope="module")

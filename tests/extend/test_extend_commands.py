@@ -2,54 +2,21 @@
 
 from __future__ import annotations
 
-import inspect
 import json
-import re
-import signal
-from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
 import torch
-from mmer_cli.main import app
+from cli_runner import cli
 from tiny_moe import (
     make_data,
     saved_lm,
     single_thread,  # noqa: F401  (autouse: one thread per module)
 )
-from typer.testing import CliRunner
 
 from mmer.extend import load_extension_pack, read_pack_manifest, save_data
 
-ANSI = re.compile(r"\x1b\[[0-9;?]*[A-Za-z]")
-CLI_ENV = {"COLUMNS": "500", "LINES": "200", "TTY_COMPATIBLE": "0", "NO_COLOR": "1", "FORCE_COLOR": None}
 FAST = ["--steps", "2", "--batch-size", "8", "--device", "cpu", "--mixed-precision", "no", "--quiet"]
-
-
-@dataclass
-class CliResult:
-    exit_code: int
-    stdout: str
-    stderr: str
-
-    def json(self):
-        return json.loads(self.stdout)
-
-    def __str__(self) -> str:
-        return f"exit {self.exit_code}\n--- stdout\n{self.stdout}\n--- stderr\n{self.stderr}"
-
-
-def cli(*args: str | Path) -> CliResult:
-    """Run the ``mmer`` app in-process with stdout and stderr kept apart (as tests/cli does)."""
-    mix = {"mix_stderr": False} if "mix_stderr" in inspect.signature(CliRunner.__init__).parameters else {}
-    previous = signal.getsignal(signal.SIGTERM)
-    try:
-        result = CliRunner(env=CLI_ENV, **mix).invoke(app, [str(a) for a in args])
-    finally:
-        signal.signal(signal.SIGTERM, previous)
-    if result.exception is not None and not isinstance(result.exception, SystemExit):
-        raise result.exception
-    return CliResult(result.exit_code, ANSI.sub("", result.stdout), ANSI.sub("", result.stderr))
 
 
 @pytest.fixture(scope="module")
