@@ -55,7 +55,9 @@ from mmer.io.writer import StagedOutput
 from mmer.merge.masks import NO_MASK, reconstruct
 from mmer.pipeline import (
     MergeReport,
+    done,
     execute_plan,
+    hash_inputs,
     hash_tree,
     peak_rss_bytes,
     resolved_recipe,
@@ -235,9 +237,9 @@ def source_mismatch(
         for name, path in files.items():
             cached = cached_blob_sha256(path)
             if cached is not None:
-                futures[name] = _done(cached)
+                futures[name] = done(cached)
             else:
-                futures[name] = pool.submit(sha256_file, path) if recorded.get(name) is not None else _done(None)
+                futures[name] = pool.submit(sha256_file, path) if recorded.get(name) is not None else done(None)
         hashes = {name: f.result() for name, f in futures.items()}
     finally:
         if own_pool:
@@ -246,12 +248,6 @@ def source_mismatch(
         if digest is not None and hashes.get(name) is not None and hashes[name] != digest:
             return f"{name} differs from the file merged (sha256 {hashes[name][:12]}… ≠ {digest[:12]}…)", hashes
     return None, hashes
-
-
-def _done(value: Any) -> Future:
-    f: Future = Future()
-    f.set_result(value)
-    return f
 
 
 # ----------------------------------------------------------------------------------------------- stand-ins
@@ -687,9 +683,9 @@ def _execute(
             if m.label in stand_ins:
                 hashes[m.label] = {}
             elif options.hash_inputs and old is not None and old.hashes and None not in old.hashes.values():
-                hashes[m.label] = {k: _done(v) for k, v in old.hashes.items()}  # hashed when checked
+                hashes[m.label] = {k: done(v) for k, v in old.hashes.items()}  # hashed when checked
             else:
-                hashes[m.label] = _hash_files(m, hasher, options.hash_inputs)
+                hashes[m.label] = hash_inputs(m, hasher, options.hash_inputs)
         manifest = execute_plan(plan, staging, hashes, merge, progress)
         # The base is the same tensors whichever copy was read: keep the record of the original base.
         manifest.base = ckpt.manifest.base
@@ -715,18 +711,6 @@ def _execute(
     merge.seconds["total"] = time.perf_counter() - started
     merge.peak_rss_bytes = peak_rss_bytes()
     return merge
-
-
-def _hash_files(model: SourceModel, pool: ThreadPoolExecutor, enabled: bool) -> dict[str, Future]:
-    futures: dict[str, Future] = {}
-    for file in model.reader.weight_files():
-        if not enabled:
-            futures[file.name] = _done(None)
-        elif (cached := cached_blob_sha256(file)) is not None:
-            futures[file.name] = _done(cached)
-        else:
-            futures[file.name] = pool.submit(sha256_file, file)
-    return futures
 
 
 def _mask_bits_changed(ckpt: DecoupledCheckpoint, name: str, new_file: Path) -> int:

@@ -121,7 +121,7 @@ def run_merge(
         raise ValueError("an output directory is required unless dry_run is set")
     try:
         with StagedOutput(output, overwrite=overwrite) as staging, ThreadPoolExecutor(max_workers=1) as hasher:
-            hashes = {m.label: _hash_inputs(m, hasher, recipe.options.hash_inputs) for m in [plan.base, *plan.models]}
+            hashes = {m.label: hash_inputs(m, hasher, recipe.options.hash_inputs) for m in [plan.base, *plan.models]}
             manifest = execute_plan(plan, staging, hashes, report, progress)
             (staging / RECIPE_NAME).write_text(resolved_recipe(plan).to_yaml(), encoding="utf-8")
             write_card(staging, manifest, report)
@@ -480,19 +480,21 @@ def copy_side_files(source: Path, destination: Path) -> list[str]:
 
 
 # ----------------------------------------------------------------------------------------------------- record
-def _hash_inputs(model: SourceModel, pool: ThreadPoolExecutor, enabled: bool) -> dict[str, Future]:
+def hash_inputs(model: SourceModel, pool: ThreadPoolExecutor, enabled: bool) -> dict[str, Future]:
+    """sha256 of a model's weight files: from the Hub cache's blob names when possible, else on ``pool``."""
     futures: dict[str, Future] = {}
     for file in model.reader.weight_files():
         if not enabled:
-            futures[file.name] = _done(None)
+            futures[file.name] = done(None)
         elif (cached := cached_blob_sha256(file)) is not None:
-            futures[file.name] = _done(cached)
+            futures[file.name] = done(cached)
         else:
             futures[file.name] = pool.submit(sha256_file, file)
     return futures
 
 
-def _done(value: Any) -> Future:
+def done(value: Any) -> Future:
+    """A future that already holds ``value`` (a hash known without reading the file)."""
     f: Future = Future()
     f.set_result(value)
     return f
