@@ -187,6 +187,12 @@ def execute_plan(
 
 
 # ------------------------------------------------------------------------------------------------- thresholds
+def release_inputs(plan: MergePlan) -> None:
+    """Unmap every input after a slot, so resident memory does not grow with the models read (see reader)."""
+    for model in [plan.base, *plan.models]:
+        model.reader.release()
+
+
 def slot_deltas(plan: MergePlan, slot_name: str, device: torch.device) -> tuple[torch.Tensor, list[torch.Tensor]]:
     """θ_base and every model's τᵢ (float32, on ``device``) for one slot, checked for NaN/inf.
 
@@ -271,6 +277,7 @@ def find_global_thresholds(plan: MergePlan, variants: list[Variant], progress: P
                     finder.add(tau)
             progress.advance(stage, slot.nbytes * (1 + n_models))
             del raw
+            release_inputs(plan)
         progress.end(stage)
     values: Thresholds = {
         key: [f.value if not f.needs_second_pass else None for f in finders[key]] for key in windowed
@@ -405,6 +412,7 @@ def merge_slots(plan: MergePlan, staging: Path, thresholds: Thresholds, progress
                     scale_den[label] += result.scale_den[i]
             progress.advance(stage, slot.nbytes * (1 + len(plan.models)))
             del base, raw, result
+            release_inputs(plan)
         for writer in writers:
             writer.close()
     except BaseException:
