@@ -394,7 +394,7 @@ def merge_slots(plan: MergePlan, staging: Path, thresholds: Thresholds, progress
             _write_private(plan, slot.name, private_writers)
             result = merge_slot(raw, variant, slot.name, tau_dtype(plan, slot.dtype), model_thresholds)
             for label, tau in zip(labels, raw, strict=True):
-                stats.delta_l1[label] += float(tau.abs().sum())
+                stats.delta_l1[label] += float(torch.linalg.vector_norm(tau, 1))  # Σ|τ| with no temporary
             if merged_writer is not None:
                 merged_writer.write(slot.name, reconstruct(base.to(device), result.stored, None))
             if tau_writer is not None:
@@ -402,8 +402,9 @@ def merge_slots(plan: MergePlan, staging: Path, thresholds: Thresholds, progress
             for i, label in enumerate(labels):
                 if result.masks is None:
                     continue
-                packed = bits.pack(result.masks[i].cpu())
-                ones = bits.popcount(packed)
+                mask = result.masks[i]
+                ones = int(torch.count_nonzero(mask))
+                packed = bits.pack(mask.cpu())
                 stats.kept_per_tensor[label][slot.name] = ones
                 stats.kept[label] += ones
                 mask_writers[label].write(slot.name, packed)
