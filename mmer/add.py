@@ -352,6 +352,9 @@ class StandInReader:
     def weight_files(self) -> list[Path]:
         return []
 
+    def release(self) -> None:
+        """Nothing is mapped here (tensors are computed from the checkpoint); kept for the reader interface."""
+
     def close(self) -> None:
         """The checkpoint is shared by every stand-in; :func:`add_models` closes it."""
 
