@@ -256,12 +256,13 @@ def find_global_thresholds(plan: MergePlan, variants: list[Variant], progress: P
         for key in windowed
     }
     if windowed:
+        merged_numel = plan.merged_numel  # a sum over every slot: read it once
         for slot in slots:
             base = plan.base.reader.get(plan.base.llm[slot.name].name, copy=False).reshape(-1)
             shared = slot.numel
             for i, m in enumerate(plan.models):
                 theta = m.reader.get(m.llm[slot.name].name, copy=False).reshape(-1)
-                for start, stop in _sample_blocks(shared, plan.merged_numel):
+                for start, stop in _sample_blocks(shared, merged_numel):
                     tau = theta[start:stop].to(device).float() - base[start:stop].to(device).float()
                     for key in windowed:
                         finders[key][i].add_sample(tau)
