@@ -40,6 +40,7 @@ from mmer.merge.task_vectors import check_finite, task_vector
 from mmer.merge.trim import GlobalThreshold, WindowedThreshold
 from mmer.plan import MergePlan, SourceModel, build_plan
 from mmer.progress import NULL_PROGRESS, ProgressSink
+from mmer.runtime import reuse_freed_memory
 from mmer.version import __version__
 
 # Files carried with a model besides its weights: configs, tokenizer and processor files (never code).
@@ -149,6 +150,7 @@ def execute_plan(
 
     ``run_merge`` and ``add`` call it on their plans and then add what is theirs (recipe, card, history).
     """
+    reuse_freed_memory()
     t = time.perf_counter()
     thresholds = find_global_thresholds(plan, [plan.variant], progress)
     report.seconds["thresholds"] = time.perf_counter() - t
@@ -193,27 +195,64 @@ def release_inputs(plan: MergePlan) -> None:
         model.reader.release()
 
 
-def slot_deltas(plan: MergePlan, slot_name: str, device: torch.device) -> tuple[torch.Tensor, list[torch.Tensor]]:
+# Flat entries per chunk when a slot is merged piecewise on the CPU (see ``Variant.elementwise``). About 1 M
+# float32 entries (4 MB) per buffer: below glibc's mmap threshold once ``reuse_freed_memory`` has run, so
+# every operation reuses freed heap memory, and a chunk's buffers for four models stay within the L2/L3
+# caches' reach. Measured on 2 cores: 8x faster elementwise kernels than on whole 46 MB tensors.
+CPU_CHUNK = 1 << 20
+
+
+def slot_spans(numel: int, device: torch.device, elementwise: bool = True) -> list[tuple[int, int] | None]:
+    """The flat ranges a slot is processed in: ``[None]`` for the whole slot at once.
+
+    Chunks are multiples of 8 entries, so each chunk's packed mask starts on a byte. On a GPU whole slots are
+    cheaper (kernel launches, not page faults, dominate there).
+    """
+    if device.type != "cpu" or not elementwise or numel <= CPU_CHUNK:
+        return [None]
+    return [(start, min(start + CPU_CHUNK, numel)) for start in range(0, numel, CPU_CHUNK)]
+
+
+def slot_deltas(
+    plan: MergePlan,
+    slot_name: str,
+    device: torch.device,
+    span: tuple[int, int] | None = None,
+    l1: list[float] | None = None,
+) -> tuple[torch.Tensor, list[torch.Tensor]]:
     """θ_base and every model's τᵢ (float32, on ``device``) for one slot, checked for NaN/inf.
 
-    The base is converted to float32 once per slot; NaN/inf are caught from each τᵢ's ℓ1 norm (one reduction,
-    no temporary) and only then located exactly, so the check costs little on clean models.
+    ``span`` restricts both to flat entries ``[start, stop)`` of the shared rows (a model's appended rows
+    come after them, so the shared part is a flat prefix). The base is converted to float32 once; NaN/inf are
+    caught from each τᵢ's ℓ1 norm (one reduction, no temporary), which ``l1`` receives when given, and only
+    then located exactly, so the check costs little on clean models.
     """
     base_info = plan.base.llm[slot_name]
     base = plan.base.reader.get(base_info.name, copy=False)
-    base_f = base.to(device).float()
     rows = base.shape[0] if base.dim() else None
+    if span is not None:
+        base = base.reshape(-1)[span[0] : span[1]]
+    base_f = base.to(device).float()
     taus = []
     for m in plan.models:
-        info = m.llm[slot_name]
-        theta = m.reader.get(info.name, copy=False)
-        taus.append(task_vector(theta.to(device), base_f, rows if theta.dim() and theta.shape[0] != rows else None))
-    if not plan.recipe.options.allow_nonfinite:
-        for m, tau in zip(plan.models, taus, strict=True):
-            if not bool(torch.isfinite(torch.linalg.vector_norm(tau, 1))):
-                check_finite(base, file=str(base_info.file), name=base_info.name)
+        theta = m.reader.get(m.llm[slot_name].name, copy=False)
+        if span is not None:
+            tau = task_vector(theta.reshape(-1)[span[0] : span[1]].to(device), base_f)
+        else:
+            tau = task_vector(theta.to(device), base_f, rows if theta.dim() and theta.shape[0] != rows else None)
+        taus.append(tau)
+    check = not plan.recipe.options.allow_nonfinite
+    if check or l1 is not None:
+        norms = [torch.linalg.vector_norm(tau, 1) for tau in taus]
+        for m, norm in zip(plan.models, norms, strict=True):
+            if check and not bool(torch.isfinite(norm)):
+                check_finite(
+                    plan.base.reader.get(base_info.name, copy=False), file=str(base_info.file), name=base_info.name
+                )
                 info = m.llm[slot_name]
                 check_finite(m.reader.get(info.name, copy=False), file=str(info.file), name=info.name)
+        if l1 is not None:
+            l1.extend(float(n) for n in norms)
     return base, taus
 
 
@@ -272,12 +311,13 @@ def find_global_thresholds(plan: MergePlan, variants: list[Variant], progress: P
         stage = "threshold"
         progress.start(stage, total_bytes)
         for slot in slots:
-            _, raw = slot_deltas(plan, slot.name, device)
-            for key in windowed:
-                for finder, tau in zip(finders[key], raw, strict=True):
-                    finder.add(tau)
+            for span in slot_spans(slot.numel, device):  # raw task vectors: always elementwise here
+                _, raw = slot_deltas(plan, slot.name, device, span)
+                for key in windowed:
+                    for finder, tau in zip(finders[key], raw, strict=True):
+                        finder.add(tau)
+                del raw
             progress.advance(stage, slot.nbytes * (1 + n_models))
-            del raw
             release_inputs(plan)
         progress.end(stage)
     values: Thresholds = {
@@ -389,31 +429,39 @@ def merge_slots(plan: MergePlan, staging: Path, thresholds: Thresholds, progress
                 _write_private(plan, slot.name, private_writers)
                 progress.advance(stage, slot.nbytes * (1 + len(plan.models)))
                 continue
-            base, raw = slot_deltas(plan, slot.name, device)
             if base_writer is not None:
-                base_writer.write(slot.name, base)
+                base_writer.write(slot.name, plan.base.reader.get(plan.base.llm[slot.name].name, copy=False))
             _write_private(plan, slot.name, private_writers)
-            result = merge_slot(raw, variant, slot.name, tau_dtype(plan, slot.dtype), model_thresholds)
-            for label, tau in zip(labels, raw, strict=True):
-                stats.delta_l1[label] += float(torch.linalg.vector_norm(tau, 1))  # Σ|τ| with no temporary
-            if merged_writer is not None:
-                merged_writer.write(slot.name, reconstruct(base.to(device), result.stored, None))
-            if tau_writer is not None:
-                tau_writer.write(slot.name, result.stored)
-            for i, label in enumerate(labels):
-                if result.masks is None:
-                    continue
-                mask = result.masks[i]
-                ones = int(torch.count_nonzero(mask))
-                packed = bits.pack(mask.cpu())
-                stats.kept_per_tensor[label][slot.name] = ones
-                stats.kept[label] += ones
-                mask_writers[label].write(slot.name, packed)
-                if result.scale_num:
-                    scale_num[label] += result.scale_num[i]
-                    scale_den[label] += result.scale_den[i]
-            progress.advance(stage, slot.nbytes * (1 + len(plan.models)))
-            del base, raw, result
+            store_dtype = tau_dtype(plan, slot.dtype)
+            ones = [0] * len(labels)
+            for span in slot_spans(slot.numel, device, variant.elementwise):
+                start = span[0] if span is not None else 0
+                l1: list[float] = []
+                base, raw = slot_deltas(plan, slot.name, device, span, l1=l1)
+                result = merge_slot(raw, variant, slot.name, store_dtype, model_thresholds)
+                for label, norm in zip(labels, l1, strict=True):
+                    stats.delta_l1[label] += norm
+                if merged_writer is not None:
+                    merged = reconstruct(base.to(device), result.stored, None)
+                    merged_writer.write_range(slot.name, merged.reshape(-1), start)
+                if tau_writer is not None:
+                    tau_writer.write_range(slot.name, result.stored.reshape(-1), start)
+                for i, label in enumerate(labels):
+                    if result.masks is None:
+                        continue
+                    mask = result.masks[i]
+                    ones[i] += int(torch.count_nonzero(mask))
+                    mask_writers[label].write_range(slot.name, bits.pack(mask.cpu()), start // 8)
+                    if result.scale_num:
+                        scale_num[label] += result.scale_num[i]
+                        scale_den[label] += result.scale_den[i]
+                entries = span[1] - span[0] if span is not None else slot.numel
+                progress.advance(stage, entries * slot.dtype.itemsize * (1 + len(labels)))
+                del base, raw, result
+            if variant.mask != NO_MASK:
+                for label, count in zip(labels, ones, strict=True):
+                    stats.kept_per_tensor[label][slot.name] = count
+                    stats.kept[label] += count
             release_inputs(plan)
         for writer in writers:
             writer.close()

@@ -19,6 +19,7 @@ LAYERS = {
     "mmer.version": 0,
     "mmer.config": 1,
     "mmer.progress": 1,
+    "mmer.runtime": 1,
     "mmer.io": 2,
     "mmer.merge": 2,
     "mmer.checkpoint": 3,

@@ -202,6 +202,41 @@ def test_the_same_inputs_give_bit_identical_files_across_runs_and_shard_sizes(ti
     ).read_bytes()
 
 
+CHUNK_CASES = [
+    {},
+    {"mask": "tall"},
+    {"mask": "none"},
+    {"method": "average"},
+    {"method": "task_arithmetic", "mask": "none", "delta_dtype": "float32"},
+    {"method": "emr", "mask": "emr"},
+    {"dare": 0.3},
+    {"trim_scope": "per-tensor"},
+    {"k": 0.3, "trim_count": "exact", "zero_sign": "positive", "aggregate": "sum"},
+]
+
+
+@pytest.mark.parametrize("options", CHUNK_CASES, ids=lambda o: ",".join(f"{k}={v}" for k, v in o.items()) or "default")
+def test_merging_slots_in_small_chunks_writes_the_same_bytes_as_whole_slots(
+    tiny_models, tmp_path, monkeypatch, options
+):
+    """Chunking is an implementation detail: every weight, mask and count is identical to whole-slot merging."""
+    import mmer.pipeline as pipeline
+
+    models = {"vision": tiny_models["vision_dir"], "audio": tiny_models["audio_dir"]}
+    recipe = recipe_for(tiny_models["base_dir"], models, **options)
+    monkeypatch.setattr(pipeline, "CPU_CHUNK", 1 << 40)
+    whole = mmer.run_merge(recipe, tmp_path / "whole")
+    monkeypatch.setattr(pipeline, "CPU_CHUNK", 24)  # a multiple of 8 that splits every tensor, leaving ragged tails
+    chunked = mmer.run_merge(recipe, tmp_path / "chunked")
+    files = sorted(p.relative_to(tmp_path / "whole") for p in (tmp_path / "whole").rglob("*.safetensors"))
+    assert files == sorted(p.relative_to(tmp_path / "chunked") for p in (tmp_path / "chunked").rglob("*.safetensors"))
+    for rel in files:
+        assert (tmp_path / "whole" / rel).read_bytes() == (tmp_path / "chunked" / rel).read_bytes(), rel
+    assert [(m.name, m.kept, m.total) for m in whole.modalities] == [
+        (m.name, m.kept, m.total) for m in chunked.modalities
+    ]
+
+
 def test_half_precision_inputs_store_tau_star_in_the_base_dtype_and_masks_follow_the_stored_values(tmp_path):
     base = base_state(dtype=torch.bfloat16)
     vision = finetune_state(base, seed=1)

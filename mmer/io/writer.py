@@ -8,6 +8,7 @@ front, so a full disk fails at the start of a shard rather than after minutes of
 
 from __future__ import annotations
 
+import bisect
 import errno
 import json
 import os
@@ -70,6 +71,8 @@ class SafetensorsFileWriter:
         self._data_start = 8 + len(raw)
         self._total = self._data_start + offset
         self._pending = set(self._offsets)
+        self._unwritten = {name: e.nbytes for name, (_, _, e) in self._offsets.items()}
+        self._parts: dict[str, list[tuple[int, int]]] = {}  # flat element ranges written so far, sorted
         try:
             self._file = open(path, "wb")
         except OSError as err:
@@ -83,20 +86,49 @@ class SafetensorsFileWriter:
             _raise_os_error(err, path)
 
     def write(self, name: str, tensor: torch.Tensor) -> None:
-        begin, end, planned = self._offsets[name]
+        _, _, planned = self._offsets[name]
         if tensor.dtype != planned.dtype or tuple(tensor.shape) != planned.shape:
             raise ValueError(
                 f"{name}: planned {planned.dtype} {planned.shape}, got {tensor.dtype} {tuple(tensor.shape)}"
             )
+        if self._unwritten.get(name) != planned.nbytes:
+            raise ValueError(f"{name} written twice")
+        self.write_range(name, tensor.reshape(-1), 0)
+
+    def write_range(self, name: str, flat: torch.Tensor, start: int) -> None:
+        """Write the flat elements ``[start, start + flat.numel())`` of one tensor.
+
+        Lets the merge stream a big tensor in chunks it never assembles; the tensor counts as written once
+        every byte of it has arrived (parts must not overlap).
+        """
         if name not in self._pending:
             raise ValueError(f"{name} written twice")
-        data = tensor.detach().to("cpu").contiguous().reshape(-1).view(torch.uint8).numpy()
+        begin, end, planned = self._offsets[name]
+        if flat.dtype != planned.dtype or flat.dim() != 1:
+            raise ValueError(f"{name}: planned {planned.dtype} parts (1-D), got {flat.dtype} {tuple(flat.shape)}")
+        itemsize = planned.dtype.itemsize
+        first, size = begin + start * itemsize, flat.numel() * itemsize
+        stop = start + flat.numel()
+        parts = self._parts.setdefault(name, [])
+        at = bisect.bisect_left(parts, (start, stop))
+        if (
+            start < 0
+            or first + size > end
+            or (at > 0 and parts[at - 1][1] > start)
+            or (at < len(parts) and parts[at][0] < stop and size > 0)
+        ):
+            raise ValueError(f"{name}: part [{start}, {stop}) lies outside the tensor or overlaps a written part")
+        parts.insert(at, (start, stop))
+        data = flat.detach().to("cpu").contiguous().view(torch.uint8).numpy()
         try:
-            self._file.seek(self._data_start + begin)
+            self._file.seek(self._data_start + first)
             self._file.write(memoryview(data))
         except OSError as err:
             _raise_os_error(err, self.path)
-        self._pending.discard(name)
+        self._unwritten[name] -= size
+        if self._unwritten[name] == 0:
+            self._pending.discard(name)
+            self._parts.pop(name, None)
 
     @property
     def complete(self) -> bool:
@@ -175,6 +207,17 @@ class ShardedWriter:
         return self._shard_of.keys()
 
     def write(self, name: str, tensor: torch.Tensor) -> None:
+        i, writer = self._writer_for(name)
+        writer.write(name, tensor)
+        self._close_if_complete(i, writer)
+
+    def write_range(self, name: str, flat: torch.Tensor, start: int) -> None:
+        """One part of a tensor (see :meth:`SafetensorsFileWriter.write_range`)."""
+        i, writer = self._writer_for(name)
+        writer.write_range(name, flat, start)
+        self._close_if_complete(i, writer)
+
+    def _writer_for(self, name: str) -> tuple[int, SafetensorsFileWriter]:
         i = self._shard_of[name]
         writer = self._open.get(i)
         if writer is None:
@@ -182,7 +225,9 @@ class ShardedWriter:
                 raise ValueError(f"{name}: its shard is already closed")
             writer = SafetensorsFileWriter(self.directory / self.file_names[i], self._shards[i], self.metadata)
             self._open[i] = writer
-        writer.write(name, tensor)
+        return i, writer
+
+    def _close_if_complete(self, i: int, writer: SafetensorsFileWriter) -> None:
         if writer.complete:
             writer.close()
             del self._open[i]

@@ -48,6 +48,19 @@ class Variant:
         return self.uses_trim and self.trim_scope == "global"
 
     @property
+    def elementwise(self) -> bool:
+        """Whether, given the global thresholds, every step maps entries independently.
+
+        Then a slot can be merged in flat chunks with results identical bit for bit to the whole tensor:
+        small chunks keep the working set in cache and let freed buffers be reused instead of faulting fresh
+        pages for every operation. DARE draws its random mask per whole tensor, a per-tensor trim ranks the
+        whole tensor and EMR's rescaler averages it, so those variants take whole slots.
+        """
+        if self.dare > 0 or (self.uses_trim and self.trim_scope != "global"):
+            return False
+        return self.mask == NO_MASK or not MASKS[self.mask].rescaled
+
+    @property
     def threshold_key(self) -> tuple[float, str, float, int]:
         """Variants with equal keys share their global thresholds (same task vectors, same trim)."""
         return (self.k, self.trim_count, self.dare, self.dare_seed if self.dare > 0 else 0)

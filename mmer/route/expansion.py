@@ -224,6 +224,15 @@ class ExpansionModel:
     # ---------------------------------------------------------------------------------------------- inputs
     def group_of(self, modality: str) -> int:
         """The weight-group number of ``modality`` (its position in ``groups``; 0 is text)."""
+        if modality in self.router.packs:
+            raise RoutingInputError(
+                f"{modality!r} is a MoExtend extension pack: expansion mode mixes the MMER modalities "
+                f"({', '.join(self.groups[1:])}) per token, and a pack's extra experts have no per-token mixing "
+                "with their masked weights",
+                key=modality,
+                hint=f"run the whole prompt on the pack: router(input_ids, attention_mask, features, "
+                f"modality={modality!r})",
+            )
         if modality not in self.groups[1:]:
             raise RoutingInputError(
                 f"no modality {modality!r} in this router (has {', '.join(self.groups[1:])})", key=modality

@@ -15,12 +15,16 @@ base on the host). Expansion mode uses the same live weights for its text weight
 On a GPU: ``Router.from_pretrained(path, device="cuda")``; tensors are read through the CPU once, then every
 switch runs on the device (mask bits unpacked there with ``mmer.checkpoint.bits.unpack``). Models are built
 with accelerate's ``init_empty_weights``, so no LLM is ever allocated per modality.
+
+MoExtend extension packs trained on the same MoE base are routed beside the modalities by name
+(``Router.from_pretrained(path, packs={"digits": "pack/"})`` or :meth:`Router.add_extension`): routing to
+one puts θ_base itself in the live weights and runs the pack's extended LM; see :mod:`mmer.route.packs`.
 """
 
 from __future__ import annotations
 
 import time
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -40,10 +44,11 @@ from mmer.route.models import (
     model_class,
     placeholder_ids,
 )
-from mmer.route.weights import MEAN, DeviceWeights
+from mmer.route.weights import BASE, MEAN, STATES, DeviceWeights
 
 if TYPE_CHECKING:
     from mmer.route.expansion import ExpansionModel
+    from mmer.route.packs import PackModality
 
 
 class ModalityModel:
@@ -68,7 +73,9 @@ class Router:
     """Every modality's model on one device, sharing one LLM; ``router(**inputs, modality="vision")``.
 
     Build it with :meth:`from_pretrained`. The model :meth:`use` returns is valid until the next switch (its
-    LLM parameters are views of the shared live weights).
+    LLM parameters are views of the shared live weights). A route is an MMER modality or an extension pack;
+    :attr:`active` names the active route, :attr:`state` the weights the live tensors hold (a modality,
+    ``BASE`` for every pack, ``MEAN`` for expansion mode).
     """
 
     def __init__(
@@ -82,7 +89,9 @@ class Router:
         self.weights = weights
         self.live = live
         self.models = models
+        self.packs: dict[str, PackModality] = {}
         self.active: str | None = None
+        self.state: str | None = None
         self.switches = 0
         self.last_switch_seconds = 0.0
         self.last_switch_rebuilt = 0
@@ -98,6 +107,8 @@ class Router:
         base_device: str | torch.device | None = None,
         model_classes: dict[str, type] | None = None,
         activate: str | None = None,
+        packs: Mapping[str, str | Path] | Sequence[str | Path] | None = None,
+        check_base_model: str = "full",
     ) -> Router:
         """Open a decoupled checkpoint and build every modality's model on ``device``.
 
@@ -107,7 +118,11 @@ class Router:
             modalities: which modalities to load (all by default); also the masks m̄ averages in expansion mode.
             base_device: where θ_base stays (``device`` by default; ``"cpu"`` saves one LLM of GPU memory).
             model_classes: a transformers class per modality, where ``config.architectures`` names none.
-            activate: the modality made active first (the first one by default).
+            activate: the route made active first (the first modality by default, else the first pack).
+            packs: MoExtend extension packs to serve beside the modalities: route name → pack directory, or
+                directories routed by the modality their manifests record (see :meth:`add_extension`).
+            check_base_model: how each pack's recorded base is checked against θ_base (``full``: sha256 of
+                every tensor; ``shapes``; ``none``).
         """
         device = torch.device(device)
         check_device(device)
@@ -115,8 +130,10 @@ class Router:
             check_device(torch.device(base_device))
         ckpt = load_decoupled(path)
         names = list(ckpt.modalities if modalities is None else modalities)
-        if not names:
-            raise RoutingInputError(f"{path}: no modality to load", key="modalities", hint="name at least one")
+        if not names and not packs:
+            raise RoutingInputError(
+                f"{path}: no modality to load", key="modalities", hint="name at least one, or pass packs={...}"
+            )
         for name in names:
             ckpt.modality(name)
         weights = DeviceWeights(ckpt, names, device, None if base_device is None else torch.device(base_device))
@@ -131,59 +148,134 @@ class Router:
         for name in names:
             models[name] = _build_modality(ckpt, name, weights, live, device, (model_classes or {}).get(name))
         router = cls(ckpt, weights, live, models)
-        router.switch(activate or names[0])
+        if isinstance(packs, (str, Path)):
+            packs = [packs]
+        named = packs.items() if isinstance(packs, Mapping) else [(None, d) for d in packs or ()]
+        for pack_name, pack_dir in named:
+            router.add_extension(pack_dir, pack_name, check_base_model=check_base_model)
+        router.switch(activate or (names or list(router.packs))[0])
         return router
+
+    def add_extension(self, pack_dir: str | Path, name: str | None = None, *, check_base_model: str = "full") -> str:
+        """Serve a MoExtend extension pack as a route: ``router(input_ids, mask, features, modality=name)``.
+
+        ``name`` defaults to the modality the pack's manifest records. The pack must extend this checkpoint's
+        θ_base: its model type, shapes and (``check_base_model="full"``) the sha256 of every base tensor are
+        checked once, here. Its extended LM shares the live weights; only the pack's own tensors are added.
+        The active route stays active. Returns the route name.
+        """
+        from mmer.extend.pack import read_pack_manifest
+        from mmer.route.packs import load_pack
+
+        name = name or str(read_pack_manifest(pack_dir)["modality"])
+        if name in self.models or name in self.packs or name in STATES:
+            kind = "an MMER modality" if name in self.models else "an extension pack" if name in self.packs else ""
+            raise RoutingInputError(
+                f"{pack_dir}: route name {name!r} is already {kind or 'reserved'} in this router "
+                f"(routes: {', '.join(self.routes)})",
+                key=name,
+                hint="give the pack another name: add_extension(pack_dir, name='other') or packs={'other': pack_dir}",
+            )
+        self._write_state(BASE)  # the pack is checked against, and loaded onto, θ_base itself
+        try:
+            self.packs[name] = load_pack(self.ckpt, self.weights, self.live, name, pack_dir, check_base_model)
+        finally:
+            if self.active is not None:
+                self.switch(self.active)  # back to the active route's weights, even when the pack was refused
+        return name
+
+    def remove_extension(self, name: str) -> None:
+        """Stop serving pack ``name`` (its tensors are freed once no model you hold refers to them)."""
+        if name not in self.packs:
+            raise RoutingInputError(
+                f"no extension pack {name!r} in this router (has {', '.join(self.packs) or 'none'})", key=name
+            )
+        del self.packs[name]
+        if self.active == name:
+            self.active = None
 
     # ------------------------------------------------------------------------------------------ switching
     @property
     def modalities(self) -> list[str]:
-        """The loaded modalities, in checkpoint order."""
+        """The loaded MMER modalities, in checkpoint order (what expansion mode mixes)."""
         return list(self.models)
 
+    @property
+    def extensions(self) -> list[str]:
+        """The extension packs served, in the order they were added."""
+        return list(self.packs)
+
+    @property
+    def routes(self) -> list[str]:
+        """Every name ``modality=`` accepts: the MMER modalities, then the packs."""
+        return [*self.models, *self.packs]
+
     def _check(self, modality: str) -> str:
-        if modality not in self.models and modality != MEAN:
+        if modality not in self.models and modality not in self.packs and modality != MEAN:
             raise RoutingInputError(
-                f"no modality {modality!r} in this router (has {', '.join(self.models)})",
+                f"no modality {modality!r} in this router (has {', '.join(self.routes)})",
                 key=modality,
-                hint="load it with Router.from_pretrained(..., modalities=[...])",
+                hint="load it with Router.from_pretrained(..., modalities=[...]) or add a pack with "
+                "add_extension(name, pack_dir)",
             )
         return modality
+
+    def _state_of(self, route: str) -> str:
+        """The weights a route runs on: θ_base for a pack, the modality's (or MEAN's) otherwise."""
+        return BASE if route in self.packs else route
 
     @torch.no_grad()
     def switch(self, modality: str) -> None:
         """Make ``modality`` active: rebuild, from θ_base, every live tensor that differs from the active one's.
 
-        ``MEAN`` (``mmer.route.weights.MEAN``) makes the live weights expansion mode's text weights.
+        ``MEAN`` (``mmer.route.weights.MEAN``) makes the live weights expansion mode's text weights. A pack's
+        route makes them θ_base (every pack shares that state: switching between packs rewrites nothing).
         """
         self._check(modality)
-        if modality == self.active:
+        if modality == self.active and self.state == self._state_of(modality):
             return
         started = time.perf_counter()
-        rebuilt = 0
-        for name, target in self.live.items():
-            if self.active is not None and self.weights.same_weights(self.active, modality, name):
-                continue
-            self.weights.write_into(target, modality, name)
-            rebuilt += 1
-        if self.weights.device.type == "cuda":
-            torch.cuda.synchronize(self.weights.device)
+        rebuilt = self._write_state(self._state_of(modality))
         self.active = modality
         self.switches += 1
         self.last_switch_seconds = time.perf_counter() - started
         self.last_switch_rebuilt = rebuilt
 
+    def _write_state(self, state: str) -> int:
+        """Rewrite, from θ_base, every live tensor that differs between the current state and ``state``."""
+        rebuilt = 0
+        for name, target in self.live.items():
+            if self.state is not None and self.weights.same_weights(self.state, state, name):
+                continue
+            self.weights.write_into(target, state, name)
+            rebuilt += 1
+        if self.weights.device.type == "cuda":
+            torch.cuda.synchronize(self.weights.device)
+        self.state = state
+        return rebuilt
+
     def use(self, modality: str) -> torch.nn.Module:
-        """Switch to ``modality`` and return its transformers model (valid until the next switch)."""
+        """Switch to ``modality`` and return its model (valid until the next switch).
+
+        A modality's is its transformers model; a pack's is its ``mmer.extend.MoExtendModel``, called as
+        ``model(input_ids, attention_mask, features)`` and returning logits.
+        """
         self.switch(modality)
+        if modality in self.packs:
+            return self.packs[modality].model
         return self.models[modality].model
 
     def __call__(self, *args: Any, modality: str, **inputs: Any) -> Any:
-        """``model(**inputs)`` of the modality's model, after switching to it."""
+        """``model(*args, **inputs)`` of the route's model (see :meth:`use`), after switching to it."""
         with torch.no_grad():
             return self.use(modality)(*args, **inputs)
 
     def generate(self, *args: Any, modality: str, **kwargs: Any) -> Any:
-        """``model.generate(...)`` of the modality's model, after switching to it."""
+        """``model.generate(...)`` of the route's model, after switching to it.
+
+        A pack's ``generate(input_ids, features, **kwargs)`` returns only the new tokens
+        (``mmer.extend.MoExtendModel.generate``).
+        """
         return self.use(modality).generate(*args, **kwargs)
 
     def llm_state(self, modality: str | None = None) -> dict[str, torch.Tensor]:
@@ -194,7 +286,8 @@ class Router:
                 f"{modality!r} is not active ({self.active!r} is)", key=modality, hint=f"call switch({modality!r})"
             )
         assert modality is not None
-        return {n: t[: self.weights.rows[modality][n][0]] if t.dim() else t for n, t in self.live.items()}
+        rows = self.weights.rows[self._state_of(modality)]
+        return {n: t[: rows[n][0]] if t.dim() else t for n, t in self.live.items()}
 
     def component_dir(self, modality: str) -> Path:
         """Where the modality's config, tokenizer and processor files are (for ``AutoProcessor``)."""
@@ -207,7 +300,7 @@ class Router:
         return ExpansionModel(self, cache_modality_weights=cache_modality_weights, route_norms=route_norms)
 
     def nbytes(self) -> dict[str, int]:
-        """Bytes held, by part (base, tau_star, masks, private, live, components)."""
+        """Bytes held, by part (base, tau_star, masks, private, live, components, extensions)."""
         out = self.weights.nbytes()
         out["live"] = sum(t.nbytes for t in self.live.values())
         live_ptrs = {t.untyped_storage().data_ptr() for t in self.live.values()}
@@ -217,6 +310,7 @@ class Router:
             for p in m.model.parameters()
             if p.untyped_storage().data_ptr() not in live_ptrs
         )
+        out["extensions"] = sum(pack.nbytes() for pack in self.packs.values())
         return out
 
     def close(self) -> None:

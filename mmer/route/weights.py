@@ -22,6 +22,8 @@ from mmer.io.reader import SAFETENSORS_DTYPES, read_safetensors_header
 from mmer.merge.masks import reconstruct
 
 MEAN = "<mean>"  # the text-weight state of expansion mode, θ_base + m̄∘τ* (not a valid modality name)
+BASE = "<base>"  # θ_base itself: the only weights an extension pack may run on (mmer.route.packs)
+STATES = (MEAN, BASE)  # weight states that are not modalities
 
 
 def reconstruct_mean(
@@ -160,8 +162,9 @@ class DeviceWeights:
                 for p in ckpt.modality(m).private
             }
             self.rows[m] = {name: modality_shape(ckpt, m, name) for name in self.slots}
-        self.private[MEAN] = {}
-        self.rows[MEAN] = {name: tuple(slot.shape) for name, slot in self.slots.items()}
+        for state in STATES:
+            self.private[state] = {}
+            self.rows[state] = {name: tuple(slot.shape) for name, slot in self.slots.items()}
 
     # --------------------------------------------------------------------------------------------- rebuilds
     def mask(self, modality: str, name: str) -> torch.Tensor:
@@ -206,8 +209,12 @@ class DeviceWeights:
     def write_into(self, target: torch.Tensor, modality: str, name: str) -> None:
         """Write the modality's tensor (or, for :data:`MEAN`, the text weights) into the first rows of ``target``.
 
-        Always rebuilt from θ_base, never derived from what ``target`` held.
+        Always rebuilt from θ_base, never derived from what ``target`` held; :data:`BASE` writes θ_base itself.
         """
+        if modality == BASE:
+            base = self.base_on_device(name)
+            target[: base.shape[0]].copy_(base)
+            return
         if modality == MEAN:
             text = self.text_part(name)
             target[: text.shape[0]].copy_(text)
@@ -226,9 +233,9 @@ class DeviceWeights:
         """Whether modalities ``a`` and ``b`` have bit-identical tensors ``name`` (same mask, no private rows)."""
         if name in self.private[a] or name in self.private[b]:
             return False
-        if name not in self.tau:
+        if name not in self.tau or a == b:
             return True
-        if MEAN in (a, b):
+        if MEAN in (a, b) or BASE in (a, b):
             return False
         key = (a, b, name) if a <= b else (b, a, name)
         if key not in self._same:  # compared once per pair: masks never change after loading

@@ -178,6 +178,52 @@ def test_closing_a_file_with_a_missing_tensor_raises(tmp_path):
         w.close()
 
 
+def test_a_tensor_written_in_parts_in_any_order_reads_back_whole(tmp_path):
+    values = torch.arange(20, dtype=torch.float32).reshape(4, 5)
+    w = SafetensorsFileWriter(tmp_path / "x.safetensors", [PlannedTensor("w", torch.float32, (4, 5))])
+    flat = values.reshape(-1)
+    for start, stop in [(12, 20), (0, 5), (5, 12)]:
+        assert not w.complete
+        w.write_range("w", flat[start:stop], start)
+    assert w.complete
+    w.close()
+    assert torch.equal(load_file(tmp_path / "x.safetensors")["w"], values)
+
+
+@pytest.mark.parametrize("parts", [[(0, 4), (2, 6)], [(4, 8), (0, 5)], [(0, 4), (0, 4)], [(6, 10)], [(-1, 2)]])
+def test_a_part_that_overlaps_or_overflows_is_refused_so_no_hole_can_pass_for_complete(tmp_path, parts):
+    w = SafetensorsFileWriter(tmp_path / "x.safetensors", [PlannedTensor("w", torch.float32, (8,))])
+    *ok, bad = parts
+    for start, stop in ok:
+        w.write_range("w", torch.ones(stop - start), start)
+    with pytest.raises(ValueError, match="overlaps"):
+        w.write_range("w", torch.ones(bad[1] - bad[0]), bad[0])
+    assert not w.complete
+    w.abort()
+
+
+def test_a_part_in_the_wrong_dtype_is_refused(tmp_path):
+    w = SafetensorsFileWriter(tmp_path / "x.safetensors", [PlannedTensor("w", torch.bfloat16, (8,))])
+    with pytest.raises(ValueError, match="planned"):
+        w.write_range("w", torch.ones(4), 0)
+    w.abort()
+
+
+def test_sharded_parts_close_their_shard_when_the_last_part_arrives(tmp_path):
+    entries = [PlannedTensor("a", torch.float32, (6,)), PlannedTensor("b", torch.float32, (2,))]
+    w = ShardedWriter(tmp_path, entries, max_shard_bytes=24)
+    w.write_range("a", torch.zeros(3), 3)
+    w.write_range("a", torch.ones(3), 0)
+    w.write("b", torch.full((2,), 7.0))
+    assert w.close() == [
+        "model-00001-of-00002.safetensors",
+        "model-00002-of-00002.safetensors",
+        "model.safetensors.index.json",
+    ]
+    reader = CheckpointReader(tmp_path)
+    assert torch.equal(reader.get("a"), torch.tensor([1.0, 1, 1, 0, 0, 0]))
+
+
 # ------------------------------------------------------------------------------------------- sharding
 
 
