@@ -7,6 +7,7 @@ the largest tensor, not by the model's depth. Output goes to a staging directory
 from __future__ import annotations
 
 import hashlib
+import math
 import resource
 import shutil
 import sys
@@ -219,8 +220,8 @@ def slot_deltas(
     device: torch.device,
     span: tuple[int, int] | None = None,
     l1: list[float] | None = None,
-) -> tuple[torch.Tensor, list[torch.Tensor]]:
-    """θ_base and every model's τᵢ (float32, on ``device``) for one slot, checked for NaN/inf.
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """θ_base and every model's τᵢ (float32, on ``device``, stacked as ``[n, ...]``) for one slot, checked for NaN/inf.
 
     ``span`` restricts both to flat entries ``[start, stop)`` of the shared rows (a model's appended rows
     come after them, so the shared part is a flat prefix). The base is converted to float32 once; NaN/inf are
@@ -233,26 +234,26 @@ def slot_deltas(
     if span is not None:
         base = base.reshape(-1)[span[0] : span[1]]
     base_f = base.to(device).float()
-    taus = []
-    for m in plan.models:
+    # Every model's τᵢ goes straight into one stack: the methods and masks then run once over [n, ...]
+    # instead of once per model, and nothing is copied to stack them.
+    taus = torch.empty((len(plan.models), *base_f.shape), dtype=torch.float32, device=device)
+    for i, m in enumerate(plan.models):
         theta = m.reader.get(m.llm[slot_name].name, copy=False)
         if span is not None:
-            tau = task_vector(theta.reshape(-1)[span[0] : span[1]].to(device), base_f)
+            task_vector(theta.reshape(-1)[span[0] : span[1]].to(device), base_f, out=taus[i])
         else:
-            tau = task_vector(theta.to(device), base_f, rows if theta.dim() and theta.shape[0] != rows else None)
-        taus.append(tau)
+            task_vector(theta.to(device), base_f, rows if theta.dim() and theta.shape[0] != rows else None, taus[i])
     check = not plan.recipe.options.allow_nonfinite
     if check or l1 is not None:
-        norms = [torch.linalg.vector_norm(tau, 1) for tau in taus]
+        norms = torch.linalg.vector_norm(taus.reshape(len(plan.models), -1), 1, dim=1).tolist()
         for m, norm in zip(plan.models, norms, strict=True):
-            if check and not bool(torch.isfinite(norm)):
-                check_finite(
-                    plan.base.reader.get(base_info.name, copy=False), file=str(base_info.file), name=base_info.name
-                )
+            if check and not math.isfinite(norm):
+                full_base = plan.base.reader.get(base_info.name, copy=False)
+                check_finite(full_base, file=str(base_info.file), name=base_info.name)
                 info = m.llm[slot_name]
                 check_finite(m.reader.get(info.name, copy=False), file=str(info.file), name=info.name)
         if l1 is not None:
-            l1.extend(float(n) for n in norms)
+            l1.extend(norms)
     return base, taus
 
 

@@ -55,6 +55,11 @@ def register_method(
     return decorate
 
 
+def as_stack(taus: Sequence[torch.Tensor] | torch.Tensor) -> torch.Tensor:
+    """The task vectors as one ``[n, ...]`` tensor; a stack built by the caller is used as is (no copy)."""
+    return taus if isinstance(taus, torch.Tensor) else torch.stack(list(taus))
+
+
 def _weights(taus: Sequence[torch.Tensor], weights: Sequence[float] | None) -> torch.Tensor:
     """Per-model weights shaped to broadcast over a stack of task vectors."""
     stacked_dims = taus[0].dim()
@@ -70,7 +75,7 @@ def elect_sign(taus: Sequence[torch.Tensor], zero_sign: str = "zero") -> torch.T
     Where the sum is exactly 0, ``zero`` keeps γ = 0 (TIES Algorithm 1: no entry agrees, τ* = 0) and
     ``positive`` sets γ = +1 (mergekit's convention).
     """
-    return _elect(torch.stack(list(taus)), zero_sign)
+    return _elect(as_stack(taus), zero_sign)
 
 
 def _elect(stacked: torch.Tensor, zero_sign: str) -> torch.Tensor:
@@ -90,7 +95,7 @@ def disjoint_mean(
     ``mean`` divides the weighted sum by the weights of the agreeing models (by their count when unweighted);
     ``sum`` does not divide.
     """
-    return _disjoint(torch.stack(list(taus)), gamma, weights, aggregate)
+    return _disjoint(as_stack(taus), gamma, weights, aggregate)
 
 
 def _disjoint(
@@ -118,10 +123,10 @@ def average(
 ) -> torch.Tensor:
     """τ* = α · Σ wᵢτᵢ / Σ wᵢ; with unit weights and α = 1 the merged LLM is the plain average of the LLMs."""
     if weights is None:
-        merged = torch.stack(list(taus)).sum(0) / len(taus)
+        merged = as_stack(taus).sum(0) / len(taus)
     else:
         w = _weights(taus, weights)
-        merged = (torch.stack(list(taus)) * w).sum(0) / w.sum()
+        merged = (as_stack(taus) * w).sum(0) / w.sum()
     return merged * alpha if alpha != 1.0 else merged
 
 
@@ -135,7 +140,7 @@ def task_arithmetic(
     taus: Sequence[torch.Tensor], *, weights: Sequence[float] | None = None, alpha: float = 1.0, **_: object
 ) -> torch.Tensor:
     """τ* = α · Σ wᵢτᵢ."""
-    stacked = torch.stack(list(taus))
+    stacked = as_stack(taus)
     merged = stacked.sum(0) if weights is None else (stacked * _weights(taus, weights)).sum(0)
     return merged * alpha if alpha != 1.0 else merged
 
@@ -152,7 +157,7 @@ def ties(
     **_: object,
 ) -> torch.Tensor:
     """τ* = α · disjoint_mean(τ, γ) with γ = sgn(Σ τᵢ), over already-trimmed τᵢ (mmer-method.md §2)."""
-    stacked = torch.stack(list(taus))
+    stacked = as_stack(taus)
     if elect_on == "weighted" and weights is not None:
         gamma = _elect(stacked * _weights(taus, weights), zero_sign)
     elif elect_on in ("raw", "weighted"):
@@ -170,7 +175,7 @@ def ties(
 )
 def emr(taus: Sequence[torch.Tensor], *, alpha: float = 1.0, **_: object) -> torch.Tensor:
     """τ_uni = γ · maxᵢ |τᵢ| over the τᵢ with τᵢ·γ > 0, where γ = +1 if Σ τᵢ > 0 else −1 (EMR's code)."""
-    stacked = torch.stack(list(taus))
+    stacked = as_stack(taus)
     gamma = torch.where(stacked.sum(0) > 0, 1.0, -1.0).to(stacked.dtype)
     agree = stacked * gamma > 0
     magnitude = torch.where(agree, stacked.abs(), torch.zeros((), dtype=stacked.dtype, device=stacked.device))

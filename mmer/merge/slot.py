@@ -81,11 +81,22 @@ class SlotResult:
     scale_den: list[float] = field(default_factory=list)
 
 
-def prepare(raw_taus: Sequence[torch.Tensor], variant: Variant, name: str) -> list[torch.Tensor]:
+def prepare(raw_taus: Sequence[torch.Tensor], variant: Variant, name: str) -> Sequence[torch.Tensor]:
     """The task vectors that enter the method: DARE'd when asked (seeded by model position and tensor name)."""
     if variant.dare <= 0:
-        return list(raw_taus)
+        return raw_taus
     return [dare(t, variant.dare, variant.dare_seed, i, name) for i, t in enumerate(raw_taus)]
+
+
+def _trim_each(taus: Sequence[torch.Tensor] | torch.Tensor, thresholds: Sequence[float | None]):
+    """Each model's τᵢ trimmed at its own global threshold; a stack stays a stack (one pass for all).
+
+    Exactly ``trim`` per model: a float32 column of thresholds compares like the Python floats it holds.
+    """
+    if isinstance(taus, torch.Tensor) and all(t is not None for t in thresholds):
+        column = torch.tensor(list(thresholds), dtype=taus.dtype, device=taus.device)
+        return trim(taus, column.reshape(-1, *([1] * (taus.dim() - 1))))
+    return [trim(t, thr) for t, thr in zip(taus, thresholds, strict=True)]
 
 
 def merge_slot(
@@ -101,7 +112,7 @@ def merge_slot(
         if variant.trim_scope == "global":
             if thresholds is None:
                 raise ValueError("global trim needs the models' thresholds")
-            trimmed = [trim(t, thr) for t, thr in zip(taus, thresholds, strict=True)]
+            trimmed = _trim_each(taus, thresholds)
         else:
             trimmed = [trim(t, tensor_threshold(t, variant.k, variant.trim_count)) for t in taus]
     else:
@@ -122,10 +133,12 @@ def merge_slot(
     effective = stored.float()
     sources = raw_taus if rule.uses_raw or variant.mask_source == "raw" else trimmed
     extra = {"prepared": rule.prepare(effective)} if rule.prepare is not None else {}
-    masks = [
-        rule.fn(source, effective, lam if lam is not None else 0.0, **extra)
-        for source, lam in zip(sources, variant.lambdas, strict=True)
-    ]
+    lambdas = [lam if lam is not None else 0.0 for lam in variant.lambdas]
+    if isinstance(sources, torch.Tensor):  # a stack: every modality's mask in one broadcast call
+        column = torch.tensor(lambdas, dtype=sources.dtype, device=sources.device)
+        masks = list(rule.fn(sources, effective, column.reshape(-1, *([1] * effective.dim())), **extra))
+    else:
+        masks = [rule.fn(source, effective, lam, **extra) for source, lam in zip(sources, lambdas, strict=True)]
     result = SlotResult(stored, masks)
     if rule.rescaled:
         zero = torch.zeros((), device=effective.device)

@@ -11,16 +11,21 @@ import torch
 from mmer.errors import NonFiniteError
 
 
-def task_vector(finetuned: torch.Tensor, base: torch.Tensor, rows: int | None = None) -> torch.Tensor:
+def task_vector(
+    finetuned: torch.Tensor, base: torch.Tensor, rows: int | None = None, out: torch.Tensor | None = None
+) -> torch.Tensor:
     """τ = θᵢ − θ_base in float32, over the first ``rows`` rows when a model appended vocabulary rows.
 
-    Pass ``base`` already in float32 when it is shared by several models, so it is converted once.
+    Pass ``base`` already in float32 when it is shared by several models, so it is converted once; ``out``
+    (float32, ``base``'s shape) receives τ, e.g. one row of a stack of every model's task vectors.
     """
     if rows is not None:
         finetuned = finetuned[:rows]
     if base.dtype == torch.float32:
-        return torch.sub(finetuned, base)  # promotes a half-precision θᵢ on the fly: no float32 copy of it
-    return finetuned.float() - base.float()
+        # Promotes a half-precision θᵢ on the fly: no float32 copy of it.
+        return torch.sub(finetuned, base) if out is None else torch.sub(finetuned, base, out=out)
+    tau = finetuned.float() - base.float()
+    return tau if out is None else out.copy_(tau)
 
 
 def check_finite(tensor: torch.Tensor, *, file: str, name: str) -> None:

@@ -14,6 +14,9 @@ Choices the paper leaves open, each with its option:
 - **Outside the blocks.** Embedding lookup and ``lm_head`` only act on text (modality tokens come from their
   encoders; every predicted token is text), so they and the final norm use the text weights.
 - **m̄** averages the masks of the modalities the router was opened with.
+- **Extension packs** the router serves (:mod:`mmer.route.packs`) are not weight groups: a pack adds experts
+  and router rows to its layers, which neither paper mixes per token with masked weights. Naming one is
+  refused; route whole prompts to it.
 - **Per-modality weights cached or rebuilt.** The text weights are the router's live weights (switched to
   the ``MEAN`` state), so expansion mode adds no copy of the LLM by itself. ``cache_modality_weights=True``
   materialises every modality's weights for every routed module once: the fastest prompt pass, but n extra
@@ -117,7 +120,8 @@ class RoutedModule(torch.nn.Module):
     def _run(self, group: int, x: torch.Tensor) -> torch.Tensor:
         if group == TEXT:
             return self.inner(x)
-        return functional_call(self.inner, self.params_for(group), (x,))
+        params = {k: v.to(x.device) for k, v in self.params_for(group).items()}  # a no-op unless CPU-offloaded
+        return functional_call(self.inner, params, (x,))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         groups = self.state.groups
@@ -188,6 +192,7 @@ class ExpansionModel:
             wrapped = RoutedModule(module, canonical, self.state, self)  # type: ignore[arg-type]
             setattr(self.lm.get_submodule(parent_name), leaf, wrapped)
             self.routed[module_name] = wrapped
+        router.dispatch(self.lm, layout)  # under the router's device map, if it has one
         if cache_modality_weights:
             with torch.no_grad():
                 for wrapped in self.routed.values():

@@ -14,7 +14,9 @@ base on the host). Expansion mode uses the same live weights for its text weight
 
 On a GPU: ``Router.from_pretrained(path, device="cuda")``; tensors are read through the CPU once, then every
 switch runs on the device (mask bits unpacked there with ``mmer.checkpoint.bits.unpack``). Models are built
-with accelerate's ``init_empty_weights``, so no LLM is ever allocated per modality.
+with accelerate's ``init_empty_weights``, so no LLM is ever allocated per modality. An LLM larger than one
+GPU: ``device_map="auto"`` (or an explicit map, and ``max_memory``) places each weight, with its θ_base, τ*
+and masks, on one device and hooks every model with accelerate; see :mod:`mmer.route.placement`.
 
 MoExtend extension packs trained on the same MoE base are routed beside the modalities by name
 (``Router.from_pretrained(path, packs={"digits": "pack/"})`` or :meth:`Router.add_extension`): routing to
@@ -31,6 +33,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from mmer.checkpoint.decoupled import DecoupledCheckpoint, load_decoupled
+from mmer.errors import ConfigError
 from mmer.io.layouts import Layout, is_vocab_tensor
 from mmer.route.models import (
     RoutingInputError,
@@ -44,6 +47,7 @@ from mmer.route.models import (
     model_class,
     placeholder_ids,
 )
+from mmer.route.placement import dispatch, main_device, model_map, place_llm, slot_devices
 from mmer.route.weights import BASE, MEAN, STATES, DeviceWeights
 
 if TYPE_CHECKING:
@@ -84,11 +88,13 @@ class Router:
         weights: DeviceWeights,
         live: dict[str, torch.Tensor],
         models: dict[str, ModalityModel],
+        device_map: dict[str, Any] | None = None,
     ) -> None:
         self.ckpt = ckpt
         self.weights = weights
         self.live = live
         self.models = models
+        self.device_map = device_map  # canonical module name → device, when the LLM is spread (placement.py)
         self.packs: dict[str, PackModality] = {}
         self.active: str | None = None
         self.state: str | None = None
@@ -101,10 +107,12 @@ class Router:
     def from_pretrained(
         cls,
         path: str | Path,
-        device: str | torch.device = "cpu",
+        device: str | torch.device | None = None,
         *,
         modalities: Sequence[str] | None = None,
         base_device: str | torch.device | None = None,
+        device_map: str | Mapping[str, Any] | None = None,
+        max_memory: Mapping[Any, Any] | None = None,
         model_classes: dict[str, type] | None = None,
         activate: str | None = None,
         packs: Mapping[str, str | Path] | Sequence[str | Path] | None = None,
@@ -114,9 +122,15 @@ class Router:
 
         Args:
             path: the output directory of ``mmer merge``.
-            device: where the live LLM, τ*, masks and components go (``"cuda"``, ``"cuda:1"``, ``"cpu"``).
+            device: where the live LLM, τ*, masks and components go (``"cuda"``, ``"cuda:1"``, ``"cpu"``, the
+                default); give ``device_map`` instead to spread the LLM over several devices.
             modalities: which modalities to load (all by default); also the masks m̄ averages in expansion mode.
             base_device: where θ_base stays (``device`` by default; ``"cpu"`` saves one LLM of GPU memory).
+            device_map: ``"auto"``, ``"balanced"``, ``"balanced_low_0"``, ``"sequential"`` or an explicit map of
+                the base causal LM's module names to devices, as accelerate takes it; every tensor of a weight
+                lives, and is rebuilt, on that weight's device (:mod:`mmer.route.placement`). No ``"disk"``.
+            max_memory: per-device budgets for the computed maps (``{0: "70GiB", "cpu": "200GiB"}``), for all
+                the router holds there (live weights, θ_base, τ*, masks).
             model_classes: a transformers class per modality, where ``config.architectures`` names none.
             activate: the route made active first (the first modality by default, else the first pack).
             packs: MoExtend extension packs to serve beside the modalities: route name → pack directory, or
@@ -124,7 +138,13 @@ class Router:
             check_base_model: how each pack's recorded base is checked against θ_base (``full``: sha256 of
                 every tensor; ``shapes``; ``none``).
         """
-        device = torch.device(device)
+        if device is not None and device_map is not None:
+            raise ConfigError(
+                f"{path}: both device={device!r} and device_map given",
+                key="device_map",
+                hint="give device for one device, or device_map to spread the LLM (components go on its first GPU)",
+            )
+        device = torch.device("cpu" if device is None else device)
         check_device(device)
         if base_device is not None:
             check_device(torch.device(base_device))
@@ -136,18 +156,25 @@ class Router:
             )
         for name in names:
             ckpt.modality(name)
-        weights = DeviceWeights(ckpt, names, device, None if base_device is None else torch.device(base_device))
+        placed = None if device_map is None else place_llm(ckpt, names, device_map, max_memory, base_device)
+        if placed is not None:
+            device = main_device(placed)
+        devices = None if placed is None else slot_devices([s.name for s in ckpt.slots], placed, str(path))
+        base_at = None if base_device is None else torch.device(base_device)
+        weights = DeviceWeights(ckpt, names, device, base_at, devices)
         # One live tensor per LLM slot, with as many rows as the largest modality needs (private vocabulary).
         live = {}
         for name, slot_dtype in weights.dtypes.items():
             shapes = [weights.rows[m][name] for m in [*names, MEAN]]
             rows = max(s[0] for s in shapes) if is_vocab_tensor(name) else shapes[0][0] if shapes[0] else 0
             shape = (rows, *shapes[0][1:]) if shapes[0] else ()
-            live[name] = torch.zeros(shape, dtype=slot_dtype, device=device)
+            live[name] = torch.zeros(shape, dtype=slot_dtype, device=weights.devices[name])
         models = {}
         for name in names:
             models[name] = _build_modality(ckpt, name, weights, live, device, (model_classes or {}).get(name))
-        router = cls(ckpt, weights, live, models)
+        router = cls(ckpt, weights, live, models, placed)
+        for built in models.values():
+            router.dispatch(built.model, built.layout)
         if isinstance(packs, (str, Path)):
             packs = [packs]
         named = packs.items() if isinstance(packs, Mapping) else [(None, d) for d in packs or ()]
@@ -178,7 +205,12 @@ class Router:
             )
         self._write_state(BASE)  # the pack is checked against, and loaded onto, θ_base itself
         try:
-            self.packs[name] = load_pack(self.ckpt, self.weights, self.live, name, pack_dir, check_base_model)
+            pack = load_pack(self.ckpt, self.weights, self.live, name, pack_dir, check_base_model)
+            if self.device_map is not None:  # hooked after the base check, which reads every base tensor
+                self.dispatch(pack.model.lm, llm_layout(pack.model.lm))
+                if pack.model.projector is not None:
+                    pack.model.projector.to(self.weights.device)  # beside the embeddings it writes into
+            self.packs[name] = pack
         finally:
             if self.active is not None:
                 self.switch(self.active)  # back to the active route's weights, even when the pack was refused
@@ -216,7 +248,7 @@ class Router:
                 f"no modality {modality!r} in this router (has {', '.join(self.routes)})",
                 key=modality,
                 hint="load it with Router.from_pretrained(..., modalities=[...]) or add a pack with "
-                "add_extension(name, pack_dir)",
+                "add_extension(pack_dir, name)",
             )
         return modality
 
@@ -249,8 +281,8 @@ class Router:
                 continue
             self.weights.write_into(target, state, name)
             rebuilt += 1
-        if self.weights.device.type == "cuda":
-            torch.cuda.synchronize(self.weights.device)
+        for device in self.weights.cuda_devices():
+            torch.cuda.synchronize(device)
         self.state = state
         return rebuilt
 
@@ -312,6 +344,12 @@ class Router:
         )
         out["extensions"] = sum(pack.nbytes() for pack in self.packs.values())
         return out
+
+    def dispatch(self, model: torch.nn.Module, layout: Layout) -> torch.nn.Module:
+        """Hook ``model`` under the router's device map (translated to its layout); a no-op without a map."""
+        if self.device_map is None:
+            return model
+        return dispatch(model, model_map(model, layout, self.device_map, self.weights.device), self.weights.device)
 
     def close(self) -> None:
         """Close the checkpoint's files (the loaded tensors stay usable)."""

@@ -120,6 +120,8 @@ class DeviceWeights:
 
     ``device`` holds τ*, the masks and the private rows; ``base_device`` holds θ_base (the same device by
     default; ``"cpu"`` keeps the base off the GPU at the price of a host-to-device copy per rebuilt tensor).
+    ``devices`` (from a device map, :mod:`mmer.route.placement`) overrides ``device`` per tensor, so each
+    tensor's τ*, masks and private rows (and θ_base, unless ``base_device`` is given) sit where it is rebuilt.
     """
 
     def __init__(
@@ -128,23 +130,26 @@ class DeviceWeights:
         modalities: Sequence[str],
         device: torch.device,
         base_device: torch.device | None = None,
+        devices: dict[str, torch.device] | None = None,
     ) -> None:
         self.ckpt = ckpt
         self.modalities = tuple(modalities)
         self.device = device
-        self.base_device = base_device or device
+        self.base_device = base_device
         self.slots: dict[str, SlotRecord] = {s.name: s for s in ckpt.slots}
+        self.devices = {name: (devices or {}).get(name, device) for name in self.slots}
         self.dtypes = {name: slot_dtype(s) for name, s in self.slots.items()}
         # A single merged model (mask rule none) stores θ* itself: it stands in for θ_base with no τ* or masks.
         self.single_model = ckpt.is_single_model
-        pin = self.base_device.type == "cpu" and device.type == "cuda"
         self.base: dict[str, torch.Tensor] = {}
         self.tau: dict[str, torch.Tensor] = {}
         for name, slot in self.slots.items():
             base = ckpt.merged_tensor(name) if self.single_model else ckpt.base_tensor(name)
-            self.base[name] = base.pin_memory() if pin else base.to(self.base_device)
+            home = self.base_device or self.devices[name]
+            pin = home.type == "cpu" and self.devices[name].type == "cuda"
+            self.base[name] = base.pin_memory() if pin else base.to(home)
             if slot.merged and not self.single_model:
-                self.tau[name] = ckpt.tau_star(name).to(device)
+                self.tau[name] = ckpt.tau_star(name).to(self.devices[name])
         self.scales = {m: ckpt.modality(m).scale for m in self.modalities}
         self._same: dict[tuple[str, str, str], bool] = {}
         self.masks: dict[str, dict[str, torch.Tensor]] = {}
@@ -155,10 +160,10 @@ class DeviceWeights:
             self.masks[m] = {}
             if self.tau:
                 mask_file = ckpt.mask_file(m)
-                self.masks[m] = {n: mask_file.packed(n).to(device) for n in self.tau}
+                self.masks[m] = {n: mask_file.packed(n).to(self.devices[n]) for n in self.tau}
                 self.shapes.update(mask_file.shapes)
             self.private[m] = {
-                p.name: PrivateRows(p.row_start, ckpt.private_tensor(m, p.name).to(device))  # type: ignore[union-attr]
+                p.name: PrivateRows(p.row_start, ckpt.private_tensor(m, p.name).to(self.devices[p.name]))  # type: ignore[union-attr]
                 for p in ckpt.modality(m).private
             }
             self.rows[m] = {name: modality_shape(ckpt, m, name) for name in self.slots}
@@ -172,8 +177,12 @@ class DeviceWeights:
         return bits.unpack(self.masks[modality][name], self.shapes[name])
 
     def base_on_device(self, name: str) -> torch.Tensor:
-        """θ_base of one tensor on the compute device (copied from the host when the base lives there)."""
-        return self.base[name].to(self.device, non_blocking=True)
+        """θ_base of one tensor on its device (copied from the host when the base lives there)."""
+        return self.base[name].to(self.devices[name], non_blocking=True)
+
+    def cuda_devices(self) -> set[torch.device]:
+        """The CUDA devices holding tensors (a switch waits for each before it reports its time)."""
+        return {d for d in self.devices.values() if d.type == "cuda"}
 
     def shared_part(self, modality: str, name: str) -> torch.Tensor:
         """Rows ``[0, V_base)`` of the modality's tensor: θ_base + mᵢ∘τ* when merged, else θ_base."""
