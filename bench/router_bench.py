@@ -3,6 +3,7 @@
 
     python bench/router_bench.py                          # CPU, a small Qwen2-shaped LLM (< 3 min on 2 cores)
     python bench/router_bench.py --device cuda --preset 7b  # a 7B-shaped LLM (Llama-2-7B dims) in bf16
+    python bench/router_bench.py --device cuda --device-map auto  # the LLM spread with accelerate
 
 It writes (once, cached under bench/.cache/) a decoupled checkpoint with random weights straight in the
 format of FORMAT.md: a Qwen2-architecture base LLM of the preset's shape, τ*, a vision mask (30 % density) and
@@ -412,7 +413,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         )
 
     box: dict[str, Any] = {}
-    load_t = once(lambda: box.setdefault("router", Router.from_pretrained(path, device=device)), device)
+    placement: dict[str, Any] = {"device_map": args.device_map} if args.device_map else {"device": device}
+    load_t = once(lambda: box.setdefault("router", Router.from_pretrained(path, **placement)), device)
     router = box.pop("router")
     held = router.nbytes()
     row("load", "Router.from_pretrained", load_t, note=", ".join(f"{k} {v / GB:.2f} GB" for k, v in held.items()))
@@ -532,7 +534,13 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     return {
         "benchmark": "router_bench",
         "argv": sys.argv[1:],
-        "args": {"device": args.device, "preset": args.preset, "dtype": args.dtype, "repeats": args.repeats},
+        "args": {
+            "device": args.device,
+            "device_map": args.device_map,
+            "preset": args.preset,
+            "dtype": args.dtype,
+            "repeats": args.repeats,
+        },
         "shape": shape,
         "llm_parameters": params,
         "router_bytes": held,
@@ -581,6 +589,12 @@ def main(argv: list[str] | None = None) -> int:
         description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter
     )
     parser.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1 ...")
+    parser.add_argument(
+        "--device-map",
+        choices=("auto", "balanced", "balanced_low_0", "sequential"),
+        help="spread the router's LLM with accelerate (Router.from_pretrained(device_map=...)); --device is then "
+        "where the inputs and the comparison model go",
+    )
     parser.add_argument("--preset", default="small", choices=sorted(PRESETS), help="LLM shape (default small)")
     parser.add_argument("--dtype", default=None, help="float32 / bfloat16 (default: float32 on CPU, bf16 on GPU)")
     parser.add_argument("--hidden", type=int, help="override the preset's hidden size")
@@ -596,6 +610,7 @@ def main(argv: list[str] | None = None) -> int:
     result["total_seconds"] = time.perf_counter() - started
     args.results.mkdir(parents=True, exist_ok=True)
     suffix = "" if args.device == "cpu" and args.preset == "small" else f"_{args.device.split(':')[0]}_{args.preset}"
+    suffix += f"_map-{args.device_map}" if args.device_map else ""
     (args.results / f"router_bench{suffix}.json").write_text(json.dumps(result, indent=2) + "\n")
     (args.results / f"router_bench{suffix}.md").write_text(markdown(result))
     print(f"wrote {args.results / f'router_bench{suffix}.json'} and .md in {result['total_seconds']:.0f} s")

@@ -250,3 +250,16 @@ def test_a_router_can_serve_packs_only(moe):
     router.remove_extension("digits")
     with pytest.raises(RoutingInputError, match="no modality 'digits'"):
         router.switch("digits")
+
+
+def test_a_router_placed_with_a_device_map_serves_the_pack_and_the_modalities_with_the_same_logits(router, moe):
+    device_map = dict.fromkeys(
+        ["model.embed_tokens", "model.layers.0", "model.layers.1", "model.norm", "lm_head"], "cpu"
+    )
+    placed = Router.from_pretrained(moe["merged"], device_map=device_map, packs=[moe["pack"]])
+    assert hasattr(placed.use("digits").lm.get_submodule("model.layers.1"), "_hf_hook")
+    inputs = pack_inputs()
+    for route in ("digits", "vision", "digits", "audio"):
+        args = inputs if route == "digits" else {"input_ids": TEXT}
+        ours, theirs = placed(**args, modality=route), router(**args, modality=route)
+        assert torch.equal(ours, theirs) if route == "digits" else torch.equal(ours.logits, theirs.logits)
