@@ -38,7 +38,7 @@ from mmer.io.writer import PlannedTensor, ShardedWriter, StagedOutput
 from mmer.merge.masks import MASKS, NO_MASK, reconstruct
 from mmer.merge.slot import Variant, merge_slot, prepare
 from mmer.merge.task_vectors import check_finite, task_vector
-from mmer.merge.trim import GlobalThreshold, WindowedThreshold
+from mmer.merge.trim import GlobalThreshold, WindowedThreshold, count_true
 from mmer.plan import MergePlan, SourceModel, build_plan
 from mmer.progress import NULL_PROGRESS, ProgressSink
 from mmer.runtime import reuse_freed_memory
@@ -451,7 +451,7 @@ def merge_slots(plan: MergePlan, staging: Path, thresholds: Thresholds, progress
                     if result.masks is None:
                         continue
                     mask = result.masks[i]
-                    ones[i] += int(torch.count_nonzero(mask))
+                    ones[i] += count_true(mask)
                     mask_writers[label].write_range(slot.name, bits.pack(mask.cpu()), start // 8)
                     if result.scale_num:
                         scale_num[label] += result.scale_num[i]

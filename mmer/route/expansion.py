@@ -173,11 +173,10 @@ class ExpansionModel:
         layout = llm_layout(self.lm)
         # The text weights θ_base + m̄∘τ* are the router's live weights in its MEAN state (its first rows):
         # expansion mode adds no copy of the LLM, and switches the router to MEAN before each pass.
-        rows = self.weights.rows[MEAN]
-        text = {name: t[: rows[name][0]] if t.dim() else t for name, t in router.live.items()}
+        text = router.views(MEAN)
         bind_model(self.lm, layout, text.get, None, device, str(base_dir))
         attach_generation_config(self.lm, base_dir)
-        self.vocab_size = rows[EMBED][0]
+        self.vocab_size = self.weights.rows[MEAN][EMBED][0]
         self.routed: dict[str, RoutedModule] = {}
         self.unrouted: list[str] = []
         for module_name, module in list(self.lm.named_modules()):
@@ -203,7 +202,7 @@ class ExpansionModel:
     def group_params(self, group: int, names: dict[str, str]) -> dict[str, torch.Tensor]:
         """θ_base + mᵢ∘τ* of one module's parameters for modality group ``group`` (rebuilt now)."""
         modality = self.groups[group]
-        return {leaf: self.weights.shared_part(modality, canonical) for leaf, canonical in names.items()}
+        return {leaf: self.router.shared_param(modality, canonical) for leaf, canonical in names.items()}
 
     def nbytes(self) -> dict[str, int]:
         """Bytes this model adds to the router's: the cached per-modality weights (text weights are shared).

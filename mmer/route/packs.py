@@ -38,7 +38,7 @@ from mmer.route.models import (
     llm_layout,
     load_config,
 )
-from mmer.route.weights import BASE, DeviceWeights, base_config_dir
+from mmer.route.weights import DeviceWeights, base_config_dir
 
 
 @dataclass
@@ -109,13 +109,16 @@ def check_pack_against_checkpoint(ckpt: DecoupledCheckpoint, manifest: dict[str,
         )
 
 
-def base_lm(ckpt: DecoupledCheckpoint, weights: DeviceWeights, live: dict[str, torch.Tensor]) -> torch.nn.Module:
-    """The base's causal LM with its parameters bound to the live weights' θ_base rows (no allocation)."""
+def base_lm(ckpt: DecoupledCheckpoint, weights: DeviceWeights, views: dict[str, torch.Tensor]) -> torch.nn.Module:
+    """The base's causal LM with its parameters bound to ``views``, the live weights' θ_base rows (no allocation).
+
+    ``views`` are keyed by in-memory parameter name (``Router.views(BASE)``): for a Mixture-of-Experts base
+    saved per expert, the fused expert parameters whose slices the router rebuilds, so the pack's base-hash
+    check reads exactly the tensors ``from_pretrained`` would give (:mod:`mmer.route.fused`).
+    """
     directory = base_config_dir(ckpt)
     config = load_config(directory)
     lm = empty_model(causal_lm_class(config, directory), config)
-    rows = weights.rows[BASE]
-    views = {name: t[: rows[name][0]] if t.dim() else t for name, t in live.items()}
     bind_model(lm, llm_layout(lm), views.get, None, weights.device, str(directory))
     attach_generation_config(lm, directory)
     return lm
@@ -124,18 +127,18 @@ def base_lm(ckpt: DecoupledCheckpoint, weights: DeviceWeights, live: dict[str, t
 def load_pack(
     ckpt: DecoupledCheckpoint,
     weights: DeviceWeights,
-    live: dict[str, torch.Tensor],
+    views: dict[str, torch.Tensor],
     name: str,
     pack_dir: str | Path,
     check_base_model: str,
 ) -> PackModality:
-    """Extend a fresh base LM bound to ``live`` with the pack; ``live`` must hold θ_base (the BASE state)."""
+    """Extend a fresh base LM bound to ``views`` with the pack; they must hold θ_base (the BASE state)."""
     from mmer.extend.pack import load_extension_pack, read_pack_manifest
 
     pack_dir = Path(pack_dir)
     manifest = read_pack_manifest(pack_dir)
     check_pack_against_checkpoint(ckpt, manifest, pack_dir)
-    lm = base_lm(ckpt, weights, live)
+    lm = base_lm(ckpt, weights, views)
     try:
         model = load_extension_pack(lm, pack_dir, check_base_model=check_base_model)
     except (IncompatibleBaseError, LayoutError) as err:

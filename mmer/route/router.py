@@ -33,8 +33,9 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from mmer.checkpoint.decoupled import DecoupledCheckpoint, load_decoupled
-from mmer.errors import ConfigError
+from mmer.errors import ConfigError, LayoutError
 from mmer.io.layouts import Layout, is_vocab_tensor
+from mmer.route.fused import LiveLayout, identity, live_layout
 from mmer.route.models import (
     RoutingInputError,
     attach_generation_config,
@@ -89,10 +90,14 @@ class Router:
         live: dict[str, torch.Tensor],
         models: dict[str, ModalityModel],
         device_map: dict[str, Any] | None = None,
+        fused: LiveLayout | None = None,
     ) -> None:
         self.ckpt = ckpt
         self.weights = weights
-        self.live = live
+        self.live = live  # in-memory (canonical) parameter name → the live tensor every model is bound to
+        self.fused = identity(live) if fused is None else fused
+        # checkpoint tensor (slot) → its view of the live tensors: the whole tensor, or its expert's slice
+        self.targets = {slot: part.view(live[part.param]) for slot, part in self.fused.parts.items()}
         self.models = models
         self.device_map = device_map  # canonical module name → device, when the LLM is spread (placement.py)
         self.packs: dict[str, PackModality] = {}
@@ -159,20 +164,20 @@ class Router:
         placed = None if device_map is None else place_llm(ckpt, names, device_map, max_memory, base_device)
         if placed is not None:
             device = main_device(placed)
-        devices = None if placed is None else slot_devices([s.name for s in ckpt.slots], placed, str(path))
+        # Where each checkpoint tensor lives in memory (per-expert MoE tensors: a slice of a fused parameter).
+        fused = live_layout(ckpt, {s.name: tuple(s.shape) for s in ckpt.slots})
+        devices = None
+        if placed is not None:  # placed by the in-memory module holding it, which is what the map names
+            by_param = slot_devices(list(fused.params), placed, str(path))
+            devices = {slot: by_param[part.param] for slot, part in fused.parts.items()}
         base_at = None if base_device is None else torch.device(base_device)
         weights = DeviceWeights(ckpt, names, device, base_at, devices)
-        # One live tensor per LLM slot, with as many rows as the largest modality needs (private vocabulary).
-        live = {}
-        for name, slot_dtype in weights.dtypes.items():
-            shapes = [weights.rows[m][name] for m in [*names, MEAN]]
-            rows = max(s[0] for s in shapes) if is_vocab_tensor(name) else shapes[0][0] if shapes[0] else 0
-            shape = (rows, *shapes[0][1:]) if shapes[0] else ()
-            live[name] = torch.zeros(shape, dtype=slot_dtype, device=weights.devices[name])
+        live = _allocate_live(fused, weights, names, str(path))
         models = {}
         for name in names:
-            models[name] = _build_modality(ckpt, name, weights, live, device, (model_classes or {}).get(name))
-        router = cls(ckpt, weights, live, models, placed)
+            views = bound_views(fused, live, weights.rows[name])
+            models[name] = _build_modality(ckpt, name, weights, views, device, (model_classes or {}).get(name))
+        router = cls(ckpt, weights, live, models, placed, fused)
         for built in models.values():
             router.dispatch(built.model, built.layout)
         if isinstance(packs, (str, Path)):
@@ -205,7 +210,7 @@ class Router:
             )
         self._write_state(BASE)  # the pack is checked against, and loaded onto, θ_base itself
         try:
-            pack = load_pack(self.ckpt, self.weights, self.live, name, pack_dir, check_base_model)
+            pack = load_pack(self.ckpt, self.weights, self.views(BASE), name, pack_dir, check_base_model)
             if self.device_map is not None:  # hooked after the base check, which reads every base tensor
                 self.dispatch(pack.model.lm, llm_layout(pack.model.lm))
                 if pack.model.projector is not None:
@@ -276,7 +281,7 @@ class Router:
     def _write_state(self, state: str) -> int:
         """Rewrite, from θ_base, every live tensor that differs between the current state and ``state``."""
         rebuilt = 0
-        for name, target in self.live.items():
+        for name, target in self.targets.items():
             if self.state is not None and self.weights.same_weights(self.state, state, name):
                 continue
             self.weights.write_into(target, state, name)
@@ -319,7 +324,18 @@ class Router:
             )
         assert modality is not None
         rows = self.weights.rows[self._state_of(modality)]
-        return {n: t[: rows[n][0]] if t.dim() else t for n, t in self.live.items()}
+        return {n: t[: rows[n][0]] if t.dim() else t for n, t in self.targets.items()}
+
+    def views(self, state: str) -> dict[str, torch.Tensor]:
+        """What a model running on ``state`` binds its LLM parameters to: the live tensors, by in-memory name."""
+        return bound_views(self.fused, self.live, self.weights.rows[state])
+
+    def shared_param(self, modality: str, param: str) -> torch.Tensor:
+        """A new θ_base + mᵢ∘τ* of one in-memory parameter (assembled from its slots when they are fused)."""
+        slot = self.fused.whole_slot(param)
+        if slot is not None:
+            return self.weights.shared_part(modality, slot)
+        return self.fused.assemble(param, self.live[param], lambda s: self.weights.shared_part(modality, s))
 
     def component_dir(self, modality: str) -> Path:
         """Where the modality's config, tokenizer and processor files are (for ``AutoProcessor``)."""
@@ -356,11 +372,47 @@ class Router:
         self.ckpt.close()
 
 
+def _allocate_live(
+    fused: LiveLayout, weights: DeviceWeights, names: Sequence[str], source: str
+) -> dict[str, torch.Tensor]:
+    """One live tensor per in-memory LLM parameter, as many rows as the largest modality needs (private rows)."""
+    live = {}
+    for param, slots in fused.params.items():
+        whole = fused.whole_slot(param)
+        if whole is not None:
+            shapes = [weights.rows[m][whole] for m in [*names, MEAN]]
+            rows = max(s[0] for s in shapes) if is_vocab_tensor(whole) else shapes[0][0] if shapes[0] else 0
+            shape = (rows, *shapes[0][1:]) if shapes[0] else ()
+            live[param] = torch.zeros(shape, dtype=weights.dtypes[whole], device=weights.devices[whole])
+            continue
+        dtypes = {weights.dtypes[s] for s in slots}
+        if len(dtypes) > 1:
+            raise LayoutError(
+                f"{source}: {param} is fused from tensors of several dtypes ({', '.join(map(str, dtypes))})",
+                file=source,
+                tensor=slots[0],
+                hint="the fine-tunes store their experts in mixed dtypes; re-save them in one dtype",
+            )
+        live[param] = torch.zeros(fused.shapes[param], dtype=dtypes.pop(), device=weights.devices[slots[0]])
+    return live
+
+
+def bound_views(
+    fused: LiveLayout, live: dict[str, torch.Tensor], rows: dict[str, tuple[int, ...]]
+) -> dict[str, torch.Tensor]:
+    """The live tensors a model binds, by in-memory name: a vocabulary tensor's first ``rows`` rows, else whole."""
+    out = {}
+    for param, tensor in live.items():
+        slot = fused.whole_slot(param)
+        out[param] = tensor[: rows[slot][0]] if slot is not None and tensor.dim() else tensor
+    return out
+
+
 def _build_modality(
     ckpt: DecoupledCheckpoint,
     name: str,
     weights: DeviceWeights,
-    live: dict[str, torch.Tensor],
+    views: dict[str, torch.Tensor],
     device: torch.device,
     override: type | None,
 ) -> ModalityModel:
@@ -369,17 +421,7 @@ def _build_modality(
     config = load_config(directory)
     model = empty_model(model_class(config, directory, override), config)
     layout = llm_layout(model)
-    rows = weights.rows[name]
-
-    def llm_tensor(canonical: str) -> torch.Tensor | None:
-        tensor = live.get(canonical)
-        if tensor is None:
-            return None
-        return tensor[: rows[canonical][0]] if tensor.dim() else tensor
-
     attach_generation_config(model, directory)
     built = ModalityModel(name, model, layout, config, directory)
-    built.unused_components = bind_model(
-        model, layout, llm_tensor, ckpt.component_reader(name), device, str(directory)
-    )
+    built.unused_components = bind_model(model, layout, views.get, ckpt.component_reader(name), device, str(directory))
     return built

@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from mmer.merge.task_vectors import task_vector
-from mmer.merge.trim import GlobalThreshold, rank_to_threshold, tensor_threshold, trim
+from mmer.merge.trim import GlobalThreshold, count_true, rank_to_threshold, tensor_threshold, trim
 
 # ------------------------------------------------------------------------------------------ rank_to_threshold
 
@@ -297,3 +297,12 @@ def test_a_window_that_misses_is_reported_so_the_two_pass_search_can_run():
     assert finder.needs_second_pass
     with pytest.raises(RuntimeError, match="two-pass"):
         _ = finder.value
+
+
+@pytest.mark.parametrize("shape", [(0,), (1,), (7, 3), (1000, 33)])
+def test_count_true_counts_like_sum_for_contiguous_and_strided_masks(shape):
+    g = torch.Generator().manual_seed(sum(shape))
+    mask = torch.rand(shape, generator=g) > 0.7
+    assert count_true(mask) == int(mask.sum())
+    if mask.dim() == 2:
+        assert count_true(mask.t()) == int(mask.sum())  # not contiguous: the torch path
