@@ -22,8 +22,11 @@ def task_vector(
     if rows is not None:
         finetuned = finetuned[:rows]
     if base.dtype == torch.float32:
-        # Promotes a half-precision θᵢ on the fly: no float32 copy of it.
-        return torch.sub(finetuned, base) if out is None else torch.sub(finetuned, base, out=out)
+        if out is None:
+            return torch.sub(finetuned, base)  # promotes a half-precision θᵢ on the fly: no float32 copy of it
+        # Widen θᵢ into ``out`` first, then subtract in place: the same float32 result (widening is exact)
+        # at about half the cost of torch's mixed-dtype subtraction.
+        return out.copy_(finetuned).sub_(base)
     tau = finetuned.float() - base.float()
     return tau if out is None else out.copy_(tau)
 

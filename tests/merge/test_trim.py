@@ -288,6 +288,24 @@ def test_the_windowed_search_is_exact_when_its_sample_places_the_window(seed, k,
     assert finder.value == _kth(tensors, k, count)
 
 
+@pytest.mark.parametrize("k", [0.2, 0.5, 0.8])
+def test_quantised_deltas_tied_at_the_threshold_are_counted_not_collected(k):
+    """bf16 fine-tunes give deltas on a coarse grid: a block of ties holds the k-th value, so the window is one
+    magnitude and the pass only counts it (no candidates), still exactly."""
+    g = torch.Generator().manual_seed(3)
+    grid = torch.randint(-3, 4, (30000,), generator=g).float() * 2.0**-11  # 4 magnitudes, wide tie blocks
+    tensors = [grid[:10000], grid[10000:]]
+    finder = WindowedThreshold(grid.numel(), k)
+    for t in tensors:
+        finder.add_sample(t[::5])
+    finder.open_window()
+    for t in tensors:
+        finder.add(t)
+    assert finder._lo == finder._hi and not finder._candidates
+    assert not finder.needs_second_pass
+    assert finder.value == _kth(tensors, k)
+
+
 def test_a_window_that_misses_is_reported_so_the_two_pass_search_can_run():
     tensors = [torch.linspace(0.001, 1.0, 10000)]
     finder = WindowedThreshold(10000, 0.5)
