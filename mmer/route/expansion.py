@@ -14,6 +14,9 @@ Choices the paper leaves open, each with its option:
 - **Outside the blocks.** Embedding lookup and ``lm_head`` only act on text (modality tokens come from their
   encoders; every predicted token is text), so they and the final norm use the text weights.
 - **m̄** averages the masks of the modalities the router was opened with.
+- **Mixture-of-Experts blocks.** The fused expert parameters and the top-k router are not per-token Linear
+  modules, so every token runs them on the text weights; a shared expert (Qwen2-MoE) is Linears and is
+  routed, its input flattened to [batch·seq, hidden] by the block (rows keep their token's group).
 - **Extension packs** the router serves (:mod:`mmer.route.packs`) are not weight groups: a pack adds experts
   and router rows to its layers, which neither paper mixes per token with masked weights. Naming one is
   refused; route whole prompts to it.
@@ -128,11 +131,15 @@ class RoutedModule(torch.nn.Module):
         if groups is None:
             return self.inner(x)
         lead = self.state.shape
-        if tuple(x.shape[:2]) != lead:  # [batch, seq, ...]: hidden states, or per-head ([..., heads, head_dim])
+        tokens = lead[0] * lead[1]
+        if tuple(x.shape[:2]) == lead:  # [batch, seq, ...]: hidden states, or per-head ([..., heads, head_dim])
+            flat = x.reshape(-1, *x.shape[2:])
+        elif x.dim() >= 2 and x.shape[0] == tokens:  # flattened in token order (an MoE block's shared expert)
+            flat, lead = x, (tokens,)
+        else:
             raise RuntimeError(f"routed module got input {tuple(x.shape)}, expected it to start with {lead}")
         if len(groups) == 1:
             return self._run(groups[0][0], x)
-        flat = x.reshape(-1, *x.shape[2:])
         out: torch.Tensor | None = None
         for group, runs in groups:
             rows = [flat[a:b] for a, b in runs]

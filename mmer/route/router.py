@@ -18,6 +18,11 @@ with accelerate's ``init_empty_weights``, so no LLM is ever allocated per modali
 GPU: ``device_map="auto"`` (or an explicit map, and ``max_memory``) places each weight, with its θ_base, τ*
 and masks, on one device and hooks every model with accelerate; see :mod:`mmer.route.placement`.
 
+Mixture-of-Experts fine-tunes saved by transformers 5's ``save_pretrained`` store each expert on disk
+(``block_sparse_moe.experts.E.w1.weight``) but are held fused in memory (``mlp.experts.gate_up_proj``): the
+checkpoint keeps τ* and the masks per on-disk tensor, the live weights are the in-memory parameters, and each
+on-disk tensor is rebuilt straight into its slice of them (:attr:`Router.targets`, :mod:`mmer.route.fused`).
+
 MoExtend extension packs trained on the same MoE base are routed beside the modalities by name
 (``Router.from_pretrained(path, packs={"digits": "pack/"})`` or :meth:`Router.add_extension`): routing to
 one puts θ_base itself in the live weights and runs the pack's extended LM; see :mod:`mmer.route.packs`.
@@ -316,7 +321,11 @@ class Router:
         return self.use(modality).generate(*args, **kwargs)
 
     def llm_state(self, modality: str | None = None) -> dict[str, torch.Tensor]:
-        """The active modality's LLM tensors under canonical names (views of the live weights, its rows only)."""
+        """The active modality's LLM tensors under the checkpoint's canonical names (views of the live weights).
+
+        Keyed like the checkpoint's slots (``ckpt.llm_tensor``), each its rows only; an expert tensor stored per
+        expert is its slice of the fused live parameter.
+        """
         modality = self.active if modality is None else self._check(modality)
         if modality != self.active:
             raise RoutingInputError(

@@ -1,7 +1,8 @@
 """The router serves MoExtend extension packs beside MMER modalities of the same MoE base, by route name.
 
-One tiny Mixtral base, two fine-tunes merged with MMER (``vision``, ``audio``), and a pack trained on the same
-base (``digits``): routing to the pack runs exactly the pack-on-base model, routing to a modality exactly
+One tiny Mixtral base, two fine-tunes merged with MMER (``vision``, ``audio``), all saved with
+``save_pretrained`` (experts per expert on disk, fused in memory), and a pack trained on the same base
+(``digits``): routing to the pack runs exactly the pack-on-base model, routing to a modality exactly
 θ_base + mᵢ∘τ*, and every switch rebuilds from θ_base, so alternating leaves the weights bit-identical.
 """
 
@@ -13,7 +14,6 @@ from pathlib import Path
 
 import pytest
 import torch
-from safetensors.torch import save_file
 
 import mmer
 from mmer.config import MergeOptions, ModelSpec, Recipe
@@ -47,11 +47,11 @@ single_thread = tiny_moe.single_thread  # autouse: one thread for this module
 MODALITIES = {"vision": 1, "audio": 2}  # fine-tune seeds
 
 
-def save_fused(state: dict[str, torch.Tensor], config, directory: Path) -> Path:
-    """A checkpoint holding the in-memory (fused-expert) tensors; the router binds these names as they are."""
-    directory.mkdir(parents=True)
-    save_file({n: t.contiguous() for n, t in state.items()}, str(directory / "model.safetensors"))
-    config.save_pretrained(directory)
+def save(state: dict[str, torch.Tensor], directory: Path) -> Path:
+    """``save_pretrained``, as a fine-tune is shipped: experts per expert on disk (tests/route/test_router_moe.py)."""
+    lm = tiny_moe.build_lm("mixtral", layers=2)
+    lm.load_state_dict(state)
+    lm.save_pretrained(directory)
     return directory
 
 
@@ -70,14 +70,12 @@ def moextend_recipe() -> MoExtendRecipe:
 def moe(tmp_path_factory) -> dict[str, Path]:
     """base/, vision/, audio/ (Mixtral, 2 layers), merged/ (MMER), pack/ (digits, trained on base/)."""
     root = tmp_path_factory.mktemp("router-packs")
-    base_lm = tiny_moe.build_lm("mixtral", layers=2)
-    base_lm.config.architectures = ["MixtralForCausalLM"]
-    base = {n: t.detach().clone() for n, t in base_lm.state_dict().items()}
-    paths = {"base": save_fused(base, base_lm.config, root / "base")}
+    base = {n: t.detach().clone() for n, t in tiny_moe.build_lm("mixtral", layers=2).state_dict().items()}
+    paths = {"base": save(base, root / "base")}
     for modality, seed in MODALITIES.items():
         g = torch.Generator().manual_seed(seed)
         tuned = {n: t + torch.randn(t.shape, generator=g) * 0.02 for n, t in base.items()}
-        paths[modality] = save_fused(tuned, base_lm.config, root / modality)
+        paths[modality] = save(tuned, root / modality)
     specs = tuple(ModelSpec(str(paths[m]), modality=m) for m in MODALITIES)
     mmer.run_merge(Recipe(ModelSpec(str(paths["base"])), specs, MergeOptions(hash_inputs=False)), root / "merged")
     paths["merged"] = root / "merged"
