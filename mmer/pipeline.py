@@ -19,6 +19,7 @@ from typing import Any
 
 import torch
 
+import mmer.runtime as runtime
 from mmer.checkpoint import bits
 from mmer.checkpoint.card import write_card
 from mmer.checkpoint.decoupled import (
@@ -196,22 +197,16 @@ def release_inputs(plan: MergePlan) -> None:
         model.reader.release()
 
 
-# Flat entries per chunk when a slot is merged piecewise on the CPU (see ``Variant.elementwise``). About 1 M
-# float32 entries (4 MB) per buffer: below glibc's mmap threshold once ``reuse_freed_memory`` has run, so
-# every operation reuses freed heap memory, and a chunk's buffers for four models stay within the L2/L3
-# caches' reach. Measured on 2 cores: 8x faster elementwise kernels than on whole 46 MB tensors.
-CPU_CHUNK = 1 << 20
-
-
 def slot_spans(numel: int, device: torch.device, elementwise: bool = True) -> list[tuple[int, int] | None]:
     """The flat ranges a slot is processed in: ``[None]`` for the whole slot at once.
 
     Chunks are multiples of 8 entries, so each chunk's packed mask starts on a byte. On a GPU whole slots are
     cheaper (kernel launches, not page faults, dominate there).
     """
-    if device.type != "cpu" or not elementwise or numel <= CPU_CHUNK:
+    chunk = runtime.CPU_CHUNK
+    if device.type != "cpu" or not elementwise or numel <= chunk:
         return [None]
-    return [(start, min(start + CPU_CHUNK, numel)) for start in range(0, numel, CPU_CHUNK)]
+    return [(start, min(start + chunk, numel)) for start in range(0, numel, chunk)]
 
 
 def slot_deltas(

@@ -14,6 +14,7 @@ from typing import Any
 
 import torch
 
+import mmer.runtime as runtime
 from mmer.checkpoint.manifest import PrivateRecord, SourceRecord
 from mmer.config import ModelSpec, Recipe
 from mmer.errors import ConfigError, IncompatibleBaseError, LayoutError
@@ -368,5 +369,9 @@ def estimate_memory(plan: MergePlan) -> MemoryEstimate:
     # Per element of the largest slot, measured rather than guessed (tests/test_reliability.py): the raw reads
     # and their memory-mapped file pages (2·(n+1)·itemsize), then float32 working copies: n task vectors, n
     # trimmed, and TIES' stacked copy, signs and selection (≈3n), plus τ*, its stored cast and temporaries.
-    per_element = 4 * (6 * n + 6) + 2 * (n + 1) * largest.dtype.itemsize
-    return MemoryEstimate(read_bytes, out_bytes, largest.numel * per_element, largest.name)
+    per_element = 4 * (6 * n + 6)
+    mapped = 2 * (n + 1) * largest.dtype.itemsize
+    working = largest.numel
+    if torch.device(plan.recipe.options.device).type == "cpu" and plan.variant.elementwise:
+        working = min(working, runtime.CPU_CHUNK)  # merged in chunks: float32 copies of one chunk only
+    return MemoryEstimate(read_bytes, out_bytes, working * per_element + largest.numel * mapped, largest.name)

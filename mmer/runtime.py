@@ -2,7 +2,7 @@
 
 glibc returns every freed block above its mmap threshold to the kernel, so each new tensor of a few MB costs
 fresh zeroed pages: on 2 cores that made elementwise kernels about 5x slower than the arithmetic itself. The
-merge works in ~4 MB chunks (``pipeline.CPU_CHUNK``); raising the thresholds keeps those buffers in the heap
+merge works in ~4 MB chunks (``CPU_CHUNK`` below); raising the thresholds keeps those buffers in the heap
 for reuse. The only cost is that up to ``TRIM_BYTES`` of freed memory stays mapped to this process.
 Set ``MMER_MALLOPT=0`` to leave the allocator alone.
 """
@@ -18,6 +18,11 @@ M_TRIM_THRESHOLD = -1
 M_MMAP_THRESHOLD = -3
 MMAP_BYTES = 32 << 20  # glibc's largest allowed mmap threshold on 64-bit
 TRIM_BYTES = 1 << 30
+
+# Flat entries per chunk when a slot is merged piecewise on the CPU (see ``merge.slot.Variant.elementwise``):
+# about 1 M float32 entries (4 MB) per buffer, below the raised mmap threshold so every operation reuses freed
+# heap memory. Measured on 2 cores: elementwise kernels 5-8x faster than on whole 46 MB tensors.
+CPU_CHUNK = 1 << 20
 
 _applied: bool | None = None
 

@@ -220,13 +220,13 @@ def test_merging_slots_in_small_chunks_writes_the_same_bytes_as_whole_slots(
     tiny_models, tmp_path, monkeypatch, options
 ):
     """Chunking is an implementation detail: every weight, mask and count is identical to whole-slot merging."""
-    import mmer.pipeline as pipeline
+    import mmer.runtime as runtime
 
     models = {"vision": tiny_models["vision_dir"], "audio": tiny_models["audio_dir"]}
     recipe = recipe_for(tiny_models["base_dir"], models, **options)
-    monkeypatch.setattr(pipeline, "CPU_CHUNK", 1 << 40)
+    monkeypatch.setattr(runtime, "CPU_CHUNK", 1 << 40)
     whole = mmer.run_merge(recipe, tmp_path / "whole")
-    monkeypatch.setattr(pipeline, "CPU_CHUNK", 24)  # a multiple of 8 that splits every tensor, leaving ragged tails
+    monkeypatch.setattr(runtime, "CPU_CHUNK", 24)  # a multiple of 8 that splits every tensor, leaving ragged tails
     chunked = mmer.run_merge(recipe, tmp_path / "chunked")
     files = sorted(p.relative_to(tmp_path / "whole") for p in (tmp_path / "whole").rglob("*.safetensors"))
     assert files == sorted(p.relative_to(tmp_path / "chunked") for p in (tmp_path / "chunked").rglob("*.safetensors"))
