@@ -33,7 +33,7 @@ from mmer.checkpoint.decoupled import (
 )
 from mmer.checkpoint.manifest import MANIFEST_NAME, MANIFEST_SHA_NAME, Manifest, ModalityRecord, SlotRecord
 from mmer.config import ModelSpec, Recipe
-from mmer.io.reader import BIN_INDEX, DTYPE_NAMES, SAFETENSORS_INDEX
+from mmer.io.reader import BIN_INDEX, DTYPE_NAMES, SAFETENSORS_INDEX, CheckpointReader, TensorInfo
 from mmer.io.resolve import cached_blob_sha256
 from mmer.io.writer import PlannedTensor, ShardedWriter, StagedOutput
 from mmer.merge.masks import MASKS, NO_MASK, reconstruct
@@ -418,15 +418,14 @@ def merge_slots(plan: MergePlan, staging: Path, thresholds: Thresholds, progress
     try:
         for slot in plan.slots:
             if not slot.merged:
-                base = plan.base.reader.get(plan.base.llm[slot.name].name, copy=False)
                 for writer in (base_writer, merged_writer):
                     if writer is not None:
-                        writer.write(slot.name, base)
+                        pass_through(writer, slot.name, plan.base.reader, plan.base.llm[slot.name])
                 _write_private(plan, slot.name, private_writers)
                 progress.advance(stage, slot.nbytes * (1 + len(plan.models)))
                 continue
             if base_writer is not None:
-                base_writer.write(slot.name, plan.base.reader.get(plan.base.llm[slot.name].name, copy=False))
+                pass_through(base_writer, slot.name, plan.base.reader, plan.base.llm[slot.name])
             _write_private(plan, slot.name, private_writers)
             store_dtype = tau_dtype(plan, slot.dtype)
             ones = [0] * len(labels)
@@ -485,6 +484,15 @@ def _private_writers(plan: MergePlan, staging: Path) -> dict[str, ShardedWriter]
     return writers
 
 
+def pass_through(writer: ShardedWriter, name: str, reader: CheckpointReader, info: TensorInfo) -> None:
+    """Write a stored tensor unchanged as ``name``: file to file in the kernel when it sits in a safetensors
+    file (the base copy is a third of the output; routing it through memory cost seconds of page faults)."""
+    if info.byte_range is not None:
+        writer.copy_from_file(name, info.file, info.byte_range[0], info.dtype, info.shape)
+    else:
+        writer.write(name, reader.get(info.name, copy=False))
+
+
 def _write_private(plan: MergePlan, slot_name: str, writers: dict[str, ShardedWriter]) -> None:
     for m in plan.models:
         for record in plan.private[m.label]:
@@ -507,7 +515,7 @@ def write_component(model: SourceModel, plan: MergePlan, staging: Path, progress
     writer = ShardedWriter(directory, entries, plan.recipe.options.shard_size)
     try:
         for info in model.components:
-            writer.write(info.name, model.reader.get(info.name, copy=False))
+            pass_through(writer, info.name, model.reader, info)
             progress.advance(stage, info.nbytes)
         writer.close()
     except BaseException:

@@ -66,6 +66,9 @@ class TensorInfo(Sized):
     dtype: torch.dtype
     shape: tuple[int, ...]
     file: Path
+    # Absolute byte range of the data in a safetensors file (None for .bin): lets a writer copy a tensor
+    # file-to-file in the kernel instead of faulting it through memory.
+    byte_range: tuple[int, int] | None = None
 
 
 def _reject_duplicates(file: Path, what: str):
@@ -124,11 +127,11 @@ def read_safetensors_header(file: Path) -> tuple[dict[str, TensorInfo], dict[str
     data_size = size - 8 - n
     infos: dict[str, TensorInfo] = {}
     for name, entry in header.items():
-        infos[name] = _check_entry(file, name, entry, data_size)
+        infos[name] = _check_entry(file, name, entry, data_size, 8 + n)
     return infos, metadata
 
 
-def _check_entry(file: Path, name: str, entry: Any, data_size: int) -> TensorInfo:
+def _check_entry(file: Path, name: str, entry: Any, data_size: int, data_start: int) -> TensorInfo:
     def bad(why: str) -> CheckpointFormatError:
         return CheckpointFormatError(
             f"{file}: tensor {name!r}: {why}", file=str(file), tensor=name, hint="the file is corrupt; fetch it again"
@@ -153,7 +156,7 @@ def _check_entry(file: Path, name: str, entry: Any, data_size: int) -> TensorInf
     expected = math.prod(shape) * dtype.itemsize
     if end - begin != expected:
         raise bad(f"{end - begin} bytes stored but dtype {entry['dtype']} and shape {shape} need {expected}")
-    return TensorInfo(name=name, dtype=dtype, shape=tuple(shape), file=file)
+    return TensorInfo(name, dtype, tuple(shape), file, (data_start + begin, data_start + end))
 
 
 class CheckpointReader:

@@ -130,6 +130,32 @@ class SafetensorsFileWriter:
             self._pending.discard(name)
             self._parts.pop(name, None)
 
+    def copy_from_file(self, name: str, source: Path, offset: int, dtype: torch.dtype, shape: tuple[int, ...]) -> None:
+        """Write tensor ``name`` (of ``dtype`` and ``shape``, as stored) from ``source``'s bytes at ``offset``.
+
+        For tensors passed through unchanged (the base copy, untouched slots): ``copy_file_range`` moves the
+        bytes inside the kernel (or shares extents on file systems that can), with no page faults in this
+        process; where it is unsupported the bytes go through a buffer.
+        """
+        begin, end, planned = self._offsets[name]
+        if dtype != planned.dtype or tuple(shape) != planned.shape:
+            raise ValueError(f"{name}: planned {planned.dtype} {planned.shape}, got {dtype} {tuple(shape)}")
+        if self._unwritten.get(name) != planned.nbytes or name not in self._pending:
+            raise ValueError(f"{name} written twice")
+        remaining, src_pos, dst_pos = end - begin, offset, self._data_start + begin
+        try:
+            self._file.flush()
+            with open(source, "rb") as src:
+                while remaining:
+                    done = _copy_range(src, self._file, remaining, src_pos, dst_pos)
+                    if done == 0:
+                        raise OSError(errno.EIO, f"{source}: ended {remaining} bytes early (truncated?)")
+                    remaining, src_pos, dst_pos = remaining - done, src_pos + done, dst_pos + done
+        except OSError as err:
+            _raise_os_error(err, self.path)
+        self._unwritten[name] = 0
+        self._pending.discard(name)
+
     @property
     def complete(self) -> bool:
         return not self._pending
@@ -148,6 +174,22 @@ class SafetensorsFileWriter:
     def abort(self) -> None:
         if not self._file.closed:
             self._file.close()
+
+
+_COPY_CHUNK = 1 << 26
+
+
+def _copy_range(src, dst, count: int, src_pos: int, dst_pos: int) -> int:
+    """Copy up to ``count`` bytes between positions of two open files; returns the bytes copied."""
+    n = min(count, _COPY_CHUNK)
+    if hasattr(os, "copy_file_range"):
+        try:
+            return os.copy_file_range(src.fileno(), dst.fileno(), n, src_pos, dst_pos)
+        except OSError as err:
+            if err.errno not in (errno.EXDEV, errno.ENOSYS, errno.EINVAL, errno.EOPNOTSUPP):
+                raise
+    data = os.pread(src.fileno(), n, src_pos)
+    return os.pwrite(dst.fileno(), data, dst_pos)
 
 
 def _reserve(f, size: int) -> None:
@@ -215,6 +257,12 @@ class ShardedWriter:
         """One part of a tensor (see :meth:`SafetensorsFileWriter.write_range`)."""
         i, writer = self._writer_for(name)
         writer.write_range(name, flat, start)
+        self._close_if_complete(i, writer)
+
+    def copy_from_file(self, name: str, source: Path, offset: int, dtype: torch.dtype, shape: tuple[int, ...]) -> None:
+        """A tensor copied byte for byte from another file (see :meth:`SafetensorsFileWriter.copy_from_file`)."""
+        i, writer = self._writer_for(name)
+        writer.copy_from_file(name, source, offset, dtype, shape)
         self._close_if_complete(i, writer)
 
     def _writer_for(self, name: str) -> tuple[int, SafetensorsFileWriter]:

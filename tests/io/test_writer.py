@@ -224,6 +224,63 @@ def test_sharded_parts_close_their_shard_when_the_last_part_arrives(tmp_path):
     assert torch.equal(reader.get("a"), torch.tensor([1.0, 1, 1, 0, 0, 0]))
 
 
+def _stored(tmp_path, tensor: torch.Tensor):
+    from safetensors.torch import save_file
+
+    src = tmp_path / "src"
+    src.mkdir()
+    save_file({"src": tensor, "other": torch.zeros(3)}, str(src / "model.safetensors"))
+    return CheckpointReader(src).tensors["src"]
+
+
+@pytest.mark.parametrize("kernel_copy", [True, False], ids=["copy_file_range", "buffered-fallback"])
+def test_a_stored_tensor_copied_file_to_file_reads_back_bit_for_bit(tmp_path, monkeypatch, kernel_copy):
+    if not kernel_copy:
+
+        def unsupported(*args):
+            raise OSError(errno.EXDEV, "cross-device")
+
+        monkeypatch.setattr(os, "copy_file_range", unsupported, raising=False)
+    monkeypatch.setattr(writer_mod, "_COPY_CHUNK", 64)  # several rounds of the copy loop
+    values = torch.randn(10, 7).to(torch.bfloat16)
+    info = _stored(tmp_path, values)
+    out = tmp_path / "out"
+    out.mkdir()
+    w = ShardedWriter(
+        out, [PlannedTensor("w", torch.bfloat16, (10, 7)), PlannedTensor("b", torch.float32, (2,))], 1 << 30
+    )
+    w.write("b", torch.ones(2))
+    w.copy_from_file("w", info.file, info.byte_range[0], info.dtype, info.shape)
+    w.close()
+    back = load_file(out / "model.safetensors")
+    assert torch.equal(back["w"].view(torch.int16), values.view(torch.int16))
+    assert torch.equal(back["b"], torch.ones(2))
+
+
+def test_a_copied_tensor_must_match_the_plan_and_arrive_once(tmp_path):
+    info = _stored(tmp_path, torch.randn(4))
+    w = SafetensorsFileWriter(tmp_path / "x.safetensors", [PlannedTensor("w", torch.float32, (4,))])
+    with pytest.raises(ValueError, match="planned"):
+        w.copy_from_file("w", info.file, info.byte_range[0], torch.float16, (4,))
+    w.copy_from_file("w", info.file, info.byte_range[0], info.dtype, info.shape)
+    with pytest.raises(ValueError, match="twice"):
+        w.copy_from_file("w", info.file, info.byte_range[0], info.dtype, info.shape)
+    w.close()
+
+
+def test_a_full_disk_during_a_file_to_file_copy_is_reported(tmp_path, monkeypatch):
+    info = _stored(tmp_path, torch.randn(64))
+
+    def full(*args):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(os, "copy_file_range", full, raising=False)
+    w = SafetensorsFileWriter(tmp_path / "x.safetensors", [PlannedTensor("w", torch.float32, (64,))])
+    with pytest.raises(DiskFullError, match="no space left"):
+        w.copy_from_file("w", info.file, info.byte_range[0], info.dtype, info.shape)
+    w.abort()
+
+
 # ------------------------------------------------------------------------------------------- sharding
 
 
