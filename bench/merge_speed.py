@@ -231,6 +231,7 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--small", action="store_true", help="4 layers, hidden 512 (for CI)")
     ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--mergekit-repeats", type=int, default=None, help="runs of mergekit (default: --repeats)")
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--mergekit-python", default=None, help="python of a venv with mergekit (default: search)")
     ap.add_argument("--skip-mergekit", action="store_true")
@@ -282,7 +283,8 @@ def main() -> int:
     results: dict[str, dict] = {}
     for name, cmd in runs.items():
         walls, rsss = [], []
-        for r in range(args.repeats):
+        repeats = args.mergekit_repeats if name == "mergekit" and args.mergekit_repeats else args.repeats
+        for r in range(repeats):
             shutil.rmtree(work, ignore_errors=True)
             m = measure(cmd)
             walls.append(m["wall"])
