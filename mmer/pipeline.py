@@ -187,6 +187,14 @@ def execute_plan(
                 f"{m.label}: its LLM equals the base (all-zero task vector): nothing of it was merged; "
                 "frozen-LLM models (BLIP-2, Video-LLaMA) need no merge"
             )
+        elif model_thresholds[i] == 0.0:
+            # Seen on real full fine-tunes: the rows of a large vocabulary that no training text used stay
+            # exactly unchanged, so more than 1 − K of τᵢ is 0 and a global top-K keeps every moved entry.
+            report.warnings.append(
+                f"{m.label}: the global trim threshold is 0: more than {1 - plan.variant.k:.0%} of its task "
+                "vector is exactly zero (e.g. untouched embedding rows), so trimming removed nothing; "
+                "--trim-scope per-tensor trims each tensor by K instead"
+            )
     return manifest
 
 
@@ -410,6 +418,7 @@ def merge_slots(plan: MergePlan, staging: Path, thresholds: Thresholds, progress
     writers.extend(private_writers.values())
 
     labels = [m.label for m in plan.models]
+    writers_by_role = (tau_writer, mask_writers)
     stats = SlotStats(kept=dict.fromkeys(labels, 0), delta_l1=dict.fromkeys(labels, 0.0))
     stats.kept_per_tensor = {label: {} for label in labels}
     scale_num, scale_den = dict.fromkeys(labels, 0.0), dict.fromkeys(labels, 0.0)
@@ -429,8 +438,16 @@ def merge_slots(plan: MergePlan, staging: Path, thresholds: Thresholds, progress
             _write_private(plan, slot.name, private_writers)
             store_dtype = tau_dtype(plan, slot.dtype)
             ones = [0] * len(labels)
+            kernel = fused_kernel(plan, slot.name, store_dtype, device)
             for span in slot_spans(slot.numel, device, variant.elementwise):
                 start = span[0] if span is not None else 0
+                whole = span or (0, slot.numel)
+                if kernel is not None and _merge_fused(
+                    plan, slot.name, whole, model_thresholds, writers_by_role, stats, ones
+                ):
+                    entries = span[1] - span[0] if span is not None else slot.numel
+                    progress.advance(stage, entries * slot.dtype.itemsize * (1 + len(labels)))
+                    continue
                 l1: list[float] = []
                 base, raw = slot_deltas(plan, slot.name, device, span, l1=l1)
                 result = merge_slot(raw, variant, slot.name, store_dtype, model_thresholds)
@@ -469,6 +486,45 @@ def merge_slots(plan: MergePlan, staging: Path, thresholds: Thresholds, progress
     if variant.mask != NO_MASK and MASKS[variant.mask].rescaled:
         stats.scales = {label: scale_num[label] / scale_den[label] if scale_den[label] else 1.0 for label in labels}
     return stats
+
+
+def fused_kernel(plan: MergePlan, slot_name: str, store_dtype: torch.dtype, device: torch.device):
+    """``merge.fused`` when it computes exactly what the eager engine would for this slot, else None."""
+    if plan.variant.mask == NO_MASK or not plan.variant.elementwise:
+        return None
+    from mmer.merge import fused  # imported on first use: it loads numba
+
+    dtypes = [plan.base.llm[slot_name].dtype] + [m.llm[slot_name].dtype for m in plan.models]
+    return fused if fused.supports(plan.variant, dtypes, store_dtype, device) else None
+
+
+def _merge_fused(
+    plan: MergePlan,
+    slot_name: str,
+    span: tuple[int, int],
+    thresholds: list[float | None] | None,
+    writers: tuple[ShardedWriter | None, dict[str, ShardedWriter]],
+    stats: SlotStats,
+    ones: list[int],
+) -> bool:
+    """One chunk through the fused kernel; False (nothing written) when a τᵢ is not finite: the eager path then
+    runs the chunk, and refuses it naming the tensor or merges it with NaN/inf as the eager engine defines."""
+    from mmer.merge import fused
+
+    start, stop = span
+    base = plan.base.reader.get(plan.base.llm[slot_name].name, copy=False).reshape(-1)[start:stop]
+    thetas = [m.reader.get(m.llm[slot_name].name, copy=False).reshape(-1)[start:stop] for m in plan.models]
+    result = fused.merge_chunk(base, thetas, plan.variant, thresholds, tau_dtype(plan, plan.base.llm[slot_name].dtype))
+    if not all(math.isfinite(v) for v in result.l1):
+        return False
+    tau_writer, mask_writers = writers
+    if tau_writer is not None:
+        tau_writer.write_range(slot_name, result.stored, start)
+    for i, m in enumerate(plan.models):
+        mask_writers[m.label].write_range(slot_name, result.packed[i], start // 8)
+        ones[i] += result.ones[i]
+        stats.delta_l1[m.label] += result.l1[i]
+    return True
 
 
 def _private_writers(plan: MergePlan, staging: Path) -> dict[str, ShardedWriter]:

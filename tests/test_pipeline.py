@@ -237,6 +237,55 @@ def test_merging_slots_in_small_chunks_writes_the_same_bytes_as_whole_slots(
     ]
 
 
+def test_a_global_threshold_of_zero_is_reported_because_the_trim_then_removes_nothing(tiny_models, tmp_path):
+    """audio's τ is 70 % exact zeros: a global top-80 % keeps every moved entry, and the user is told why."""
+    models = {"vision": tiny_models["vision_dir"], "audio": tiny_models["audio_dir"]}
+    report = mmer.run_merge(recipe_for(tiny_models["base_dir"], models), tmp_path / "g")
+    audio = next(m for m in report.modalities if m.name == "audio")
+    assert audio.threshold == 0.0
+    assert any(w.startswith("audio: the global trim threshold is 0") for w in report.warnings)
+    per_tensor = mmer.run_merge(recipe_for(tiny_models["base_dir"], models, trim_scope="per-tensor"), tmp_path / "t")
+    assert not any("trim threshold" in w for w in per_tensor.warnings)
+
+
+FUSED_CASES = [{}, {"zero_sign": "positive"}, {"k": 1.0}, {"delta_dtype": "float32"}, {"alpha": 0.8, "lambda_": 1.3}]
+
+
+@pytest.mark.parametrize("options", FUSED_CASES, ids=lambda o: ",".join(f"{k}={v}" for k, v in o.items()) or "default")
+def test_the_fused_kernel_writes_the_same_bytes_as_the_eager_engine(tmp_path, monkeypatch, options):
+    """bf16 models (the kernel's case), one with appended vocabulary rows and a shard in .bin: every weight and
+    mask file is identical with MMER_FUSED=0 (the eager engine) and without (numba's kernel where it applies)."""
+    pytest.importorskip("numba")
+    import mmer.runtime as runtime
+    from mmer.merge import fused
+
+    base = base_state(dtype=torch.bfloat16)
+    vision = finetune_state(base, seed=1, density=0.9, extra_rows=2)
+    audio = finetune_state(base, seed=2, density=0.7)
+    write_model(tmp_path / "base", base)
+    write_model(tmp_path / "vision", vision, "hf_legacy", shards=2)
+    write_model(tmp_path / "audio", audio, fmt="bin")
+    recipe = recipe_for(tmp_path / "base", {"vision": tmp_path / "vision", "audio": tmp_path / "audio"}, **options)
+    monkeypatch.setattr(runtime, "CPU_CHUNK", 40)
+    calls = []
+    real = fused.merge_chunk
+    monkeypatch.setattr(fused, "merge_chunk", lambda *a, **k: calls.append(1) or real(*a, **k))
+    outs, used = {}, {}
+    for flag in ("1", "0"):
+        monkeypatch.setenv("MMER_FUSED", flag)
+        fused._kernel.cache_clear()
+        calls.clear()
+        outs[flag] = mmer.run_merge(recipe, tmp_path / f"out{flag}")
+        used[flag] = len(calls)
+    fused._kernel.cache_clear()
+    assert used["1"] > 0 and used["0"] == 0  # the kernel really ran, and really did not
+    files = sorted(p.relative_to(tmp_path / "out1") for p in (tmp_path / "out1").rglob("*.safetensors"))
+    assert files
+    for rel in files:
+        assert (tmp_path / "out1" / rel).read_bytes() == (tmp_path / "out0" / rel).read_bytes(), rel
+    assert [(m.name, m.kept) for m in outs["1"].modalities] == [(m.name, m.kept) for m in outs["0"].modalities]
+
+
 def test_half_precision_inputs_store_tau_star_in_the_base_dtype_and_masks_follow_the_stored_values(tmp_path):
     base = base_state(dtype=torch.bfloat16)
     vision = finetune_state(base, seed=1)

@@ -1,0 +1,197 @@
+"""One pass per entry for the default variant: widen, subtract, trim, elect, disjoint mean, cast, MMER masks, pack.
+
+The eager engine (``slot.merge_slot``) runs each step as its own torch operation over ``[n, chunk]`` float32
+buffers: about sixty passes through memory per entry, which on two cores is memory-bandwidth bound at roughly
+4.5x the cost of just reading and writing the models. This kernel does the same arithmetic for one entry at a
+time in registers, compiled by numba, so the merge costs little more than its reads and writes.
+
+It is an accelerator, not a second engine: it covers exactly one configuration (TIES with unweighted models,
+``aggregate="mean"``, global or no trim, MMER masks on the trimmed task vectors, bf16 inputs, τ* stored in bf16
+or float32) and must reproduce the eager engine bit for bit; ``tests/merge/test_fused.py`` checks it against
+``merge_slot`` on random, tied, zero and extreme values. Everything else, and any machine without numba, takes
+the eager path. Every float operation is float32 in the same order as torch's: the per-model sum is
+sequential over models, trimmed entries are +0.0, and the bf16 cast rounds to nearest even as torch does.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Sequence
+from dataclasses import dataclass
+from functools import lru_cache
+
+import numpy as np
+import torch
+
+try:  # numba compiles the kernel; without it (or with MMER_FUSED=0) every chunk takes the eager path
+    from numba import njit, prange
+except ImportError:  # pragma: no cover - exercised on machines without numba
+    njit = None
+    prange = range
+
+BLOCK = 1 << 14  # entries per parallel work item: a multiple of 8, so each block packs whole mask bytes
+
+
+@dataclass
+class FusedResult:
+    """What ``merge_slots`` needs from one chunk: τ* as stored, packed masks, kept counts and Σ|τᵢ|."""
+
+    stored: torch.Tensor
+    packed: list[torch.Tensor]
+    ones: list[int]
+    l1: list[float]
+
+
+def supports(variant, input_dtypes: Sequence[torch.dtype], store_dtype: torch.dtype, device: torch.device) -> bool:
+    """Whether the fused kernel computes exactly what ``merge_slot`` would for this variant and these dtypes."""
+    return (
+        device.type == "cpu"
+        and variant.method == "ties"
+        and variant.mask == "mmer"
+        and variant.weights is None
+        and variant.aggregate == "mean"
+        and variant.mask_source == "trimmed"
+        and variant.dare <= 0
+        and variant.zero_sign in ("zero", "positive")
+        and (not variant.uses_trim or variant.trim_scope == "global")
+        and all(d == torch.bfloat16 for d in input_dtypes)
+        and store_dtype in (torch.bfloat16, torch.float32)
+        and _kernel() is not None
+    )
+
+
+def merge_chunk(
+    base: torch.Tensor,
+    thetas: Sequence[torch.Tensor],
+    variant,
+    thresholds: Sequence[float | None] | None,
+    store_dtype: torch.dtype,
+) -> FusedResult:
+    """Merge one flat chunk of bf16 entries (``base`` and each model's θᵢ, same length, multiple of 8 or last)."""
+    kernel = _kernel()
+    n = len(thetas)
+    numel = base.numel()
+    base_u = _u16(base)
+    theta_u = np.empty((n, numel), dtype=np.uint16)
+    for i, theta in enumerate(thetas):
+        theta_u[i] = _u16(theta)
+    thr = np.zeros(n, dtype=np.float32)
+    trim = variant.uses_trim and thresholds is not None
+    if trim:
+        thr[:] = [t if t is not None else 0.0 for t in thresholds]
+    lams = np.array([lam if lam is not None else 0.0 for lam in variant.lambdas], dtype=np.float32)
+    lamhalf = lams * np.float32(0.5)  # as the eager rule: a float32 column of λ, times 0.5, in float32
+    stored_f = np.empty(numel, dtype=np.float32)
+    stored_u = np.empty(numel, dtype=np.uint16)
+    packed = np.zeros((n, (numel + 7) // 8), dtype=np.uint8)
+    blocks = (numel + BLOCK - 1) // BLOCK
+    l1 = np.zeros((blocks, n), dtype=np.float64)
+    kernel(
+        base_u,
+        theta_u,
+        thr,
+        bool(trim),
+        lamhalf,
+        np.float32(variant.alpha),
+        variant.alpha != 1.0,
+        variant.zero_sign == "positive",
+        store_dtype == torch.bfloat16,
+        stored_f,
+        stored_u,
+        packed,
+        l1,
+    )
+    if store_dtype == torch.bfloat16:
+        stored = torch.from_numpy(stored_u.view(np.int16)).view(torch.bfloat16)
+    else:
+        stored = torch.from_numpy(stored_f)
+    ones = [int(_POPCOUNT[row].sum()) for row in packed]
+    sums = l1.sum(axis=0)  # per-block partials summed in block order: deterministic whatever the threads did
+    return FusedResult(stored, [torch.from_numpy(row) for row in packed], ones, [float(s) for s in sums])
+
+
+_POPCOUNT = np.array([bin(i).count("1") for i in range(256)], dtype=np.int64)
+
+
+def _u16(t: torch.Tensor) -> np.ndarray:
+    return t.contiguous().view(torch.int16).numpy().view(np.uint16)
+
+
+@lru_cache(maxsize=1)
+def _kernel():
+    """The compiled kernel, or None without numba (or with ``MMER_FUSED=0``): callers then take the eager path."""
+    if njit is None or os.environ.get("MMER_FUSED", "1") == "0":
+        return None
+    return njit(parallel=True, cache=True, nogil=True)(_merge_kernel)
+
+
+def _merge_kernel(
+    base, thetas, thr, trim, lamhalf, alpha, scale, zero_positive, to_bf16, stored_f, stored_u, packed, l1
+):
+    n, numel = thetas.shape
+    blocks = (numel + BLOCK - 1) // BLOCK
+    zero = np.float32(0.0)
+    one = np.float32(1.0)
+    for blk in prange(blocks):
+        start = blk * BLOCK
+        stop = min(start + BLOCK, numel)
+        size = stop - start
+        b = (base[start:stop].astype(np.uint32) << np.uint32(16)).view(np.float32)
+        tr = np.empty((n, size), dtype=np.float32)
+        for i in range(n):
+            th = (thetas[i, start:stop].astype(np.uint32) << np.uint32(16)).view(np.float32)
+            acc = 0.0
+            for j in range(size):
+                t = th[j] - b[j]
+                acc += abs(t)
+                if trim and not (abs(t) >= thr[i]):
+                    t = zero
+                tr[i, j] = t
+            l1[blk, i] = acc
+        tau = np.empty(size, dtype=np.float32)
+        for j in range(size):
+            s = tr[0, j]
+            for i in range(1, n):
+                s = s + tr[i, j]
+            if s > zero:
+                gamma = one
+            elif s < zero:
+                gamma = -one
+            else:
+                gamma = one if zero_positive else zero
+            total = zero
+            count = 0
+            for i in range(n):
+                x = tr[i, j]
+                if x * gamma > zero:
+                    total = total + x
+                    count += 1
+            value = total / np.float32(max(count, 1))
+            if scale:
+                value = value * alpha
+            tau[j] = value
+        if to_bf16:
+            bits = tau.view(np.uint32)
+            rounded = ((bits + np.uint32(0x7FFF) + ((bits >> np.uint32(16)) & np.uint32(1))) >> np.uint32(16)).astype(
+                np.uint16
+            )
+            stored_u[start:stop] = rounded
+            eff = (rounded.astype(np.uint32) << np.uint32(16)).view(np.float32)
+        else:
+            stored_f[start:stop] = tau
+            eff = tau
+        for j in range(size):
+            e = eff[j]
+            if e > zero:
+                sign = one
+            elif e < zero:
+                sign = -one
+            else:
+                sign = zero
+            a = abs(e)
+            byte = (start + j) >> 3
+            bit = np.uint8(1) << np.uint8((start + j) & 7)
+            for i in range(n):
+                u = tr[i, j] * sign
+                if u > zero and u >= lamhalf[i] * a:
+                    packed[i, byte] |= bit

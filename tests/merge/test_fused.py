@@ -1,0 +1,147 @@
+"""The fused kernel reproduces the eager engine bit for bit wherever it claims to apply.
+
+``merge.fused`` is only an accelerator: ``merge_slot`` defines the result. Every case here builds bf16 inputs,
+runs both, and compares τ* as stored, every packed mask byte, the kept counts and (to float tolerance) Σ|τᵢ|.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import pytest
+import torch
+
+from mmer.checkpoint import bits
+from mmer.merge import fused
+from mmer.merge.slot import Variant, merge_slot
+from mmer.merge.trim import rank_to_threshold
+
+pytest.importorskip("numba")
+
+
+def variant(**overrides) -> Variant:
+    fields = dict(
+        method="ties",
+        mask="mmer",
+        k=0.8,
+        alpha=1.0,
+        trim_scope="global",
+        trim_count="reference",
+        zero_sign="zero",
+        elect_on="raw",
+        aggregate="mean",
+        mask_source="trimmed",
+        dare=0.0,
+        dare_seed=0,
+        lambdas=(0.9, 0.9, 0.9),
+    )
+    fields.update(overrides)
+    return Variant(**fields)
+
+
+def inputs(kind: str, numel: int, n: int = 3, seed: int = 0) -> tuple[torch.Tensor, list[torch.Tensor]]:
+    g = torch.Generator().manual_seed(seed)
+    base = (torch.randn(numel, generator=g) * 0.05).to(torch.bfloat16)
+    thetas = []
+    for i in range(n):
+        if kind == "gaussian":
+            delta = torch.randn(numel, generator=g) * 1e-3
+        elif kind == "quantised":  # few distinct deltas: many ties, many exact zeros, opposite signs
+            delta = torch.randint(-2, 3, (numel,), generator=g).float() * 2.0**-9
+        elif kind == "sparse":  # most entries untouched, as in real full fine-tunes
+            delta = torch.randn(numel, generator=g) * 1e-2 * (torch.rand(numel, generator=g) < 0.1)
+        elif kind == "extreme":  # huge and tiny magnitudes, subnormal-sized deltas
+            delta = torch.randn(numel, generator=g) * 10.0 ** torch.randint(-30, 3, (numel,), generator=g).float()
+        else:
+            raise ValueError(kind)
+        theta = (base.float() + delta).to(torch.bfloat16)
+        if i == n - 1:
+            theta[: numel // 7] = base[: numel // 7]  # a stretch where one model did not move at all
+        thetas.append(theta)
+    return base, thetas
+
+
+def global_thresholds(base, thetas, k, count="reference"):
+    out = []
+    for theta in thetas:
+        mags = (theta.float() - base.float()).abs()
+        rank = rank_to_threshold(mags.numel(), k, count)
+        out.append(None if rank == 0 else float(mags.kthvalue(rank).values))
+    return out
+
+
+def eager(base, thetas, v, thresholds, store_dtype):
+    taus = torch.stack([t.float() - base.float() for t in thetas])
+    result = merge_slot(taus, v, "w", store_dtype, thresholds if v.uses_trim else None)
+    return result.stored, [bits.pack(m) for m in result.masks], [int(m.sum()) for m in result.masks], taus
+
+
+CASES = [
+    ("gaussian", {}),
+    ("quantised", {}),
+    ("sparse", {}),
+    ("extreme", {}),
+    ("quantised", {"zero_sign": "positive"}),
+    ("gaussian", {"k": 1.0}),
+    ("gaussian", {"k": 0.3, "lambdas": (0.0, 1.0, 1.7)}),
+    ("sparse", {"alpha": 0.7, "lambdas": (0.5, None, 1.2)}),
+    ("quantised", {"k": 0.6, "trim_count": "exact"}),
+]
+
+
+@pytest.mark.parametrize("store_dtype", [torch.bfloat16, torch.float32], ids=["bf16", "f32"])
+@pytest.mark.parametrize("numel", [13, 8 * fused.BLOCK + 5], ids=["tiny-ragged", "multi-block"])
+@pytest.mark.parametrize(
+    "kind,overrides", CASES, ids=[f"{k}-{'-'.join(map(str, o.values())) or 'default'}" for k, o in CASES]
+)
+def test_the_fused_kernel_equals_the_eager_engine_bit_for_bit(kind, overrides, numel, store_dtype):
+    v = variant(**overrides)
+    base, thetas = inputs(kind, numel)
+    thresholds = global_thresholds(base, thetas, v.k, v.trim_count) if v.uses_trim else None
+    assert fused.supports(v, [base.dtype] * 4, store_dtype, torch.device("cpu"))
+    stored, packed, ones, taus = eager(base, thetas, v, thresholds, store_dtype)
+    got = fused.merge_chunk(base, thetas, v, thresholds, store_dtype)
+    assert got.stored.dtype == stored.dtype
+    assert torch.equal(got.stored.view(torch.uint8), stored.reshape(-1).contiguous().view(torch.uint8))
+    for mine, theirs in zip(got.packed, packed, strict=True):
+        assert torch.equal(mine, theirs)
+    assert got.ones == ones
+    expected_l1 = [float(t.abs().double().sum()) for t in taus]
+    assert got.l1 == pytest.approx(expected_l1, rel=1e-9)
+
+
+@pytest.mark.parametrize(
+    "change",
+    [
+        {"method": "average"},
+        {"mask": "tall"},
+        {"aggregate": "sum"},
+        {"dare": 0.1},
+        {"trim_scope": "per-tensor"},
+        {"mask_source": "raw"},
+        {"weights": (1.0, 2.0, 1.0)},
+    ],
+)
+def test_anything_else_is_left_to_the_eager_engine(change):
+    assert not fused.supports(variant(**change), [torch.bfloat16] * 4, torch.bfloat16, torch.device("cpu"))
+
+
+def test_other_dtypes_or_devices_are_left_to_the_eager_engine():
+    v = variant()
+    assert not fused.supports(v, [torch.float16] * 4, torch.float16, torch.device("cpu"))
+    assert not fused.supports(v, [torch.bfloat16] * 4, torch.float16, torch.device("cpu"))
+    assert not fused.supports(v, [torch.bfloat16] * 4, torch.bfloat16, torch.device("cuda"))
+
+
+def test_mmer_fused_0_turns_the_kernel_off(monkeypatch):
+    monkeypatch.setenv("MMER_FUSED", "0")
+    fused._kernel.cache_clear()
+    try:
+        assert not fused.supports(variant(), [torch.bfloat16] * 4, torch.bfloat16, torch.device("cpu"))
+    finally:
+        monkeypatch.delenv("MMER_FUSED")
+        fused._kernel.cache_clear()
+
+
+def test_a_variant_is_a_plain_dataclass_the_kernel_reads_by_field():
+    assert {f.name for f in dataclasses.fields(Variant)} >= {"method", "mask", "aggregate", "mask_source", "weights"}
