@@ -315,7 +315,10 @@ def find_global_thresholds(plan: MergePlan, variants: list[Variant], progress: P
         stage = "threshold"
         progress.start(stage, total_bytes)
         for slot in slots:
+            kernel = window_kernel(plan, slot.name, device)
             for span in slot_spans(slot.numel, device):  # raw task vectors: always elementwise here
+                if kernel is not None and _count_fused(plan, slot.name, span or (0, slot.numel), windowed, finders):
+                    continue
                 _, raw = slot_deltas(plan, slot.name, device, span)
                 for key in windowed:
                     for finder, tau in zip(finders[key], raw, strict=True):
@@ -486,6 +489,36 @@ def merge_slots(plan: MergePlan, staging: Path, thresholds: Thresholds, progress
     if variant.mask != NO_MASK and MASKS[variant.mask].rescaled:
         stats.scales = {label: scale_num[label] / scale_den[label] if scale_den[label] else 1.0 for label in labels}
     return stats
+
+
+def window_kernel(plan: MergePlan, slot_name: str, device: torch.device):
+    """``merge.fused`` when it can count this slot's magnitudes for the threshold windows, else None."""
+    from mmer.merge import fused
+
+    dtypes = [plan.base.llm[slot_name].dtype] + [m.llm[slot_name].dtype for m in plan.models]
+    ok = device.type == "cpu" and all(d == torch.bfloat16 for d in dtypes) and fused._window_kernel() is not None
+    return fused if ok else None
+
+
+def _count_fused(plan: MergePlan, slot_name: str, span: tuple[int, int], keys: list, finders: dict) -> bool:
+    """One chunk's counts for every window, without materialising τᵢ; False when a τᵢ is not finite (the eager
+    path then refuses it by name, or counts it as the eager engine does)."""
+    from mmer.merge import fused
+
+    start, stop = span
+    base = plan.base.reader.get(plan.base.llm[slot_name].name, copy=False).reshape(-1)[start:stop]
+    thetas = [m.reader.get(m.llm[slot_name].name, copy=False).reshape(-1)[start:stop] for m in plan.models]
+    counts = []
+    for key in keys:
+        windows = [f.window for f in finders[key]]
+        counted = fused.window_chunk(base, thetas, [w[0] for w in windows], [w[1] for w in windows])
+        if not all(math.isfinite(v) for v in counted.l1):
+            return False
+        counts.append(counted)
+    for key, counted in zip(keys, counts, strict=True):
+        for i, finder in enumerate(finders[key]):
+            finder.add_counted(counted.numel, counted.below[i], counted.inside[i], counted.candidates[i])
+    return True
 
 
 def fused_kernel(plan: MergePlan, slot_name: str, store_dtype: torch.dtype, device: torch.device):

@@ -195,3 +195,100 @@ def _merge_kernel(
                 u = tr[i, j] * sign
                 if u > zero and u >= lamhalf[i] * a:
                     packed[i, byte] |= bit
+
+
+# ------------------------------------------------------------------------------------------ threshold pass
+@dataclass
+class WindowCounts:
+    """One chunk's contribution to each model's ``WindowedThreshold``: entries below and inside the window,
+    the inside magnitudes' bit patterns (only when the window spans more than one value), and Σ|τᵢ|."""
+
+    numel: int
+    below: list[int]
+    inside: list[int]
+    candidates: list[torch.Tensor | None]
+    l1: list[float]
+
+
+def window_chunk(
+    base: torch.Tensor, thetas: Sequence[torch.Tensor], lo: Sequence[int], hi: Sequence[int]
+) -> WindowCounts:
+    """Count one flat bf16 chunk's task-vector magnitudes against each model's window ``[lo, hi]`` (bit patterns),
+    exactly as ``WindowedThreshold.add`` would, in one pass that never materialises τᵢ."""
+    kernel = _window_kernel()
+    n, numel = len(thetas), base.numel()
+    theta_u = np.empty((n, numel), dtype=np.uint16)
+    for i, theta in enumerate(thetas):
+        theta_u[i] = _u16(theta)
+    lo_a = np.asarray(lo, dtype=np.int32)
+    hi_a = np.asarray(hi, dtype=np.int32)
+    blocks = (numel + BLOCK - 1) // BLOCK
+    below = np.zeros((blocks, n), dtype=np.int64)
+    inside = np.zeros((blocks, n), dtype=np.int64)
+    l1 = np.zeros((blocks, n), dtype=np.float64)
+    collect = bool((lo_a != hi_a).any())
+    kernel(
+        _u16(base), theta_u, lo_a, hi_a, below, inside, l1, np.zeros((0,), np.int32), np.zeros((0, 0), np.int64), False
+    )
+    candidates: list[torch.Tensor | None] = [None] * n
+    if collect:
+        offsets = np.zeros((blocks, n), dtype=np.int64)
+        offsets[1:] = np.cumsum(inside, axis=0)[:-1]
+        totals = inside.sum(axis=0)
+        flat = np.empty(int(totals.sum()), dtype=np.int32)
+        starts = np.concatenate([[0], np.cumsum(totals)[:-1]])
+        kernel(_u16(base), theta_u, lo_a, hi_a, below, inside, l1, flat, offsets + starts, True)
+        candidates = [
+            torch.from_numpy(flat[starts[i] : starts[i] + totals[i]]) if lo_a[i] != hi_a[i] else None for i in range(n)
+        ]
+    return WindowCounts(
+        numel,
+        [int(v) for v in below.sum(axis=0)],
+        [int(v) for v in inside.sum(axis=0)],
+        candidates,
+        [float(v) for v in l1.sum(axis=0)],
+    )
+
+
+@lru_cache(maxsize=1)
+def _window_kernel():
+    if njit is None or os.environ.get("MMER_FUSED", "1") == "0":
+        return None
+    return njit(parallel=True, cache=True, nogil=True)(_count_kernel)
+
+
+def _count_kernel(base, thetas, lo, hi, below, inside, l1, out, offsets, fill):
+    n, numel = thetas.shape
+    blocks = (numel + BLOCK - 1) // BLOCK
+    mask = np.int32(0x7FFFFFFF)
+    for blk in prange(blocks):
+        start = blk * BLOCK
+        stop = min(start + BLOCK, numel)
+        b = (base[start:stop].astype(np.uint32) << np.uint32(16)).view(np.float32)
+        tau = np.empty(stop - start, dtype=np.float32)
+        for i in range(n):
+            th = (thetas[i, start:stop].astype(np.uint32) << np.uint32(16)).view(np.float32)
+            for j in range(stop - start):
+                tau[j] = th[j] - b[j]
+            mags = tau.view(np.int32)
+            if fill:
+                at = offsets[blk, i]
+                for j in range(stop - start):
+                    m = mags[j] & mask
+                    if m >= lo[i] and m <= hi[i]:
+                        out[at] = m
+                        at += 1
+            else:
+                acc = 0.0
+                under = 0
+                within = 0
+                for j in range(stop - start):
+                    acc += abs(tau[j])
+                    m = mags[j] & mask
+                    if m < lo[i]:
+                        under += 1
+                    elif m <= hi[i]:
+                        within += 1
+                below[blk, i] = under
+                inside[blk, i] = within
+                l1[blk, i] = acc

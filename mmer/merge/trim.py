@@ -207,6 +207,27 @@ class WindowedThreshold:
         elif inside.numel():
             self._candidates.append(inside)
 
+    def add_counted(self, numel: int, below: int, inside: int, candidates: torch.Tensor | None) -> None:
+        """What :meth:`add` does, from counts made elsewhere (``merge.fused.window_chunk``): ``candidates`` are
+        the inside magnitudes' bit patterns, needed only when the window spans more than one value."""
+        self._seen += numel
+        self._below += below
+        if self._overflow:
+            return
+        self._kept += inside
+        if self._lo == self._hi:
+            return
+        if self._kept > self.max_candidates:
+            self._overflow = True
+            self._candidates.clear()
+        elif inside:
+            self._candidates.append(candidates)
+
+    @property
+    def window(self) -> tuple[int, int]:
+        """The window's bounds as float32 bit patterns (valid after :meth:`open_window`)."""
+        return self._lo, self._hi
+
     @property
     def needs_second_pass(self) -> bool:
         if self.keeps_all:
