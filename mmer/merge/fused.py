@@ -132,6 +132,7 @@ def _merge_kernel(
     blocks = (numel + BLOCK - 1) // BLOCK
     zero = np.float32(0.0)
     one = np.float32(1.0)
+    tie = one if zero_positive else zero  # γ where Σ τᵢ = 0: mergekit's +1, or TIES' 0
     for blk in prange(blocks):
         start = blk * BLOCK
         stop = min(start + BLOCK, numel)
@@ -150,23 +151,21 @@ def _merge_kernel(
             l1[blk, i] = acc
         tau = np.empty(size, dtype=np.float32)
         for j in range(size):
+            # Branch-free selects (random signs would mispredict every branch): a·x with a ∈ {0, 1} is x or
+            # ±0, and adding ±0 to the running sum changes nothing, so the sums equal the eager where-sums.
             s = tr[0, j]
             for i in range(1, n):
                 s = s + tr[i, j]
-            if s > zero:
-                gamma = one
-            elif s < zero:
-                gamma = -one
-            else:
-                gamma = one if zero_positive else zero
+            gamma = np.float32(s > zero) - np.float32(s < zero)
+            gamma = gamma + tie * np.float32(gamma == zero)
             total = zero
-            count = 0
+            count = zero
             for i in range(n):
                 x = tr[i, j]
-                if x * gamma > zero:
-                    total = total + x
-                    count += 1
-            value = total / np.float32(max(count, 1))
+                agree = np.float32(x * gamma > zero)
+                total = total + agree * x
+                count = count + agree
+            value = total / max(count, one)
             if scale:
                 value = value * alpha
             tau[j] = value
@@ -180,21 +179,20 @@ def _merge_kernel(
         else:
             stored_f[start:stop] = tau
             eff = tau
+        sign = np.empty(size, dtype=np.float32)
+        magnitude = np.empty(size, dtype=np.float32)
         for j in range(size):
-            e = eff[j]
-            if e > zero:
-                sign = one
-            elif e < zero:
-                sign = -one
-            else:
-                sign = zero
-            a = abs(e)
-            byte = (start + j) >> 3
-            bit = np.uint8(1) << np.uint8((start + j) & 7)
-            for i in range(n):
-                u = tr[i, j] * sign
-                if u > zero and u >= lamhalf[i] * a:
-                    packed[i, byte] |= bit
+            sign[j] = np.float32(eff[j] > zero) - np.float32(eff[j] < zero)
+            magnitude[j] = abs(eff[j])
+        for i in range(n):
+            lam = lamhalf[i]
+            for first in range(0, size, 8):
+                byte = np.uint8(0)
+                for k in range(min(8, size - first)):
+                    u = tr[i, first + k] * sign[first + k]
+                    kept = (u > zero) & (u >= lam * magnitude[first + k])
+                    byte |= np.uint8(kept) << np.uint8(k)
+                packed[i, (start + first) >> 3] = byte
 
 
 # ------------------------------------------------------------------------------------------ threshold pass
@@ -282,13 +280,12 @@ def _count_kernel(base, thetas, lo, hi, below, inside, l1, out, offsets, fill):
                 acc = 0.0
                 under = 0
                 within = 0
-                for j in range(stop - start):
+                low, high = lo[i], hi[i]
+                for j in range(stop - start):  # branch-free counts: magnitudes fall either side at random
                     acc += abs(tau[j])
                     m = mags[j] & mask
-                    if m < lo[i]:
-                        under += 1
-                    elif m <= hi[i]:
-                        within += 1
+                    under += m < low
+                    within += (m >= low) & (m <= high)
                 below[blk, i] = under
                 inside[blk, i] = within
                 l1[blk, i] = acc
