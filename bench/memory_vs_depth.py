@@ -457,8 +457,9 @@ def dir_bytes(path: Path) -> int:
 
 def git_commit() -> str | None:
     try:
-        out = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=HERE.parent, capture_output=True,
-                             text=True, check=True).stdout.strip()
+        out = subprocess.run(
+            ["git", "rev-parse", "--short", "HEAD"], cwd=HERE.parent, capture_output=True, text=True, check=True
+        ).stdout.strip()
         return out or None
     except (OSError, subprocess.CalledProcessError):
         return None
@@ -481,9 +482,15 @@ def machine() -> dict[str, Any]:
     except OSError:
         pass
     info = subprocess.run(
-        [sys.executable, "-c", "import torch,safetensors,mmer;print(torch.__version__,safetensors.__version__,"
-         "mmer.__version__,torch.get_num_threads())"],
-        capture_output=True, text=True, check=True,
+        [
+            sys.executable,
+            "-c",
+            "import torch,safetensors,mmer;print(torch.__version__,safetensors.__version__,"
+            "mmer.__version__,torch.get_num_threads())",
+        ],
+        capture_output=True,
+        text=True,
+        check=True,
     ).stdout.split()
     return {
         "cpu": cpu,
@@ -537,13 +544,18 @@ def table_rows(rows: list[dict[str, Any]]) -> list[list[str]]:
         ratio = lambda a, b: (  # noqa: E731
             f"{fmt_ratio(a['wall_s'], b['wall_s'])} / {fmt_ratio(a['peak_rss_bytes'], b['peak_rss_bytes'])}"
         )
-        out.append([
-            str(r["layers"]),
-            f"{r['params'] / 1e6:.1f}M",
-            f"{r['input_bytes'] / GB:.2f}",
-            cell(m), cell(i), cell(f),
-            ratio(m, i), ratio(m, f),
-        ])
+        out.append(
+            [
+                str(r["layers"]),
+                f"{r['params'] / 1e6:.1f}M",
+                f"{r['input_bytes'] / GB:.2f}",
+                cell(m),
+                cell(i),
+                cell(f),
+                ratio(m, i),
+                ratio(m, f),
+            ]
+        )
     return out
 
 
@@ -604,13 +616,16 @@ def markdown(result: dict[str, Any]) -> str:
     for r in result["rows"]:
         best = {k: r["methods"][k]["wall_s_min"] for k in METHODS}
         lines.append(
-            f"| {r['layers']} | " + " | ".join(f"{best[k]:.1f}" for k in METHODS)
+            f"| {r['layers']} | "
+            + " | ".join(f"{best[k]:.1f}" for k in METHODS)
             + f" | {fmt_ratio(best['mmer'], best['in-memory'])} | {fmt_ratio(best['mmer'], best['floor'])} |"
         )
     lines += [
         "",
-        "Spread of wall time over the runs (min–max s): " + "; ".join(
-            f"L{r['layers']}: " + ", ".join(
+        "Spread of wall time over the runs (min–max s): "
+        + "; ".join(
+            f"L{r['layers']}: "
+            + ", ".join(
                 f"{k} {r['methods'][k]['wall_s_min']:.1f}–{r['methods'][k]['wall_s_max']:.1f}" for k in METHODS
             )
             for r in result["rows"]
@@ -646,12 +661,14 @@ def markdown(result: dict[str, Any]) -> str:
         lines.append(f"| {r['layers']} | " + " | ".join(cells) + " |")
     lines += [
         "",
-        "mmer stage times (median s): " + "; ".join(
+        "mmer stage times (median s): "
+        + "; ".join(
             f"L{r['layers']}: " + ", ".join(f"{k} {v:.1f}" for k, v in r["methods"]["mmer"]["stages_s"].items())
             for r in result["rows"]
         ),
         "",
-        "Output written per run (GB): " + "; ".join(
+        "Output written per run (GB): "
+        + "; ".join(
             f"L{r['layers']}: " + ", ".join(f"{k} {r['methods'][k]['output_bytes'] / GB:.2f}" for k in METHODS)
             for r in result["rows"]
         ),
@@ -671,23 +688,35 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    parser.add_argument("--layers", type=int, nargs="+", default=[4, 8, 16, 32],
-                        help="depths to measure (default 4 8 16 32)")
+    parser.add_argument(
+        "--layers", type=int, nargs="+", default=[4, 8, 16, 32], help="depths to measure (default 4 8 16 32)"
+    )
     parser.add_argument("--hidden", type=int, default=512, help="hidden size (default 512)")
     parser.add_argument("--models", type=int, default=3, help="fine-tunes merged (default 3)")
     parser.add_argument("--repeats", type=int, default=3, help="runs per cell; the median is reported (default 3)")
     parser.add_argument("--device", default="cpu", help="where the merge arithmetic runs (cpu, cuda)")
     parser.add_argument("--methods", nargs="+", default=list(METHODS), choices=METHODS, help=argparse.SUPPRESS)
-    parser.add_argument("--base-storage", default="copy", choices=("copy", "reference"),
-                        help="mmer's base_storage option (default copy: the base is written into the output)")
+    parser.add_argument(
+        "--base-storage",
+        default="copy",
+        choices=("copy", "reference"),
+        help="mmer's base_storage option (default copy: the base is written into the output)",
+    )
     parser.add_argument("--shard-mb", type=int, default=256, help="input shard size in MB (default 256)")
     parser.add_argument("--no-verify", action="store_true", help="skip the mmer == in-memory bit-for-bit check")
-    parser.add_argument("--profile", action="store_true",
-                        help="instead of the benchmark, cProfile one mmer merge at the largest depth "
-                        "(writes profile_mmer.txt beside the results)")
+    parser.add_argument(
+        "--profile",
+        action="store_true",
+        help="instead of the benchmark, cProfile one mmer merge at the largest depth "
+        "(writes profile_mmer.txt beside the results)",
+    )
     parser.add_argument("--results", type=Path, default=RESULTS, help="where the .json and .md go")
-    parser.add_argument("--render", type=Path, metavar="JSON",
-                        help="only re-render the table and the .md from a results .json written earlier")
+    parser.add_argument(
+        "--render",
+        type=Path,
+        metavar="JSON",
+        help="only re-render the table and the .md from a results .json written earlier",
+    )
     parser.add_argument("--_child", help=argparse.SUPPRESS)
     parser.add_argument("--_spec", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
@@ -707,12 +736,17 @@ def main(argv: list[str] | None = None) -> int:
     commit = git_commit()
     layers = sorted(set(args.layers))
     shard_bytes = args.shard_mb * 1_000_000
-    print(f"mmer memory-vs-depth benchmark: hidden {args.hidden}, layers {layers}, {args.models} fine-tunes, "
-          f"{args.repeats} repeats, device {args.device}", flush=True)
+    print(
+        f"mmer memory-vs-depth benchmark: hidden {args.hidden}, layers {layers}, {args.models} fine-tunes, "
+        f"{args.repeats} repeats, device {args.device}",
+        flush=True,
+    )
     for n in layers:
         d = depth_dir(args, n)
-        res = spawn("build", {"dir": str(d), "hidden": args.hidden, "layers": n, "models": args.models,
-                              "shard_bytes": shard_bytes})
+        res = spawn(
+            "build",
+            {"dir": str(d), "hidden": args.hidden, "layers": n, "models": args.models, "shard_bytes": shard_bytes},
+        )
         print(f"  models for {n} layers ready in {d.relative_to(HERE.parent)} ({res['seconds']:.1f} s)", flush=True)
 
     os.sync()  # the models just written must not be flushed to disk while a contender is timed
@@ -722,16 +756,25 @@ def main(argv: list[str] | None = None) -> int:
         base, fts = model_dirs(args, n)
         profile_file = args.results / "profile_mmer.txt"
         args.results.mkdir(parents=True, exist_ok=True)
-        res = spawn("profile", {"base": str(base), "models": [str(p) for p in fts], "out": str(out_root / "mmer"),
-                                "device": args.device, "base_storage": args.base_storage,
-                                "profile_out": str(profile_file)})
+        res = spawn(
+            "profile",
+            {
+                "base": str(base),
+                "models": [str(p) for p in fts],
+                "out": str(out_root / "mmer"),
+                "device": args.device,
+                "base_storage": args.base_storage,
+                "profile_out": str(profile_file),
+            },
+        )
         shutil.rmtree(out_root / "mmer", ignore_errors=True)
         print(f"  cProfile of one mmer merge at {n} layers ({res['work_s']:.1f} s under the profiler): {profile_file}")
         return 0
 
     idle = spawn("idle", {})
-    print(f"  idle process (python + torch + mmer imported): {idle['peak_rss_bytes'] / GB:.2f} GB peak RSS",
-          flush=True)
+    print(
+        f"  idle process (python + torch + mmer imported): {idle['peak_rss_bytes'] / GB:.2f} GB peak RSS", flush=True
+    )
 
     rows = []
     verify = None
@@ -745,43 +788,75 @@ def main(argv: list[str] | None = None) -> int:
         for r in range(args.repeats):
             for kind in args.methods:  # interleaved, so drift (thermal, page cache) hits every contender alike
                 out = out_root / kind
-                spec = {"base": str(base), "models": [str(p) for p in fts], "out": str(out), "device": args.device,
-                        "base_storage": args.base_storage}
+                spec = {
+                    "base": str(base),
+                    "models": [str(p) for p in fts],
+                    "out": str(out),
+                    "device": args.device,
+                    "base_storage": args.base_storage,
+                }
                 res = spawn(kind, spec)
                 res["output_bytes"] = dir_bytes(out)
                 runs[kind].append(res)
-                print(f"  L{n} run {r + 1}/{args.repeats} {kind:9s} {res['work_s']:7.1f} s  "
-                      f"peak RSS {res['peak_rss_bytes'] / GB:5.2f} GB", flush=True)
+                print(
+                    f"  L{n} run {r + 1}/{args.repeats} {kind:9s} {res['work_s']:7.1f} s  "
+                    f"peak RSS {res['peak_rss_bytes'] / GB:5.2f} GB",
+                    flush=True,
+                )
                 if not (keep and r == args.repeats - 1 and kind != "floor"):
                     shutil.rmtree(out, ignore_errors=True)
                 os.sync()  # no contender pays for the previous one's write-back
         if keep:
-            verify = spawn("verify", {"mmer": str(out_root / "mmer"), "ref": str(out_root / "in-memory"),
-                                      "models": args.models})
+            verify = spawn(
+                "verify", {"mmer": str(out_root / "mmer"), "ref": str(out_root / "in-memory"), "models": args.models}
+            )
             verify["layers"] = n
             state = "identical" if verify["n_mismatches"] == 0 else f"{verify['n_mismatches']} MISMATCHES"
             print(f"  check: mmer vs in-memory τ* and masks at {n} layers: {state}", flush=True)
             for kind in ("mmer", "in-memory"):
                 shutil.rmtree(out_root / kind, ignore_errors=True)
-        rows.append({"layers": n, "params": params, "input_bytes": input_bytes,
-                     "methods": {k: summarize(v) for k, v in runs.items()}})
+        rows.append(
+            {
+                "layers": n,
+                "params": params,
+                "input_bytes": input_bytes,
+                "methods": {k: summarize(v) for k, v in runs.items()},
+            }
+        )
 
     fingerprints = sorted({x["mmer_code_sha256"] for r in rows for x in r["methods"].get("mmer", {}).get("runs", [])})
     if len(fingerprints) > 1:
-        print(f"WARNING: mmer's code changed during the run ({len(fingerprints)} different versions ran); "
-              "the rows do not all measure the same code", flush=True)
+        print(
+            f"WARNING: mmer's code changed during the run ({len(fingerprints)} different versions ran); "
+            "the rows do not all measure the same code",
+            flush=True,
+        )
     loads = [x["loadavg_1min_before"] for r in rows for v in r["methods"].values() for x in v["runs"]]
     if set(args.methods) != set(METHODS):
-        print(json.dumps({r["layers"]: {k: (v["wall_s"], v["peak_rss_bytes"] / GB) for k, v in r["methods"].items()}
-                          for r in rows}))
+        print(
+            json.dumps(
+                {
+                    r["layers"]: {k: (v["wall_s"], v["peak_rss_bytes"] / GB) for k, v in r["methods"].items()}
+                    for r in rows
+                }
+            )
+        )
         return 0
 
     result = {
         "benchmark": "memory_vs_depth",
         "argv": sys.argv[1:] if argv is None else argv,
-        "args": {"layers": layers, "hidden": args.hidden, "models": args.models, "repeats": args.repeats,
-                 "device": args.device, "base_storage": args.base_storage, "shard_mb": args.shard_mb,
-                 "k": K, "lambda": LAMBDA},
+        "args": {
+            "layers": layers,
+            "hidden": args.hidden,
+            "models": args.models,
+            "repeats": args.repeats,
+            "device": args.device,
+            "base_storage": args.base_storage,
+            "shard_mb": args.shard_mb,
+            "k": K,
+            "lambda": LAMBDA,
+        },
         "machine": machine(),
         "mmer_source": {"git_commit_at_start": commit, "code_sha256_of_runs": fingerprints},
         "idle_rss_bytes": idle["peak_rss_bytes"],
