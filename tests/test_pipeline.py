@@ -252,14 +252,15 @@ FUSED_CASES = [{}, {"zero_sign": "positive"}, {"k": 1.0}, {"delta_dtype": "float
 
 
 @pytest.mark.parametrize("options", FUSED_CASES, ids=lambda o: ",".join(f"{k}={v}" for k, v in o.items()) or "default")
-def test_the_fused_kernel_writes_the_same_bytes_as_the_eager_engine(tmp_path, monkeypatch, options):
-    """bf16 models (the kernel's case), one with appended vocabulary rows and a shard in .bin: every weight and
-    mask file is identical with MMER_FUSED=0 (the eager engine) and without (numba's kernel where it applies)."""
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
+def test_the_fused_kernel_writes_the_same_bytes_as_the_eager_engine(tmp_path, monkeypatch, options, dtype):
+    """Half-precision models (the kernel's case), one with appended vocabulary rows and two shards, one in .bin:
+    every weight and mask file is identical with MMER_FUSED=0 (the eager engine) and without (the kernel)."""
     pytest.importorskip("numba")
     import mmer.runtime as runtime
     from mmer.merge import fused
 
-    base = base_state(dtype=torch.bfloat16)
+    base = base_state(dtype=dtype)
     vision = finetune_state(base, seed=1, density=0.9, extra_rows=2)
     audio = finetune_state(base, seed=2, density=0.7)
     write_model(tmp_path / "base", base)

@@ -30,6 +30,8 @@ except ImportError:  # pragma: no cover - exercised on machines without numba
     prange = range
 
 BLOCK = 1 << 14  # entries per parallel work item: a multiple of 8, so each block packs whole mask bytes
+HALF_DTYPES = (torch.bfloat16, torch.float16)  # stored as 16-bit patterns; the kernels decode them exactly
+_STORE_CODES = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}
 
 
 @dataclass
@@ -54,8 +56,9 @@ def supports(variant, input_dtypes: Sequence[torch.dtype], store_dtype: torch.dt
         and variant.dare <= 0
         and variant.zero_sign in ("zero", "positive")
         and (not variant.uses_trim or variant.trim_scope == "global")
-        and all(d == torch.bfloat16 for d in input_dtypes)
-        and store_dtype in (torch.bfloat16, torch.float32)
+        and len(set(input_dtypes)) == 1
+        and input_dtypes[0] in HALF_DTYPES
+        and store_dtype in (input_dtypes[0], torch.float32)
         and _kernel() is not None
     )
 
@@ -95,14 +98,15 @@ def merge_chunk(
         np.float32(variant.alpha),
         variant.alpha != 1.0,
         variant.zero_sign == "positive",
-        store_dtype == torch.bfloat16,
+        base.dtype == torch.float16,
+        _STORE_CODES[store_dtype],
         stored_f,
         stored_u,
         packed,
         l1,
     )
-    if store_dtype == torch.bfloat16:
-        stored = torch.from_numpy(stored_u.view(np.int16)).view(torch.bfloat16)
+    if store_dtype in HALF_DTYPES:
+        stored = torch.from_numpy(stored_u.view(np.int16)).view(store_dtype)
     else:
         stored = torch.from_numpy(stored_f)
     ones = [int(_POPCOUNT[row].sum()) for row in packed]
@@ -117,6 +121,40 @@ def _u16(t: torch.Tensor) -> np.ndarray:
     return t.contiguous().view(torch.int16).numpy().view(np.uint16)
 
 
+def _decode_py(bits16, half):
+    """16-bit patterns → float32, exactly: bf16 is the high half of a float32; float16 is widened with the
+    branch-free bit arithmetic of c10's ``fp16_ieee_to_fp32_value`` (subnormals included)."""
+    w = bits16.astype(np.uint32) << np.uint32(16)
+    if not half:
+        return w.view(np.float32)
+    sign = w & np.uint32(0x80000000)
+    two_w = w + w
+    normalized = ((two_w >> np.uint32(4)) + np.uint32(0x70000000)).view(np.float32) * np.float32(2.0**-112)
+    denormalized = ((two_w >> np.uint32(17)) | np.uint32(0x3F000000)).view(np.float32) - np.float32(0.5)
+    magnitude = np.where(two_w < np.uint32(1 << 27), denormalized.view(np.uint32), normalized.view(np.uint32))
+    return (sign | magnitude).view(np.float32)
+
+
+def _encode_half_py(values):
+    """float32 → float16 patterns, rounded to nearest even, with c10's ``fp16_ieee_from_fp32_value`` arithmetic
+    (finite inputs: the fused path only sees finite task vectors)."""
+    scaled = (np.abs(values) * np.float32(2.0**112)) * np.float32(2.0**-110)
+    w = values.view(np.uint32)
+    shl1_w = w + w
+    sign = w & np.uint32(0x80000000)
+    bias = np.maximum(shl1_w & np.uint32(0xFF000000), np.uint32(0x71000000))
+    scaled = ((bias >> np.uint32(1)) + np.uint32(0x07800000)).view(np.float32) + scaled
+    bits = scaled.view(np.uint32)
+    nonsign = ((bits >> np.uint32(13)) & np.uint32(0x00007C00)) + (bits & np.uint32(0x00000FFF))
+    special = np.where(shl1_w > np.uint32(0xFF000000), np.uint32(0x7E00), nonsign)
+    return ((sign >> np.uint32(16)) | special).astype(np.uint16)
+
+
+if njit is not None:
+    _decode = njit(cache=True, nogil=True)(_decode_py)
+    _encode_half = njit(cache=True, nogil=True)(_encode_half_py)
+
+
 @lru_cache(maxsize=1)
 def _kernel():
     """The compiled kernel, or None without numba (or with ``MMER_FUSED=0``): callers then take the eager path."""
@@ -126,7 +164,7 @@ def _kernel():
 
 
 def _merge_kernel(
-    base, thetas, thr, trim, lamhalf, alpha, scale, zero_positive, to_bf16, stored_f, stored_u, packed, l1
+    base, thetas, thr, trim, lamhalf, alpha, scale, zero_positive, half, store, stored_f, stored_u, packed, l1
 ):
     n, numel = thetas.shape
     blocks = (numel + BLOCK - 1) // BLOCK
@@ -137,10 +175,10 @@ def _merge_kernel(
         start = blk * BLOCK
         stop = min(start + BLOCK, numel)
         size = stop - start
-        b = (base[start:stop].astype(np.uint32) << np.uint32(16)).view(np.float32)
+        b = _decode(base[start:stop], half)
         tr = np.empty((n, size), dtype=np.float32)
         for i in range(n):
-            th = (thetas[i, start:stop].astype(np.uint32) << np.uint32(16)).view(np.float32)
+            th = _decode(thetas[i, start:stop], half)
             acc = 0.0
             for j in range(size):
                 t = th[j] - b[j]
@@ -169,13 +207,18 @@ def _merge_kernel(
             if scale:
                 value = value * alpha
             tau[j] = value
-        if to_bf16:
+        if store == 1:  # bf16, rounded to nearest even as torch does
             bits = tau.view(np.uint32)
-            rounded = ((bits + np.uint32(0x7FFF) + ((bits >> np.uint32(16)) & np.uint32(1))) >> np.uint32(16)).astype(
+            one16 = np.uint32(1)
+            rounded = ((bits + np.uint32(0x7FFF) + ((bits >> np.uint32(16)) & one16)) >> np.uint32(16)).astype(
                 np.uint16
             )
             stored_u[start:stop] = rounded
-            eff = (rounded.astype(np.uint32) << np.uint32(16)).view(np.float32)
+            eff = _decode(rounded, False)
+        elif store == 2:  # float16
+            rounded = _encode_half(tau)
+            stored_u[start:stop] = rounded
+            eff = _decode(rounded, True)
         else:
             stored_f[start:stop] = tau
             eff = tau
@@ -226,7 +269,17 @@ def window_chunk(
     l1 = np.zeros((blocks, n), dtype=np.float64)
     collect = bool((lo_a != hi_a).any())
     kernel(
-        _u16(base), theta_u, lo_a, hi_a, below, inside, l1, np.zeros((0,), np.int32), np.zeros((0, 0), np.int64), False
+        _u16(base),
+        theta_u,
+        base.dtype == torch.float16,
+        lo_a,
+        hi_a,
+        below,
+        inside,
+        l1,
+        np.zeros((0,), np.int32),
+        np.zeros((0, 0), np.int64),
+        False,
     )
     candidates: list[torch.Tensor | None] = [None] * n
     if collect:
@@ -235,7 +288,8 @@ def window_chunk(
         totals = inside.sum(axis=0)
         flat = np.empty(int(totals.sum()), dtype=np.int32)
         starts = np.concatenate([[0], np.cumsum(totals)[:-1]])
-        kernel(_u16(base), theta_u, lo_a, hi_a, below, inside, l1, flat, offsets + starts, True)
+        half = base.dtype == torch.float16
+        kernel(_u16(base), theta_u, half, lo_a, hi_a, below, inside, l1, flat, offsets + starts, True)
         candidates = [
             torch.from_numpy(flat[starts[i] : starts[i] + totals[i]]) if lo_a[i] != hi_a[i] else None for i in range(n)
         ]
@@ -255,17 +309,17 @@ def _window_kernel():
     return njit(parallel=True, cache=True, nogil=True)(_count_kernel)
 
 
-def _count_kernel(base, thetas, lo, hi, below, inside, l1, out, offsets, fill):
+def _count_kernel(base, thetas, half, lo, hi, below, inside, l1, out, offsets, fill):
     n, numel = thetas.shape
     blocks = (numel + BLOCK - 1) // BLOCK
     mask = np.int32(0x7FFFFFFF)
     for blk in prange(blocks):
         start = blk * BLOCK
         stop = min(start + BLOCK, numel)
-        b = (base[start:stop].astype(np.uint32) << np.uint32(16)).view(np.float32)
+        b = _decode(base[start:stop], half)
         tau = np.empty(stop - start, dtype=np.float32)
         for i in range(n):
-            th = (thetas[i, start:stop].astype(np.uint32) << np.uint32(16)).view(np.float32)
+            th = _decode(thetas[i, start:stop], half)
             for j in range(stop - start):
                 tau[j] = th[j] - b[j]
             mags = tau.view(np.int32)

@@ -39,9 +39,11 @@ def variant(**overrides) -> Variant:
     return Variant(**fields)
 
 
-def inputs(kind: str, numel: int, n: int = 3, seed: int = 0) -> tuple[torch.Tensor, list[torch.Tensor]]:
+def inputs(
+    kind: str, numel: int, n: int = 3, seed: int = 0, dtype: torch.dtype = torch.bfloat16
+) -> tuple[torch.Tensor, list[torch.Tensor]]:
     g = torch.Generator().manual_seed(seed)
-    base = (torch.randn(numel, generator=g) * 0.05).to(torch.bfloat16)
+    base = (torch.randn(numel, generator=g) * 0.05).to(dtype)
     thetas = []
     for i in range(n):
         if kind == "gaussian":
@@ -54,7 +56,7 @@ def inputs(kind: str, numel: int, n: int = 3, seed: int = 0) -> tuple[torch.Tens
             delta = torch.randn(numel, generator=g) * 10.0 ** torch.randint(-30, 3, (numel,), generator=g).float()
         else:
             raise ValueError(kind)
-        theta = (base.float() + delta).to(torch.bfloat16)
+        theta = (base.float() + delta).to(dtype)
         if i == n - 1:
             theta[: numel // 7] = base[: numel // 7]  # a stretch where one model did not move at all
         thetas.append(theta)
@@ -89,14 +91,16 @@ CASES = [
 ]
 
 
-@pytest.mark.parametrize("store_dtype", [torch.bfloat16, torch.float32], ids=["bf16", "f32"])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
+@pytest.mark.parametrize("store_native", [True, False], ids=["tau-native", "tau-f32"])
 @pytest.mark.parametrize("numel", [13, 8 * fused.BLOCK + 5], ids=["tiny-ragged", "multi-block"])
 @pytest.mark.parametrize(
     "kind,overrides", CASES, ids=[f"{k}-{'-'.join(map(str, o.values())) or 'default'}" for k, o in CASES]
 )
-def test_the_fused_kernel_equals_the_eager_engine_bit_for_bit(kind, overrides, numel, store_dtype):
+def test_the_fused_kernel_equals_the_eager_engine_bit_for_bit(kind, overrides, numel, dtype, store_native):
     v = variant(**overrides)
-    base, thetas = inputs(kind, numel)
+    store_dtype = dtype if store_native else torch.float32
+    base, thetas = inputs(kind, numel, dtype=dtype)
     thresholds = global_thresholds(base, thetas, v.k, v.trim_count) if v.uses_trim else None
     assert fused.supports(v, [base.dtype] * 4, store_dtype, torch.device("cpu"))
     stored, packed, ones, taus = eager(base, thetas, v, thresholds, store_dtype)
@@ -128,7 +132,8 @@ def test_anything_else_is_left_to_the_eager_engine(change):
 
 def test_other_dtypes_or_devices_are_left_to_the_eager_engine():
     v = variant()
-    assert not fused.supports(v, [torch.float16] * 4, torch.float16, torch.device("cpu"))
+    assert not fused.supports(v, [torch.float32] * 4, torch.float32, torch.device("cpu"))
+    assert not fused.supports(v, [torch.bfloat16] * 3 + [torch.float16], torch.bfloat16, torch.device("cpu"))
     assert not fused.supports(v, [torch.bfloat16] * 4, torch.float16, torch.device("cpu"))
     assert not fused.supports(v, [torch.bfloat16] * 4, torch.bfloat16, torch.device("cuda"))
 
@@ -147,10 +152,11 @@ def test_a_variant_is_a_plain_dataclass_the_kernel_reads_by_field():
     assert {f.name for f in dataclasses.fields(Variant)} >= {"method", "mask", "aggregate", "mask_source", "weights"}
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
 @pytest.mark.parametrize("kind", ["gaussian", "quantised", "extreme"])
 @pytest.mark.parametrize("numel", [13, 3 * fused.BLOCK + 9], ids=["tiny-ragged", "multi-block"])
-def test_window_counts_equal_what_the_eager_finder_sees(kind, numel):
-    base, thetas = inputs(kind, numel, seed=5)
+def test_window_counts_equal_what_the_eager_finder_sees(kind, numel, dtype):
+    base, thetas = inputs(kind, numel, seed=5, dtype=dtype)
     mags = [(t.float() - base.float()).abs().view(torch.int32) for t in thetas]
     # model 0: a window spanning many values; model 1: one value (the tied case); model 2: nothing inside
     med = [int(m.median()) for m in mags]
@@ -166,3 +172,25 @@ def test_window_counts_equal_what_the_eager_finder_sees(kind, numel):
         else:
             assert torch.equal(got.candidates[i], inside)
         assert got.l1[i] == pytest.approx(float((thetas[i].float() - base.float()).abs().double().sum()), rel=1e-9)
+
+
+def test_float16_patterns_decode_and_round_exactly_as_torch_converts_them():
+    """Every one of the 65,536 float16 patterns widens like torch's cast (NaN aside), and float32 values around
+    every float16 rounding boundary, subnormals and overflow included, narrow like it."""
+    import numpy as np
+
+    patterns = np.arange(1 << 16, dtype=np.uint32).astype(np.uint16)
+    halves = torch.from_numpy(patterns.view(np.int16)).view(torch.float16)
+    finite = torch.isfinite(halves).numpy()
+    widened = fused._decode(patterns, True)
+    assert np.array_equal(widened[finite].view(np.uint32), halves.float().numpy()[finite].view(np.uint32))
+    g = torch.Generator().manual_seed(0)
+    values = torch.cat(
+        [
+            halves.float()[torch.from_numpy(finite)],
+            (torch.randn(200000, generator=g) * 10.0 ** torch.randint(-9, 6, (200000,), generator=g)).float(),
+            torch.tensor([65504.0, 65519.99, 65520.0, 1e6, -1e6, 2.0**-24, 2.0**-25, 3 * 2.0**-26, -(2.0**-26)]),
+        ]
+    )
+    narrowed = fused._encode_half(values.numpy())
+    assert np.array_equal(narrowed, values.half().numpy().view(np.uint16))
