@@ -315,7 +315,7 @@ def find_global_thresholds(plan: MergePlan, variants: list[Variant], progress: P
         stage = "threshold"
         progress.start(stage, total_bytes)
         for slot in slots:
-            kernel = window_kernel(plan, slot.name, device)
+            kernel = _fused_for(plan, slot.name, device)
             for span in slot_spans(slot.numel, device):  # raw task vectors: always elementwise here
                 if kernel is not None and _count_fused(plan, slot.name, span or (0, slot.numel), windowed, finders):
                     continue
@@ -441,38 +441,33 @@ def merge_slots(plan: MergePlan, staging: Path, thresholds: Thresholds, progress
             _write_private(plan, slot.name, private_writers)
             store_dtype = tau_dtype(plan, slot.dtype)
             ones = [0] * len(labels)
-            kernel = fused_kernel(plan, slot.name, store_dtype, device)
+            kernel = _fused_for(plan, slot.name, device, store_dtype)
             for span in slot_spans(slot.numel, device, variant.elementwise):
-                start = span[0] if span is not None else 0
-                whole = span or (0, slot.numel)
-                if kernel is not None and _merge_fused(
-                    plan, slot.name, whole, model_thresholds, writers_by_role, stats, ones
+                start, stop = span or (0, slot.numel)
+                if kernel is None or not _merge_fused(
+                    plan, slot.name, (start, stop), model_thresholds, store_dtype, writers_by_role, stats, ones
                 ):
-                    entries = span[1] - span[0] if span is not None else slot.numel
-                    progress.advance(stage, entries * slot.dtype.itemsize * (1 + len(labels)))
-                    continue
-                l1: list[float] = []
-                base, raw = slot_deltas(plan, slot.name, device, span, l1=l1)
-                result = merge_slot(raw, variant, slot.name, store_dtype, model_thresholds)
-                for label, norm in zip(labels, l1, strict=True):
-                    stats.delta_l1[label] += norm
-                if merged_writer is not None:
-                    merged = reconstruct(base.to(device), result.stored, None)
-                    merged_writer.write_range(slot.name, merged.reshape(-1), start)
-                if tau_writer is not None:
-                    tau_writer.write_range(slot.name, result.stored.reshape(-1), start)
-                for i, label in enumerate(labels):
-                    if result.masks is None:
-                        continue
-                    mask = result.masks[i]
-                    ones[i] += count_true(mask)
-                    mask_writers[label].write_range(slot.name, bits.pack(mask.cpu()), start // 8)
-                    if result.scale_num:
-                        scale_num[label] += result.scale_num[i]
-                        scale_den[label] += result.scale_den[i]
-                entries = span[1] - span[0] if span is not None else slot.numel
-                progress.advance(stage, entries * slot.dtype.itemsize * (1 + len(labels)))
-                del base, raw, result
+                    l1: list[float] = []
+                    base, raw = slot_deltas(plan, slot.name, device, span, l1=l1)
+                    result = merge_slot(raw, variant, slot.name, store_dtype, model_thresholds)
+                    for label, norm in zip(labels, l1, strict=True):
+                        stats.delta_l1[label] += norm
+                    if merged_writer is not None:
+                        merged = reconstruct(base.to(device), result.stored, None)
+                        merged_writer.write_range(slot.name, merged.reshape(-1), start)
+                    if tau_writer is not None:
+                        tau_writer.write_range(slot.name, result.stored.reshape(-1), start)
+                    for i, label in enumerate(labels):
+                        if result.masks is None:
+                            continue
+                        mask = result.masks[i]
+                        ones[i] += count_true(mask)
+                        mask_writers[label].write_range(slot.name, bits.pack(mask.cpu()), start // 8)
+                        if result.scale_num:
+                            scale_num[label] += result.scale_num[i]
+                            scale_den[label] += result.scale_den[i]
+                    del base, raw, result
+                progress.advance(stage, (stop - start) * slot.dtype.itemsize * (1 + len(labels)))
             if variant.mask != NO_MASK:
                 for label, count in zip(labels, ones, strict=True):
                     stats.kept_per_tensor[label][slot.name] = count
@@ -491,13 +486,24 @@ def merge_slots(plan: MergePlan, staging: Path, thresholds: Thresholds, progress
     return stats
 
 
-def window_kernel(plan: MergePlan, slot_name: str, device: torch.device):
-    """``merge.fused`` when it can count this slot's magnitudes for the threshold windows, else None."""
-    from mmer.merge import fused
+def _fused_for(plan: MergePlan, slot_name: str, device: torch.device, store_dtype: torch.dtype | None = None):
+    """``merge.fused`` when its kernels compute exactly what the eager engine would for this slot, else None:
+    the threshold pass (no ``store_dtype``) needs only inputs it reads, the merge also the variant and τ*'s dtype."""
+    if store_dtype is not None and (plan.variant.mask == NO_MASK or not plan.variant.elementwise):
+        return None
+    from mmer.merge import fused  # imported on first use: it loads numba
 
     dtypes = [plan.base.llm[slot_name].dtype] + [m.llm[slot_name].dtype for m in plan.models]
-    ok = device.type == "cpu" and all(d == torch.bfloat16 for d in dtypes) and fused._window_kernel() is not None
-    return fused if ok else None
+    if store_dtype is None:
+        return fused if fused.reads(dtypes, device) else None
+    return fused if fused.supports(plan.variant, dtypes, store_dtype, device) else None
+
+
+def _chunk_views(plan: MergePlan, slot_name: str, span: tuple[int, int]) -> tuple[torch.Tensor, list[torch.Tensor]]:
+    """The stored (unconverted) flat entries ``span`` of θ_base and of every model's θᵢ: views of the mapped files."""
+    start, stop = span
+    base = plan.base.reader.get(plan.base.llm[slot_name].name, copy=False).reshape(-1)[start:stop]
+    return base, [m.reader.get(m.llm[slot_name].name, copy=False).reshape(-1)[start:stop] for m in plan.models]
 
 
 def _count_fused(plan: MergePlan, slot_name: str, span: tuple[int, int], keys: list, finders: dict) -> bool:
@@ -505,9 +511,7 @@ def _count_fused(plan: MergePlan, slot_name: str, span: tuple[int, int], keys: l
     path then refuses it by name, or counts it as the eager engine does)."""
     from mmer.merge import fused
 
-    start, stop = span
-    base = plan.base.reader.get(plan.base.llm[slot_name].name, copy=False).reshape(-1)[start:stop]
-    thetas = [m.reader.get(m.llm[slot_name].name, copy=False).reshape(-1)[start:stop] for m in plan.models]
+    base, thetas = _chunk_views(plan, slot_name, span)
     counts = []
     for key in keys:
         windows = [f.window for f in finders[key]]
@@ -521,21 +525,12 @@ def _count_fused(plan: MergePlan, slot_name: str, span: tuple[int, int], keys: l
     return True
 
 
-def fused_kernel(plan: MergePlan, slot_name: str, store_dtype: torch.dtype, device: torch.device):
-    """``merge.fused`` when it computes exactly what the eager engine would for this slot, else None."""
-    if plan.variant.mask == NO_MASK or not plan.variant.elementwise:
-        return None
-    from mmer.merge import fused  # imported on first use: it loads numba
-
-    dtypes = [plan.base.llm[slot_name].dtype] + [m.llm[slot_name].dtype for m in plan.models]
-    return fused if fused.supports(plan.variant, dtypes, store_dtype, device) else None
-
-
 def _merge_fused(
     plan: MergePlan,
     slot_name: str,
     span: tuple[int, int],
     thresholds: list[float | None] | None,
+    store_dtype: torch.dtype,
     writers: tuple[ShardedWriter | None, dict[str, ShardedWriter]],
     stats: SlotStats,
     ones: list[int],
@@ -544,17 +539,15 @@ def _merge_fused(
     runs the chunk, and refuses it naming the tensor or merges it with NaN/inf as the eager engine defines."""
     from mmer.merge import fused
 
-    start, stop = span
-    base = plan.base.reader.get(plan.base.llm[slot_name].name, copy=False).reshape(-1)[start:stop]
-    thetas = [m.reader.get(m.llm[slot_name].name, copy=False).reshape(-1)[start:stop] for m in plan.models]
-    result = fused.merge_chunk(base, thetas, plan.variant, thresholds, tau_dtype(plan, plan.base.llm[slot_name].dtype))
+    base, thetas = _chunk_views(plan, slot_name, span)
+    result = fused.merge_chunk(base, thetas, plan.variant, thresholds, store_dtype)
     if not all(math.isfinite(v) for v in result.l1):
         return False
     tau_writer, mask_writers = writers
     if tau_writer is not None:
-        tau_writer.write_range(slot_name, result.stored, start)
+        tau_writer.write_range(slot_name, result.stored, span[0])
     for i, m in enumerate(plan.models):
-        mask_writers[m.label].write_range(slot_name, result.packed[i], start // 8)
+        mask_writers[m.label].write_range(slot_name, result.packed[i], span[0] // 8)
         ones[i] += result.ones[i]
         stats.delta_l1[m.label] += result.l1[i]
     return True

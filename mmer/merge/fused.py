@@ -44,10 +44,22 @@ class FusedResult:
     l1: list[float]
 
 
+def reads(input_dtypes: Sequence[torch.dtype], device: torch.device) -> bool:
+    """Whether the kernels can read these inputs: one half-precision dtype for every model, on the CPU, numba
+    present. The threshold pass needs only this; the merge also needs :func:`supports`."""
+    return (
+        device.type == "cpu"
+        and len(set(input_dtypes)) == 1
+        and input_dtypes[0] in HALF_DTYPES
+        and _kernel() is not None
+        and _window_kernel() is not None
+    )
+
+
 def supports(variant, input_dtypes: Sequence[torch.dtype], store_dtype: torch.dtype, device: torch.device) -> bool:
     """Whether the fused kernel computes exactly what ``merge_slot`` would for this variant and these dtypes."""
     return (
-        device.type == "cpu"
+        reads(input_dtypes, device)
         and variant.method == "ties"
         and variant.mask == "mmer"
         and variant.weights is None
@@ -56,10 +68,7 @@ def supports(variant, input_dtypes: Sequence[torch.dtype], store_dtype: torch.dt
         and variant.dare <= 0
         and variant.zero_sign in ("zero", "positive")
         and (not variant.uses_trim or variant.trim_scope == "global")
-        and len(set(input_dtypes)) == 1
-        and input_dtypes[0] in HALF_DTYPES
         and store_dtype in (input_dtypes[0], torch.float32)
-        and _kernel() is not None
     )
 
 
@@ -70,14 +79,13 @@ def merge_chunk(
     thresholds: Sequence[float | None] | None,
     store_dtype: torch.dtype,
 ) -> FusedResult:
-    """Merge one flat chunk of bf16 entries (``base`` and each model's θᵢ, same length, multiple of 8 or last)."""
+    """Merge one flat chunk of half-precision entries (``base`` and each θᵢ, same length, a multiple of 8 unless
+    it ends the tensor)."""
     kernel = _kernel()
     n = len(thetas)
     numel = base.numel()
     base_u = _u16(base)
-    theta_u = np.empty((n, numel), dtype=np.uint16)
-    for i, theta in enumerate(thetas):
-        theta_u[i] = _u16(theta)
+    theta_u = _stack_u16(thetas)
     thr = np.zeros(n, dtype=np.float32)
     trim = variant.uses_trim and thresholds is not None
     if trim:
@@ -119,6 +127,14 @@ _POPCOUNT = np.array([bin(i).count("1") for i in range(256)], dtype=np.int64)
 
 def _u16(t: torch.Tensor) -> np.ndarray:
     return t.contiguous().view(torch.int16).numpy().view(np.uint16)
+
+
+def _stack_u16(thetas: Sequence[torch.Tensor]) -> np.ndarray:
+    """Every model's chunk as one ``[n, numel]`` array of 16-bit patterns (the kernels' layout)."""
+    out = np.empty((len(thetas), thetas[0].numel()), dtype=np.uint16)
+    for i, theta in enumerate(thetas):
+        out[i] = _u16(theta)
+    return out
 
 
 def _decode_py(bits16, half):
@@ -254,13 +270,11 @@ class WindowCounts:
 def window_chunk(
     base: torch.Tensor, thetas: Sequence[torch.Tensor], lo: Sequence[int], hi: Sequence[int]
 ) -> WindowCounts:
-    """Count one flat bf16 chunk's task-vector magnitudes against each model's window ``[lo, hi]`` (bit patterns),
-    exactly as ``WindowedThreshold.add`` would, in one pass that never materialises τᵢ."""
+    """Count one flat half-precision chunk's task-vector magnitudes against each model's window ``[lo, hi]``
+    (bit patterns), exactly as ``WindowedThreshold.add`` would, in one pass that never materialises τᵢ."""
     kernel = _window_kernel()
     n, numel = len(thetas), base.numel()
-    theta_u = np.empty((n, numel), dtype=np.uint16)
-    for i, theta in enumerate(thetas):
-        theta_u[i] = _u16(theta)
+    theta_u = _stack_u16(thetas)
     lo_a = np.asarray(lo, dtype=np.int32)
     hi_a = np.asarray(hi, dtype=np.int32)
     blocks = (numel + BLOCK - 1) // BLOCK

@@ -189,27 +189,21 @@ class WindowedThreshold:
 
     def add(self, tau: torch.Tensor) -> None:
         bits = _magnitude_bits(tau)
-        self._seen += bits.numel()
-        self._below += count_true(bits < self._lo)
+        below = count_true(bits < self._lo)
         if self._overflow:
-            return
-        if self._lo == self._hi:
+            self.add_counted(bits.numel(), below, 0, None)
+        elif self._lo == self._hi:
             # The sample put the k-th value inside one block of tied magnitudes (bf16 fine-tunes give
             # quantised deltas: here 3 % of a model tied at the threshold). Counting that value is enough;
             # collecting its copies as candidates would cost memory and a huge kthvalue.
-            self._kept += count_true(bits == self._lo)
-            return
-        inside = bits[(bits >= self._lo) & (bits <= self._hi)]
-        self._kept += inside.numel()
-        if self._kept > self.max_candidates:  # the window is far too wide: stop collecting, fall back
-            self._overflow = True
-            self._candidates.clear()
-        elif inside.numel():
-            self._candidates.append(inside)
+            self.add_counted(bits.numel(), below, count_true(bits == self._lo), None)
+        else:
+            inside = bits[(bits >= self._lo) & (bits <= self._hi)]
+            self.add_counted(bits.numel(), below, inside.numel(), inside)
 
     def add_counted(self, numel: int, below: int, inside: int, candidates: torch.Tensor | None) -> None:
-        """What :meth:`add` does, from counts made elsewhere (``merge.fused.window_chunk``): ``candidates`` are
-        the inside magnitudes' bit patterns, needed only when the window spans more than one value."""
+        """Take one piece's counts (from :meth:`add`, or ``merge.fused.window_chunk``): ``candidates`` are the
+        inside magnitudes' bit patterns, needed only when the window spans more than one value."""
         self._seen += numel
         self._below += below
         if self._overflow:
@@ -217,7 +211,7 @@ class WindowedThreshold:
         self._kept += inside
         if self._lo == self._hi:
             return
-        if self._kept > self.max_candidates:
+        if self._kept > self.max_candidates:  # the window is far too wide: stop collecting, fall back
             self._overflow = True
             self._candidates.clear()
         elif inside:
