@@ -7,6 +7,8 @@ functions; the work itself is cached here, once per test session.
 
 from __future__ import annotations
 
+import importlib.util
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -17,6 +19,18 @@ import mmer
 from mmer.config import build_recipe
 
 _CACHE: dict[str, Any] = {}
+
+
+def tiny_moe_module():
+    """tests/extend/tiny_moe.py, loaded once (the test directories are not packages, so no import path)."""
+    if "tiny_moe" not in sys.modules:
+        path = Path(__file__).resolve().parents[1] / "extend" / "tiny_moe.py"
+        spec = importlib.util.spec_from_file_location("tiny_moe", path)
+        module = importlib.util.module_from_spec(spec)  # type: ignore[arg-type]
+        sys.modules["tiny_moe"] = module
+        spec.loader.exec_module(module)  # type: ignore[union-attr]
+    return sys.modules["tiny_moe"]
+
 
 # The demo's shapes (mmer.demo): LLaVA with 28-pixel images in 14-pixel patches → 4 image tokens; Qwen2-Audio
 # with 16 mel bins and 20 source positions → 40 mel frames → 10 audio tokens. 512 is each model's placeholder.

@@ -8,12 +8,11 @@ One tiny Mixtral base, two fine-tunes merged with MMER (``vision``, ``audio``), 
 
 from __future__ import annotations
 
-import importlib.util
-import sys
 from pathlib import Path
 
 import pytest
 import torch
+from route_fixtures import tiny_moe_module
 
 import mmer
 from mmer.config import MergeOptions, ModelSpec, Recipe
@@ -30,19 +29,7 @@ from mmer.extend import (
 from mmer.route import BASE, Router, RoutingInputError
 from mmer.route.reconstruct import reconstruct_modality
 
-
-def _tiny_moe():
-    """tests/extend/tiny_moe.py (the test directories are not packages, so tests/route has no path to it)."""
-    if "tiny_moe" not in sys.modules:
-        path = Path(__file__).resolve().parents[1] / "extend" / "tiny_moe.py"
-        spec = importlib.util.spec_from_file_location("tiny_moe", path)
-        module = importlib.util.module_from_spec(spec)  # type: ignore[arg-type]
-        sys.modules["tiny_moe"] = module
-        spec.loader.exec_module(module)  # type: ignore[union-attr]
-    return sys.modules["tiny_moe"]
-
-
-tiny_moe = _tiny_moe()
+tiny_moe = tiny_moe_module()
 single_thread = tiny_moe.single_thread  # autouse: one thread for this module
 MODALITIES = {"vision": 1, "audio": 2}  # fine-tune seeds
 
