@@ -34,6 +34,8 @@ import zlib
 from pathlib import Path
 from typing import Any
 
+from machine_info import cpu_name
+
 HERE = Path(__file__).resolve().parent
 CACHE = HERE / ".cache"
 RESULTS = HERE / "results"
@@ -466,14 +468,7 @@ def git_commit() -> str | None:
 
 
 def machine() -> dict[str, Any]:
-    cpu = platform.processor() or platform.machine()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
+    cpu = cpu_name()
     ram = None
     try:
         for line in Path("/proc/meminfo").read_text().splitlines():
