@@ -80,3 +80,9 @@ class DecoupledFormatError(MmerError):
 
 class DiskFullError(MmerError):
     """The output file system ran out of space."""
+
+
+class UnsafePathError(MmerError):
+    """A file would be read from, or written to, outside the directory it belongs to (a link out, ``..``)."""
+
+    exit_code = 1
