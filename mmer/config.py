@@ -22,6 +22,10 @@ import yaml
 from mmer.errors import ConfigError
 
 MODALITY_NAME = re.compile(r"^[a-z][a-z0-9_\-]{0,63}$")
+# Names a modality cannot take: ``base`` is the base's own label (in the plan, the input hashes and every
+# report), and the others name a decoupled checkpoint's own parts (FORMAT.md), so a modality called so would
+# take the base's role or read as one of those parts.
+RESERVED_MODALITY_NAMES = ("base", "tau_star", "masks", "components", "merged")
 
 TRIM_SCOPES = ("global", "per-tensor")
 ZERO_SIGN_RULES = ("zero", "positive")
@@ -183,6 +187,7 @@ class Recipe:
                 raise ConfigError(
                     f"model {spec.model!r} has no modality", key="modality", hint="add e.g. `modality: vision`"
                 )
+            check_modality_name(spec.modality, where=f"model {spec.model!r}")
             if spec.modality in seen:
                 raise ConfigError(
                     f"modality {spec.modality!r} is given twice ({seen[spec.modality]!r} and {spec.model!r})",
@@ -290,13 +295,8 @@ def spec_from_dict(data: Mapping[str, Any], file: str | None = None) -> ModelSpe
             "model spec has no `model` key", file=file, key="model", hint="add `model: <path or hub id>`"
         )
     modality = data.get("modality")
-    if modality is not None and not MODALITY_NAME.fullmatch(modality):
-        raise ConfigError(
-            f"{file or 'model spec'}: modality {modality!r} is not a valid name",
-            file=file,
-            key="modality",
-            hint="use lower-case letters, digits, '_' or '-', starting with a letter",
-        )
+    if modality is not None:
+        check_modality_name(modality, file)
     lam = data.get("lambda")
     if lam is not None:
         _check_lambda(float(lam), "lambda", file)
@@ -312,6 +312,30 @@ def spec_from_dict(data: Mapping[str, Any], file: str | None = None) -> ModelSpe
         lambda_=None if lam is None else float(lam),
         weight=None if weight is None else float(weight),
     )
+
+
+def check_modality_name(name: str, file: str | None = None, where: str | None = None) -> None:
+    """A modality name is FORMAT.md's ``^[a-z][a-z0-9_-]{0,63}$`` and not one of the reserved names.
+
+    Checked where a spec is read and again where a recipe is built, so specs made in Python are held to it too.
+    """
+    where = where or file or "model spec"
+    if not isinstance(name, str) or not MODALITY_NAME.fullmatch(name):
+        raise ConfigError(
+            f"{where}: modality {name!r} is not a valid name",
+            file=file,
+            key="modality",
+            hint="use 1 to 64 lower-case letters, digits, '_' or '-', starting with a letter",
+        )
+    if name in RESERVED_MODALITY_NAMES:
+        raise ConfigError(
+            f"{where}: modality {name!r} is a reserved name"
+            + (": it is the base's own label" if name == "base" else ": it names a part of a decoupled checkpoint"),
+            file=file,
+            key="modality",
+            hint=f"name the modality after what the model adds (vision, audio...); reserved: "
+            f"{', '.join(RESERVED_MODALITY_NAMES)}",
+        )
 
 
 def parse_size(value: int | str, key: str = "shard_size") -> int:

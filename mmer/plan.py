@@ -17,9 +17,10 @@ import torch
 import mmer.runtime as runtime
 from mmer.checkpoint.manifest import PrivateRecord, SourceRecord
 from mmer.config import ModelSpec, Recipe
-from mmer.errors import ConfigError, IncompatibleBaseError, LayoutError
+from mmer.errors import CheckpointFormatError, ConfigError, IncompatibleBaseError, LayoutError
+from mmer.io.jsonfile import read_json_file
 from mmer.io.layouts import Layout, canonical_order, detect_layout, is_buffer_name, is_vocab_tensor
-from mmer.io.reader import DTYPE_NAMES, CheckpointReader, Sized, TensorInfo, read_json
+from mmer.io.reader import DTYPE_NAMES, CheckpointReader, Sized, TensorInfo
 from mmer.io.resolve import ResolvedModel, resolve_model
 from mmer.merge.masks import MASKS, NO_MASK
 from mmer.merge.methods import METHODS
@@ -38,6 +39,10 @@ STRUCTURAL_KEYS = (
 NUMERIC_KEYS = ("rms_norm_eps", "rope_theta")
 # Fields a fine-tune may legitimately change; a difference is reported, not refused.
 SOFT_KEYS = ("max_position_embeddings", "tie_word_embeddings")
+# Where most multimodal configs keep their LLM's; others nest it elsewhere (``thinker_config.text_config``,
+# ``llm_cfg``), so a model's is found by its dimensions (``find_text_config``), these names only break ties.
+TEXT_CONFIG_KEYS = ("text_config", "llm_config", "language_config")
+CONFIG_SEARCH_DEPTH = 4  # levels below the root searched for the text config; real configs nest two or three
 
 
 @dataclass
@@ -60,12 +65,9 @@ class SourceModel:
     def path(self) -> Path:
         return self.resolved.path
 
-    def text_config(self) -> dict[str, Any]:
-        config = self.config or {}
-        for key in ("text_config", "llm_config", "language_config"):
-            if isinstance(config.get(key), dict):
-                return config[key]
-        return config
+    def text_config(self, reference: dict[str, Any] | None = None) -> dict[str, Any]:
+        """The config of this model's LLM; with ``reference`` (the base's), the one with its dimensions."""
+        return find_text_config(self.config or {}, reference)[1]
 
     def record(self, file_hashes: dict[str, str | None]) -> SourceRecord:
         dtypes = sorted({DTYPE_NAMES.get(i.dtype, str(i.dtype)) for i in self.llm.values()})
@@ -80,12 +82,83 @@ class SourceModel:
         )
 
 
+def read_config(path: Path) -> dict[str, Any] | None:
+    """A model's ``config.json`` (bounded: it may come from anyone), ``None`` when there is none."""
+    if not path.is_file():
+        return None
+    hint = "the model's config.json is corrupt or hostile; fetch or re-export the model"
+    config = read_json_file(path, what="config.json", error=CheckpointFormatError, hint=hint)
+    if not isinstance(config, dict):
+        raise CheckpointFormatError(
+            f"{path}: config.json holds a JSON {type(config).__name__}, not an object", file=str(path), hint=hint
+        )
+    return config
+
+
+def _nested_configs(config: dict[str, Any]) -> list[tuple[str, dict[str, Any]]]:
+    """Every object in ``config`` down to ``CONFIG_SEARCH_DEPTH`` levels, root first then breadth first, each
+    with its dotted key path."""
+    found: list[tuple[str, dict[str, Any]]] = []
+    level: list[tuple[str, dict[str, Any]]] = [("", config)]
+    for depth in range(CONFIG_SEARCH_DEPTH + 1):
+        found.extend(level)
+        if depth == CONFIG_SEARCH_DEPTH:
+            break
+        level = [
+            (f"{path}.{key}" if path else str(key), value)
+            for path, node in level
+            for key, value in node.items()
+            if isinstance(value, dict)
+        ]
+    return found
+
+
+def _llm_config(config: dict[str, Any]) -> tuple[str, dict[str, Any]]:
+    """Without a reference: a known key at the root, else the root if it has LLM dimensions, else the nested
+    object with the most of them (known key names first among equals)."""
+    for key in TEXT_CONFIG_KEYS:
+        if isinstance(config.get(key), dict):
+            return key, config[key]
+    if any(key in config for key in STRUCTURAL_KEYS):
+        return "", config
+    best, best_rank = ("", config), (0, False)
+    for path, node in _nested_configs(config)[1:]:
+        rank = (sum(key in node for key in STRUCTURAL_KEYS), path.rsplit(".", 1)[-1] in TEXT_CONFIG_KEYS)
+        if rank[0] >= 2 and rank > best_rank:
+            best, best_rank = (path, node), rank
+    return best
+
+
+def find_text_config(config: dict[str, Any], reference: dict[str, Any] | None = None) -> tuple[str, dict[str, Any]]:
+    """The LLM's config inside a model's ``config.json``, wherever it is nested, and its dotted key path.
+
+    With ``reference`` (the base's text config) it is the object whose dimensions (``STRUCTURAL_KEYS``) agree
+    with the base's on at least two keys (or every one the base has, if fewer) and contradict none, the most
+    agreeing first: so a text config under a key mmer has never seen is compared with the base like any other.
+    When none agrees, the one ``_llm_config`` picks is returned, and comparing it with the base then names the
+    dimension that differs.
+    """
+    if reference:
+        known = [key for key in STRUCTURAL_KEYS if key in reference]
+        needed = min(2, len(known))
+        best, best_rank = None, (0, False)
+        for path, node in _nested_configs(config):
+            shared = [key for key in known if key in node]
+            if any(node[key] != reference[key] for key in shared):
+                continue
+            rank = (len(shared), path.rsplit(".", 1)[-1] in TEXT_CONFIG_KEYS)
+            if needed and len(shared) >= needed and rank > best_rank:
+                best, best_rank = (path, node), rank
+        if best is not None:
+            return best
+    return _llm_config(config)
+
+
 def open_source(spec: ModelSpec) -> SourceModel:
     """Resolve, open and split one model (headers only)."""
     resolved = resolve_model(spec.model, spec.revision)
     reader = CheckpointReader(resolved.path)
-    config_path = resolved.path / "config.json"
-    config = read_json(config_path) if config_path.is_file() else None
+    config = read_config(resolved.path / "config.json")
     layout = detect_layout(set(reader.tensors), str(resolved.path))
     llm: dict[str, TensorInfo] = {}
     components: list[TensorInfo] = []
@@ -269,16 +342,23 @@ def build_plan(recipe: Recipe) -> MergePlan:
 
 
 def _check_config(base: SourceModel, model: SourceModel, warnings: list[str]) -> None:
-    b, m = base.text_config(), model.text_config()
+    b = base.text_config()
+    path, m = find_text_config(model.config or {}, b)
     if not b or not m:
         warnings.append(f"{model.label}: no config.json to compare with the base; only tensor shapes were checked")
         return
+    if not any(key in b and key in m for key in STRUCTURAL_KEYS + NUMERIC_KEYS):
+        warnings.append(
+            f"{model.label}: its config.json holds no text config with the base's dimensions; only tensor shapes "
+            "were checked"
+        )
     for key in STRUCTURAL_KEYS + NUMERIC_KEYS:
         if key in b and key in m and b[key] != m[key]:
+            where = f"{path}.{key}" if path else key
             raise IncompatibleBaseError(
-                f"{model.path}: config {key} = {m[key]!r} but the base has {b[key]!r}",
+                f"{model.path}: config {where} = {m[key]!r} but the base has {b[key]!r}",
                 file=str(model.path / "config.json"),
-                key=key,
+                key=where,
                 hint="this model was not fine-tuned from this base; check which base LLM it was trained from",
             )
     for key in SOFT_KEYS:
@@ -325,6 +405,7 @@ def _check_tensors(base: SourceModel, model: SourceModel, slots: list[Slot], voc
         if slot.reason == "buffer":
             continue
         info = model.llm[slot.name]
+        _check_dtype_kind(model, info, slot)
         shape = info.shape
         if slot.reason == "vocab_policy=exclude":
             private.append(PrivateRecord(slot.name, 0, list(shape)))
@@ -353,6 +434,30 @@ def _check_tensors(base: SourceModel, model: SourceModel, slots: list[Slot], voc
             hint=hint,
         )
     return private
+
+
+def _check_dtype_kind(model: SourceModel, info: TensorInfo, slot: Slot) -> None:
+    """An LLM weight is floating point in every model, or integer in the base and the model alike.
+
+    Integers stored where the base has floats would be merged as numbers (a 0/1 flag, or raw bits, becomes a
+    task vector of 1e9); the header says so before any weight is read.
+    """
+    if info.dtype.is_floating_point == slot.dtype.is_floating_point:
+        return
+    dtype, base_dtype = DTYPE_NAMES.get(info.dtype, str(info.dtype)), DTYPE_NAMES.get(slot.dtype, str(slot.dtype))
+    if slot.dtype.is_floating_point:
+        why = f"is stored as {dtype}, but an LLM weight must be floating point (the base's is {base_dtype})"
+        hint = "re-export the model with its weights in floating point (its torch_dtype), or check the file"
+    else:
+        why = f"is {dtype}, but the base stores {slot.name!r} as {base_dtype}: not the same kind of tensor"
+        hint = "was this model fine-tuned from a different base? check both files' tensor dtypes"
+    error = CheckpointFormatError if slot.dtype.is_floating_point else IncompatibleBaseError
+    raise error(
+        f"{model.path} ({model.label}): LLM tensor {info.name!r} {why}",
+        file=str(info.file),
+        tensor=info.name,
+        hint=hint,
+    )
 
 
 def estimate_memory(plan: MergePlan) -> MemoryEstimate:
