@@ -9,7 +9,6 @@ from __future__ import annotations
 import hashlib
 import math
 import resource
-import shutil
 import sys
 import time
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -33,7 +32,8 @@ from mmer.checkpoint.decoupled import (
 )
 from mmer.checkpoint.manifest import MANIFEST_NAME, MANIFEST_SHA_NAME, Manifest, ModalityRecord, SlotRecord
 from mmer.config import ModelSpec, Recipe
-from mmer.io.reader import BIN_INDEX, DTYPE_NAMES, SAFETENSORS_INDEX, CheckpointReader, TensorInfo
+from mmer.io.paths import copy_regular_file
+from mmer.io.reader import DTYPE_NAMES, MAX_SIDE_FILE_BYTES, CheckpointReader, TensorInfo, side_files
 from mmer.io.resolve import cached_blob_sha256
 from mmer.io.writer import PlannedTensor, ShardedWriter, StagedOutput
 from mmer.merge.masks import MASKS, NO_MASK, reconstruct
@@ -44,10 +44,6 @@ from mmer.plan import MergePlan, SourceModel, build_plan
 from mmer.progress import NULL_PROGRESS, ProgressSink
 from mmer.runtime import reuse_freed_memory
 from mmer.version import __version__
-
-# Files carried with a model besides its weights: configs, tokenizer and processor files (never code).
-SIDE_FILE_SUFFIXES = (".json", ".txt", ".model", ".jinja", ".tiktoken")
-WEIGHT_INDEXES = (SAFETENSORS_INDEX, BIN_INDEX)
 
 
 @dataclass
@@ -608,18 +604,18 @@ def write_component(model: SourceModel, plan: MergePlan, staging: Path, progress
     return [i.name for i in model.components]
 
 
-def copy_side_files(source: Path, destination: Path) -> list[str]:
-    """Configs, tokenizer and processor files; never weights, indexes or code."""
+def copy_side_files(source: Path, destination: Path, *, root: Path | None = None) -> list[str]:
+    """Configs, tokenizer and processor files; never weights, indexes or code.
+
+    ``source`` may be a stranger's download: a link out of it (``root``, when the folder sits in a checkpoint)
+    is refused by name, anything but a regular file is refused unread, and each copy is a fresh file read from
+    the checked real path, so its mode is a new file's and a link swapped in after the check changes nothing.
+    """
     destination.mkdir(parents=True, exist_ok=True)
     copied = []
-    for path in sorted(source.iterdir()):
-        if not path.is_file() or path.name.startswith(".") or path.name in WEIGHT_INDEXES:
-            continue
-        if path.suffix in SIDE_FILE_SUFFIXES or path.name.startswith("tokenizer"):
-            if path.suffix in (".safetensors", ".bin", ".py"):
-                continue
-            shutil.copyfile(path, destination / path.name)
-            copied.append(path.name)
+    for name, real in side_files(source, root).items():
+        copy_regular_file(real, destination / name, shown=source / name, max_bytes=MAX_SIDE_FILE_BYTES)
+        copied.append(name)
     return copied
 
 

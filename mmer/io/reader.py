@@ -18,6 +18,7 @@ from typing import Any
 import torch
 
 from mmer.errors import CheckpointFormatError
+from mmer.io.paths import check_inside, regular_file, too_large
 
 SAFETENSORS_INDEX = "model.safetensors.index.json"
 SAFETENSORS_SINGLE = "model.safetensors"
@@ -25,6 +26,11 @@ BIN_INDEX = "pytorch_model.bin.index.json"
 BIN_SINGLE = "pytorch_model.bin"
 
 MAX_HEADER_BYTES = 100 * 1024 * 1024  # the safetensors spec's own cap against JSON abuse
+
+# Configs, tokenizer and processor files: copied next to the weights mmer writes; never weights, indexes or code.
+SIDE_FILE_SUFFIXES = (".json", ".txt", ".model", ".jinja", ".tiktoken")
+NEVER_SIDE_FILE_SUFFIXES = (".safetensors", ".bin", ".py")
+MAX_SIDE_FILE_BYTES = 512 * 1024 * 1024  # tokenizer.json of a large vocabulary is tens of MB
 
 SAFETENSORS_DTYPES: dict[str, torch.dtype] = {
     "F64": torch.float64,
@@ -159,6 +165,18 @@ def _check_entry(file: Path, name: str, entry: Any, data_size: int, data_start: 
     return TensorInfo(name, dtype, tuple(shape), file, (data_start + begin, data_start + end))
 
 
+def _check_shard_name(index_file: Path, name: str, shard: str) -> None:
+    """An index names files inside its own checkpoint: relative, no ``..``, nothing the OS cannot name."""
+    path = Path(shard)
+    if not shard or "\x00" in shard or path.is_absolute() or ".." in path.parts:
+        raise CheckpointFormatError(
+            f"{index_file}: weight_map[{name!r}] names shard {shard!r}, which points outside the checkpoint",
+            file=str(index_file),
+            key=name,
+            hint="shard names must be file names inside the checkpoint directory; the index may be hostile",
+        )
+
+
 class CheckpointReader:
     """All tensors of one checkpoint directory (single file or sharded, safetensors or ``.bin``).
 
@@ -168,18 +186,24 @@ class CheckpointReader:
 
     def __init__(self, directory: str | Path) -> None:
         self.directory = Path(directory)
+        # Every file is opened by the real path check_inside returned; ``files`` keep the names the directory
+        # shows (a Hub snapshot's links), which name the files in manifests and hash them for free.
+        self._real: dict[Path, Path] = {}
         self.format, files, index_map = self._find_files()
         self.files = files
+        self.side_files = side_files(self.directory)
         self.tensors: dict[str, TensorInfo] = {}
         self._handles: dict[Path, Any] = {}
         self._bin_cache: tuple[Path, dict[str, torch.Tensor]] | None = None
+        shown = {self._real[f]: f for f in files}
         for file in files:
-            infos = read_safetensors_header(file)[0] if self.format == "safetensors" else self._bin_infos(file)
+            real = self._real[file]
+            infos = read_safetensors_header(real)[0] if self.format == "safetensors" else self._bin_infos(real)
             for name, info in infos.items():
                 if name in self.tensors:
                     raise CheckpointFormatError(
-                        f"{self.directory}: tensor {name!r} is stored twice ({self.tensors[name].file.name} and "
-                        f"{file.name})",
+                        f"{self.directory}: tensor {name!r} is stored twice "
+                        f"({shown[self.tensors[name].file].name} and {file.name})",
                         file=str(file),
                         tensor=name,
                         hint="the shards overlap; re-export the checkpoint",
@@ -194,7 +218,7 @@ class CheckpointReader:
         if index_map is not None:
             for name, shard in index_map.items():
                 info = self.tensors.get(name)
-                if info is None or info.file.name != Path(shard).name:
+                if info is None or info.file != self._real[self.directory / shard]:
                     raise CheckpointFormatError(
                         f"{self.directory}: the index puts {name!r} in {shard}, but that shard does not hold it",
                         file=str(self.directory / shard),
@@ -210,18 +234,16 @@ class CheckpointReader:
             (BIN_INDEX, BIN_SINGLE, "bin"),
         ):
             index_file = d / index_name
-            if index_file.is_file():
-                weight_map = self._read_index(index_file)
+            real_index = self._checked(index_file, "index")
+            if real_index is not None:
+                weight_map = self._read_index(real_index)
+                shards = {shard: name for name, shard in weight_map.items()}  # one tensor per shard to name
+                for shard, name in shards.items():
+                    _check_shard_name(index_file, name, shard)
                 files = []
-                for shard in sorted(set(weight_map.values())):
+                for shard in sorted(shards):
                     path = d / shard
-                    if Path(shard).is_absolute() or ".." in Path(shard).parts:
-                        raise CheckpointFormatError(
-                            f"{index_file}: shard path {shard!r} points outside the checkpoint",
-                            file=str(index_file),
-                            hint="shard names must be plain file names",
-                        )
-                    if not path.is_file():
+                    if self._checked(path, f"shard named by {index_name}") is None:
                         raise CheckpointFormatError(
                             f"{index_file}: names shard {shard!r}, which is missing from {d}",
                             file=str(path),
@@ -229,7 +251,7 @@ class CheckpointReader:
                         )
                     files.append(path)
                 return fmt, files, weight_map
-            if (d / single).is_file():
+            if self._checked(d / single, "weight file") is not None:
                 return fmt, [d / single], None
         found = sorted(p.name for p in d.glob("*.safetensors")) + sorted(p.name for p in d.glob("*.bin"))
         hint = (
@@ -239,6 +261,16 @@ class CheckpointReader:
             else "point to a directory with model.safetensors[.index.json] or pytorch_model.bin[.index.json]"
         )
         raise CheckpointFormatError(f"{d}: no weight files found", file=str(d), hint=hint)
+
+    def _checked(self, path: Path, what: str) -> Path | None:
+        """The real path to open for ``path`` (remembered), or ``None`` when nothing is there."""
+        if not os.path.lexists(path):
+            return None
+        real = check_inside(self.directory, path, what=what)
+        if not regular_file(real, path, what=what):
+            return None
+        self._real[path] = real
+        return real
 
     def _read_index(self, index_file: Path) -> dict[str, str]:
         try:
@@ -353,6 +385,43 @@ class CheckpointReader:
         """The weight files and the index, if any (what a content hash of the weights covers)."""
         extra = [self.directory / n for n in (SAFETENSORS_INDEX, BIN_INDEX) if (self.directory / n).is_file()]
         return sorted(self.files) + extra
+
+
+def is_side_file(name: str) -> bool:
+    if name.startswith(".") or name in (SAFETENSORS_INDEX, BIN_INDEX):
+        return False
+    suffix = Path(name).suffix
+    if suffix in NEVER_SIDE_FILE_SUFFIXES:
+        return False
+    return suffix in SIDE_FILE_SUFFIXES or name.startswith("tokenizer")
+
+
+def side_files(directory: str | Path, root: str | Path | None = None) -> dict[str, Path]:
+    """The side files of ``directory`` by name, each mapped to the real path to read it from.
+
+    Checked when a model is opened, before any work, so that a hostile link (``tokenizer.json -> /etc/shadow``),
+    a FIFO or an oversized file fails the run at once rather than when the side files are copied at its end.
+    Links must resolve inside ``root`` (``directory`` unless given; a checkpoint's component folder passes the
+    checkpoint). A name whose link leads nowhere, or to a directory, is not a side file.
+    """
+    directory = Path(directory)
+    out: dict[str, Path] = {}
+    try:
+        entries = sorted(directory.iterdir())
+    except OSError as err:
+        raise CheckpointFormatError(
+            f"{directory}: cannot be listed ({err.strerror or err})", file=str(directory), hint="check its permissions"
+        ) from None
+    for path in entries:
+        if not is_side_file(path.name):
+            continue
+        real = check_inside(directory if root is None else root, path, what="side file")
+        if os.path.isdir(real) or not regular_file(real, path, what="side file"):
+            continue
+        if os.stat(real).st_size > MAX_SIDE_FILE_BYTES:
+            raise too_large(path, MAX_SIDE_FILE_BYTES)
+        out[path.name] = real
+    return out
 
 
 def read_json(path: Path) -> dict[str, Any]:

@@ -219,7 +219,7 @@ def write_model(
         raise
     finally:
         progress.end(stage)
-    files += copy_side_files(ckpt.path / record.component_dir, directory)
+    files += copy_side_files(ckpt.path / record.component_dir, directory, root=ckpt.path)
     return ModelWritten(
         modality=modality,
         path=str(directory),
