@@ -34,8 +34,17 @@ def main(
     version: Annotated[
         bool | None, typer.Option("--version", callback=_version, is_eager=True, help="Print the version.")
     ] = None,
+    allow_external_links: Annotated[
+        bool,
+        typer.Option(
+            "--allow-external-links",
+            help="Follow links in model directories that lead outside them (default: refused; "
+            "also MMER_ALLOW_EXTERNAL_LINKS=1).",
+        ),
+    ] = False,
 ) -> None:
     """Merge, inspect and use decoupled MMER checkpoints."""
+    mmer.io.paths.set_allow_external_links(allow_external_links or None)  # None: MMER_ALLOW_EXTERNAL_LINKS decides
     # SIGTERM (CI cancelling a job) unwinds like Ctrl-C, so the staging directory is removed.
     signal.signal(signal.SIGTERM, _raise_interrupt)
 
