@@ -1,27 +1,42 @@
-"""Read a decoupled checkpoint back: the public entry point later steps (reconstruct, route, add) build on.
+"""Read a decoupled checkpoint back: the public entry point every reader (reconstruct, route, add, tune, verify,
+inspect-masks) goes through.
 
-The directory layout is fixed here (and specified in FORMAT.md) so that the pipeline that writes it and the
-reader that opens it share one set of names.
+The directory layout is fixed here and in the manifest module (and specified in FORMAT.md) so that the pipeline
+that writes it and the reader that opens it share one set of names. A checkpoint is untrusted input: its
+manifest is validated before use (:func:`mmer.checkpoint.manifest.read_manifest`), every file opened here must
+resolve inside the checkpoint, and a base kept by reference is checked against the sha256 recorded at the merge
+before anything is rebuilt from it (a changed base would rebuild wrong weights without a word).
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
+import os
 from pathlib import Path
+from typing import Any
 
 import torch
 
 from mmer.checkpoint import bits
-from mmer.checkpoint.manifest import Manifest, ModalityRecord, SlotRecord
-from mmer.errors import DecoupledFormatError
+from mmer.checkpoint.manifest import BASE_DIR as BASE_DIR  # the writer's names, re-exported from one place
+from mmer.checkpoint.manifest import COMPONENTS_DIR as COMPONENTS_DIR
+from mmer.checkpoint.manifest import MASKS_DIR as MASKS_DIR
+from mmer.checkpoint.manifest import TAU_STAR_DIR as TAU_STAR_DIR
+from mmer.checkpoint.manifest import (
+    Manifest,
+    ModalityRecord,
+    SlotRecord,
+    SourceRecord,
+)
+from mmer.errors import CheckpointFormatError, DecoupledFormatError, ModelNotFoundError, UnsafePathError
+from mmer.io.jsonfile import loads_bounded
 from mmer.io.layouts import LAYOUTS
+from mmer.io.paths import check_inside
 from mmer.io.reader import CheckpointReader, read_safetensors_header
+from mmer.io.resolve import cached_blob_sha256
 
-BASE_DIR = "base"
-TAU_STAR_DIR = "tau_star"
-MASKS_DIR = "masks"
-COMPONENTS_DIR = "components"
 PRIVATE_FILE = "llm_private.safetensors"
 RECIPE_NAME = "mmer_recipe.yaml"
 CARD_NAME = "README.md"
@@ -43,7 +58,10 @@ def mask_metadata(shapes: dict[str, list[int]]) -> dict[str, str]:
 
 
 class MaskFile:
-    """One modality's packed masks, with every claimed shape checked against the stored bytes first."""
+    """One modality's packed masks, with every claimed shape checked against the stored bytes first.
+
+    Any file, however hostile, ends in a :class:`DecoupledFormatError` or :class:`CheckpointFormatError`.
+    """
 
     def __init__(self, path: Path) -> None:
         self.path = path
@@ -52,19 +70,33 @@ class MaskFile:
                 f"{path}: mask file missing", file=str(path), hint="the checkpoint is incomplete"
             )
         infos, metadata = read_safetensors_header(path)
+        if not isinstance(metadata, dict):
+            raise self._bad("its __metadata__ is not a JSON object")
         if metadata.get("format") != MASK_FORMAT or metadata.get("bit_order") != bits.BIT_ORDER:
             raise DecoupledFormatError(
-                f"{path}: not an {MASK_FORMAT} file with {bits.BIT_ORDER} bit order", file=str(path)
+                f"{path}: not an {MASK_FORMAT} file with {bits.BIT_ORDER} bit order",
+                file=str(path),
+                hint="the mask file is corrupt or hostile; re-run the merge",
             )
-        try:
-            shapes = json.loads(metadata["shapes"])
-        except (KeyError, json.JSONDecodeError) as err:
-            raise DecoupledFormatError(f"{path}: mask metadata is malformed ({err})", file=str(path)) from None
+        raw = metadata.get("shapes")
+        if not isinstance(raw, str):
+            raise self._bad("its metadata has no `shapes` string")
+        shapes = loads_bounded(raw, path, what="mask metadata `shapes`", error=DecoupledFormatError)
+        if not isinstance(shapes, dict):
+            raise self._bad("its metadata `shapes` is not a JSON object")
         self.shapes: dict[str, tuple[int, ...]] = {}
         for name, info in infos.items():
             shape = shapes.get(name)
-            if not (isinstance(shape, list) and all(isinstance(d, int) and d >= 0 for d in shape)):
-                raise DecoupledFormatError(f"{path}: mask {name!r} has no valid shape", file=str(path), tensor=name)
+            if not (
+                isinstance(shape, list)
+                and all(isinstance(d, int) and not isinstance(d, bool) and 0 <= d < 1 << 63 for d in shape)
+            ):
+                raise DecoupledFormatError(
+                    f"{path}: mask {name!r} has no valid shape in its metadata",
+                    file=str(path),
+                    tensor=name,
+                    hint="the mask file is corrupt or hostile; re-run the merge",
+                )
             numel = math.prod(shape)
             if numel > MAX_MASK_NUMEL or info.dtype != torch.uint8 or info.shape != (bits.packed_size(numel),):
                 raise DecoupledFormatError(
@@ -75,19 +107,76 @@ class MaskFile:
                     hint="the mask file is corrupt or hostile; re-run the merge",
                 )
             self.shapes[name] = tuple(shape)
-        self._handle = None
+        self._handle: Any = None
+
+    def _bad(self, why: str) -> DecoupledFormatError:
+        return DecoupledFormatError(
+            f"{self.path}: mask metadata is malformed ({why})",
+            file=str(self.path),
+            hint="the mask file is corrupt or hostile; re-run the merge",
+        )
 
     def packed(self, name: str) -> torch.Tensor:
         if name not in self.shapes:
             raise KeyError(f"{self.path}: no mask for {name}")
         if self._handle is None:
-            from safetensors import safe_open
-
-            self._handle = safe_open(str(self.path), framework="pt", device="cpu")
+            self._handle = _safe_open(self.path)
         return self._handle.get_tensor(name)
 
     def mask(self, name: str, device: torch.device | str = "cpu") -> torch.Tensor:
         return bits.unpack(self.packed(name).to(device), self.shapes[name])
+
+
+def _safe_open(path: Path) -> Any:
+    """safetensors' reader over a file whose header was already validated; its own errors named, not raised raw."""
+    from safetensors import SafetensorError, safe_open
+
+    try:
+        return safe_open(str(path), framework="pt", device="cpu")
+    except (SafetensorError, OSError) as err:
+        raise CheckpointFormatError(
+            f"{path}: cannot be opened ({err})", file=str(path), hint="the file is corrupt; re-run the merge"
+        ) from None
+
+
+# ------------------------------------------------------------------------------------------ source files
+def file_sha256(path: Path) -> str:
+    """The sha256 of a file, read in 16 MiB chunks (never whole into memory)."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 24), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def source_file_problems(record: SourceRecord, directory: Path) -> list[str] | None:
+    """How the weight files at ``directory`` differ from the sha256 ``record`` holds from the merge.
+
+    ``None`` when no sha256 was recorded (merged with ``hash_inputs`` off): nothing could be checked, and the
+    caller says so rather than calling it checked. Only the recorded names are opened (the schema makes them
+    plain file names), and only where they resolve inside ``directory`` (or its Hub cache folder).
+    """
+    recorded = {name: digest for name, digest in record.files.items() if digest is not None}
+    if not recorded:
+        return None
+    problems = []
+    for name, digest in sorted(recorded.items()):
+        file = directory / name
+        if not os.path.lexists(file):
+            problems.append(f"{file}: missing (it was merged with sha256 {digest[:12]}…)")
+            continue
+        try:
+            real = check_inside(directory, file, what="weight file")
+            actual = cached_blob_sha256(file) or file_sha256(real)  # a Hub-cache blob is named by its sha256
+        except UnsafePathError as err:
+            problems.append(err.message)
+            continue
+        except OSError as err:
+            problems.append(f"{file}: cannot be read ({err.strerror or err})")
+            continue
+        if actual != digest:
+            problems.append(f"{file}: sha256 {actual[:12]}… differs from the {digest[:12]}… recorded at the merge")
+    return problems
 
 
 class DecoupledCheckpoint:
@@ -101,12 +190,18 @@ class DecoupledCheckpoint:
         self._tau: CheckpointReader | None = None
         self._masks: dict[str, MaskFile] = {}
         self._components: dict[str, CheckpointReader | None] = {}
-        self._private: dict[str, CheckpointReader | None] = {}
+        self._private: dict[str, Any] = {}
+        self._reference_base: Path | None = None
 
     @classmethod
     def open(cls, path: str | Path) -> DecoupledCheckpoint:
+        """Open the checkpoint at ``path`` once its manifest has passed its sidecar and the schema."""
         path = Path(path)
         return cls(path, Manifest.read(path))
+
+    def inside(self, rel: str, what: str = "file") -> Path:
+        """``rel`` under the checkpoint, resolved, refused unless it stays inside (a link out is refused)."""
+        return check_inside(self.path, self.path / rel, what=what)
 
     # ----------------------------------------------------------------------------------------------- metadata
     @property
@@ -133,14 +228,40 @@ class DecoupledCheckpoint:
     def base_reader(self) -> CheckpointReader:
         if self._base is None:
             if self.manifest.base_storage == "copy":
-                self._base = CheckpointReader(self.path / (self.manifest.base_dir or BASE_DIR))
+                base_dir = self.manifest.base_dir or BASE_DIR
+                self.inside(base_dir, "directory")
+                self._base = CheckpointReader(self.path / base_dir)
             else:
+                self._base = CheckpointReader(self.reference_base())
+        return self._base
+
+    def reference_base(self, local_only: bool = False) -> Path:
+        """Where a base kept by reference is, after checking its files against the sha256 recorded at the merge.
+
+        Checked once per open. A base merged with ``hash_inputs`` off has nothing to check against (``mmer
+        verify`` says so). With ``local_only`` a Hub base is looked for in the local cache only (nothing is
+        downloaded) and :class:`ModelNotFoundError` says when it is not there.
+        """
+        if self._reference_base is None:
+            src = self.manifest.base
+            directory = _local_snapshot(src) if local_only and src.commit else None
+            if directory is None:
                 from mmer.io.resolve import resolve_model
 
-                src = self.manifest.base
-                resolved = resolve_model(src.model, src.commit if src.commit else None)
-                self._base = CheckpointReader(resolved.path)
-        return self._base
+                directory = resolve_model(src.model, src.commit if src.commit else None).path
+            problems = source_file_problems(src, directory)
+            if problems:
+                raise DecoupledFormatError(
+                    f"{self.path}: its base, kept by reference, differs from the one merged: {problems[0]}"
+                    + (f" (and {len(problems) - 1} more)" if len(problems) > 1 else ""),
+                    file=str(directory),
+                    key="base.files",
+                    hint=f"fetch {src.model}"
+                    + (f" at commit {src.commit}" if src.commit else "")
+                    + " as it was when merged, or re-run the merge against this base",
+                )
+            self._reference_base = directory
+        return self._reference_base
 
     def base_tensor(self, name: str) -> torch.Tensor:
         """θ_base of a canonical LLM tensor."""
@@ -162,6 +283,7 @@ class DecoupledCheckpoint:
                 hint="read its weights with merged_tensor() or llm_tensor()",
             )
         if self._tau is None:
+            self.inside(self.manifest.tau_star_dir, "directory")
             self._tau = CheckpointReader(self.path / self.manifest.tau_star_dir)
         return self._tau.get(name)
 
@@ -172,6 +294,7 @@ class DecoupledCheckpoint:
                 f"{self.path}: not a single merged model", hint="use llm_tensor(modality, name)"
             )
         if self._tau is None:
+            self.inside(self.manifest.merged_dir, "directory")
             self._tau = CheckpointReader(self.path / self.manifest.merged_dir)
         return self._tau.get(name)
 
@@ -180,7 +303,7 @@ class DecoupledCheckpoint:
             mask_file = self.modality(modality).mask_file
             if mask_file is None:
                 raise DecoupledFormatError(f"{self.path}: a single merged model (mask rule none) has no masks")
-            self._masks[modality] = MaskFile(self.path / mask_file)
+            self._masks[modality] = MaskFile(self.inside(mask_file, "mask file"))
         return self._masks[modality]
 
     def mask(self, modality: str, name: str, device: torch.device | str = "cpu") -> torch.Tensor:
@@ -191,6 +314,8 @@ class DecoupledCheckpoint:
         """The modality's own non-LLM tensors (towers, projectors), under their original names."""
         if modality not in self._components:
             record = self.modality(modality)
+            if record.component_tensors:
+                self.inside(record.component_dir, "directory")
             self._components[modality] = (
                 CheckpointReader(self.path / record.component_dir) if record.component_tensors else None
             )
@@ -202,12 +327,18 @@ class DecoupledCheckpoint:
         if not any(p.name == name for p in record.private):
             return None
         if modality not in self._private:
-            from safetensors import safe_open
-
-            self._private[modality] = safe_open(  # type: ignore[assignment]
-                str(self.path / record.component_dir / PRIVATE_FILE), framework="pt", device="cpu"
-            )
-        return self._private[modality].get_tensor(name)  # type: ignore[union-attr]
+            path = self.inside(f"{record.component_dir}/{PRIVATE_FILE}", "private tensor file")
+            infos, _ = read_safetensors_header(path)  # validated before the Rust reader sees it
+            missing = [p.name for p in record.private if p.name not in infos]
+            if missing:
+                raise DecoupledFormatError(
+                    f"{path}: the manifest lists private tensor {missing[0]!r} but the file does not hold it",
+                    file=str(path),
+                    tensor=missing[0],
+                    hint="the checkpoint is incomplete; re-run the merge",
+                )
+            self._private[modality] = _safe_open(path)
+        return self._private[modality].get_tensor(name)
 
     def llm_tensor(self, modality: str, name: str) -> torch.Tensor:
         """The modality's rebuilt LLM tensor θ̂ᵢ = θ_base + sᵢ·mᵢ∘τ*, with its private rows appended.
@@ -252,5 +383,23 @@ class DecoupledCheckpoint:
 
 
 def load_decoupled(path: str | Path) -> DecoupledCheckpoint:
-    """Open a decoupled checkpoint written by ``mmer merge``."""
+    """Open a decoupled checkpoint written by ``mmer merge`` (its manifest checked first, see ``open``)."""
     return DecoupledCheckpoint.open(path)
+
+
+def _local_snapshot(src: SourceRecord) -> Path:
+    """The Hub cache snapshot of ``src`` at its recorded commit, if it is already on this machine."""
+    try:
+        import huggingface_hub
+
+        name = next(iter(src.files), "config.json")
+        found = huggingface_hub.try_to_load_from_cache(src.model, name, revision=src.commit)
+    except Exception:  # not a valid id, no cache: not at hand either way
+        found = None
+    if not isinstance(found, str):
+        raise ModelNotFoundError(
+            f"{src.model}@{src.commit}: not in the local Hugging Face cache",
+            file=src.model,
+            hint=f"download it first (`hf download {src.model} --revision {src.commit}`)",
+        )
+    return Path(found).parent

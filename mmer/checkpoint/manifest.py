@@ -1,77 +1,168 @@
 """The manifest of a decoupled checkpoint: what is where, how it was made, and hashes of every file.
 
-It is plain JSON (``mmer_manifest.json``) so any tool can read it; this module gives it types and checks it
-on the way in. The compatibility rule: readers accept any ``format_version`` with their major number and
-refuse a newer major (a wrong merge is worse than a failed one).
+It is plain JSON (``mmer_manifest.json``) so any tool can read it; this module gives it types and is the one
+way in. A manifest is untrusted input (a checkpoint may come from anyone), so :func:`read_manifest` reads its
+bytes once, checks them against the ``.sha256`` sidecar, parses those same bytes with the bounded JSON parser,
+and validates them against the schema below before any field is used: a name that is not a name, a path that
+leaves the checkpoint, ``"1"`` where a count belongs, an infinite scale, is refused naming the key. The schema
+is carried by pydantic over the dataclasses themselves (the type annotations *are* the schema), with the few
+rules that tie fields together in :func:`_consistency_problems`.
+
+The compatibility rule: readers accept any ``format_version`` with their major number and ignore keys they do
+not know, and refuse a newer major (a wrong merge is worse than a failed one).
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
+import os
+import re
 from dataclasses import asdict, dataclass, field
+from functools import cache
 from pathlib import Path, PurePosixPath
-from typing import Any
+from typing import Annotated, Any, Literal
 
-from mmer.errors import DecoupledFormatError
+from pydantic import AfterValidator, Field, Strict, TypeAdapter, ValidationError
+
+from mmer.config import MODALITY_NAME
+from mmer.errors import DecoupledFormatError, MmerError
+from mmer.io.jsonfile import MAX_JSON_BYTES, loads_bounded
+from mmer.io.layouts import LAYOUTS
+from mmer.io.paths import check_inside
+from mmer.io.reader import SAFETENSORS_DTYPES
 
 MANIFEST_NAME = "mmer_manifest.json"
 MANIFEST_SHA_NAME = "mmer_manifest.json.sha256"  # the manifest's own hash: with `files`, every byte is covered
 FORMAT_NAME = "mmer-decoupled"
 FORMAT_VERSION = "1.0"
 
+# Names a modality may not take: "base" is the base model's role (its hashes, its directory, its recipe entry).
+RESERVED_MODALITY_NAMES = frozenset({"base"})
+MASKS_DIR = "masks"
+COMPONENTS_DIR = "components"
+BASE_DIR = "base"
+TAU_STAR_DIR = "tau_star"
+MERGED_DIR = "."
+EDITED_HINT = "the manifest was edited after the merge; re-run the merge, or run `mmer verify` to see what changed"
+SCHEMA_HINT = (
+    "the manifest does not follow FORMAT.md (hand-edited, corrupt or hostile); re-run the merge, or run "
+    "`mmer verify` to list every problem"
+)
+_SHA256 = re.compile(r"^[0-9a-f]{64}$")
+
+
+# ------------------------------------------------------------------------------------------ field types
+def _modality_name(name: str) -> str:
+    if not MODALITY_NAME.fullmatch(name):
+        raise ValueError(f"modality name {name[:80]!r} does not match {MODALITY_NAME.pattern}")
+    if name in RESERVED_MODALITY_NAMES:
+        raise ValueError(f"modality name {name!r} is reserved for the base model")
+    return name
+
+
+def _sha256_hex(digest: str) -> str:
+    if not _SHA256.fullmatch(digest):
+        raise ValueError(f"{digest[:80]!r} is not a sha256 (64 lowercase hex digits)")
+    return digest
+
+
+def _relative_path(rel: str) -> str:
+    if not is_relative_inside(rel):
+        raise ValueError(f"path {rel[:200]!r} points outside the checkpoint")
+    return rel
+
+
+def _plain_file_name(name: str) -> str:
+    if not name or name in (".", "..") or "/" in name or "\\" in name or ":" in name or "\0" in name:
+        raise ValueError(f"{name[:200]!r} is not a plain file name")
+    return name
+
+
+def _layout(name: str) -> str:
+    if name not in LAYOUTS:
+        raise ValueError(f"layout {name[:80]!r} is not one of {', '.join(LAYOUTS)}")
+    return name
+
+
+def _dtype_list(value: str) -> str:
+    """One safetensors dtype name, or several joined by ``/`` (empty when there is none)."""
+    unknown = [d for d in value.split("/") if d not in SAFETENSORS_DTYPES] if value else []
+    if unknown:
+        raise ValueError(f"dtype {unknown[0][:40]!r} is not one of {', '.join(SAFETENSORS_DTYPES)}")
+    return value
+
+
+def _dtype(value: str) -> str:
+    if value not in SAFETENSORS_DTYPES:
+        raise ValueError(f"dtype {value[:40]!r} is not one of {', '.join(SAFETENSORS_DTYPES)}")
+    return value
+
+
+Str = Annotated[str, Strict()]
+Bool = Annotated[bool, Strict()]
+Count = Annotated[int, Strict(), Field(ge=0, lt=1 << 63)]  # counts, sizes and dims: non-negative int64
+Finite = Annotated[float, Strict(), Field(allow_inf_nan=False)]
+ModalityName = Annotated[str, Strict(), AfterValidator(_modality_name)]
+Sha256 = Annotated[str, Strict(), AfterValidator(_sha256_hex)]
+RelativePath = Annotated[str, Strict(), AfterValidator(_relative_path)]
+FileName = Annotated[str, Strict(), AfterValidator(_plain_file_name)]
+LayoutName = Annotated[str, Strict(), AfterValidator(_layout)]
+DtypeName = Annotated[str, Strict(), AfterValidator(_dtype)]
+DtypeNames = Annotated[str, Strict(), AfterValidator(_dtype_list)]
+
 
 @dataclass
 class SourceRecord:
     """Where an input model came from, exactly enough to fetch the same bytes again."""
 
-    model: str
-    revision: str | None
-    commit: str | None
-    layout: str
-    dtype: str
-    config: str | None
-    files: dict[str, str | None]  # weight file name → sha256 (None when hashing was turned off)
+    model: Str
+    revision: Str | None
+    commit: Str | None
+    layout: LayoutName
+    dtype: DtypeNames
+    config: Str | None
+    files: dict[FileName, Sha256 | None]  # weight file name → sha256 (None when hashing was turned off)
 
 
 @dataclass
 class SlotRecord:
     """One canonical LLM tensor of the base: its shape and dtype, and how it was treated."""
 
-    name: str
-    shape: list[int]
-    dtype: str
-    merged: bool
-    reason: str | None = None  # why not merged: "buffer", "integer dtype", "vocab_policy=exclude"
+    name: Str
+    shape: list[Count]
+    dtype: DtypeName
+    merged: Bool
+    reason: Str | None = None  # why not merged: "buffer", "integer dtype", "vocab_policy=exclude"
 
 
 @dataclass
 class PrivateRecord:
     """A model-private LLM tensor: vocabulary rows past the base's, or a whole unmerged tensor."""
 
-    name: str  # canonical name
-    row_start: int  # first row of the model's own tensor this slice holds (0 = the whole tensor)
-    shape: list[int]
+    name: Str  # canonical name
+    row_start: Count  # first row of the model's own tensor this slice holds (0 = the whole tensor)
+    shape: list[Count]
 
 
 @dataclass
 class ModalityRecord:
     """One fine-tuned model: its source, mask, component and private LLM tensors."""
 
-    name: str
+    name: ModalityName
     source: SourceRecord
-    lambda_: float | None
-    mask_file: str | None  # None for a single merged model (mask rule "none")
-    component_dir: str
-    kept: int
-    total: int
-    llm_keys: dict[str, str]  # canonical name → the source's own on-disk key (for writing it back)
-    component_tensors: list[str]
+    lambda_: Annotated[Finite | None, Field(alias="lambda")]
+    mask_file: RelativePath | None  # None for a single merged model (mask rule "none")
+    component_dir: RelativePath
+    kept: Count
+    total: Count
+    llm_keys: dict[Str, Str]  # canonical name → the source's own on-disk key (for writing it back)
+    component_tensors: list[Str]
     private: list[PrivateRecord] = field(default_factory=list)
-    vocab_size: int | None = None
-    kept_per_tensor: dict[str, int] = field(default_factory=dict)  # canonical name → set bits of its mask
-    scale: float = 1.0  # EMR's rescaler sᵢ in θ̂ᵢ = θ_base + sᵢ·mᵢ∘τ* (1 for every other rule)
-    weight: float = 1.0  # the model's merge weight
+    vocab_size: Count | None = None
+    kept_per_tensor: dict[Str, Count] = field(default_factory=dict)  # canonical name → set bits of its mask
+    scale: Finite = 1.0  # EMR's rescaler sᵢ in θ̂ᵢ = θ_base + sᵢ·mᵢ∘τ* (1 for every other rule)
+    weight: Finite = 1.0  # the model's merge weight
 
     @property
     def density(self) -> float:
@@ -82,19 +173,19 @@ class ModalityRecord:
 class Manifest:
     """Everything a reader needs before touching a weight."""
 
-    mmer_version: str
-    options: dict[str, Any]
+    mmer_version: Str
+    options: dict[Str, Any]
     base: SourceRecord
-    base_storage: str  # "copy" (under base/) or "reference" (fetch base.source again)
-    base_dir: str | None
-    tau_star_dir: str | None  # None for a single merged model
-    tau_star_dtype: str
+    base_storage: Literal["copy", "reference"]  # "copy" (under base/) or "reference" (fetch base.source again)
+    base_dir: RelativePath | None
+    tau_star_dir: RelativePath | None  # None for a single merged model
+    tau_star_dtype: DtypeNames
     slots: list[SlotRecord]
-    modalities: dict[str, ModalityRecord]
-    files: dict[str, str] = field(default_factory=dict)  # relative path → sha256 of every other file
-    merged_dir: str | None = None  # "." when the output is one merged model (mask rule "none")
-    format: str = FORMAT_NAME
-    format_version: str = FORMAT_VERSION
+    modalities: dict[ModalityName, ModalityRecord]
+    files: dict[RelativePath, Sha256] = field(default_factory=dict)  # relative path → sha256 of every other file
+    merged_dir: RelativePath | None = None  # "." when the output is one merged model (mask rule "none")
+    format: Str = FORMAT_NAME
+    format_version: Str = FORMAT_VERSION
 
     # ------------------------------------------------------------------------------------------- (de)serialise
     def to_dict(self) -> dict[str, Any]:
@@ -114,61 +205,16 @@ class Manifest:
 
     @classmethod
     def read(cls, directory: str | Path) -> Manifest:
-        path = Path(directory) / MANIFEST_NAME
-        if not path.is_file():
-            raise DecoupledFormatError(
-                f"{directory}: no {MANIFEST_NAME}; not a decoupled checkpoint",
-                file=str(path),
-                hint="point to the output directory of `mmer merge`",
-            )
-        try:
-            data = json.loads(path.read_text(encoding="utf-8"))
-        except (json.JSONDecodeError, UnicodeDecodeError) as err:
-            raise DecoupledFormatError(f"{path}: not valid JSON ({err})", file=str(path)) from None
-        return cls.from_dict(data, str(path))
+        """The checkpoint's manifest, checked against its sidecar and the schema (see :func:`read_manifest`)."""
+        manifest = read_manifest(directory)
+        assert manifest is not None  # without a problem list, every problem raises
+        return manifest
 
     @classmethod
     def from_dict(cls, data: Any, file: str = MANIFEST_NAME) -> Manifest:
-        if not isinstance(data, dict) or data.get("format") != FORMAT_NAME:
-            raise DecoupledFormatError(f"{file}: not an mmer manifest (format != {FORMAT_NAME!r})", file=file)
-        version = str(data.get("format_version", ""))
-        major = version.split(".")[0]
-        if major != FORMAT_VERSION.split(".")[0]:
-            raise DecoupledFormatError(
-                f"{file}: format_version {version} is not readable by this mmer (reads {FORMAT_VERSION})",
-                file=file,
-                key="format_version",
-                hint="upgrade mmer" if major.isdigit() and int(major) > int(FORMAT_VERSION.split(".")[0]) else None,
-            )
-        try:
-            modalities = {}
-            for name, rec in data["modalities"].items():
-                rec = dict(rec)
-                rec.pop("density", None)
-                rec["lambda_"] = rec.pop("lambda")
-                rec["source"] = SourceRecord(**rec["source"])
-                rec["private"] = [PrivateRecord(**p) for p in rec.get("private", [])]
-                modalities[name] = ModalityRecord(**rec)
-            manifest = cls(
-                mmer_version=data["mmer_version"],
-                options=data["options"],
-                base=SourceRecord(**data["base"]),
-                base_storage=data["base_storage"],
-                base_dir=data["base_dir"],
-                tau_star_dir=data["tau_star_dir"],
-                tau_star_dtype=data["tau_star_dtype"],
-                slots=[SlotRecord(**s) for s in data["slots"]],
-                modalities=modalities,
-                files=dict(data.get("files", {})),
-                merged_dir=data.get("merged_dir"),
-                format_version=version,
-            )
-        except (KeyError, TypeError) as err:
-            raise DecoupledFormatError(
-                f"{file}: malformed manifest ({type(err).__name__}: {err})", file=file
-            ) from None
-        for rel in manifest.referenced_paths():
-            check_relative(rel, file)
+        """Validate a parsed manifest against the schema; the first problem is raised naming its key."""
+        manifest = validate_manifest(data, file)
+        assert manifest is not None
         return manifest
 
     def referenced_paths(self) -> list[str]:
@@ -181,10 +227,221 @@ class Manifest:
         return paths
 
 
+def mask_file_name(modality: str) -> str:
+    """Where a modality's packed masks live, relative to the checkpoint (the only place a writer puts them)."""
+    return f"{MASKS_DIR}/{modality}.safetensors"
+
+
+def component_dir_name(modality: str) -> str:
+    """Where a modality's own tensors and side files live, relative to the checkpoint."""
+    return f"{COMPONENTS_DIR}/{modality}"
+
+
+# ------------------------------------------------------------------------------------------------ reading
+def read_manifest(directory: str | Path, problems: list[MmerError] | None = None) -> Manifest | None:
+    """Read, check and validate the manifest of the checkpoint at ``directory``: the one way into one.
+
+    The bytes are read once and the same bytes are hashed, parsed and validated, so nothing can change between
+    the check and the use. Without ``problems`` the first problem is raised; with it (``mmer verify``), every
+    problem is appended and the manifest is returned when it is still safe to use (only its sidecar disagreed)
+    or ``None`` when it is not.
+    """
+    directory = Path(directory)
+    path = directory / MANIFEST_NAME
+    try:
+        raw = _read_small(directory, MANIFEST_NAME, MAX_JSON_BYTES)
+        if raw is None:
+            raise DecoupledFormatError(
+                f"{directory}: no {MANIFEST_NAME}; not a decoupled checkpoint",
+                file=str(path),
+                hint="point to the output directory of `mmer merge`",
+            )
+    except MmerError as err:
+        return _fail(err, problems)
+    try:
+        check_sidecar(directory, raw)
+    except MmerError as err:
+        if problems is None:
+            raise
+        problems.append(err)
+    try:
+        data = loads_bounded(raw, path, what="manifest", error=DecoupledFormatError, hint=SCHEMA_HINT)
+    except MmerError as err:
+        return _fail(err, problems)
+    return validate_manifest(data, str(path), problems)
+
+
+def check_sidecar(directory: Path, raw: bytes) -> None:
+    """Refuse manifest bytes whose sha256 is not the one in ``mmer_manifest.json.sha256`` (or with none)."""
+    sidecar = directory / MANIFEST_SHA_NAME
+    recorded = _read_small(directory, MANIFEST_SHA_NAME, 1024)
+    if recorded is None:
+        raise DecoupledFormatError(
+            f"{sidecar}: missing, so the manifest itself cannot be checked",
+            file=str(sidecar),
+            hint=f"{EDITED_HINT}; every checkpoint mmer writes has this file",
+        )
+    digest = hashlib.sha256(raw).hexdigest()
+    if recorded not in (digest.encode() + b"\n", digest.encode()):
+        raise DecoupledFormatError(
+            f"{directory / MANIFEST_NAME}: its sha256 differs from {MANIFEST_SHA_NAME} (modified or corrupt)",
+            file=str(directory / MANIFEST_NAME),
+            hint=EDITED_HINT,
+        )
+
+
+def _read_small(directory: Path, name: str, limit: int) -> bytes | None:
+    """The bytes of ``directory/name`` (``None`` when absent), read from where it really is inside the checkpoint."""
+    path = directory / name
+    if not os.path.lexists(path):
+        return None
+    real = check_inside(directory, path, what="manifest file")
+    try:
+        with open(real, "rb") as f:
+            raw = f.read(limit + 1)
+    except OSError as err:
+        raise DecoupledFormatError(
+            f"{path}: cannot read ({err.strerror or err})", file=str(path), hint="check the file's permissions"
+        ) from None
+    if len(raw) > limit:
+        raise DecoupledFormatError(
+            f"{path}: over the {limit}-byte limit for this file", file=str(path), hint=SCHEMA_HINT
+        )
+    return raw
+
+
+def _fail(err: MmerError, problems: list[MmerError] | None) -> None:
+    if problems is None:
+        raise err
+    problems.append(err)
+    return None
+
+
+@cache
+def _schema() -> TypeAdapter[Manifest]:
+    return TypeAdapter(Manifest)
+
+
+def validate_manifest(data: Any, file: str, problems: list[MmerError] | None = None) -> Manifest | None:
+    """Check a parsed manifest: format and version, then the schema, then the rules that tie fields together."""
+    if not isinstance(data, dict) or data.get("format") != FORMAT_NAME:
+        return _fail(
+            DecoupledFormatError(
+                f"{file}: not an mmer manifest (format != {FORMAT_NAME!r})", file=file, key="format", hint=SCHEMA_HINT
+            ),
+            problems,
+        )
+    version = data.get("format_version")
+    major = version.split(".")[0] if isinstance(version, str) else ""
+    if major != FORMAT_VERSION.split(".")[0]:
+        newer = major.isdigit() and len(major) < 10 and int(major) > int(FORMAT_VERSION.split(".")[0])
+        return _fail(
+            DecoupledFormatError(
+                f"{file}: format_version {str(version)[:40]} is not readable by this mmer (reads {FORMAT_VERSION})",
+                file=file,
+                key="format_version",
+                hint="upgrade mmer" if newer else SCHEMA_HINT,
+            ),
+            problems,
+        )
+    try:
+        manifest = _schema().validate_python(data)
+    except ValidationError as err:
+        found = [_schema_error(file, e) for e in err.errors(include_url=False)]
+        if problems is None:
+            first = found[0]
+            if len(found) > 1:
+                first.message += f" (and {len(found) - 1} more problem(s); `mmer verify` lists them)"
+            raise first from None
+        problems.extend(found)
+        return None
+    found = _consistency_problems(manifest, file)
+    if found:
+        if problems is None:
+            raise found[0]
+        problems.extend(found)
+        return None
+    return manifest
+
+
+def _dotted(loc: tuple[Any, ...]) -> str:
+    """``("modalities", "vision", "kept")`` → ``modalities.vision.kept``; odd keys quoted, list items ``[i]``."""
+    out = ""
+    for part in loc:
+        if isinstance(part, int):
+            out += f"[{part}]"
+        elif part == "[key]":
+            continue
+        elif re.fullmatch(r"[A-Za-z_][A-Za-z0-9_\-]{0,63}", str(part)):
+            out += ("." if out else "") + str(part)
+        else:
+            out += f"[{json.dumps(str(part)[:200])}]"
+    return out
+
+
+def _schema_error(file: str, error: Any) -> DecoupledFormatError:
+    loc = tuple(error.get("loc", ()))
+    key = _dotted(loc) or "(the manifest)"
+    message = str(error.get("msg", "invalid")).removeprefix("Value error, ")
+    if error.get("type") == "missing":
+        message = "required key is missing"
+    elif "[key]" in loc:
+        message = f"invalid key: {message}"
+    elif error.get("type") not in ("value_error",):
+        found = error.get("input")
+        kind = {dict: "a JSON object", list: "a JSON array"}.get(type(found))
+        shown = kind or json.dumps(found if isinstance(found, (str, int, float, bool)) else None)[:80]
+        message = f"{message}, found {shown}"
+    return DecoupledFormatError(f"{file}: malformed manifest: {key}: {message}", file=file, key=key, hint=SCHEMA_HINT)
+
+
+def _consistency_problems(manifest: Manifest, file: str) -> list[DecoupledFormatError]:
+    """The rules no single field can state: names agree with keys, paths are the ones the writer uses."""
+    found: list[DecoupledFormatError] = []
+
+    def bad(key: str, why: str) -> None:
+        found.append(
+            DecoupledFormatError(f"{file}: malformed manifest: {key}: {why}", file=file, key=key, hint=SCHEMA_HINT)
+        )
+
+    single = manifest.merged_dir is not None
+    if manifest.merged_dir not in (None, MERGED_DIR):
+        bad("merged_dir", f"must be {MERGED_DIR!r} or null")
+    if manifest.tau_star_dir != (None if single else TAU_STAR_DIR):
+        bad(
+            "tau_star_dir",
+            f"must be {'null' if single else repr(TAU_STAR_DIR)} when merged_dir is {manifest.merged_dir!r}",
+        )
+    if manifest.base_dir != (BASE_DIR if manifest.base_storage == "copy" else None):
+        bad("base_dir", f'must be {BASE_DIR!r} when base_storage is "copy", else null')
+    names = [s.name for s in manifest.slots]
+    if len(set(names)) != len(names):
+        duplicate = next(n for n in names if names.count(n) > 1)
+        bad("slots", f"slot {duplicate[:200]!r} is listed twice")
+    for key, record in manifest.modalities.items():
+        where = f"modalities.{key}"
+        if record.name != key:
+            bad(f"{where}.name", f"{record.name!r} differs from its key {key!r}")
+            continue
+        wanted_mask = None if single else mask_file_name(key)
+        if record.mask_file != wanted_mask:
+            bad(f"{where}.mask_file", f"must be {'null' if wanted_mask is None else repr(wanted_mask)}")
+        if record.component_dir != component_dir_name(key):
+            bad(f"{where}.component_dir", f"must be {component_dir_name(key)!r}")
+        if record.kept > record.total:
+            bad(f"{where}.kept", f"{record.kept} parameters kept of {record.total}")
+    return found
+
+
+def is_relative_inside(rel: str) -> bool:
+    """True when a manifest path stays inside the checkpoint (relative, no ``..``, no drive or backslash)."""
+    p = PurePosixPath(rel)
+    return bool(rel) and not (p.is_absolute() or ".." in p.parts or "\\" in rel or ":" in rel or "\0" in rel)
+
+
 def check_relative(rel: str, file: str) -> None:
     """Refuse a manifest path that would leave the checkpoint directory (absolute, ``..``, drive letters)."""
-    p = PurePosixPath(rel)
-    if p.is_absolute() or ".." in p.parts or "\\" in rel or ":" in rel:
+    if not is_relative_inside(rel):
         raise DecoupledFormatError(
             f"{file}: path {rel!r} points outside the checkpoint",
             file=file,

@@ -3,6 +3,7 @@ checked before anything is allocated or followed."""
 
 from __future__ import annotations
 
+import hashlib
 import json
 import shutil
 import struct
@@ -30,7 +31,9 @@ def _copy_with_manifest(merged, tmp_path, edit):
     shutil.copytree(merged, copy)
     data = json.loads((copy / "mmer_manifest.json").read_text())
     edit(data)
-    (copy / "mmer_manifest.json").write_text(json.dumps(data))
+    raw = json.dumps(data).encode()
+    (copy / "mmer_manifest.json").write_bytes(raw)
+    (copy / "mmer_manifest.json.sha256").write_text(hashlib.sha256(raw).hexdigest() + "\n")  # resealed too
     return copy
 
 
