@@ -86,3 +86,9 @@ class UnsafePathError(MmerError):
     """A file would be read from, or written to, outside the directory it belongs to (a link out, ``..``)."""
 
     exit_code = 1
+
+
+class OutputWriteError(MmerError):
+    """The file system refused a write of the output: read-only, no permission, a name too long, busy."""
+
+    exit_code = 1

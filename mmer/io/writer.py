@@ -18,10 +18,12 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
+from typing import NoReturn
 
 import torch
 
-from mmer.errors import DiskFullError, OutputExistsError
+from mmer.errors import CheckpointFormatError, DiskFullError, MmerError, OutputExistsError, OutputWriteError
+from mmer.io.outputs import check_target, clear_leftovers, old_name, staging_name, write_marker
 from mmer.io.reader import DTYPE_NAMES, Sized
 
 
@@ -34,14 +36,51 @@ class PlannedTensor(Sized):
     shape: tuple[int, ...]
 
 
-def _raise_os_error(err: OSError, path: Path) -> None:
+# What each errno means for an output and what to do about it; anything else is still named, with its reason.
+_OS_ERRORS = {
+    errno.EROFS: ("the file system is read-only", "write the output to a writable location (-o)"),
+    errno.EACCES: ("permission denied", "choose an output directory you may write to, or fix its permissions"),
+    errno.EPERM: ("operation not permitted", "choose an output directory you may write to, or fix its permissions"),
+    errno.ENAMETOOLONG: (
+        "the name is too long for the file system",
+        "choose a shorter output name (mmer adds about 40 characters to it for its staging directory)",
+    ),
+    errno.EBUSY: (
+        "busy (in use by another process, or a mount point)",
+        "close what holds it, or choose another output path",
+    ),
+    errno.EEXIST: (
+        "appeared while writing (another process writing the same output?)",
+        "run one writer per output, or choose another output path",
+    ),
+    errno.ENOTEMPTY: (
+        "appeared while writing (another process writing the same output?)",
+        "run one writer per output, or choose another output path",
+    ),
+    errno.ENOTDIR: ("a part of the path is a file, not a directory", "choose an output path under a directory"),
+    errno.EISDIR: ("is a directory where a file was expected", "choose another output path"),
+    errno.ELOOP: ("too many symbolic links in the path", "choose an output path without a link loop"),
+    errno.EMFILE: ("too many open files", "raise the open-file limit (ulimit -n)"),
+    errno.EFBIG: ("a file grew past the file system's size limit", "write to a file system without that limit"),
+    errno.EIO: ("input/output error", "check the disk, then run again"),
+}
+
+
+def output_os_error(err: OSError, path: Path) -> MmerError:
+    """The :class:`~mmer.errors.MmerError` an OS error while writing the output at ``path`` becomes."""
+    where = err.filename if err.filename else path
     if err.errno in (errno.ENOSPC, errno.EDQUOT):
-        raise DiskFullError(
-            f"{path}: no space left on the device while writing the output",
-            file=str(path),
+        return DiskFullError(
+            f"{where}: no space left on the device while writing the output",
+            file=str(where),
             hint="free space or choose another output directory; nothing partial was kept",
-        ) from None
-    raise err
+        )
+    reason, hint = _OS_ERRORS.get(err.errno or 0, (err.strerror or str(err), "choose another output path"))
+    return OutputWriteError(f"{where}: cannot write the output: {reason}", file=str(where), hint=hint)
+
+
+def _raise_os_error(err: OSError, path: Path) -> NoReturn:
+    raise output_os_error(err, path) from None
 
 
 class SafetensorsFileWriter:
@@ -144,15 +183,28 @@ class SafetensorsFileWriter:
             raise ValueError(f"{name} written twice")
         remaining, src_pos, dst_pos = end - begin, offset, self._data_start + begin
         try:
-            self._file.flush()
-            with open(source, "rb") as src:
+            src = open(source, "rb")
+        except OSError as err:
+            raise CheckpointFormatError(
+                f"{source}: cannot read it ({err.strerror})", file=str(source), hint="check the input's files"
+            ) from None
+        with src:
+            try:
+                self._file.flush()
                 while remaining:
                     done = _copy_range(src, self._file, remaining, src_pos, dst_pos)
                     if done == 0:
-                        raise OSError(errno.EIO, f"{source}: ended {remaining} bytes early (truncated?)")
+                        break
                     remaining, src_pos, dst_pos = remaining - done, src_pos + done, dst_pos + done
-        except OSError as err:
-            _raise_os_error(err, self.path)
+            except OSError as err:
+                _raise_os_error(err, self.path)
+        if remaining:
+            raise CheckpointFormatError(
+                f"{source}: ended {remaining} bytes early (truncated?)",
+                file=str(source),
+                tensor=name,
+                hint="the input file is truncated: fetch it again",
+            )
         self._unwritten[name] = 0
         self._pending.discard(name)
 
@@ -326,28 +378,47 @@ def write_tensors(
 
 
 class StagedOutput:
-    """An output directory that appears only when complete.
+    """An output directory that appears only when complete, and replaces only what mmer wrote.
 
     Everything is written to a hidden sibling directory (same file system, so the final rename is atomic);
     on any exception, Ctrl-C included, the staging directory is deleted and the target is left as it was.
+    The staging directory gets mmer's marker first thing, so the output carries it too; ``overwrite`` then
+    replaces only a directory with that marker (see :mod:`mmer.io.outputs`), never a path in ``protect`` (what
+    the run reads) nor one containing it, and never a link at the target. Leftovers of killed runs to the same
+    target are removed on entry and described in :attr:`warnings`, for the caller's report.
     """
 
-    def __init__(self, target: str | Path, overwrite: bool = False) -> None:
-        self.target = Path(target).expanduser().absolute()
+    def __init__(
+        self,
+        target: str | Path,
+        overwrite: bool = False,
+        *,
+        kind: str = "output",
+        protect: Iterable[str | Path] = (),
+    ) -> None:
+        # abspath, not resolve: a link at the target must be seen (and refused), not followed.
+        self.target = Path(os.path.abspath(os.path.expanduser(target)))
         self.overwrite = overwrite
-        if self.target.exists() and not overwrite:
-            raise OutputExistsError(
-                f"{self.target}: already exists",
-                file=str(self.target),
-                hint="choose another output path or pass --overwrite to replace it",
-            )
-        self.staging = self.target.parent / f".{self.target.name}.mmer-staging-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+        self.kind = kind
+        self.warnings: list[str] = []
+        check_target(self.target, overwrite, protect)
+        self._tag = uuid.uuid4().hex[:8]
+        self.staging = self.target.parent / staging_name(self.target, os.getpid(), self._tag)
 
     def __enter__(self) -> Path:
         try:
             self.target.parent.mkdir(parents=True, exist_ok=True)
+        except OSError as err:
+            _raise_os_error(err, self.target.parent)
+        self.warnings += clear_leftovers(self.target)
+        try:
             self.staging.mkdir()
         except OSError as err:
+            _raise_os_error(err, self.staging)
+        try:
+            write_marker(self.staging, self.kind)
+        except OSError as err:
+            shutil.rmtree(self.staging, ignore_errors=True)
             _raise_os_error(err, self.staging)
         return self.staging
 
@@ -356,6 +427,8 @@ class StagedOutput:
     ) -> None:
         if exc_type is not None:
             shutil.rmtree(self.staging, ignore_errors=True)
+            if isinstance(exc, OSError) and self._about_the_output(exc):
+                _raise_os_error(exc, self.staging)
             return
         try:
             self.commit()
@@ -363,16 +436,39 @@ class StagedOutput:
             shutil.rmtree(self.staging, ignore_errors=True)
             raise
 
+    def _about_the_output(self, err: OSError) -> bool:
+        """Whether an OS error raised inside the block was one writing the output (not one reading an input)."""
+        if err.filename is None:
+            return err.errno in (errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EFBIG)
+        where = os.path.abspath(os.fsdecode(err.filename))
+        return where == str(self.staging) or where.startswith(str(self.staging) + os.sep)
+
     def commit(self) -> None:
-        if self.target.exists():
+        target = self.target
+        if target.is_symlink():
+            raise OutputExistsError(
+                f"{target}: a symbolic link appeared at the output while writing; it was not replaced",
+                file=str(target),
+                hint="remove the link, or choose another output path",
+            )
+        try:
+            if not os.path.lexists(target):
+                os.rename(self.staging, target)
+                return
             if not self.overwrite:
-                raise OutputExistsError(f"{self.target}: appeared while merging", file=str(self.target))
-            old = self.target.parent / f".{self.target.name}.mmer-old-{uuid.uuid4().hex[:8]}"
-            os.rename(self.target, old)
-            os.rename(self.staging, self.target)
-            if old.is_dir() and not old.is_symlink():
-                shutil.rmtree(old, ignore_errors=True)
-            else:
-                old.unlink(missing_ok=True)
-        else:
-            os.rename(self.staging, self.target)
+                raise OutputExistsError(
+                    f"{target}: appeared while writing",
+                    file=str(target),
+                    hint="run one writer per output, or choose another output path",
+                )
+            check_target(target, overwrite=True)  # it may have changed since the run began
+            old = target.parent / old_name(target, os.getpid(), self._tag)
+            os.rename(target, old)
+            try:
+                os.rename(self.staging, target)
+            except OSError:
+                os.rename(old, target)
+                raise
+            shutil.rmtree(old, ignore_errors=True)
+        except OSError as err:
+            _raise_os_error(err, target)

@@ -14,7 +14,7 @@ from safetensors import safe_open
 from safetensors.torch import load_file
 
 import mmer.io.writer as writer_mod
-from mmer.errors import DiskFullError, OutputExistsError
+from mmer.errors import DiskFullError, OutputExistsError, OutputWriteError
 from mmer.io.reader import CheckpointReader
 from mmer.io.writer import (
     PlannedTensor,
@@ -399,7 +399,7 @@ def test_a_staged_output_appears_only_when_the_block_succeeds(tmp_path):
         (staging / "config.json").write_text("{}")
         write_tensors(staging, {"w": torch.ones(2)}, max_shard_bytes=10**6)
         assert not target.exists()
-    assert sorted(p.name for p in target.iterdir()) == ["config.json", "model.safetensors"]
+    assert sorted(p.name for p in target.iterdir()) == [".mmer-output", "config.json", "model.safetensors"]
     assert leftovers(target.parent) == []
 
 
@@ -439,35 +439,35 @@ def test_an_existing_file_as_target_is_refused_too(tmp_path):
         StagedOutput(target)
 
 
-def test_overwrite_replaces_the_old_contents(tmp_path):
+def test_overwrite_replaces_the_old_contents_of_a_previous_output(tmp_path):
     target = tmp_path / "merged"
-    target.mkdir()
-    (target / "old.txt").write_text("old")
+    with StagedOutput(target) as staging:
+        (staging / "old.txt").write_text("old")
     with StagedOutput(target, overwrite=True) as staging:
         (staging / "new.txt").write_text("new")
         assert (target / "old.txt").exists()
-    assert sorted(p.name for p in target.iterdir()) == ["new.txt"]
+    assert sorted(p.name for p in target.iterdir()) == [".mmer-output", "new.txt"]
     assert leftovers(tmp_path) == []
 
 
-def test_overwrite_replaces_a_file_target(tmp_path):
+def test_overwrite_refuses_a_file_target(tmp_path):
     target = tmp_path / "merged"
     target.write_text("a file")
-    with StagedOutput(target, overwrite=True) as staging:
-        (staging / "new.txt").write_text("new")
-    assert (target / "new.txt").read_text() == "new"
+    with pytest.raises(OutputExistsError, match="is a file"):
+        StagedOutput(target, overwrite=True)
+    assert target.read_text() == "a file"
     assert leftovers(tmp_path) == []
 
 
 def test_overwrite_keeps_the_old_contents_when_the_block_fails(tmp_path):
     target = tmp_path / "merged"
-    target.mkdir()
-    (target / "old.txt").write_text("old")
+    with StagedOutput(target) as staging:
+        (staging / "old.txt").write_text("old")
     with pytest.raises(KeyboardInterrupt):
         with StagedOutput(target, overwrite=True) as staging:
             (staging / "new.txt").write_text("new")
             raise KeyboardInterrupt
-    assert sorted(p.name for p in target.iterdir()) == ["old.txt"]
+    assert sorted(p.name for p in target.iterdir()) == [".mmer-output", "old.txt"]
     assert leftovers(tmp_path) == []
 
 
@@ -597,8 +597,9 @@ def test_other_os_errors_are_not_reported_as_a_full_disk(tmp_path, monkeypatch):
         raise PermissionError(errno.EACCES, os.strerror(errno.EACCES))
 
     monkeypatch.setattr(writer_mod, "open", denied, raising=False)
-    with pytest.raises(PermissionError):
+    with pytest.raises(OutputWriteError, match="permission denied") as info:
         SafetensorsFileWriter(tmp_path / "x.safetensors", [PlannedTensor("w", torch.float32, (2,))])
+    assert not isinstance(info.value, DiskFullError) and info.value.exit_code == 1
 
 
 def test_a_full_disk_inside_a_staged_output_leaves_nothing_behind(tmp_path, monkeypatch):
