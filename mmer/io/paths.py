@@ -69,8 +69,12 @@ def check_inside(directory: str | Path, path: str | Path, *, what: str = "file")
     roots = allowed_roots(directory)
     if any(_within(real, root) for root in roots) or external_links_allowed():
         return real
+    try:
+        where = f"is a link to {os.readlink(candidate)}, which resolves to {real}"
+    except OSError:  # not itself a link: a linked folder on its way, or ``..``
+        where = f"resolves to {real}"
     raise UnsafePathError(
-        f"{candidate}: this {what} resolves to {real}, outside {directory}",
+        f"{candidate}: this {what} {where}, outside {directory}",
         file=str(candidate),
         hint=(
             "a model directory may only link inside itself (or its Hugging Face cache folder); this file may be "
