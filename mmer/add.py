@@ -679,7 +679,10 @@ def _execute(
     options = plan.recipe.options
     merge = MergeReport(output=str(output), dry_run=False, plan=plan.to_dict(), warnings=list(plan.warnings))
     stand_ins = {o.name for o in report.old.values() if o.source == STAND_IN}
-    with StagedOutput(output, overwrite=overwrite) as staging, ThreadPoolExecutor(max_workers=1) as hasher:
+    inputs = [ckpt.path, plan.base.path, *(m.path for m in plan.models)]
+    staged = StagedOutput(output, overwrite=overwrite, kind="decoupled-checkpoint", protect=inputs)
+    with staged as staging, ThreadPoolExecutor(max_workers=1) as hasher:
+        merge.warnings += staged.warnings
         hashes: dict[str, dict[str, Future]] = {"base": {}}
         for m in plan.models:
             old = report.old.get(m.label)

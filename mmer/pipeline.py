@@ -119,7 +119,10 @@ def run_merge(
     if output is None:
         raise ValueError("an output directory is required unless dry_run is set")
     try:
-        with StagedOutput(output, overwrite=overwrite) as staging, ThreadPoolExecutor(max_workers=1) as hasher:
+        inputs = [m.path for m in [plan.base, *plan.models]]
+        staged = StagedOutput(output, overwrite=overwrite, kind="decoupled-checkpoint", protect=inputs)
+        with staged as staging, ThreadPoolExecutor(max_workers=1) as hasher:
+            report.warnings += staged.warnings
             hashes = {m.label: hash_inputs(m, hasher, recipe.options.hash_inputs) for m in [plan.base, *plan.models]}
             manifest = execute_plan(plan, staging, hashes, report, progress)
             (staging / RECIPE_NAME).write_text(resolved_recipe(plan).to_yaml(), encoding="utf-8")

@@ -67,6 +67,7 @@ from mmer.checkpoint.decoupled import load_decoupled
 from mmer.checkpoint.manifest import PrivateRecord
 from mmer.config import ModelSpec, Recipe
 from mmer.errors import ConfigError, MmerError, ModelNotFoundError
+from mmer.io.jsonfile import MAX_JSON_BYTES, loads_bounded
 from mmer.io.reader import CheckpointReader
 from mmer.io.resolve import resolve_model
 from mmer.io.writer import PlannedTensor, ShardedWriter, StagedOutput
@@ -224,6 +225,8 @@ class Candidate:
     def save_pretrained(self, directory: str | Path, *, overwrite: bool = False) -> Path:
         """Write the whole rebuilt model to ``directory`` in its source's layout and key names: LLM, components,
         config, tokenizer and processor files, loadable by the source's own ``from_pretrained``."""
+        inputs = (self.inputs.base_dir, self.inputs.model_dir, self.inputs.tau_dir)
+        staged = StagedOutput(directory, overwrite=overwrite, kind="tune-candidate", protect=inputs)
         tensors = self.state_dict("cpu")
         model = open_source(ModelSpec(self.inputs.model_dir, modality=self.modality))
         try:
@@ -233,7 +236,7 @@ class Candidate:
             ]
             own = {canonical for canonical in model.llm if canonical not in tensors}
             entries += [PlannedTensor(model.llm[c].name, model.llm[c].dtype, model.llm[c].shape) for c in own]
-            with StagedOutput(directory, overwrite=overwrite) as staging:
+            with staged as staging:
                 writer = ShardedWriter(
                     staging,
                     sorted(entries, key=lambda e: e.name),
@@ -408,17 +411,27 @@ def load_probes(path: str | Path, tokenizer_dir: str | Path | None = None) -> li
     path = Path(path)
     if not path.is_file():
         raise ConfigError(f"{path}: no such probe file", file=str(path), key="probes", hint="check the path")
-    text = path.read_text(encoding="utf-8")
+    if path.stat().st_size > MAX_JSON_BYTES:
+        raise ConfigError(
+            f"{path}: larger than {MAX_JSON_BYTES} bytes, too large for a probe file",
+            file=str(path),
+            key="probes",
+            hint="probes are a few hundred short inputs",
+        )
+    try:
+        text = path.read_bytes().decode("utf-8")
+    except UnicodeDecodeError as err:
+        raise ConfigError(
+            f"{path}: not UTF-8 text ({err.reason} at byte {err.start})",
+            file=str(path),
+            key="probes",
+            hint="save the file as UTF-8",
+        ) from None
     items: list[tuple[int, Any]] = []
     if path.suffix == ".txt":
         items = [(n, line) for n, line in enumerate(text.splitlines(), 1) if line.strip()]
     elif path.suffix == ".json":
-        try:
-            data = json.loads(text)
-        except json.JSONDecodeError as err:
-            raise ConfigError(
-                f"{path}: not valid JSON ({err})", file=str(path), key="probes", hint="fix the file, or use .jsonl"
-            ) from None
+        data = loads_bounded(text, path, what="probe file", error=ConfigError, hint="fix the file, or use .jsonl")
         if not isinstance(data, list):
             raise ConfigError(
                 f"{path}: expected a list of probes",
@@ -431,15 +444,14 @@ def load_probes(path: str | Path, tokenizer_dir: str | Path | None = None) -> li
         for n, line in enumerate(text.splitlines(), 1):
             if not line.strip():
                 continue
-            try:
-                items.append((n, json.loads(line)))
-            except json.JSONDecodeError as err:
-                raise ConfigError(
-                    f"{path}:{n}: not valid JSON ({err})",
-                    file=str(path),
-                    key="probes",
-                    hint='one probe per line: [1, 2, 3], {"input_ids": [...]} or {"text": "..."}',
-                ) from None
+            item = loads_bounded(
+                line,
+                f"{path}:{n}",
+                what="probe",
+                error=ConfigError,
+                hint='one probe per line: [1, 2, 3], {"input_ids": [...]} or {"text": "..."}',
+            )
+            items.append((n, item))
     tokenizer = None
     probes = []
     for n, item in items:

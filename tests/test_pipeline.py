@@ -445,16 +445,18 @@ def test_a_base_holding_multimodal_tensors_is_refused(tiny_models, tmp_path):
     _no_leftovers(tmp_path)
 
 
-def test_an_existing_output_is_refused_unless_overwrite(tiny_models, tmp_path):
-    (tmp_path / "out").mkdir()
-    (tmp_path / "out" / "keep.txt").write_text("precious")
+def test_an_existing_output_is_refused_unless_overwrite_and_only_mmers_own_is_replaced(tiny_models, tmp_path):
     recipe = recipe_for(tiny_models["base_dir"], {"vision": tiny_models["vision_dir"]})
+    mmer.run_merge(recipe, tmp_path / "out")
     with pytest.raises(OutputExistsError, match="--overwrite"):
         mmer.run_merge(recipe, tmp_path / "out")
-    assert (tmp_path / "out" / "keep.txt").read_text() == "precious"
     mmer.run_merge(recipe, tmp_path / "out", overwrite=True)
-    assert not (tmp_path / "out" / "keep.txt").exists()
     assert (tmp_path / "out" / "mmer_manifest.json").is_file()
+    (tmp_path / "mine").mkdir()
+    (tmp_path / "mine" / "keep.txt").write_text("precious")
+    with pytest.raises(OutputExistsError, match="not an mmer output"):
+        mmer.run_merge(recipe, tmp_path / "mine", overwrite=True)
+    assert (tmp_path / "mine" / "keep.txt").read_text() == "precious"
 
 
 def test_an_interrupt_mid_merge_leaves_no_output(tiny_models, tmp_path, monkeypatch):

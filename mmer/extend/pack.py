@@ -21,7 +21,8 @@ from __future__ import annotations
 
 import hashlib
 import json
-from collections.abc import Mapping
+import os
+from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -29,12 +30,14 @@ import torch
 from safetensors.torch import load_file
 from torch import nn
 
-from mmer.errors import CheckpointFormatError, ConfigError, IncompatibleBaseError, LayoutError, OutputExistsError
+from mmer.errors import CheckpointFormatError, ConfigError, IncompatibleBaseError, LayoutError
 from mmer.extend.block import ExtendedMoeBlock
 from mmer.extend.extension import extended_blocks, is_new_parameter, remove_extension, wrap_layers
 from mmer.extend.families import block_shape, decoder_layers, family_of, moe_block, moe_layer_indices
 from mmer.extend.modality import MoExtendModel, Projector
 from mmer.extend.options import ExtendOptions
+from mmer.io.jsonfile import read_json_file
+from mmer.io.outputs import check_target
 from mmer.io.reader import DTYPE_NAMES, SAFETENSORS_DTYPES, read_safetensors_header
 from mmer.io.writer import StagedOutput, write_tensors
 from mmer.version import __version__
@@ -80,14 +83,16 @@ def _dtype_name(dtype: torch.dtype) -> str:
 
 
 # ------------------------------------------------------------------------------------------------------ writing
-def check_output(output: str | Path, overwrite: bool) -> None:
-    """Refuse an existing output before hours of training rather than after."""
-    if Path(output).exists() and not overwrite:
-        raise OutputExistsError(
-            f"{Path(output).absolute()}: already exists",
-            file=str(output),
-            hint="choose another output path or pass --overwrite to replace it",
-        )
+def check_output(output: str | Path, overwrite: bool, protect: Iterable[str | Path | None] = ()) -> None:
+    """Refuse an output that may not be written (it exists, is not mmer's, or holds an input) before hours of
+    training rather than after; ``protect`` is what the run reads (the base, data, checkpoints)."""
+    check_target(Path(os.path.abspath(os.path.expanduser(output))), overwrite, [p for p in protect if p is not None])
+
+
+def _base_path(lm: nn.Module) -> list[str]:
+    """The base's local directory, when it was loaded from one: a pack must never be written over it."""
+    where = getattr(getattr(lm, "config", None), "_name_or_path", None)
+    return [where] if isinstance(where, str) and where and os.path.isdir(where) else []
 
 
 def base_record(lm: nn.Module) -> dict[str, Any]:
@@ -128,8 +133,12 @@ def write_pack(
     training: Mapping[str, Any] | None = None,
     recipe: Mapping[str, Any] | None = None,
     overwrite: bool = False,
+    protect: Iterable[str | Path | None] = (),
 ) -> Path:
-    """Write ``model``'s new tensors (and projector) with their manifest into ``output``, atomically."""
+    """Write ``model``'s new tensors (and projector) with their manifest into ``output``, atomically.
+
+    ``protect`` names what the run read (data, checkpoints); the base's own directory is protected anyway.
+    """
     lm = model.lm
     blocks = extended_blocks(lm)
     scores = (selection or {}).get("scores", {})
@@ -180,7 +189,8 @@ def write_pack(
         "training": dict(training) if training is not None else None,
         "recipe": dict(recipe) if recipe is not None else None,
     }
-    with StagedOutput(output, overwrite=overwrite) as staging:
+    inputs = [*_base_path(lm), *(p for p in protect if p is not None)]
+    with StagedOutput(output, overwrite=overwrite, kind="extension-pack", protect=inputs) as staging:
         write_tensors(staging, {n: t.cpu().contiguous() for n, t in tensors.items()}, 1 << 62, prefix="extension")
         manifest["tensors"]["sha256"] = _sha256_file(staging / TENSORS_FILE)
         (staging / PACK_MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n", encoding="utf-8")
@@ -202,10 +212,7 @@ def read_pack_manifest(pack_dir: str | Path) -> dict[str, Any]:
             file=str(path),
             hint="point at the directory `mmer extend train -o` wrote",
         )
-    try:
-        manifest = json.loads(path.read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError) as err:
-        raise CheckpointFormatError(f"{path}: not valid JSON ({err})", file=str(path)) from None
+    manifest = read_json_file(path, what="pack manifest", hint="the pack is corrupt; write it again")
     found = manifest.get("format") if isinstance(manifest, dict) else None
     if found != PACK_FORMAT:
         raise CheckpointFormatError(

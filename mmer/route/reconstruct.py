@@ -51,6 +51,7 @@ class ReconstructReport:
     output: str
     models: list[ModelWritten] = field(default_factory=list)
     seconds: float = 0.0
+    warnings: list[str] = field(default_factory=list)
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -58,6 +59,7 @@ class ReconstructReport:
             "output": self.output,
             "models": [m.to_dict() for m in self.models],
             "seconds": self.seconds,
+            "warnings": self.warnings,
         }
 
 
@@ -134,7 +136,10 @@ def _reconstruct(
             hint="rebuild one modality, or write one subdirectory per modality",
         )
     report = ReconstructReport(str(ckpt.path), str(Path(output)))
-    with StagedOutput(output, overwrite=overwrite) as staging:
+    inputs = [ckpt.path] + ([] if ckpt.manifest.base_storage == "copy" else [ckpt.reference_base()])
+    staged = StagedOutput(output, overwrite=overwrite, kind="reconstruct", protect=inputs)
+    with staged as staging:
+        report.warnings += staged.warnings
         for name in names:
             target = staging / name if subdirs else staging
             written = write_model(ckpt, name, target, shard_size, progress or NULL_PROGRESS)

@@ -157,8 +157,13 @@ def test_an_existing_output_is_refused_and_left_as_it_was(merged, tmp_path):
     with pytest.raises(OutputExistsError, match="already exists"):
         reconstruct(merged, out)
     assert [p.name for p in out.iterdir()] == ["keep.txt"]
-    reconstruct(merged, out, ["audio"], overwrite=True)
-    assert sorted(p.name for p in out.iterdir()) == ["audio"]
+    with pytest.raises(OutputExistsError, match="not an mmer output"):
+        reconstruct(merged, out, overwrite=True)  # --overwrite replaces only what mmer wrote
+    assert [p.name for p in out.iterdir()] == ["keep.txt"]
+    mine = tmp_path / "rebuilt"
+    reconstruct(merged, mine, ["vision"])
+    reconstruct(merged, mine, ["audio"], overwrite=True)
+    assert sorted(p.name for p in mine.iterdir()) == [".mmer-output", "audio"]
 
 
 def test_an_unknown_modality_is_refused_naming_the_ones_there_are_and_nothing_is_written(merged, tmp_path):
