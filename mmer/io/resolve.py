@@ -53,6 +53,8 @@ def resolve_model(model: str, revision: str | None = None) -> ResolvedModel:
                 file=model,
                 hint="drop `revision`, or give a Hub id instead of a path",
             )
+        # The directory the user named may itself be a link (to shared storage, into a Hub snapshot): it is
+        # resolved, never refused; only links *inside* it are held to mmer.io.paths' rule when files are read.
         return ResolvedModel(spec_model=model, path=local.resolve())
     if model.startswith((".", "/", "~")) or model.count("/") > 1:
         raise ModelNotFoundError(f"{model}: no such directory", file=model, hint="check the path")

@@ -365,3 +365,25 @@ def test_a_rebuilt_models_side_files_come_only_from_inside_the_checkpoint(tiny_m
         mmer.reconstruct(ckpt, tmp_path / "rebuilt")
     assert info.value.file == str(side)
     assert not (tmp_path / "rebuilt").exists()
+
+
+def test_a_checkpoint_downloaded_into_the_hub_cache_rebuilds_through_its_snapshot_links(tiny_models, tmp_path):
+    """Every file of a Hub snapshot, in subfolders too, is a link into the repo folder's blobs."""
+    ckpt = tmp_path / "ckpt"
+    mmer.run_merge(recipe_for(tiny_models["base_dir"], {"vision": tiny_models["vision_dir"]}), ckpt)
+    repo = tmp_path / "hub" / "models--org--merged"
+    snapshot = repo / "snapshots" / COMMIT
+    (repo / "blobs").mkdir(parents=True)
+    for file in sorted(p for p in ckpt.rglob("*") if p.is_file()):
+        blob = repo / "blobs" / hashlib.sha256(file.read_bytes()).hexdigest()
+        shutil.copyfile(file, blob)
+        link = snapshot / file.relative_to(ckpt)
+        link.parent.mkdir(parents=True, exist_ok=True)
+        link.symlink_to(os.path.relpath(blob, link.parent))
+    mmer.reconstruct(snapshot, tmp_path / "rebuilt")
+    rebuilt = tmp_path / "rebuilt" / "vision"
+    assert (rebuilt / "tokenizer_config.json").read_bytes() == (
+        Path(tiny_models["vision_dir"]) / "tokenizer_config.json"
+    ).read_bytes()
+    with CheckpointReader(rebuilt) as reader:
+        assert reader.tensors
