@@ -13,8 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from mmer.checkpoint import bits
-from mmer.checkpoint.decoupled import MaskFile
-from mmer.checkpoint.manifest import Manifest
+from mmer.checkpoint.decoupled import DecoupledCheckpoint, load_decoupled
 from mmer.io.layouts import MODULE_TYPES, layer_index, module_type
 
 
@@ -92,9 +91,14 @@ class MaskStats:
 def inspect_masks(path: str | Path) -> MaskStats:
     """Count, on packed bits, how much of τ* each modality keeps per layer, per module, and jointly."""
     path = Path(path)
-    manifest = Manifest.read(path)
+    with load_decoupled(path) as ckpt:  # the one validated way in: sidecar, schema, files inside the checkpoint
+        return _inspect(ckpt)
+
+
+def _inspect(ckpt: DecoupledCheckpoint) -> MaskStats:
+    path, manifest = ckpt.path, ckpt.manifest
     modalities = list(manifest.modalities)
-    files = {m: MaskFile(path / manifest.modalities[m].mask_file) for m in modalities}
+    files = {m: ckpt.mask_file(m) for m in modalities}
     overall = {m: Count() for m in modalities}
     by_module: dict[str, dict[str, Count]] = {m: defaultdict(Count) for m in modalities}
     by_layer: dict[str, dict[str, Count]] = {m: defaultdict(Count) for m in modalities}

@@ -1,15 +1,19 @@
 """Check a decoupled checkpoint against itself (hashes, shapes, mask counts) and, optionally, its sources.
 
 Every file is covered: the manifest lists the sha256 of every other file, and ``mmer_manifest.json.sha256``
-holds the manifest's own hash, so flipping any byte anywhere is reported. With ``sources=True`` each
-modality's original model is opened again (from the path or Hub commit the manifest records) and the
+holds the manifest's own hash, so flipping any byte anywhere is reported. The manifest goes through the same
+reader and schema as every other command (:func:`mmer.checkpoint.manifest.read_manifest`), collecting its
+problems instead of stopping at the first. A link that leads out of the checkpoint is reported, never followed.
+A base kept by reference is checked against the sha256 recorded at the merge; what could not be checked (no
+sha256 recorded, base not at hand) is said in ``notes`` rather than passed as checked. With ``sources=True``
+each modality's original model is opened again (from the path or Hub commit the manifest records) and the
 rebuilt LLM is compared with it.
 """
 
 from __future__ import annotations
 
-import hashlib
 import math
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -17,9 +21,10 @@ from typing import Any
 import torch
 
 from mmer.checkpoint import bits
-from mmer.checkpoint.decoupled import DecoupledCheckpoint
-from mmer.checkpoint.manifest import MANIFEST_NAME, MANIFEST_SHA_NAME, Manifest
-from mmer.errors import MmerError
+from mmer.checkpoint.decoupled import DecoupledCheckpoint, file_sha256, source_file_problems
+from mmer.checkpoint.manifest import MANIFEST_NAME, MANIFEST_SHA_NAME, Manifest, read_manifest
+from mmer.errors import MmerError, ModelNotFoundError
+from mmer.io.paths import check_inside
 from mmer.io.reader import SAFETENSORS_DTYPES, CheckpointReader
 from mmer.io.resolve import resolve_model
 
@@ -46,6 +51,7 @@ class Reconstruction:
 class VerifyReport:
     path: str
     problems: list[str] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)  # what could not be checked, and why (never a pass)
     files_checked: int = 0
     masks_checked: int = 0
     reconstruction: dict[str, Reconstruction] = field(default_factory=dict)
@@ -59,38 +65,30 @@ class VerifyReport:
             "path": self.path,
             "ok": self.ok,
             "problems": self.problems,
+            "notes": self.notes,
             "files_checked": self.files_checked,
             "masks_checked": self.masks_checked,
             "reconstruction": {m: r.to_dict() for m, r in self.reconstruction.items()},
         }
 
 
-def _sha256(path: Path) -> str:
-    with open(path, "rb") as f:
-        return hashlib.file_digest(f, "sha256").hexdigest()
-
-
 def verify(path: str | Path, sources: bool = False) -> VerifyReport:
     """Verify ``path``; problems are collected (not raised) so one run reports all of them."""
     path = Path(path)
     report = VerifyReport(str(path))
-    manifest_file = path / MANIFEST_NAME
-    sidecar = path / MANIFEST_SHA_NAME
-    if sidecar.is_file() and manifest_file.is_file():
-        if sidecar.read_bytes() != (_sha256(manifest_file) + "\n").encode():
-            report.problems.append(
-                f"{MANIFEST_NAME}: its sha256 differs from {MANIFEST_SHA_NAME} (modified or corrupt)"
-            )
-    elif manifest_file.is_file():
-        report.problems.append(f"{MANIFEST_SHA_NAME} is missing: the manifest itself cannot be checked")
+    found: list[MmerError] = []
     try:
-        manifest = Manifest.read(path)
-    except MmerError as err:
-        report.problems.append(err.message)
+        manifest = read_manifest(path, problems=found)
+    except MmerError as err:  # read_manifest collects; anything raised still becomes one problem
+        found.append(err)
+        manifest = None
+    report.problems += [err.message for err in found]
+    if manifest is None:
         return report
     _check_files(path, manifest, report)
     try:
         with DecoupledCheckpoint(path, manifest) as ckpt:
+            _check_reference_base(ckpt, report, fetch=sources)
             _check_masks(ckpt, report)
             _check_tau_star(ckpt, report)
             if sources:
@@ -102,18 +100,55 @@ def verify(path: str | Path, sources: bool = False) -> VerifyReport:
 
 
 def _check_files(path: Path, manifest: Manifest, report: VerifyReport) -> None:
+    """Hash every listed file where it really is inside the checkpoint; report links out, and unlisted files."""
     listed = set(manifest.files)
     for rel, expected in sorted(manifest.files.items()):
         file = path / rel
         report.files_checked += 1
-        if not file.is_file():
+        if not os.path.lexists(file):
             report.problems.append(f"{rel}: missing")
-        elif _sha256(file) != expected:
+            continue
+        try:
+            real = check_inside(path, file)
+        except MmerError:
+            continue  # reported by the walk below, never followed
+        if not real.is_file():
+            report.problems.append(f"{rel}: not a regular file")
+        elif file_sha256(real) != expected:
             report.problems.append(f"{rel}: sha256 differs from the manifest (modified or corrupt)")
-    for file in sorted(p for p in path.rglob("*") if p.is_file()):
-        rel = file.relative_to(path).as_posix()
-        if rel not in listed and rel not in (MANIFEST_NAME, MANIFEST_SHA_NAME):
-            report.problems.append(f"{rel}: not listed in the manifest (added after the merge?)")
+    for root, dirs, files in os.walk(path):  # links are listed, never descended into
+        for name in sorted(dirs + files):
+            entry = Path(root) / name
+            rel = entry.relative_to(path).as_posix()
+            if entry.is_symlink():
+                try:
+                    check_inside(path, entry)
+                except MmerError:
+                    target = os.readlink(entry)
+                    report.problems.append(f"{rel}: a link to {target}, outside the checkpoint (never followed)")
+                    continue
+            if name in files:
+                if rel not in listed and rel not in (MANIFEST_NAME, MANIFEST_SHA_NAME):
+                    report.problems.append(f"{rel}: not listed in the manifest (added after the merge?)")
+
+
+def _check_reference_base(ckpt: DecoupledCheckpoint, report: VerifyReport, fetch: bool) -> None:
+    """A base kept by reference must be the one merged; say so when that could not be checked."""
+    base = ckpt.manifest.base
+    if ckpt.manifest.base_storage != "reference" or ckpt.is_single_model:
+        return  # a single merged model is rebuilt from θ* alone
+    if not any(base.files.values()):
+        report.notes.append(
+            f"base: no sha256 was recorded for {base.model} (merged with hash_inputs off), so the reference base "
+            "it is rebuilt from was not checked"
+        )
+        return
+    try:
+        ckpt.reference_base(local_only=not fetch)
+    except ModelNotFoundError as err:
+        report.notes.append(f"base: not checked, not at hand ({err.message}); `mmer verify --sources` fetches it")
+    except MmerError as err:
+        report.problems.append(err.message)
 
 
 def _check_masks(ckpt: DecoupledCheckpoint, report: VerifyReport) -> None:
@@ -173,15 +208,14 @@ def _reconstruction(ckpt: DecoupledCheckpoint, modality: str, report: VerifyRepo
     source = record.source
     resolved = resolve_model(source.model, source.commit if source.commit else None)
     reader = CheckpointReader(resolved.path)
-    hashes_match = None
-    recorded = {k: v for k, v in source.files.items() if v is not None}
-    if recorded:
-        hashes_match = all(
-            (resolved.path / name).is_file() and _sha256(resolved.path / name) == digest
-            for name, digest in recorded.items()
+    differences = source_file_problems(source, resolved.path)  # only recorded plain names, only inside the source
+    hashes_match = None if differences is None else not differences
+    if differences:
+        report.problems.append(
+            f"{modality}: the source files at {resolved.path} differ from those merged ({differences[0]})"
         )
-        if not hashes_match:
-            report.problems.append(f"{modality}: the source files at {resolved.path} differ from those merged")
+    elif differences is None:
+        report.notes.append(f"{modality}: no sha256 was recorded for its source (hash_inputs off); not checked")
     error = norm = max_abs = 0.0
     private_equal = True
     for slot in ckpt.slots:
