@@ -428,6 +428,8 @@ def add_models(
     new = _load_new_specs(specs)
     ckpt = load_decoupled(checkpoint)
     try:
+        if ckpt.manifest.base_storage == "reference" and not ckpt.is_single_model:
+            ckpt.reference_base()  # the base it re-merges from must be the one it was merged from
         report = _add(
             ckpt, new, output, dict(sources or {}), mode, device, check_sources, overwrite, dry_run, progress
         )

@@ -31,6 +31,7 @@ from mmer.extend.losses import IGNORE_INDEX, lm_loss, load_balancing_loss
 from mmer.extend.modality import MoExtendModel
 from mmer.extend.options import TrainOptions
 from mmer.extend.routing import RoutingTap, layer_top_k
+from mmer.io.outputs import is_mmer_output
 from mmer.io.reader import read_safetensors_header
 from mmer.io.writer import StagedOutput
 from mmer.progress import NULL_PROGRESS, ProgressSink
@@ -261,14 +262,23 @@ def save_checkpoint(
         "aux_losses": report.aux_losses,
         "scaler": accelerator.scaler.state_dict() if accelerator.scaler is not None else None,
     }
-    with StagedOutput(target, overwrite=True) as staging:
+    with StagedOutput(target, overwrite=True, kind="training-checkpoint") as staging:
         save_file(
             {n: p.detach().cpu().contiguous() for n, p in trainable.items()}, str(staging / "trainable.safetensors")
         )
         save_file(moments, str(staging / "optimizer.safetensors"))
         save_file(rng, str(staging / "rng.safetensors"))
         (staging / "state.json").write_text(json.dumps(state, indent=1) + "\n", encoding="utf-8")
-    kept = sorted((p for p in directory.iterdir() if _STEP_DIR.match(p.name)), key=lambda p: p.name)
+    # Only step directories mmer wrote go (its marker, or a pre-marker checkpoint's state.json): the directory is
+    # the user's choice and may hold anything else.
+    kept = sorted(
+        (
+            p
+            for p in directory.iterdir()
+            if _STEP_DIR.match(p.name) and (is_mmer_output(p) or (p / "state.json").is_file() and not p.is_symlink())
+        ),
+        key=lambda p: p.name,
+    )
     for old in kept[: -options.keep_checkpoints]:
         shutil.rmtree(old, ignore_errors=True)
     return target
