@@ -47,6 +47,7 @@ from mmer.checkpoint.decoupled import (
 from mmer.checkpoint.manifest import MANIFEST_NAME, MANIFEST_SHA_NAME, ModalityRecord, SlotRecord, SourceRecord
 from mmer.config import ModelSpec, Recipe, load_spec, options_from_dict
 from mmer.errors import ConfigError, DecoupledFormatError, IncompatibleBaseError, MmerError, ModelNotFoundError
+from mmer.io.jsonfile import read_json_file
 from mmer.io.layouts import LAYOUTS
 from mmer.io.reader import DTYPE_NAMES, SAFETENSORS_DTYPES, CheckpointReader, TensorInfo, read_json
 from mmer.io.reader import read_safetensors_header as _read_header
@@ -790,9 +791,9 @@ def _history(ckpt: DecoupledCheckpoint, report: AddReport) -> dict[str, Any]:
     path = ckpt.path / HISTORY_NAME
     if path.is_file():
         try:
-            data = json.loads(path.read_text(encoding="utf-8"))
+            data = read_json_file(path, what="add history")
             previous = list(data.get("history", [])) if isinstance(data, dict) else []
-        except (json.JSONDecodeError, UnicodeDecodeError):
+        except MmerError:  # a damaged history is started afresh, not fatal: the manifest is the record
             previous = []
     sha_file = ckpt.path / MANIFEST_SHA_NAME
     entry = {

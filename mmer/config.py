@@ -370,23 +370,112 @@ def options_from_dict(data: Mapping[str, Any], file: str | None = None) -> Merge
         raise
 
 
-def _read_yaml(path: str | Path) -> Any:
+MAX_YAML_BYTES = 1024 * 1024  # specs and recipes are a few hundred bytes
+MAX_YAML_DEPTH = 32  # a recipe nests four levels
+MAX_YAML_INT_DIGITS = 100
+
+
+class _YamlRefused(yaml.YAMLError):
+    def __init__(self, what: str, mark: Any, hint: str) -> None:
+        super().__init__(what)
+        self.what, self.mark, self.hint = what, mark, hint
+
+
+class PlainYamlLoader(yaml.SafeLoader):
+    """``yaml.SafeLoader`` without anchors and aliases, and with no nesting or integer beyond any recipe's.
+
+    An alias points at an earlier node, so a few hundred bytes of aliases to aliases expand to billions of
+    nodes when the document is built ("billion laughs"). Specs and recipes never need one, so an anchor or an
+    alias is refused where it is first seen, before anything is expanded; nesting is counted while the document
+    is composed, before Python's recursion limit could be reached.
+    """
+
+    def __init__(self, stream: Any) -> None:
+        super().__init__(stream)
+        self._depth = 0
+
+    def compose_node(self, parent: Any, index: Any) -> Any:
+        event = self.peek_event()
+        if isinstance(event, yaml.AliasEvent) or getattr(event, "anchor", None) is not None:
+            sign = "*" if isinstance(event, yaml.AliasEvent) else "&"
+            raise _YamlRefused(
+                f"uses a YAML {'alias' if sign == '*' else 'anchor'} ({sign}{event.anchor}), which mmer refuses",
+                event.start_mark,
+                "write the value out in full where it is used: specs and recipes never need & anchors or * aliases, "
+                "and aliases of aliases can expand a small file past any memory",
+            )
+        if self._depth >= MAX_YAML_DEPTH:
+            raise _YamlRefused(
+                f"nests more than {MAX_YAML_DEPTH} levels deep", event.start_mark, "recipes nest a few levels"
+            )
+        self._depth += 1
+        try:
+            return super().compose_node(parent, index)
+        finally:
+            self._depth -= 1
+
+    def construct_yaml_int(self, node: Any) -> int:
+        if len(node.value) > MAX_YAML_INT_DIGITS:
+            raise _YamlRefused(
+                f"holds an integer of {len(node.value)} characters", node.start_mark, "no setting needs such a number"
+            )
+        return super().construct_yaml_int(node)
+
+
+PlainYamlLoader.add_constructor("tag:yaml.org,2002:int", PlainYamlLoader.construct_yaml_int)
+
+
+def read_yaml_file(path: str | Path, what: str = "YAML file") -> Any:
+    """Parse a spec or recipe the user gave: bounded in size, depth and integers, no aliases, UTF-8 only.
+
+    Every problem is a :class:`ConfigError` naming the file (and the line, where there is one).
+    """
     path = Path(path)
+    file = str(path)
     try:
-        text = path.read_text(encoding="utf-8")
+        with open(path, "rb") as f:
+            raw = f.read(MAX_YAML_BYTES + 1)
     except FileNotFoundError:
-        raise ConfigError(f"{path}: no such file", file=str(path), hint="check the path") from None
+        raise ConfigError(f"{path}: no such file", file=file, hint="check the path") from None
+    except IsADirectoryError:
+        raise ConfigError(f"{path}: is a directory, not a {what}", file=file, hint="pass the YAML file") from None
     except OSError as err:
-        raise ConfigError(f"{path}: cannot read ({err.strerror})", file=str(path)) from None
+        raise ConfigError(
+            f"{path}: cannot read ({err.strerror or err})", file=file, hint="check the path and its permissions"
+        ) from None
+    if len(raw) > MAX_YAML_BYTES:
+        raise ConfigError(
+            f"{path}: larger than {MAX_YAML_BYTES} bytes, too large for a {what}",
+            file=file,
+            hint="a spec or recipe is a few lines of YAML; check that this is the right file",
+        )
     try:
-        return yaml.safe_load(text)
-    except yaml.YAMLError as err:
-        raise ConfigError(f"{path}: not valid YAML ({err})", file=str(path)) from None
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as err:
+        raise ConfigError(
+            f"{path}: not UTF-8 text ({err.reason} at byte {err.start})",
+            file=file,
+            hint="save the file as UTF-8; check that this is the right file",
+        ) from None
+    loader = None
+    try:
+        loader = PlainYamlLoader(text)
+        loader.name = file  # parse errors then name the file, not "<unicode string>"
+        return loader.get_single_data()
+    except _YamlRefused as err:
+        raise ConfigError(f"{path}: line {err.mark.line + 1}: {err.what}", file=file, hint=err.hint) from None
+    except (yaml.YAMLError, ValueError, RecursionError) as err:
+        raise ConfigError(
+            f"{path}: not valid YAML ({str(err)[:300]})", file=file, hint="fix the YAML at the line named"
+        ) from None
+    finally:
+        if loader is not None:
+            loader.dispose()
 
 
 def load_spec(path: str | Path) -> ModelSpec:
     """Read one model YAML (``model``, optional ``revision``, ``modality``, ``lambda``)."""
-    data = _read_yaml(path)
+    data = read_yaml_file(path, "model spec")
     return spec_from_dict(data if data is not None else {}, file=str(path))
 
 
@@ -400,7 +489,7 @@ def load_recipe(path: str | Path) -> tuple[ModelSpec | None, tuple[ModelSpec, ..
     coming from the command line.
     """
     file = str(path)
-    data = _read_yaml(path)
+    data = read_yaml_file(path, "recipe")
     if data is None:
         data = {}
     _check_keys(data, _RECIPE_KEYS, "recipe", file)

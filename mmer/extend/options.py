@@ -15,9 +15,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import yaml
-
-from mmer.config import MODALITY_NAME
+from mmer.config import MODALITY_NAME, read_yaml_file
 from mmer.errors import ConfigError
 
 MIXED_PRECISIONS = ("auto", "no", "bf16", "fp16")
@@ -375,10 +373,5 @@ def recipe_from_dict(data: Mapping[str, Any], file: str | None = None) -> MoExte
 def load_moextend_recipe(path: str | Path) -> MoExtendRecipe:
     """Read a MoExtend recipe YAML (sections align, probe, finetune, selection, extend, projector)."""
     path = Path(path)
-    try:
-        data = yaml.safe_load(path.read_text(encoding="utf-8"))
-    except FileNotFoundError:
-        raise ConfigError(f"{path}: no such file", file=str(path), hint="check the path") from None
-    except yaml.YAMLError as err:
-        raise ConfigError(f"{path}: not valid YAML ({err})", file=str(path)) from None
+    data = read_yaml_file(path, "MoExtend recipe")
     return recipe_from_dict(data if data is not None else {}, str(path))

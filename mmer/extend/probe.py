@@ -22,6 +22,7 @@ from mmer.extend.options import ProbeOptions, TrainOptions
 from mmer.extend.routing import RoutingCounts, collect_routing_counts
 from mmer.extend.selection import layer_scores, select_layers
 from mmer.extend.training import TrainReport, train
+from mmer.io.jsonfile import read_json_file
 from mmer.progress import NULL_PROGRESS, ProgressSink
 
 PROBE_FORMAT = "mmer-moextend-probe/1"
@@ -58,14 +59,21 @@ class ProbeResult:
                 key="format",
                 hint="write it with `mmer extend probe`",
             )
-        return cls(
-            RoutingCounts.from_dict(data["before"]),
-            RoutingCounts.from_dict(data["after"]),
-            {int(k): float(v) for k, v in data["scores"].items()},
-            [int(i) for i in data["selected"]],
-            float(data["fraction"]),
-            data.get("training"),
-        )
+        try:
+            return cls(
+                RoutingCounts.from_dict(data["before"]),
+                RoutingCounts.from_dict(data["after"]),
+                {int(k): float(v) for k, v in data["scores"].items()},
+                [int(i) for i in data["selected"]],
+                float(data["fraction"]),
+                data.get("training"),
+            )
+        except (KeyError, TypeError, ValueError, AttributeError, RuntimeError) as err:
+            raise ConfigError(
+                f"{file or 'probe result'}: not a valid probe result ({type(err).__name__}: {str(err)[:120]})",
+                file=file,
+                hint="write it again with `mmer extend probe`",
+            ) from None
 
     def save(self, path: str | Path) -> Path:
         path = Path(path)
@@ -78,12 +86,9 @@ class ProbeResult:
     @classmethod
     def load(cls, path: str | Path) -> ProbeResult:
         path = Path(path)
-        try:
-            data = json.loads(path.read_text(encoding="utf-8"))
-        except FileNotFoundError:
-            raise ConfigError(f"{path}: no such probe result", file=str(path)) from None
-        except json.JSONDecodeError as err:
-            raise ConfigError(f"{path}: not valid JSON ({err})", file=str(path)) from None
+        if not path.is_file():
+            raise ConfigError(f"{path}: no such probe result", file=str(path), hint="check the --probe path")
+        data = read_json_file(path, what="probe result", hint="pass what `mmer extend probe` wrote")
         return cls.from_dict(data, str(path))
 
 

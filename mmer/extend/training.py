@@ -31,6 +31,7 @@ from mmer.extend.losses import IGNORE_INDEX, lm_loss, load_balancing_loss
 from mmer.extend.modality import MoExtendModel
 from mmer.extend.options import TrainOptions
 from mmer.extend.routing import RoutingTap, layer_top_k
+from mmer.io.jsonfile import read_json_file
 from mmer.io.outputs import is_mmer_output
 from mmer.io.reader import read_safetensors_header
 from mmer.io.writer import StagedOutput
@@ -304,10 +305,11 @@ def load_checkpoint(
 ) -> int:
     """Restore a checkpoint into the live parameters, optimiser and RNG; returns the step to continue from."""
     state_file = path / "state.json"
-    try:
-        state = json.loads(state_file.read_text(encoding="utf-8"))
-    except (OSError, json.JSONDecodeError) as err:
-        raise CheckpointFormatError(f"{state_file}: unreadable ({err})", file=str(state_file)) from None
+    state = read_json_file(
+        state_file, what="training state", hint="the checkpoint is damaged; remove it to resume from an earlier one"
+    )
+    if not isinstance(state, dict):
+        raise CheckpointFormatError(f"{state_file}: not a JSON object", file=str(state_file))
     if state.get("format") != STATE_FORMAT or state.get("stage") != stage:
         raise CheckpointFormatError(
             f"{path}: a checkpoint of stage {state.get('stage')!r} ({state.get('format')}), not of {stage!r}",

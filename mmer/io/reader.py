@@ -7,7 +7,6 @@ opened with ``torch.load(weights_only=True)``: this is the one module allowed to
 
 from __future__ import annotations
 
-import json
 import math
 import os
 import struct
@@ -18,6 +17,7 @@ from typing import Any
 import torch
 
 from mmer.errors import CheckpointFormatError
+from mmer.io.jsonfile import loads_bounded, read_json_file
 from mmer.io.paths import check_inside, regular_file, too_large
 
 SAFETENSORS_INDEX = "model.safetensors.index.json"
@@ -119,17 +119,26 @@ def read_safetensors_header(file: Path) -> tuple[dict[str, TensorInfo], dict[str
             raw = f.read(n)
     except OSError as err:
         raise CheckpointFormatError(f"{file}: cannot read ({err.strerror})", file=str(file)) from None
-    try:
-        header = json.loads(raw.decode("utf-8"), object_pairs_hook=_reject_duplicates(file, "the header"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as err:
-        raise CheckpointFormatError(
-            f"{file}: header is not valid JSON ({err})", file=str(file), hint="the file is corrupt; fetch it again"
-        ) from None
+    header = loads_bounded(
+        raw,
+        file,
+        what="safetensors header",
+        max_bytes=MAX_HEADER_BYTES,
+        object_pairs_hook=_reject_duplicates(file, "the header"),
+        hint="the file is corrupt; fetch it again",
+    )
     if not isinstance(header, dict):
         raise CheckpointFormatError(
             f"{file}: header is not a JSON object", file=str(file), hint="the file is corrupt; fetch it again"
         )
     metadata = header.pop("__metadata__", None) or {}
+    if not isinstance(metadata, dict) or not all(isinstance(v, str) for v in metadata.values()):
+        raise CheckpointFormatError(
+            f"{file}: header's __metadata__ is not a map of strings to strings",
+            file=str(file),
+            key="__metadata__",
+            hint="the file is corrupt; fetch it again",
+        )
     data_size = size - 8 - n
     infos: dict[str, TensorInfo] = {}
     for name, entry in header.items():
@@ -273,17 +282,12 @@ class CheckpointReader:
         return real
 
     def _read_index(self, index_file: Path) -> dict[str, str]:
-        try:
-            data = json.loads(
-                index_file.read_text(encoding="utf-8"),
-                object_pairs_hook=_reject_duplicates(index_file, "the index"),
-            )
-        except json.JSONDecodeError as err:
-            raise CheckpointFormatError(
-                f"{index_file}: not valid JSON ({err})",
-                file=str(index_file),
-                hint="the index is corrupt; fetch it again or re-export the checkpoint",
-            ) from None
+        data = read_json_file(
+            index_file,
+            what="index",
+            object_pairs_hook=_reject_duplicates(index_file, "the index"),
+            hint="the index is corrupt; fetch it again or re-export the checkpoint",
+        )
         weight_map = data.get("weight_map") if isinstance(data, dict) else None
         if not isinstance(weight_map, dict) or not all(isinstance(v, str) for v in weight_map.values()):
             raise CheckpointFormatError(
@@ -426,14 +430,11 @@ def side_files(directory: str | Path, root: str | Path | None = None) -> dict[st
 
 def read_json(path: Path) -> dict[str, Any]:
     """Read a JSON config file, naming the file if it is broken."""
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except FileNotFoundError:
-        raise CheckpointFormatError(f"{path}: missing", file=str(path)) from None
-    except (json.JSONDecodeError, UnicodeDecodeError) as err:
-        raise CheckpointFormatError(f"{path}: not valid JSON ({err})", file=str(path)) from None
+    data = read_json_file(path, what="JSON config", hint="the file is corrupt; fetch it again or fix it")
     if not isinstance(data, dict):
-        raise CheckpointFormatError(f"{path}: not a JSON object", file=str(path))
+        raise CheckpointFormatError(
+            f"{path}: not a JSON object", file=str(path), hint="the file is corrupt; fetch it again or fix it"
+        )
     return data
 
 

@@ -91,7 +91,7 @@ def header_not_json(d: Path) -> Expect:
 
 
 def header_not_utf8(d: Path) -> Expect:
-    return Expect(raw_safetensors(d / SAFETENSORS_SINGLE, b"\xff\xfe\xfd\xfc"), says="not valid JSON")
+    return Expect(raw_safetensors(d / SAFETENSORS_SINGLE, b"\xff\xfe\xfd\xfc"), says="not UTF-8")
 
 
 def header_not_an_object(d: Path) -> Expect:
