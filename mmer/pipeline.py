@@ -32,11 +32,13 @@ from mmer.checkpoint.decoupled import (
 )
 from mmer.checkpoint.manifest import MANIFEST_NAME, MANIFEST_SHA_NAME, Manifest, ModalityRecord, SlotRecord
 from mmer.config import ModelSpec, Recipe
+from mmer.errors import NonFiniteError
 from mmer.io.paths import copy_regular_file
 from mmer.io.reader import DTYPE_NAMES, MAX_SIDE_FILE_BYTES, CheckpointReader, TensorInfo, side_files
 from mmer.io.resolve import cached_blob_sha256
 from mmer.io.writer import PlannedTensor, ShardedWriter, StagedOutput
 from mmer.merge.masks import MASKS, NO_MASK, reconstruct
+from mmer.merge.overflow import check_merged, check_task_vector, provably_finite
 from mmer.merge.slot import Variant, merge_slot, prepare
 from mmer.merge.task_vectors import check_finite, task_vector
 from mmer.merge.trim import GlobalThreshold, WindowedThreshold, count_true
@@ -228,7 +230,8 @@ def slot_deltas(
     ``span`` restricts both to flat entries ``[start, stop)`` of the shared rows (a model's appended rows
     come after them, so the shared part is a flat prefix). The base is converted to float32 once; NaN/inf are
     caught from each τᵢ's ℓ1 norm (one reduction, no temporary), which ``l1`` receives when given, and only
-    then located exactly, so the check costs little on clean models.
+    then located exactly, so the check costs little on clean models: in θ_base or θᵢ as stored, else in τᵢ
+    itself (finite weights whose difference overflows float32).
     """
     base_info = plan.base.llm[slot_name]
     base = plan.base.reader.get(base_info.name, copy=False)
@@ -248,12 +251,18 @@ def slot_deltas(
     check = not plan.recipe.options.allow_nonfinite
     if check or l1 is not None:
         norms = torch.linalg.vector_norm(taus.reshape(len(plan.models), -1), 1, dim=1).tolist()
-        for m, norm in zip(plan.models, norms, strict=True):
+        for i, (m, norm) in enumerate(zip(plan.models, norms, strict=True)):
             if check and not math.isfinite(norm):
                 full_base = plan.base.reader.get(base_info.name, copy=False)
                 check_finite(full_base, file=str(base_info.file), name=base_info.name)
                 info = m.llm[slot_name]
-                check_finite(m.reader.get(info.name, copy=False), file=str(info.file), name=info.name)
+                theta = m.reader.get(info.name, copy=False)
+                check_finite(theta, file=str(info.file), name=info.name)
+                if span is not None:
+                    theta = theta.reshape(-1)[span[0] : span[1]]
+                elif theta.dim():
+                    theta = theta[:rows]
+                check_task_vector(taus[i], theta, base, tensor=info.name, file=str(info.file), label=m.label)
         if l1 is not None:
             l1.extend(norms)
     return base, taus
@@ -421,6 +430,9 @@ def merge_slots(plan: MergePlan, staging: Path, thresholds: Thresholds, progress
 
     labels = [m.label for m in plan.models]
     writers_by_role = (tau_writer, mask_writers)
+    check = not options.allow_nonfinite
+    rescaled = variant.mask != NO_MASK and MASKS[variant.mask].rescaled
+    maxima: dict[str, tuple[float, float]] = {}  # max |θ_base|, |τ*| per slot, for the rescaled weights' check
     stats = SlotStats(kept=dict.fromkeys(labels, 0), delta_l1=dict.fromkeys(labels, 0.0))
     stats.kept_per_tensor = {label: {} for label in labels}
     scale_num, scale_den = dict.fromkeys(labels, 0.0), dict.fromkeys(labels, 0.0)
@@ -451,8 +463,22 @@ def merge_slots(plan: MergePlan, staging: Path, thresholds: Thresholds, progress
                     result = merge_slot(raw, variant, slot.name, store_dtype, model_thresholds)
                     for label, norm in zip(labels, l1, strict=True):
                         stats.delta_l1[label] += norm
+                    base = base.to(device)
+                    if check:
+                        # EMR's rescalers are known only after the last slot: τ* now, θ_base + sᵢ·τ* then.
+                        bounds = check_merged(
+                            base,
+                            result.stored,
+                            None if rescaled else [1.0] * len(labels),
+                            tensor=slot.name,
+                            file=str(plan.base.llm[slot.name].file),
+                            labels=_sources(plan),
+                            masks=result.masks,
+                        )
+                        before = maxima.get(slot.name, (0.0, 0.0))
+                        maxima[slot.name] = (max(before[0], bounds[0]), max(before[1], bounds[1]))
                     if merged_writer is not None:
-                        merged = reconstruct(base.to(device), result.stored, None)
+                        merged = reconstruct(base, result.stored, None)
                         merged_writer.write_range(slot.name, merged.reshape(-1), start)
                     if tau_writer is not None:
                         tau_writer.write_range(slot.name, result.stored.reshape(-1), start)
@@ -480,9 +506,53 @@ def merge_slots(plan: MergePlan, staging: Path, thresholds: Thresholds, progress
         raise
     finally:
         progress.end(stage)
-    if variant.mask != NO_MASK and MASKS[variant.mask].rescaled:
+    if rescaled:
         stats.scales = {label: scale_num[label] / scale_den[label] if scale_den[label] else 1.0 for label in labels}
+        _check_rescaled(plan, staging, stats.scales, maxima if check else None)
     return stats
+
+
+def _sources(plan: MergePlan) -> list[str]:
+    """Each model as error messages name it: its modality and where it was read from."""
+    return [f"{m.label} ({m.path})" for m in plan.models]
+
+
+def _check_rescaled(
+    plan: MergePlan, staging: Path, scales: dict[str, float], maxima: dict[str, tuple[float, float]] | None
+) -> None:
+    """EMR's rescalers are finite numbers, and θ_base + sᵢ·τ* stays finite in the base dtype for each of them.
+
+    A rescaler is refused even with ``allow_nonfinite``: it is a number in the manifest, which JSON cannot hold
+    as NaN or inf. The weights are proved finite from each slot's largest magnitudes, and only a slot near the
+    limit is rebuilt from the τ* just written.
+    """
+    for m in plan.models:
+        if not math.isfinite(scales[m.label]):
+            raise NonFiniteError(
+                f"{m.path}: EMR's rescaler for {m.label} is {scales[m.label]} (its task vector's mean magnitude "
+                "overflows or is not a number)",
+                file=str(m.path),
+                key=m.label,
+                hint="check the model for NaN/inf or huge weights; a mask rule without a rescaler (mmer, tall) "
+                "stores no such number",
+            )
+    if maxima is None:
+        return
+    values = [scales[m.label] for m in plan.models]
+    tau_reader = None
+    try:
+        for slot in plan.merged_slots:
+            base_max, tau_max = maxima[slot.name]
+            if all(provably_finite(base_max, tau_max, s, slot.dtype) for s in values):
+                continue
+            tau_reader = tau_reader or CheckpointReader(staging / TAU_STAR_DIR)
+            base_info = plan.base.llm[slot.name]
+            base = plan.base.reader.get(base_info.name, copy=False)
+            tau = tau_reader.get(slot.name, copy=False)
+            check_merged(base, tau, values, tensor=slot.name, file=str(base_info.file), labels=_sources(plan))
+    finally:
+        if tau_reader is not None:
+            tau_reader.close()
 
 
 def _fused_for(plan: MergePlan, slot_name: str, device: torch.device, store_dtype: torch.dtype | None = None):
@@ -542,6 +612,16 @@ def _merge_fused(
     result = fused.merge_chunk(base, thetas, plan.variant, thresholds, store_dtype)
     if not all(math.isfinite(v) for v in result.l1):
         return False
+    if not plan.recipe.options.allow_nonfinite:  # the fused variant's mask (mmer) has no rescaler: sᵢ = 1
+        check_merged(
+            base,
+            result.stored,
+            [1.0] * len(plan.models),
+            tensor=slot_name,
+            file=str(plan.base.llm[slot_name].file),
+            labels=_sources(plan),
+            masks=lambda: [bits.unpack(packed, (base.numel(),)) for packed in result.packed],
+        )
     tau_writer, mask_writers = writers
     if tau_writer is not None:
         tau_writer.write_range(slot_name, result.stored, span[0])
