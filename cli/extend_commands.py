@@ -145,7 +145,7 @@ def align(
     from mmer.extend.pack import check_output
 
     def work(progress):
-        check_output(output, overwrite)
+        check_output(output, overwrite, protect=[base, data, checkpoint_dir])
         rec = _recipe(
             recipe, "align", **_stage_flags(steps, lr, batch_size, device, mixed_precision, seed, save_every)
         )
@@ -165,6 +165,7 @@ def align(
             training={"align": report.to_dict()},
             recipe=rec.to_dict(),
             overwrite=overwrite,
+            protect=[base, data, checkpoint_dir],
         )
         return report.to_dict()
 
@@ -281,8 +282,10 @@ def train(
     """Stages b″ and c (running a and b first when needed): add experts, train only them, write the pack."""
     from mmer.extend import ProbeResult, load_data, run_moextend
     from mmer.extend.options import replace_options
+    from mmer.extend.pack import check_output
 
     def work(progress):
+        check_output(output, overwrite, protect=[base, data, projector, probe_result, stats_data, workdir])
         rec = _recipe(
             recipe, "finetune", **_stage_flags(steps, lr, batch_size, device, mixed_precision, seed, save_every)
         )

@@ -61,6 +61,7 @@ def reconstruct(
             f"{model.component_tensors} component tensors, {render.human_bytes(model.bytes)})",
             highlight=False,
         )
+    render.print_warnings(report.warnings)
     render.out_console.print(f"done in {report.seconds:.1f} s", highlight=False)
 
 
