@@ -196,7 +196,8 @@ def test_a_checkpoint_is_plain_safetensors_and_json():
         step = Path(tmp) / "step-00000001"
         state_files = sorted(p.name for p in step.iterdir())
         state = json.loads((step / "state.json").read_text())
-    assert state_files == ["optimizer.safetensors", "rng.safetensors", "state.json", "trainable.safetensors"]
+    plain = ["optimizer.safetensors", "rng.safetensors", "state.json", "trainable.safetensors"]
+    assert state_files == [".mmer-output", *plain]  # plus mmer's marker, so only mmer ever removes it
     assert state["step"] == 1 and state["stage"] == "finetune"
 
 
