@@ -1,0 +1,299 @@
+"""One validated way into a checkpoint: the manifest is read once, checked against its sidecar, parsed bounded and
+validated before any of it is used; every file the loader opens resolves inside the checkpoint; and a base kept by
+reference is checked against the sha256 recorded at the merge before anything is rebuilt from it."""
+
+from __future__ import annotations
+
+import ast
+import builtins
+import hashlib
+import json
+import random
+import shutil
+import struct
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+from test_pipeline import recipe_for
+
+import mmer
+from mmer.checkpoint import decoupled
+from mmer.checkpoint.decoupled import MaskFile, mask_metadata
+from mmer.checkpoint.manifest import MANIFEST_NAME, MANIFEST_SHA_NAME, Manifest
+from mmer.errors import CheckpointFormatError, DecoupledFormatError, MmerError, UnsafePathError
+from mmer.inspect import inspect_masks
+from mmer.route.reconstruct import reconstruct
+
+LIBRARY = Path(mmer.__file__).parent
+
+
+@pytest.fixture(scope="module")
+def merged(tiny_models, tmp_path_factory):
+    out = tmp_path_factory.mktemp("loader") / "out"
+    mmer.run_merge(recipe_for(tiny_models["base_dir"], {"vision": tiny_models["vision_dir"]}), out)
+    return out
+
+
+@pytest.fixture
+def ckpt(merged, tmp_path):
+    copy = tmp_path / "ckpt"
+    shutil.copytree(merged, copy, symlinks=True)
+    return copy
+
+
+def edit_manifest(ckpt: Path, edit, reseal: bool = True, raw: bytes | None = None) -> None:
+    """Edit the manifest; with ``reseal`` recompute its sidecar too, as someone who edits a checkpoint would."""
+    if raw is None:
+        data = json.loads((ckpt / MANIFEST_NAME).read_text())
+        edit(data)
+        raw = (json.dumps(data, indent=2) + "\n").encode()
+    (ckpt / MANIFEST_NAME).write_bytes(raw)
+    if reseal:
+        (ckpt / MANIFEST_SHA_NAME).write_text(hashlib.sha256(raw).hexdigest() + "\n")
+
+
+def rename_modality(name: str):
+    def edit(data):
+        record = data["modalities"].pop("vision")
+        record.update(name=name, mask_file=f"masks/{name}.safetensors", component_dir=f"components/{name}")
+        data["modalities"][name] = record
+
+    return edit
+
+
+# ---------------------------------------------------------------------------------------------- round trip
+def test_a_fresh_checkpoint_loads_and_rebuilds(merged, tiny_models):
+    with mmer.load_decoupled(merged) as ckpt:
+        assert ckpt.modalities == ["vision"]
+        rebuilt = ckpt.llm_tensor("vision", "model.norm.weight")
+    assert rebuilt.shape == tiny_models["base"]["model.norm.weight"].shape
+
+
+def test_the_manifest_is_read_once_and_the_same_bytes_are_checked_and_parsed(merged, monkeypatch):
+    opened = []
+    real_open = builtins.open
+
+    def counting_open(file, *args, **kwargs):
+        if str(file).endswith(MANIFEST_NAME):
+            opened.append(file)
+        return real_open(file, *args, **kwargs)
+
+    monkeypatch.setattr(builtins, "open", counting_open)
+    Manifest.read(merged)
+    assert len(opened) == 1
+
+
+# ------------------------------------------------------------------------------------------------- sidecar
+def test_an_edited_manifest_with_a_stale_sidecar_is_refused_and_its_scale_never_used(ckpt, tmp_path):
+    edit_manifest(ckpt, lambda d: d["modalities"]["vision"].update(scale=1000.0), reseal=False)
+    with pytest.raises(DecoupledFormatError, match="sha256 differs") as info:
+        mmer.load_decoupled(ckpt)
+    assert "edited after the merge" in info.value.hint and "mmer verify" in info.value.hint
+    with pytest.raises(DecoupledFormatError, match="sha256 differs"):
+        reconstruct(ckpt, tmp_path / "rebuilt", ["vision"])
+    assert not (tmp_path / "rebuilt").exists()
+
+
+def test_a_missing_sidecar_is_refused(ckpt):
+    (ckpt / MANIFEST_SHA_NAME).unlink()
+    with pytest.raises(DecoupledFormatError, match="missing") as info:
+        mmer.load_decoupled(ckpt)
+    assert info.value.file.endswith(MANIFEST_SHA_NAME) and info.value.hint
+
+
+@pytest.mark.parametrize(
+    "reader",
+    [
+        inspect_masks,
+        lambda path: mmer.Router.from_pretrained(path, "cpu"),
+        lambda path: mmer.add_models(path, [mmer.ModelSpec("x", modality="new")], None, dry_run=True),
+    ],
+    ids=["inspect-masks", "router", "add"],
+)
+def test_every_reader_refuses_a_stale_sidecar(ckpt, reader):
+    edit_manifest(ckpt, lambda d: d["modalities"]["vision"].update(scale=2.0), reseal=False)
+    with pytest.raises(DecoupledFormatError, match="sha256 differs"):
+        reader(ckpt)
+
+
+def test_no_library_module_reads_a_manifest_around_the_loader():
+    """Only the checkpoint package opens a manifest or mask file itself; everyone else calls load_decoupled."""
+    around = []
+    for path in sorted(LIBRARY.rglob("*.py")):
+        if path.parent.name == "checkpoint" or path.name == "verify.py":
+            continue
+        for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+            if isinstance(node, ast.Call):
+                text = ast.unparse(node.func)
+                if text in ("Manifest.read", "Manifest.from_dict", "read_manifest", "DecoupledCheckpoint"):
+                    around.append(f"{path.relative_to(LIBRARY)}: {text}")
+    assert around == []
+
+
+# -------------------------------------------------------------------------------------- hostile manifests
+@pytest.mark.parametrize("name", ["../../X", "/tmp/mmer-loader-abs", "base"])
+def test_a_resealed_manifest_with_a_hostile_modality_name_is_refused_and_nothing_is_written(ckpt, tmp_path, name):
+    edit_manifest(ckpt, rename_modality(name))
+    with pytest.raises(DecoupledFormatError, match="modality name"):
+        mmer.load_decoupled(ckpt)
+    with pytest.raises(DecoupledFormatError):
+        reconstruct(ckpt, tmp_path / "out" / "rebuilt")
+    assert not (tmp_path / "out").exists() and not Path("/tmp/mmer-loader-abs").exists()
+    assert not (tmp_path / "X").exists() and not (ckpt.parent.parent / "X").exists()
+
+
+@pytest.mark.parametrize(
+    "raw",
+    [b"[" * 100_000 + b"]" * 100_000, b"\xff\xfe{}", b'{"format": "mmer-decoupled", "x": NaN}', b"", b"{" * 3],
+    ids=["deep", "not-utf8", "nan", "empty", "truncated"],
+)
+def test_a_resealed_manifest_that_is_not_json_is_one_clean_error(ckpt, raw):
+    edit_manifest(ckpt, None, raw=raw)
+    with pytest.raises(DecoupledFormatError) as info:
+        mmer.load_decoupled(ckpt)
+    assert MANIFEST_NAME in info.value.message and info.value.hint
+
+
+def test_wrong_json_types_in_a_resealed_manifest_are_refused_naming_the_key(ckpt):
+    edit_manifest(ckpt, lambda d: d["modalities"]["vision"].update(kept="lots"))
+    with pytest.raises(DecoupledFormatError) as info:
+        mmer.load_decoupled(ckpt)
+    assert info.value.key == "modalities.vision.kept"
+
+
+# ------------------------------------------------------------------------------------ files stay inside
+def _outside_copy(ckpt: Path, rel: str, tmp_path: Path) -> Path:
+    """Move ``rel`` out of the checkpoint and leave a link to it where it was."""
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir(exist_ok=True)
+    target = elsewhere / Path(rel).name
+    shutil.move(ckpt / rel, target)
+    (ckpt / rel).symlink_to(target)
+    return target
+
+
+@pytest.mark.parametrize("rel", [MANIFEST_NAME, MANIFEST_SHA_NAME])
+def test_a_manifest_or_sidecar_linking_out_of_the_checkpoint_is_refused(ckpt, tmp_path, rel):
+    _outside_copy(ckpt, rel, tmp_path)
+    with pytest.raises(UnsafePathError, match="outside"):
+        mmer.load_decoupled(ckpt)
+
+
+def test_a_mask_file_linking_out_of_the_checkpoint_is_refused(ckpt, tmp_path):
+    _outside_copy(ckpt, "masks/vision.safetensors", tmp_path)
+    with mmer.load_decoupled(ckpt) as opened, pytest.raises(UnsafePathError, match="vision.safetensors"):
+        opened.mask("vision", "model.norm.weight")
+
+
+def test_a_private_tensor_file_linking_out_of_the_checkpoint_is_refused(ckpt, tmp_path):
+    _outside_copy(ckpt, "components/vision/llm_private.safetensors", tmp_path)
+    with mmer.load_decoupled(ckpt) as opened, pytest.raises(UnsafePathError, match="llm_private"):
+        opened.private_tensor("vision", "model.embed_tokens.weight")
+
+
+def test_links_that_stay_inside_the_checkpoint_are_followed(ckpt):
+    (ckpt / "masks" / "real.safetensors").write_bytes((ckpt / "masks" / "vision.safetensors").read_bytes())
+    (ckpt / "masks" / "vision.safetensors").unlink()
+    (ckpt / "masks" / "vision.safetensors").symlink_to("real.safetensors")
+    with mmer.load_decoupled(ckpt) as opened:
+        assert opened.mask("vision", "model.norm.weight").dtype == torch.bool
+
+
+# ------------------------------------------------------------------------------------------ reference base
+@pytest.fixture
+def by_reference(tiny_models, tmp_path):
+    """A checkpoint whose base is kept by reference (with its sha256 recorded), and that base's directory."""
+    base = tmp_path / "base"
+    shutil.copytree(tiny_models["base_dir"], base)
+    out = tmp_path / "ref"
+    recipe = recipe_for(base, {"vision": tiny_models["vision_dir"]}, base_storage="reference", hash_inputs=True)
+    mmer.run_merge(recipe, out)
+    return out, base
+
+
+def change_base(base: Path) -> None:
+    state = load_file(base / "model.safetensors")
+    state["model.norm.weight"] = state["model.norm.weight"] + 1
+    save_file(state, str(base / "model.safetensors"), metadata={"format": "pt"})
+
+
+def test_an_unchanged_reference_base_is_checked_once_per_open(by_reference, monkeypatch):
+    out, _ = by_reference
+    hashed = []
+    real = decoupled.file_sha256
+    monkeypatch.setattr(decoupled, "file_sha256", lambda p: hashed.append(p) or real(p))
+    with mmer.load_decoupled(out) as ckpt:
+        ckpt.llm_tensor("vision", "model.norm.weight")
+        ckpt.llm_tensor("vision", "lm_head.weight")
+    recorded = [n for n, d in Manifest.read(out).base.files.items() if d]
+    assert sorted(p.name for p in hashed) == sorted(recorded)
+
+
+def test_a_reference_base_changed_after_the_merge_is_refused_naming_the_file(by_reference, tmp_path):
+    out, base = by_reference
+    change_base(base)
+    with mmer.load_decoupled(out) as ckpt, pytest.raises(DecoupledFormatError, match="model.safetensors") as info:
+        ckpt.llm_tensor("vision", "model.norm.weight")
+    assert "differs from the one merged" in info.value.message and info.value.hint
+    with pytest.raises(DecoupledFormatError, match="model.safetensors"):
+        reconstruct(out, tmp_path / "rebuilt", ["vision"])
+    assert not (tmp_path / "rebuilt").exists()
+
+
+def test_a_missing_reference_base_file_is_refused(by_reference):
+    out, base = by_reference
+    (base / "model.safetensors").rename(base / "moved.safetensors")
+    with mmer.load_decoupled(out) as ckpt, pytest.raises(MmerError):
+        ckpt.llm_tensor("vision", "model.norm.weight")
+
+
+# ------------------------------------------------------------------------------------------ mask metadata
+def _mask_file(path: Path, metadata: dict, tensors: dict[str, bytes]) -> Path:
+    header: dict = {"__metadata__": metadata}
+    offset = 0
+    for name, data in tensors.items():
+        header[name] = {"dtype": "U8", "shape": [len(data)], "data_offsets": [offset, offset + len(data)]}
+        offset += len(data)
+    raw = json.dumps(header).encode()
+    raw += b" " * (-len(raw) % 8)
+    path.write_bytes(struct.pack("<Q", len(raw)) + raw + b"".join(tensors.values()))
+    return path
+
+
+@pytest.mark.parametrize(
+    "shapes",
+    ['{"w": [true, 8]}', '{"w": [2.0, 4]}', "[[8]]", '"w"', '{"w": [-8]}', "[" * 10_000, "{not json", '{"w": 8}'],
+    ids=["bool-dim", "float-dim", "list", "string", "negative", "deep", "not-json", "not-a-list"],
+)
+def test_malformed_mask_shapes_are_a_clean_format_error(tmp_path, shapes):
+    metadata = {**mask_metadata({}), "shapes": shapes}
+    path = _mask_file(tmp_path / "m.safetensors", metadata, {"w": b"\xff"})
+    with pytest.raises(DecoupledFormatError):
+        MaskFile(path)
+
+
+def test_a_mask_file_without_shapes_is_a_clean_format_error(tmp_path):
+    metadata = {k: v for k, v in mask_metadata({"w": [8]}).items() if k != "shapes"}
+    with pytest.raises(DecoupledFormatError, match="shapes"):
+        MaskFile(_mask_file(tmp_path / "m.safetensors", metadata, {"w": b"\xff"}))
+
+
+def test_any_bytes_in_a_mask_file_end_in_a_format_error_or_a_valid_mask(tmp_path):
+    good = _mask_file(tmp_path / "good.safetensors", mask_metadata({"w": [3, 5]}), {"w": b"\xff\x7f"}).read_bytes()
+    rng = random.Random(13)
+    path = tmp_path / "fuzzed.safetensors"
+    for _ in range(300):
+        data = bytearray(good)
+        for _ in range(rng.randint(1, 4)):
+            data[rng.randrange(len(data))] = rng.randrange(256)
+        if rng.random() < 0.2:
+            data = data[: rng.randrange(len(data))]
+        path.write_bytes(bytes(data))
+        try:
+            masks = MaskFile(path)
+            for name in masks.shapes:
+                masks.mask(name)
+        except (DecoupledFormatError, CheckpointFormatError):
+            pass
