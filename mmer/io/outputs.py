@@ -92,8 +92,8 @@ def check_target(target: Path, overwrite: bool, protect: Iterable[str | Path] = 
     """Refuse an output that would destroy or write through something mmer does not own.
 
     ``protect`` is every path the run reads (input models, the checkpoint being read): the target may be
-    none of them nor contain any of them, whether it exists yet or not. A Hub cache snapshot also protects its
-    repo folder, where the blobs its links point to live.
+    none of them, contain none of them and lie inside none of them, whether it exists yet or not. A Hub cache
+    snapshot also protects its repo folder, where the blobs its links point to live.
     """
     if target.is_symlink():
         raise OutputExistsError(
@@ -105,10 +105,10 @@ def check_target(target: Path, overwrite: bool, protect: Iterable[str | Path] = 
     real = _real(target)
     for item in protect:
         for root in (_real(item), *allowed_roots(item)):
-            if real == root or real in root.parents:
-                what = "is" if real == _real(item) else "contains"
+            if real == root or real in root.parents or root in real.parents:
+                what = "is" if real == _real(item) else "contains" if real in root.parents else "is inside"
                 raise OutputExistsError(
-                    f"{target}: {what} {item}, which this run reads; writing there would replace its own input",
+                    f"{target}: {what} {item}, which this run reads; mmer never writes over or into its own input",
                     file=str(target),
                     hint="choose an output path outside every input model and checkpoint",
                 )
