@@ -251,11 +251,13 @@ def read_manifest(directory: str | Path, problems: list[MmerError] | None = None
     try:
         raw = _read_small(directory, MANIFEST_NAME, MAX_JSON_BYTES)
         if raw is None:
-            raise DecoupledFormatError(
+            err = DecoupledFormatError(
                 f"{directory}: no {MANIFEST_NAME}; not a decoupled checkpoint",
                 file=str(path),
                 hint="point to the output directory of `mmer merge`",
             )
+            err.exit_code = 2  # pointing at the wrong directory is a usage error, not a damaged checkpoint
+            raise err
     except MmerError as err:
         return _fail(err, problems)
     try:
