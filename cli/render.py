@@ -226,6 +226,8 @@ def print_compare(report: dict[str, Any]) -> None:
 def print_verify(report: dict[str, Any]) -> None:
     for problem in report["problems"]:
         err_console.print(f"[red]✗[/] {escape(problem)}", highlight=False)
+    for note in report.get("notes", []):  # what could not be checked: said, never passed off as checked
+        err_console.print(f"[yellow]note:[/] {escape(note)}", highlight=False)
     for modality, r in report["reconstruction"].items():
         out_console.print(
             f"{modality}: rebuilt LLM is {r['rel_l1']:.4f} of its task vector away from the source "
