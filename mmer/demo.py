@@ -140,6 +140,7 @@ def build_demo_models(root: str | Path, seed: int = 0) -> DemoModels:
 
     ``root`` must be new, empty or an earlier demo work directory (see :func:`claim_workdir`).
     """
+    root = claim_workdir(root)  # before the slow imports: a refusal should be instant
     from transformers import (
         CLIPVisionConfig,
         LlavaConfig,
@@ -151,7 +152,6 @@ def build_demo_models(root: str | Path, seed: int = 0) -> DemoModels:
     from transformers.utils import logging as hf_logging
 
     hf_logging.disable_progress_bar()
-    root = claim_workdir(root)
     paths = DemoModels(
         root,
         root / "base",
