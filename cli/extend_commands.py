@@ -12,6 +12,7 @@ from typing import Annotated, Any
 
 import typer
 from mmer_cli import render
+from mmer_cli.guard import interrupted
 
 from mmer.errors import ConfigError, MmerError, OutputExistsError
 
@@ -116,8 +117,7 @@ def _run(as_json: bool, quiet: bool, work):
     except MmerError as err:
         _fail(err, as_json)
     except KeyboardInterrupt:
-        render.err_console.print("[red]interrupted[/]: partial outputs were removed; checkpoints are kept")
-        raise typer.Exit(130) from None
+        raise typer.Exit(interrupted(as_json, "partial outputs were removed; checkpoints are kept")) from None
 
 
 @extend_app.command()

@@ -9,6 +9,7 @@ from typing import Annotated
 
 import typer
 from mmer_cli import render
+from mmer_cli.guard import EPILOG, GuardedGroup, interrupted
 
 import mmer
 from mmer.config import build_recipe, parse_size
@@ -20,6 +21,8 @@ app = typer.Typer(
     no_args_is_help=True,
     pretty_exceptions_show_locals=False,
     add_completion=False,
+    cls=GuardedGroup,
+    epilog=EPILOG,
 )
 
 
@@ -169,8 +172,7 @@ def merge(
     except MmerError as err:
         _fail(err, json_out)
     except KeyboardInterrupt:
-        render.err_console.print("[red]interrupted[/]: the partial output was removed; nothing was written")
-        raise typer.Exit(130) from None
+        raise typer.Exit(interrupted(json_out, "the partial output was removed; nothing was written")) from None
     if json_out:
         render.print_json({"ok": True, **report.to_dict()})
     else:
@@ -187,7 +189,8 @@ def compare(
         list[str] | None,
         typer.Option(
             "--variant",
-            help="METHOD[+dare[=P]][/MASK], repeatable (default: the MMER paper's baselines and MMER itself).",
+            # Help is rich markup: an unescaped "[/MASK]" reads as a closing tag and crashes `--help`.
+            help=r"METHOD[+dare[=P]]\[/MASK], repeatable (default: the MMER paper's baselines and MMER itself).",
         ),
     ] = None,
     recipe: Annotated[Path | None, typer.Option(help="Recipe YAML whose options every variant starts from.")] = None,
@@ -211,8 +214,7 @@ def compare(
     except MmerError as err:
         _fail(err, json_out)
     except KeyboardInterrupt:
-        render.err_console.print("[red]interrupted[/]")
-        raise typer.Exit(130) from None
+        raise typer.Exit(interrupted(json_out)) from None
     if json_out:
         render.print_json({"ok": True, **report.to_dict(), "png": None if png is None else str(png)})
         return

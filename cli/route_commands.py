@@ -7,6 +7,7 @@ from typing import Annotated
 
 import typer
 from mmer_cli import render
+from mmer_cli.guard import interrupted
 
 from mmer.config import parse_size
 from mmer.errors import ConfigError, MmerError
@@ -50,8 +51,7 @@ def reconstruct(
         render.print_error(err, json_out)
         raise typer.Exit(err.exit_code) from None
     except KeyboardInterrupt:
-        render.err_console.print("[red]interrupted[/]: the partial output was removed; nothing was written")
-        raise typer.Exit(130) from None
+        raise typer.Exit(interrupted(json_out, "the partial output was removed; nothing was written")) from None
     if json_out:
         render.print_json({"ok": True, **report.to_dict()})
         return

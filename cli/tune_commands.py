@@ -7,6 +7,7 @@ from typing import Annotated, Any
 
 import typer
 from mmer_cli import render
+from mmer_cli.guard import interrupted
 from rich.markup import escape
 from rich.table import Table
 
@@ -18,9 +19,8 @@ def _fail(err: MmerError, as_json: bool) -> None:
     raise typer.Exit(err.exit_code)
 
 
-def _interrupted() -> None:
-    render.err_console.print("[red]interrupted[/]: the partial output was removed; nothing was written")
-    raise typer.Exit(130)
+def _interrupted(as_json: bool) -> None:
+    raise typer.Exit(interrupted(as_json, "the partial output was removed; nothing was written"))
 
 
 def _pairs(values: list[str] | None, flag: str) -> dict[str, str]:
@@ -95,7 +95,7 @@ def add(
     except MmerError as err:
         _fail(err, json_out)
     except KeyboardInterrupt:
-        _interrupted()
+        _interrupted(json_out)
     data = report.to_dict()
     if json_out:
         render.print_json({"ok": True, **data})
@@ -225,8 +225,7 @@ def tune(
     except MmerError as err:
         _fail(err, json_out)
     except KeyboardInterrupt:
-        render.err_console.print("[red]interrupted[/]")
-        raise typer.Exit(130) from None
+        raise typer.Exit(interrupted(json_out)) from None
     files = {"json": str(json_file), "png": str(png), "recipe": None if recipe_file is None else str(recipe_file)}
     if json_out:
         render.print_json({"ok": True, **report.to_dict(), "files": files})

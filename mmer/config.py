@@ -27,6 +27,10 @@ MODALITY_NAME = re.compile(r"^[a-z][a-z0-9_\-]{0,63}$")
 # take the base's role or read as one of those parts.
 RESERVED_MODALITY_NAMES = ("base", "tau_star", "masks", "components", "merged")
 
+# Devices the arithmetic can run on: ``meta`` and the other torch device types hold no data to merge.
+DEVICE_NAME = re.compile(r"^(cpu|mps|cuda(:[0-9]{1,3})?)$")
+_DEVICE_HINT = "use cpu, cuda (the current GPU), cuda:N (GPU number N) or mps (Apple silicon)"
+
 TRIM_SCOPES = ("global", "per-tensor")
 ZERO_SIGN_RULES = ("zero", "positive")
 TRIM_COUNTS = ("reference", "exact")
@@ -157,6 +161,10 @@ class MergeOptions:
                 )
         if self.shard_size < 1024:
             raise ConfigError(f"shard_size = {self.shard_size} bytes is too small", key="shard_size")
+        if not isinstance(self.device, str) or not DEVICE_NAME.fullmatch(self.device):
+            raise ConfigError(
+                f"device = {self.device!r} is not a device mmer can merge on", key="device", hint=_DEVICE_HINT
+            )
 
     def to_dict(self) -> dict[str, Any]:
         out = dataclasses.asdict(self)
@@ -335,6 +343,27 @@ def check_modality_name(name: str, file: str | None = None, where: str | None = 
             key="modality",
             hint=f"name the modality after what the model adds (vision, audio...); reserved: "
             f"{', '.join(RESERVED_MODALITY_NAMES)}",
+        )
+
+
+def check_device_available(device: str) -> None:
+    """Refuse a device this machine does not have, before any file is opened (the name is checked already)."""
+    import torch  # here, not at the top: this module stays importable without loading torch
+
+    kind, _, index = device.partition(":")
+    if kind == "cuda" and not torch.cuda.is_available():
+        raise ConfigError(
+            f"device {device!r} asked for, but no CUDA GPU is available", key="device", hint="use --device cpu"
+        )
+    if kind == "cuda" and index and int(index) >= torch.cuda.device_count():
+        raise ConfigError(
+            f"device {device!r} asked for, but only {torch.cuda.device_count()} CUDA GPU(s) are visible",
+            key="device",
+            hint="GPUs are numbered from 0; check CUDA_VISIBLE_DEVICES",
+        )
+    if kind == "mps" and not (hasattr(torch.backends, "mps") and torch.backends.mps.is_available()):
+        raise ConfigError(
+            "device 'mps' asked for, but this machine has no MPS device", key="device", hint="use --device cpu"
         )
 
 

@@ -16,7 +16,7 @@ import torch
 
 import mmer.runtime as runtime
 from mmer.checkpoint.manifest import PrivateRecord, SourceRecord
-from mmer.config import ModelSpec, Recipe
+from mmer.config import ModelSpec, Recipe, check_device_available
 from mmer.errors import CheckpointFormatError, ConfigError, IncompatibleBaseError, LayoutError
 from mmer.io.jsonfile import read_json_file
 from mmer.io.layouts import Layout, canonical_order, detect_layout, is_buffer_name, is_vocab_tensor
@@ -285,11 +285,7 @@ def check_registries(recipe: Recipe) -> None:
         raise ConfigError(
             "method emr takes no per-model weights", key="weight", hint="remove `weight:` from the specs"
         )
-    device = torch.device(options.device)
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise ConfigError(
-            f"device {options.device!r} asked for, but no CUDA GPU is available", key="device", hint="use --device cpu"
-        )
+    check_device_available(options.device)
 
 
 def resolve_variant(recipe: Recipe) -> Variant:

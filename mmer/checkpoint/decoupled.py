@@ -212,9 +212,13 @@ class DecoupledCheckpoint:
         try:
             return self.manifest.modalities[name]
         except KeyError:
-            raise DecoupledFormatError(
-                f"{self.path}: no modality {name!r} (has {', '.join(self.modalities)})", key=name
-            ) from None
+            err = DecoupledFormatError(
+                f"{self.path}: no modality {name!r} (has {', '.join(self.modalities)})",
+                key=name,
+                hint=f"name one of: {', '.join(self.modalities)}",
+            )
+            err.exit_code = 2  # asking for a modality the checkpoint lacks is a usage error, not a damaged file
+            raise err from None
 
     @property
     def slots(self) -> list[SlotRecord]:

@@ -258,6 +258,7 @@ class ErrorCase:
     says: list[str]
     json_fields: dict = field(default_factory=dict)
     error: str = "ConfigError"
+    code: int = 2  # usage errors exit 2; runtime failures (the inputs themselves are unusable) exit 1
 
 
 def _bad_key_spec(demo, tmp):
@@ -341,6 +342,7 @@ ERRORS = {
         [BAD_TENSOR, "vision_other_base", "[64, 127]", "[64, 128]"],
         {"tensor": BAD_TENSOR},
         error="IncompatibleBaseError",
+        code=1,
     ),
     "unknown method": ErrorCase(
         lambda d, t, o: ["merge", *d.specs, "--method", "average-everything", "-o", o],
@@ -393,7 +395,7 @@ def _snapshot(path: Path) -> list[str] | None:
 
 
 @pytest.mark.parametrize(("case", "as_json"), list(_error_params()))
-def test_bad_input_exits_2_names_the_problem_and_writes_nothing(demo_models, tmp_path, case, as_json):
+def test_bad_input_exits_with_its_code_names_the_problem_and_writes_nothing(demo_models, tmp_path, case, as_json):
     specs_dir = tmp_path / "specs"
     specs_dir.mkdir()
     out = tmp_path / "out"
@@ -402,7 +404,7 @@ def test_bad_input_exits_2_names_the_problem_and_writes_nothing(demo_models, tmp
 
     result = cli(*args, *(["--json"] if as_json else []))
 
-    assert result.exit_code == 2, result
+    assert result.exit_code == case.code, result
     assert result.exception is None, result
     if as_json:
         data = result.json()
