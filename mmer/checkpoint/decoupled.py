@@ -332,6 +332,10 @@ class DecoupledCheckpoint:
             return None
         if modality not in self._private:
             path = self.inside(f"{record.component_dir}/{PRIVATE_FILE}", "private tensor file")
+            if not path.is_file():
+                raise DecoupledFormatError(
+                    f"{path}: missing or not a regular file", file=str(path), hint="the checkpoint is incomplete"
+                )
             infos, _ = read_safetensors_header(path)  # validated before the Rust reader sees it
             missing = [p.name for p in record.private if p.name not in infos]
             if missing:

@@ -298,6 +298,8 @@ def _read_small(directory: Path, name: str, limit: int) -> bytes | None:
     if not os.path.lexists(path):
         return None
     real = check_inside(directory, path, what="manifest file")
+    if not real.is_file():  # a directory, a FIFO that would block, a device: never read
+        raise DecoupledFormatError(f"{path}: not a regular file", file=str(path), hint=SCHEMA_HINT)
     try:
         with open(real, "rb") as f:
             raw = f.read(limit + 1)

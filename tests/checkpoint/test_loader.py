@@ -8,6 +8,7 @@ import ast
 import builtins
 import hashlib
 import json
+import os
 import random
 import shutil
 import struct
@@ -191,6 +192,14 @@ def test_a_private_tensor_file_linking_out_of_the_checkpoint_is_refused(ckpt, tm
     _outside_copy(ckpt, "components/vision/llm_private.safetensors", tmp_path)
     with mmer.load_decoupled(ckpt) as opened, pytest.raises(UnsafePathError, match="llm_private"):
         opened.private_tensor("vision", "model.embed_tokens.weight")
+
+
+@pytest.mark.parametrize("rel", [MANIFEST_NAME, MANIFEST_SHA_NAME])
+def test_a_manifest_that_is_not_a_regular_file_is_refused_without_blocking(ckpt, rel):
+    (ckpt / rel).unlink()
+    os.mkfifo(ckpt / rel)  # opening a FIFO for reading would wait for a writer forever
+    with pytest.raises(DecoupledFormatError, match="not a regular file"):
+        mmer.load_decoupled(ckpt)
 
 
 def test_links_that_stay_inside_the_checkpoint_are_followed(ckpt):
