@@ -154,3 +154,17 @@ def test_a_reference_base_without_recorded_hashes_is_said_to_be_unchecked(tiny_m
     report = verify(out)
     assert report.ok and any("not checked" in n and "hash_inputs off" in n for n in report.notes)
     assert report.to_dict()["notes"] == report.notes
+
+
+def test_a_hub_base_kept_by_reference_is_checked_from_the_local_cache_only(tiny_models, tmp_path, hf_cache):
+    from conftest import cache_model
+
+    cache_model(hf_cache, "org/tiny-base", tiny_models["base_dir"], "1" * 40)
+    out = tmp_path / "ref"
+    models = {"vision": tiny_models["vision_dir"]}
+    mmer.run_merge(recipe_for("org/tiny-base", models, base_storage="reference", hash_inputs=True), out)
+    report = verify(out)
+    assert report.ok and not report.notes, (report.problems, report.notes)
+    shutil.rmtree(hf_cache / "models--org--tiny-base")
+    report = verify(out)  # never downloads to find out: says it could not check
+    assert report.ok and any("not at hand" in n for n in report.notes)
