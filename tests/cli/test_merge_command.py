@@ -424,8 +424,11 @@ def test_bad_input_exits_with_its_code_names_the_problem_and_writes_nothing(demo
     assert staging_dirs(tmp_path) == []
 
 
-def test_an_existing_output_is_replaced_with_overwrite(demo_models, tmp_path):
+def test_an_existing_mmer_output_is_replaced_with_overwrite(demo_models, tmp_path):
+    from mmer.io.outputs import MARKER_NAME, marker_bytes
+
     out = _existing_output(tmp_path / "out")
+    (out / MARKER_NAME).write_bytes(marker_bytes("decoupled-checkpoint"))  # what mmer wrote (others: never replaced)
 
     result = cli("merge", *demo_models.specs, "-o", out, "--overwrite", "--quiet")
 
