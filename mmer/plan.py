@@ -18,9 +18,8 @@ import mmer.runtime as runtime
 from mmer.checkpoint.manifest import PrivateRecord, SourceRecord
 from mmer.config import ModelSpec, Recipe, check_device_available
 from mmer.errors import CheckpointFormatError, ConfigError, IncompatibleBaseError, LayoutError
-from mmer.io.jsonfile import read_json_file
 from mmer.io.layouts import Layout, canonical_order, detect_layout, is_buffer_name, is_vocab_tensor
-from mmer.io.reader import DTYPE_NAMES, CheckpointReader, Sized, TensorInfo
+from mmer.io.reader import DTYPE_NAMES, CheckpointReader, Sized, TensorInfo, read_json
 from mmer.io.resolve import ResolvedModel, resolve_model
 from mmer.merge.masks import MASKS, NO_MASK
 from mmer.merge.methods import METHODS
@@ -82,19 +81,6 @@ class SourceModel:
         )
 
 
-def read_config(path: Path) -> dict[str, Any] | None:
-    """A model's ``config.json`` (bounded: it may come from anyone), ``None`` when there is none."""
-    if not path.is_file():
-        return None
-    hint = "the model's config.json is corrupt or hostile; fetch or re-export the model"
-    config = read_json_file(path, what="config.json", error=CheckpointFormatError, hint=hint)
-    if not isinstance(config, dict):
-        raise CheckpointFormatError(
-            f"{path}: config.json holds a JSON {type(config).__name__}, not an object", file=str(path), hint=hint
-        )
-    return config
-
-
 def _nested_configs(config: dict[str, Any]) -> list[tuple[str, dict[str, Any]]]:
     """Every object in ``config`` down to ``CONFIG_SEARCH_DEPTH`` levels, root first then breadth first, each
     with its dotted key path."""
@@ -114,19 +100,12 @@ def _nested_configs(config: dict[str, Any]) -> list[tuple[str, dict[str, Any]]]:
 
 
 def _llm_config(config: dict[str, Any]) -> tuple[str, dict[str, Any]]:
-    """Without a reference: a known key at the root, else the root if it has LLM dimensions, else the nested
-    object with the most of them (known key names first among equals)."""
+    """Without a reference, or when nothing has the reference's dimensions: a known key at the root, else the
+    root (never a deeper guess: a vision tower's config has an LLM's keys too)."""
     for key in TEXT_CONFIG_KEYS:
         if isinstance(config.get(key), dict):
             return key, config[key]
-    if any(key in config for key in STRUCTURAL_KEYS):
-        return "", config
-    best, best_rank = ("", config), (0, False)
-    for path, node in _nested_configs(config)[1:]:
-        rank = (sum(key in node for key in STRUCTURAL_KEYS), path.rsplit(".", 1)[-1] in TEXT_CONFIG_KEYS)
-        if rank[0] >= 2 and rank > best_rank:
-            best, best_rank = (path, node), rank
-    return best
+    return "", config
 
 
 def find_text_config(config: dict[str, Any], reference: dict[str, Any] | None = None) -> tuple[str, dict[str, Any]]:
@@ -135,8 +114,8 @@ def find_text_config(config: dict[str, Any], reference: dict[str, Any] | None = 
     With ``reference`` (the base's text config) it is the object whose dimensions (``STRUCTURAL_KEYS``) agree
     with the base's on at least two keys (or every one the base has, if fewer) and contradict none, the most
     agreeing first: so a text config under a key mmer has never seen is compared with the base like any other.
-    When none agrees, the one ``_llm_config`` picks is returned, and comparing it with the base then names the
-    dimension that differs.
+    When none agrees, the one under a known key (or the root) is returned, as before: comparing it with the
+    base then names the dimension that differs, or finds nothing to compare, which the plan warns about.
     """
     if reference:
         known = [key for key in STRUCTURAL_KEYS if key in reference]
@@ -158,7 +137,8 @@ def open_source(spec: ModelSpec) -> SourceModel:
     """Resolve, open and split one model (headers only)."""
     resolved = resolve_model(spec.model, spec.revision)
     reader = CheckpointReader(resolved.path)
-    config = read_config(resolved.path / "config.json")
+    config_path = resolved.path / "config.json"
+    config = read_json(config_path) if config_path.is_file() else None  # bounded, and a JSON object
     layout = detect_layout(set(reader.tensors), str(resolved.path))
     llm: dict[str, TensorInfo] = {}
     components: list[TensorInfo] = []
