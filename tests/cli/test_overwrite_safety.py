@@ -251,3 +251,34 @@ def test_an_extension_pack_is_never_written_over_or_into_the_base(work):
     for target in (base, base / "pack", work["models"]):
         with pytest.raises(OutputExistsError, match="which this run reads"):
             check_output(target, True, protect=[base, None])
+
+
+# -------------------------------------------------------------------------------------------------------- tune
+def test_a_tune_candidate_is_never_saved_over_or_into_the_models_it_is_rebuilt_from(work, tmp_path):
+    from mmer.config import build_recipe
+    from mmer.tune import run_tune
+
+    outcomes: dict[str, str] = {}
+
+    def save_everywhere(candidate) -> float:
+        if candidate.modality != "vision" or outcomes:
+            return 0.0
+        for name, target in {
+            "its source": candidate.source_dir,
+            "the base": work["models"] / "base",
+            "the models' parent": work["models"],
+        }.items():
+            try:
+                candidate.save_pretrained(target, overwrite=True)
+                outcomes[name] = "written"
+            except OutputExistsError as err:
+                outcomes[name] = err.message
+        candidate.save_pretrained(tmp_path / "candidate")
+        return 0.0
+
+    before = snapshot(work["models"])
+    run_tune(build_recipe(merge_args(work)), score=save_everywhere, lambdas=(0.5,), ks=(0.5,))
+    assert set(outcomes) == {"its source", "the base", "the models' parent"}
+    assert all("which this run reads" in why for why in outcomes.values()), outcomes
+    assert snapshot(work["models"]) == before
+    assert read_marker(tmp_path / "candidate")["kind"] == "tune-candidate"
