@@ -87,27 +87,27 @@ def memory_bound(headroom: int = MEMORY_HEADROOM) -> Iterator[None]:
 # ---------------------------------------------------------------------------------------- file-system watch
 
 _WRITE_FLAGS = os.O_WRONLY | os.O_RDWR | os.O_CREAT | os.O_TRUNC | os.O_APPEND
-# audit event → positions of the paths it changes
-_CHANGE_EVENTS = {
-    "os.mkdir": (0,),
-    "os.rmdir": (0,),
-    "os.remove": (0,),
-    "os.rename": (0, 1),
-    "os.link": (1,),
-    "os.symlink": (1,),
-    "os.truncate": (0,),
-    "os.chmod": (0,),
-    "os.chown": (0,),
-    "os.utime": (0,),
-    "os.chflags": (0,),
-    "os.setxattr": (0,),
-    "os.removexattr": (0,),
-    "shutil.rmtree": (0,),
-    "shutil.copyfile": (1,),
-    "shutil.copytree": (1,),
-    "shutil.move": (0, 1),
-    "tempfile.mkstemp": (0,),
-    "tempfile.mkdtemp": (0,),
+# audit event → (position of a path it changes, position of the dir_fd that path is relative to, or None)
+_CHANGE_EVENTS: dict[str, tuple[tuple[int, int | None], ...]] = {
+    "os.mkdir": ((0, 2),),
+    "os.rmdir": ((0, 1),),
+    "os.remove": ((0, 1),),
+    "os.rename": ((0, 2), (1, 3)),
+    "os.link": ((1, 3),),
+    "os.symlink": ((1, 2),),
+    "os.truncate": ((0, None),),
+    "os.chmod": ((0, 2),),
+    "os.chown": ((0, 3),),
+    "os.utime": ((0, 3),),
+    "os.chflags": ((0, None),),
+    "os.setxattr": ((0, None),),
+    "os.removexattr": ((0, None),),
+    "shutil.rmtree": ((0, 1),),
+    "shutil.copyfile": ((1, None),),
+    "shutil.copytree": ((1, None),),
+    "shutil.move": ((0, None), (1, None)),
+    "tempfile.mkstemp": ((0, None),),
+    "tempfile.mkdtemp": ((0, None),),
 }
 
 
@@ -149,18 +149,23 @@ class FileWatch:
                 writing = isinstance(flags, int) and flags & _WRITE_FLAGS or (mode and set(mode) & set("wax+"))
                 self._check(event + (" for writing" if writing else ""), path, writing=bool(writing))
             elif event in _CHANGE_EVENTS:
-                for i in _CHANGE_EVENTS[event]:
+                for i, fd in _CHANGE_EVENTS[event]:
                     if i < len(args):
-                        self._check(event, args[i], writing=True)
+                        dir_fd = args[fd] if fd is not None and fd < len(args) else None
+                        self._check(event, args[i], writing=True, dir_fd=dir_fd)
         except Exception:  # an audit hook must never turn an operation into an error of its own
             pass
 
-    def _check(self, event: str, path: Any, writing: bool) -> None:
+    def _check(self, event: str, path: Any, writing: bool, dir_fd: Any = None) -> None:
         if isinstance(path, int) or path is None:
             return
-        real = os.path.realpath(os.fsdecode(path))
+        path = os.fsdecode(path)
+        if isinstance(dir_fd, int) and dir_fd >= 0 and not os.path.isabs(path):
+            # shutil.rmtree and friends work relative to an open directory, not to the cwd
+            path = os.path.join(os.readlink(f"/proc/self/fd/{dir_fd}"), path)
+        real = os.path.realpath(path)
         if writing and not (real + os.sep).startswith(self.work) and not real.startswith("/dev/"):
-            self.events.append(f"{event} {real} (outside the work directory)")
+            self.events.append(f"{event} {real} (outside {self.work})")
         elif not writing and (real + os.sep).startswith(self.sentinel):
             self.events.append(f"{event} {real} (read from outside the input)")
 
@@ -196,10 +201,11 @@ class Failure:
 
 
 def _normalise(message: str) -> str:
+    """The first words of a message with paths, quoted names and numbers blanked: one bug, one class."""
     message = re.sub(r"/\S+", "<path>", message)
-    message = re.sub(r"'[^']*'", "'…'", message)
-    message = re.sub(r"\d+", "#", message)
-    return message[:70]
+    message = re.sub(r"'[^']*'|\"[^\"]*\"", "'…'", message)
+    message = re.sub(r"0x[0-9a-fA-F]+|\d+", "#", message)
+    return " ".join(message.split()[:5])
 
 
 def _where(err: BaseException) -> str:
@@ -272,15 +278,18 @@ class Case:
             Failure(self.run.family, kind, detail, where, message, self.seed, self.index, list(self.ops), call)
         )
 
-    def call(self, what: str, fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
+    def call(
+        self, what: str, fn: Callable[..., Any], *args: Any, write_root: Path | None = None, **kwargs: Any
+    ) -> Any:
         """``fn(*args)`` under the time bound and the file watch: its result, or the MmerError it raised.
 
-        Returns ``None`` (after recording the failure) when it raised anything else, hung or wrote outside.
+        Returns ``None`` (after recording the failure) when it raised anything else or hung. A write outside
+        ``write_root`` (the work directory by default; a writer's own output folder for a writer) is a failure.
         """
         watch = FileWatch.get()
         outcome: Any = None
         failed = len(self.run.failures)
-        with watch.armed(self.run.work, self.run.sentinel) as events:
+        with watch.armed(write_root or self.run.work, self.run.sentinel) as events:
             try:
                 with time_bound(CASE_SECONDS):
                     outcome = fn(*args, **kwargs)
@@ -295,7 +304,7 @@ class Case:
             except BaseException as err:  # noqa: B036 - every other exception is a finding
                 self.fail("raised", type(err).__name__, _where(err), str(err)[:300], what)
         for event in dict.fromkeys(events):
-            kind = "wrote outside" if "outside the work" in event else "read outside"
+            kind = "read outside" if event.endswith("(read from outside the input)") else "wrote outside"
             self.fail(kind, event.split()[0], what, event, what)
         key = "refused" if isinstance(outcome, MmerError) else "returned"
         key = "failed" if len(self.run.failures) > failed else key

@@ -441,12 +441,26 @@ def rebuild_sample(case: Case, arena: Arena, ckpt: DecoupledCheckpoint) -> None:
     case.call("DecoupledCheckpoint.close", ckpt.close)
 
 
+def rebuild_all(case: Case, arena: Arena) -> None:
+    """``reconstruct`` every modality into a fresh folder: whatever the manifest says, nothing lands outside it."""
+    folder = arena.work / "rebuild"
+    shutil.rmtree(folder, ignore_errors=True)
+    folder.mkdir()
+    out = folder / "out"
+    report = case.call("reconstruct", mmer.reconstruct, arena.checkpoint, out, write_root=folder)
+    if report is not None and not isinstance(report, MmerError):
+        inside = os.path.realpath(out) + os.sep
+        outside = [m.path for m in report.models if not os.path.realpath(m.path).startswith(inside)]
+        case.require(not outside, "every rebuilt model is written inside the output", "reconstruct", f"{outside}")
+
+
 def open_and_verify(case: Case, arena: Arena, load_refusal: str | None, verify_failure: str | None) -> None:
     loaded = case.call("load_decoupled", mmer.load_decoupled, arena.checkpoint)
     if load_refusal:
         case.refused(loaded, load_refusal, "load_decoupled")
     if isinstance(loaded, DecoupledCheckpoint):
         rebuild_sample(case, arena, loaded)
+        rebuild_all(case, arena)
     report = case.call("verify", verify, arena.checkpoint)
     if isinstance(report, VerifyReport):
         if verify_failure:
