@@ -109,7 +109,8 @@ class MergeOptions:
         base_storage: ``copy`` the base LLM into the output, or store a pinned ``reference`` to it.
         device: where the arithmetic runs (``cpu``, ``cuda``, ``cuda:1``...). Bytes always go through the CPU.
         shard_size: maximum bytes per output safetensors shard.
-        allow_nonfinite: merge tensors holding NaN/inf instead of refusing them.
+        allow_nonfinite: merge tensors holding NaN/inf, and write τᵢ, τ* or rebuilt weights that overflow to
+            ±inf, instead of refusing them.
         hash_inputs: record the sha256 of every input file in the manifest.
     """
 
