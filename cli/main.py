@@ -61,6 +61,23 @@ def _fail(err: MmerError, as_json: bool) -> None:
     raise typer.Exit(err.exit_code)
 
 
+def _check_png(png: Path | None) -> None:
+    """Refuse a --png that cannot be written before the work, not after it: a missing directory is not created
+    (as with matplotlib's own savefig, a typo in it should not silently make a new tree)."""
+    if png is None:
+        return
+    if png.is_dir():
+        raise ConfigError(f"--png {png}: is a directory", file=str(png), key="png", hint="name a file, e.g. chart.png")
+    parent = png.parent
+    if not parent.is_dir():
+        raise ConfigError(
+            f"--png {png}: directory {parent} does not exist",
+            file=str(png),
+            key="png",
+            hint=f"create it first (mkdir -p {parent}), or write the chart into an existing directory",
+        )
+
+
 def _parse_lambdas(values: list[str]) -> dict[str, float]:
     out = {}
     for item in values:
@@ -206,6 +223,7 @@ def compare(
     from mmer.compare import PAPER_VARIANTS, run_compare, write_bar_chart
 
     try:
+        _check_png(png)
         recipe_obj = build_recipe(specs or [], recipe, None, k=k, lambda_=lambda_, dare=dare, device=device)
         with render.RichProgress(enabled=not quiet and not json_out) as progress:
             report = run_compare(recipe_obj, tuple(variant or PAPER_VARIANTS), progress=progress)
@@ -258,6 +276,7 @@ def inspect_masks(
     from mmer.inspect import write_heatmap
 
     try:
+        _check_png(png)
         stats = mmer.inspect_masks(path)
         if png is not None:
             write_heatmap(stats, png)

@@ -85,6 +85,19 @@ def loads_bounded(
     return data
 
 
+def _read_at_most(f: Any, limit: int, chunk: int = 1 << 20) -> bytes:
+    """Up to ``limit`` bytes, in chunks: ``f.read(limit)`` would allocate all ``limit`` bytes for a small file."""
+    parts: list[bytes] = []
+    total = 0
+    while total < limit:
+        part = f.read(min(chunk, limit - total))
+        if not part:
+            break
+        parts.append(part)
+        total += len(part)
+    return b"".join(parts)
+
+
 def read_json_file(
     path: str | Path,
     *,
@@ -99,7 +112,7 @@ def read_json_file(
     path = Path(path)
     try:
         with open(path, "rb") as f:
-            raw = f.read(max_bytes + 1)
+            raw = _read_at_most(f, max_bytes + 1)
     except FileNotFoundError:
         raise error(f"{path}: missing", file=str(path), hint=hint) from None
     except OSError as err:
