@@ -49,6 +49,7 @@ from mmer.config import ModelSpec, Recipe, load_spec, options_from_dict
 from mmer.errors import ConfigError, DecoupledFormatError, IncompatibleBaseError, MmerError, ModelNotFoundError
 from mmer.io.jsonfile import read_json_file
 from mmer.io.layouts import LAYOUTS
+from mmer.io.outputs import check_target
 from mmer.io.reader import DTYPE_NAMES, SAFETENSORS_DTYPES, CheckpointReader, TensorInfo, read_json
 from mmer.io.reader import read_safetensors_header as _read_header
 from mmer.io.resolve import HUB_PATTERNS, ResolvedModel, cached_blob_sha256, resolve_model
@@ -495,6 +496,8 @@ def _add(
     check_source_names(ckpt, sources)
     if output is None and not dry_run:
         raise ConfigError("no output directory", key="output", hint="pass -o merged2/ (or --dry-run)")
+    if output is not None and not dry_run:
+        check_target(output, overwrite, [ckpt.path])  # before the originals are hashed, not after
     options = checkpoint_options(ckpt, device=device)
 
     # Where every old modality's task vector comes from.

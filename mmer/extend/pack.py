@@ -86,7 +86,7 @@ def _dtype_name(dtype: torch.dtype) -> str:
 def check_output(output: str | Path, overwrite: bool, protect: Iterable[str | Path | None] = ()) -> None:
     """Refuse an output that may not be written (it exists, is not mmer's, or holds an input) before hours of
     training rather than after; ``protect`` is what the run reads (the base, data, checkpoints)."""
-    check_target(Path(os.path.abspath(os.path.expanduser(output))), overwrite, [p for p in protect if p is not None])
+    check_target(output, overwrite, [p for p in protect if p is not None])
 
 
 def _base_path(lm: nn.Module) -> list[str]:

@@ -88,13 +88,14 @@ def _real(path: str | Path) -> Path:
     return Path(os.path.realpath(os.path.expanduser(path)))
 
 
-def check_target(target: Path, overwrite: bool, protect: Iterable[str | Path] = ()) -> None:
+def check_target(target: str | Path, overwrite: bool, protect: Iterable[str | Path] = ()) -> None:
     """Refuse an output that would destroy or write through something mmer does not own.
 
     ``protect`` is every path the run reads (input models, the checkpoint being read): the target may be
     none of them, contain none of them and lie inside none of them, whether it exists yet or not. A Hub cache
     snapshot also protects its repo folder, where the blobs its links point to live.
     """
+    target = Path(os.path.abspath(os.path.expanduser(target)))  # not resolved: a link at the target is refused
     if target.is_symlink():
         raise OutputExistsError(
             f"{target}: is a symbolic link (to {os.readlink(target)}); mmer never writes through, nor replaces, "
