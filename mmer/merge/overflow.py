@@ -135,11 +135,12 @@ def check_merged(
         ]
         first = int(bad.reshape(-1).nonzero()[0])
         b, t = float(base.reshape(-1)[first]), float(stored.reshape(-1)[first])
-        who = ", ".join(hit) if hit else f"the merged model of {', '.join(labels)}"
+        whole = each is None and len(hit) == len(labels)  # no masks: the one model merged from them all
+        who = f"the model merged from {', '.join(labels)}" if whole or not hit else f"the weights of {', '.join(hit)}"
         scaled = f"{scale:g}·" if scale != 1.0 else ""
         raise NonFiniteError(
             f"tensor {tensor!r} rebuilt as θ_base + {scaled}τ* overflows {_dtype_name(base.dtype)} at "
-            f"{int(bad.sum())} entries (e.g. θ_base = {b:.6g} from {file}, τ* = {t:.6g}): the weights of {who}",
+            f"{int(bad.sum())} entries (e.g. θ_base = {b:.6g} from {file}, τ* = {t:.6g}): {who}",
             file=file,
             tensor=tensor,
             hint="lower alpha or the merge weights, check the models and the base, " + ALLOW_HINT,
