@@ -22,8 +22,8 @@ from typing import NoReturn
 
 import torch
 
-from mmer.errors import CheckpointFormatError, DiskFullError, MmerError, OutputExistsError, OutputWriteError
-from mmer.io.outputs import check_target, clear_leftovers, old_name, staging_name, write_marker
+from mmer.errors import CheckpointFormatError, OutputExistsError
+from mmer.io.outputs import check_target, clear_leftovers, old_name, output_os_error, staging_name, write_marker
 from mmer.io.reader import DTYPE_NAMES, Sized
 
 
@@ -34,49 +34,6 @@ class PlannedTensor(Sized):
     name: str
     dtype: torch.dtype
     shape: tuple[int, ...]
-
-
-# What each errno means for an output and what to do about it; anything else is still named, with its reason.
-_OS_ERRORS = {
-    errno.EROFS: ("the file system is read-only", "write the output to a writable location (-o)"),
-    errno.EACCES: ("permission denied", "choose an output directory you may write to, or fix its permissions"),
-    errno.EPERM: ("operation not permitted", "choose an output directory you may write to, or fix its permissions"),
-    errno.ENAMETOOLONG: (
-        "the name is too long for the file system",
-        "choose a shorter output name (mmer adds about 40 characters to it for its staging directory)",
-    ),
-    errno.EBUSY: (
-        "busy (in use by another process, or a mount point)",
-        "close what holds it, or choose another output path",
-    ),
-    errno.EEXIST: (
-        "appeared while writing (another process writing the same output?)",
-        "run one writer per output, or choose another output path",
-    ),
-    errno.ENOTEMPTY: (
-        "appeared while writing (another process writing the same output?)",
-        "run one writer per output, or choose another output path",
-    ),
-    errno.ENOTDIR: ("a part of the path is a file, not a directory", "choose an output path under a directory"),
-    errno.EISDIR: ("is a directory where a file was expected", "choose another output path"),
-    errno.ELOOP: ("too many symbolic links in the path", "choose an output path without a link loop"),
-    errno.EMFILE: ("too many open files", "raise the open-file limit (ulimit -n)"),
-    errno.EFBIG: ("a file grew past the file system's size limit", "write to a file system without that limit"),
-    errno.EIO: ("input/output error", "check the disk, then run again"),
-}
-
-
-def output_os_error(err: OSError, path: Path) -> MmerError:
-    """The :class:`~mmer.errors.MmerError` an OS error while writing the output at ``path`` becomes."""
-    where = err.filename if err.filename else path
-    if err.errno in (errno.ENOSPC, errno.EDQUOT):
-        return DiskFullError(
-            f"{where}: no space left on the device while writing the output",
-            file=str(where),
-            hint="free space or choose another output directory; nothing partial was kept",
-        )
-    reason, hint = _OS_ERRORS.get(err.errno or 0, (err.strerror or str(err), "choose another output path"))
-    return OutputWriteError(f"{where}: cannot write the output: {reason}", file=str(where), hint=hint)
 
 
 def _raise_os_error(err: OSError, path: Path) -> NoReturn:

@@ -350,7 +350,7 @@ def test_a_name_too_long_for_the_file_system_is_a_clean_error_naming_the_path(tm
         (errno.EACCES, "permission denied"),
         (errno.EPERM, "not permitted"),
         (errno.EBUSY, "busy"),
-        (errno.EEXIST, "appeared while writing"),
+        (errno.EEXIST, "already exists"),
         (errno.EIO, "input/output error"),
     ],
 )
@@ -367,6 +367,18 @@ def test_os_errors_creating_the_staging_directory_are_clean_errors(tmp_path, mon
         with StagedOutput(tmp_path / "sub" / "out"):
             pass
     assert info.value.exit_code == 1 and ".mmer-staging-" in info.value.file and info.value.hint
+
+
+@pytest.mark.parametrize(
+    "name", ["x" * 300, "a/" * 3000 + "b", "a-file/out"], ids=["long-name", "long-path", "file-parent"]
+)
+def test_an_output_path_the_file_system_cannot_hold_is_a_clean_error(tmp_path, name):
+    (tmp_path / "a-file").write_text("mine")
+    with pytest.raises(OutputWriteError) as info:
+        with StagedOutput(tmp_path / name):
+            pass
+    assert info.value.exit_code == 1 and info.value.hint
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a-file"]
 
 
 def test_a_busy_target_at_the_final_rename_keeps_the_previous_output(tmp_path, monkeypatch):
