@@ -282,3 +282,15 @@ def test_a_tune_candidate_is_never_saved_over_or_into_the_models_it_is_rebuilt_f
     assert all("which this run reads" in why for why in outcomes.values()), outcomes
     assert snapshot(work["models"]) == before
     assert read_marker(tmp_path / "candidate")["kind"] == "tune-candidate"
+
+
+# --------------------------------------------------------------------------------------------------- OS errors
+def test_an_output_name_too_long_for_the_file_system_is_a_runtime_error_with_json(work, tmp_path):
+    from mmer.errors import OutputWriteError
+
+    result = cli("merge", *merge_args(work), "-o", tmp_path / ("m" * 300), "--json")
+    assert result.exit_code == OutputWriteError("").exit_code, result
+    assert "Traceback" not in result.stdout + result.stderr
+    data = result.json()
+    assert data["ok"] is False and "too long" in data["message"] and "shorter" in data["hint"]
+    assert list(tmp_path.iterdir()) == []
