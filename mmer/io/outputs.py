@@ -4,8 +4,8 @@
 being rebuilt, a user's unrelated directory or a plain file. Now every output carries a small marker
 (:data:`MARKER_NAME`, written into the staging directory as soon as it exists, so a merge's manifest lists it
 and ``verify`` checks it like any file), and only a directory holding that marker, or the manifest of an output
-written before the marker existed, is replaced. A target that is, or contains, a path the run reads is
-refused whatever it holds.
+written before the marker existed, is replaced. A target that is, contains or lies inside a path the run
+reads is refused whatever it holds, and a link at the target is never followed nor replaced.
 
 A run killed with SIGKILL cannot clean up, so its staging directory (named after the output and the writer's
 pid) stays behind. The next run to the same output removes such leftovers when their process is gone and they
