@@ -17,7 +17,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from mmer.errors import LayoutError
+from mmer.errors import ConfigError, LayoutError
 
 
 @dataclass(frozen=True)
@@ -99,7 +99,7 @@ def moe_block(model: nn.Module, layer: int) -> nn.Module:
     family = family_of(model)
     layers = decoder_layers(model)
     if not 0 <= layer < len(layers):
-        raise LayoutError(
+        raise ConfigError(  # the layers are the user's choice (--layers, the recipe's extend.layers): a usage error
             f"layer {layer} does not exist: the model has {len(layers)} decoder layers (0-{len(layers) - 1})",
             key="layers",
             hint="layer indices are 0-based",
