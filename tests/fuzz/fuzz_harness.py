@@ -35,14 +35,18 @@ MEMORY_HEADROOM = 4 * 1024**3  # a case may not grow the address space by more t
 MMER_ROOT = str(Path(__import__("mmer").__file__).resolve().parent.parent) + os.sep
 
 
-def case_indices(family: str) -> list[int]:
-    """The cases of ``family`` (``"headers/bytes"``) to run: all of them, or those named by MMER_FUZZ_ONLY."""
+def case_indices(family: str, weight: int = 1) -> list[int]:
+    """The cases of ``family`` (``"headers/bytes"``) to run: all of them, or those named by MMER_FUZZ_ONLY.
+
+    ``weight`` multiplies MMER_FUZZ_CASES for a family whose edits are targeted and rare classes hide.
+    """
+    count = CASES * weight
     if not ONLY:
-        return list(range(CASES))
+        return list(range(count))
     name, _, indices = ONLY.partition(":")
     if name != family:
         return []
-    return [int(i) for i in indices.split(",") if i.strip()] if indices else list(range(CASES))
+    return [int(i) for i in indices.split(",") if i.strip()] if indices else list(range(count))
 
 
 def case_seed(family: str, index: int) -> str:

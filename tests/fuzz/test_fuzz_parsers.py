@@ -438,6 +438,12 @@ def rebuild_sample(case: Case, arena: Arena, ckpt: DecoupledCheckpoint) -> None:
                     "llm_tensor",
                     f"{modality}/{name}: {tuple(tensor.shape)} {tensor.dtype}, merged as {arena.rebuilt[name]}",
                 )
+                case.require(
+                    bool(tensor.is_floating_point() and torch.isfinite(tensor).all()),
+                    "a tensor rebuilt from an accepted checkpoint of finite weights is finite",
+                    "llm_tensor",
+                    f"{modality}/{name} holds non-finite values",
+                )
     case.call("DecoupledCheckpoint.close", ckpt.close)
 
 
@@ -454,12 +460,15 @@ def rebuild_all(case: Case, arena: Arena) -> None:
         case.require(not outside, "every rebuilt model is written inside the output", "reconstruct", f"{outside}")
 
 
-def open_and_verify(case: Case, arena: Arena, load_refusal: str | None, verify_failure: str | None) -> None:
+def open_and_verify(
+    case: Case, arena: Arena, load_refusal: str | None, verify_failure: str | None, always_rebuild: bool = False
+) -> None:
     loaded = case.call("load_decoupled", mmer.load_decoupled, arena.checkpoint)
     if load_refusal:
         case.refused(loaded, load_refusal, "load_decoupled")
     if isinstance(loaded, DecoupledCheckpoint):
         rebuild_sample(case, arena, loaded)
+    if always_rebuild or isinstance(loaded, DecoupledCheckpoint):
         rebuild_all(case, arena)
     report = case.call("verify", verify, arena.checkpoint)
     if isinstance(report, VerifyReport):
@@ -482,7 +491,82 @@ def checkpoint_unchanged(case: Case, arena: Arena, names: set[str]) -> None:
             shutil.rmtree(p) if p.is_dir() else p.unlink(missing_ok=True)
 
 
-@pytest.mark.parametrize("style", ["bytes", "structure"])
+def manifest_edits(paths: list[str]) -> list[tuple[str, str, object]]:
+    """Every (kind, field, value) edit a schema must catch although the JSON stays well-formed and the sidecar is
+    recomputed: hostile names and paths, numbers out of range or of the wrong type, a newer format, a reference
+    base elsewhere. Enumerated, not drawn, so that a few hundred cases cover each one."""
+    numbers = [float("nan"), float("inf"), -1, -1.5, 0, 10**400, 1e308, 2**63, "1", True, None, [1]]
+    names = ["../../x", "/x", "base", "Vision", "v" * 65, "\uff56ision", "vision/../x", "", ".", "vi\x00on"]
+    edits: list[tuple[str, str, object]] = []
+    edits += [("modality name", "modalities.vision (key and name)", v) for v in names + paths[:3]]
+    for where in ("mask_file", "component_dir", "tau_star_dir", "base_dir", "merged_dir"):
+        edits += [("path", where, v) for v in paths + ["masks/vision.safetensors/../../x", "masks", ""]]
+    edits += [("files key", "files", v) for v in paths]
+    for where in ("scale", "weight", "lambda", "kept", "total", "vocab_size", "kept_per_tensor", "row_start"):
+        edits += [("number", where, v) for v in numbers]
+    shapes = [[10**12, 10**12], [-1, 16], [], [16] * 65, [0, 16], [16.0, 16], "16", [2**40, 16]]
+    edits += [("shape", where, v) for where in ("slot shape", "private shape") for v in shapes]
+    dtypes = ["I32", "F64", "BOOL", "X", "", "F32/F16", None]
+    edits += [("dtype", where, v) for where in ("tau_star_dtype", "slot dtype", "base.dtype") for v in dtypes]
+    versions = ["2.0", "1.9999", "1", "01.0", "1.0.0", 1.0, "", "\uff11.0"]
+    edits += [("format_version", "format_version", v) for v in versions]
+    edits += [("reference base", "base.model", v) for v in paths[2:4] + ["../x", "org/model", ""]]
+    edits += [("llm key", "llm_keys", v) for v in ["../../x", "/x", "", "lm_head.weight", "model.embed_tokens.weight"]]
+    edits += [("merged", "slots.merged", v) for v in [False, "yes", 0, None]]
+    return edits
+
+
+def apply_manifest_edit(rng: random.Random, data: dict, edit: tuple[str, str, object]) -> list[str]:
+    kind, where, value = edit
+    vision = data["modalities"]["vision"]
+    slot = rng.choice(data["slots"])
+    if kind == "modality name":
+        record = data["modalities"].pop("vision")
+        record["name"] = value
+        data["modalities"][value] = record
+    elif kind == "path":
+        (vision if where in ("mask_file", "component_dir") else data)[where] = value
+    elif kind == "files key":
+        old = rng.choice(sorted(data["files"]))
+        data["files"][value] = data["files"].pop(old)
+        where = f"files[{old!r}] renamed"
+    elif kind == "number" and where == "kept_per_tensor":
+        name = rng.choice(sorted(vision[where]))
+        vision[where][name] = value
+        where = f"kept_per_tensor[{name}]"
+    elif kind == "number" and where == "row_start":
+        rng.choice(vision["private"])["row_start"] = value
+    elif kind == "number":
+        vision[where] = value
+    elif kind == "shape" and where == "private shape":
+        rng.choice(vision["private"])["shape"] = value
+    elif kind == "shape":
+        slot["shape"] = value
+        where = f"slots[{slot['name']}].shape"
+    elif kind == "dtype":
+        if where == "slot dtype":
+            slot["dtype"] = value
+            where = f"slots[{slot['name']}].dtype"
+        elif where == "base.dtype":
+            data["base"]["dtype"] = value
+        else:
+            data["tau_star_dtype"] = value
+    elif kind == "format_version":
+        data["format_version"] = value
+    elif kind == "reference base":
+        data["base_storage"] = "reference"
+        data["base"]["model"] = value
+    elif kind == "llm key":
+        name = rng.choice(sorted(vision["llm_keys"]))
+        vision["llm_keys"][name] = value
+        where = f"llm_keys[{name}]"
+    else:
+        slot["merged"] = value
+        where = f"slots[{slot['name']}].merged"
+    return [f"{kind}: {where} = {value!r}"[:160]]
+
+
+@pytest.mark.parametrize("style", ["bytes", "structure", "semantic"])
 def test_a_mutated_manifest_loads_correctly_or_is_refused_and_verify_reports_it(arena, fuzz, style):
     family = f"manifest/{style}"
     run = fuzz(family)
@@ -490,15 +574,22 @@ def test_a_mutated_manifest_loads_correctly_or_is_refused_and_verify_reports_it(
     original, original_sidecar = arena.original(manifest), arena.original(sidecar)
     names = set(tree_state(arena.checkpoint))
     paths = hostile_paths(arena.checkpoint, arena.sentinel)
-    for i in case_indices(family):
+    edits = manifest_edits(paths)
+    for i in case_indices(family, weight=2 if style == "semantic" else 1):
         rng = rng_for(family, i)
-        mutation = mutate_bytes(rng, original) if style == "bytes" else mutate_json(rng, original, paths)
-        recompute = rng.random() < 0.5
+        if style == "semantic":
+            data = json.loads(original)
+            ops = apply_manifest_edit(rng, data, edits[i % len(edits)])
+            mutation = Mutation(json.dumps(data, indent=2).encode(), ops)
+        else:
+            mutation = mutate_bytes(rng, original) if style == "bytes" else mutate_json(rng, original, paths)
+        recompute = style == "semantic" or rng.random() < 0.5
         put(manifest, mutation.data)
         put(sidecar, (hashlib.sha256(mutation.data).hexdigest() + "\n").encode() if recompute else original_sidecar)
         ops = [*mutation.ops, "sidecar recomputed" if recompute else "sidecar left stale"]
         case = run.case(i, ops)
-        open_and_verify(case, arena, *manifest_demands(mutation.data, original, recompute))
+        demands = manifest_demands(mutation.data, original, recompute)
+        open_and_verify(case, arena, *demands, always_rebuild=style == "semantic")
         checkpoint_unchanged(case, arena, names)
     put(manifest, original)
     put(sidecar, original_sidecar)
