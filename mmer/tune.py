@@ -431,7 +431,11 @@ def load_probes(path: str | Path, tokenizer_dir: str | Path | None = None) -> li
     if path.suffix == ".txt":
         items = [(n, line) for n, line in enumerate(text.splitlines(), 1) if line.strip()]
     elif path.suffix == ".json":
-        data = loads_bounded(text, path, what="probe file", error=ConfigError, hint="fix the file, or use .jsonl")
+        try:
+            data = loads_bounded(text, path, what="probe file", error=ConfigError, hint="fix the file, or use .jsonl")
+        except ConfigError as err:
+            err.key = "probes"
+            raise
         if not isinstance(data, list):
             raise ConfigError(
                 f"{path}: expected a list of probes",
@@ -444,13 +448,17 @@ def load_probes(path: str | Path, tokenizer_dir: str | Path | None = None) -> li
         for n, line in enumerate(text.splitlines(), 1):
             if not line.strip():
                 continue
-            item = loads_bounded(
-                line,
-                f"{path}:{n}",
-                what="probe",
-                error=ConfigError,
-                hint='one probe per line: [1, 2, 3], {"input_ids": [...]} or {"text": "..."}',
-            )
+            try:
+                item = loads_bounded(
+                    line,
+                    path,
+                    what=f"the probe on line {n}",
+                    error=ConfigError,
+                    hint='one probe per line: [1, 2, 3], {"input_ids": [...]} or {"text": "..."}',
+                )
+            except ConfigError as err:
+                err.key = "probes"
+                raise
             items.append((n, item))
     tokenizer = None
     probes = []
