@@ -94,7 +94,7 @@ def _finish(summary: dict[str, Any], as_json: bool, lines: list[str]) -> None:
         render.print_json({"ok": True, **summary})
         return
     for line in lines:
-        render.out_console.print(line, highlight=False)
+        render.out_console.print(line, highlight=False, markup=False)
 
 
 def _report_lines(reports: dict[str, Any]) -> list[str]:

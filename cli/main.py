@@ -238,7 +238,7 @@ def compare(
         return
     render.print_compare(report.to_dict())
     if png is not None:
-        render.out_console.print(f"bar chart written to {png}")
+        render.out_console.print(f"bar chart written to {png}", markup=False)
 
 
 @app.command()
@@ -288,7 +288,7 @@ def inspect_masks(
         return
     render.print_mask_stats(data, stats.modules, stats.rows)
     if png is not None:
-        render.out_console.print(f"heatmap written to {png}")
+        render.out_console.print(f"heatmap written to {png}", markup=False)
 
 
 @app.command()

@@ -1,6 +1,8 @@
 """Everything the terminal sees: rich progress bars with ETA, tables, errors, and --json output.
 
-The only module that imports rich; the library reports through :class:`mmer.progress.ProgressSink`.
+The only module that imports rich; the library reports through :class:`mmer.progress.ProgressSink`. Rich reads
+``[...]`` as markup, so every string that comes from outside (paths, tensor and module names, messages) is
+escaped or printed with ``markup=False``: a path holding ``[/x]`` would otherwise crash the print.
 """
 
 from __future__ import annotations
@@ -80,7 +82,7 @@ class RichProgress(ProgressSink):
 
     def note(self, message: str) -> None:
         if self.enabled:
-            err_console.print(message)
+            err_console.print(message, markup=False)
 
 
 def print_json(data: Any) -> None:
@@ -108,15 +110,15 @@ def print_plan(plan: dict[str, Any]) -> None:
     for col in ("role", "model", "layout", "λ", "components", "private LLM tensors"):
         table.add_column(col)
     base = plan["base"]
-    table.add_row("base", base["model"], base["layout"], "", "", "")
+    table.add_row("base", escape(str(base["model"])), base["layout"], "", "", "")
     for m in plan["models"]:
         table.add_row(
             m["modality"],
-            m["model"],
+            escape(str(m["model"])),
             m["layout"],
             "-" if m["lambda"] is None else f"{m['lambda']:g}",
             str(m["component_tensors"]),
-            ", ".join(m["private_tensors"]) or "-",
+            escape(", ".join(m["private_tensors"])) or "-",
         )
     out_console.print(table)
     slots = plan["slots"]
@@ -124,11 +126,13 @@ def print_plan(plan: dict[str, Any]) -> None:
         f"LLM tensors: {slots['total']} ({slots['merged']} merged, {slots['merged_parameters']:,} parameters)"
     )
     for name, reason in plan["not_merged"].items():
-        out_console.print(f"  not merged: {name} ({reason})")
+        out_console.print(f"  not merged: {name} ({reason})", markup=False)
     print_estimate(plan["estimate"], out_console)
     opts = plan["options"]
     out_console.print(
-        "options: " + ", ".join(f"{k}={v}" for k, v in opts.items() if k not in ("hash_inputs",)), highlight=False
+        "options: " + ", ".join(f"{k}={v}" for k, v in opts.items() if k not in ("hash_inputs",)),
+        highlight=False,
+        markup=False,
     )
 
 
@@ -144,11 +148,11 @@ def print_estimate(estimate: dict[str, Any] | None, console: Console = err_conso
 
 def print_warnings(warnings: list[str]) -> None:
     for w in warnings:
-        err_console.print(f"[yellow]warning:[/] {w}", highlight=False)
+        err_console.print(f"[yellow]warning:[/] {escape(w)}", highlight=False)
 
 
 def print_merge_report(report: dict[str, Any]) -> None:
-    table = Table(title=f"merged into {report['output']}")
+    table = Table(title=f"merged into {escape(str(report['output']))}")
     for col in ("modality", "λ", "mask density", "kept / total", "trim threshold", "mean |τ|"):
         table.add_column(col, justify="right" if col != "modality" else "left")
     for m in report["modalities"]:
@@ -170,7 +174,7 @@ def print_merge_report(report: dict[str, Any]) -> None:
 
 def print_mask_stats(stats: dict[str, Any], modules: list[str], rows: list[str]) -> None:
     names = list(stats["modalities"])
-    overall = Table(title=f"masks of {stats['path']}")
+    overall = Table(title=f"masks of {escape(str(stats['path']))}")
     for col in ("modality", "density", "kept / total"):
         overall.add_column(col, justify="left" if col == "modality" else "right")
     for name, m in stats["modalities"].items():
@@ -189,7 +193,7 @@ def print_mask_stats(stats: dict[str, Any], modules: list[str], rows: list[str])
             for name in names:
                 count = stats["modalities"][name][key].get(label)
                 cells.append("" if count is None else f"{count['density']:.1%}")
-            table.add_row(label, *cells)
+            table.add_row(escape(label), *cells)
         out_console.print(table)
     if stats["overlaps"]:
         pairs = Table(title="pairwise overlap")
@@ -218,7 +222,7 @@ def print_compare(report: dict[str, Any]) -> None:
             r = v["modalities"][modality]
             scale = "" if r["scale"] == 1.0 else f", s={r['scale']:.3g}"
             cells.append(f"{r['rel_l1']:.4f} ({r['density']:.1%}{scale})")
-        table.add_row(v["variant"], *cells)
+        table.add_row(escape(v["variant"]), *cells)
     out_console.print(table)
     out_console.print(f"{len(report['variants'])} variants in {report['seconds']:.1f} s", highlight=False)
 

@@ -60,6 +60,7 @@ def reconstruct(
             f"{model.modality}: {model.path} ({model.layout} layout, {model.llm_tensors} LLM + "
             f"{model.component_tensors} component tensors, {render.human_bytes(model.bytes)})",
             highlight=False,
+            markup=False,
         )
     render.print_warnings(report.warnings)
     render.out_console.print(f"done in {report.seconds:.1f} s", highlight=False)

@@ -235,7 +235,7 @@ def tune(
 
 def _print_tune(data: dict[str, Any], files: dict[str, str | None]) -> None:
     best = data["best"]
-    table = Table(title=f"score by λ: {data['description']} (higher is better; ★ chosen)")
+    table = Table(title=f"score by λ: {escape(data['description'])} (higher is better; ★ chosen)")
     table.add_column("modality")
     table.add_column("K", justify="right")
     for lam in data["grid"]["lambda"]:

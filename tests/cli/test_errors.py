@@ -299,3 +299,14 @@ def test_an_mmer_error_subclass_defined_outside_errors_keeps_the_usage_default()
 
     assert Custom("x").exit_code == 2
     assert mmer.MmerError is MmerError
+
+
+def test_paths_that_look_like_rich_markup_are_printed_as_they_are(specs, tmp_path):
+    out = tmp_path / "runs[" / "x]" / "merged"  # the path holds "[/x]", which rich would read as a closing tag
+    out.parent.mkdir(parents=True)
+    merged = cli("merge", specs["base"], specs["vision"], "-o", out)
+    assert merged.exit_code == 0, merged
+    assert "merged into" in merged.stdout
+    shown = cli("inspect-masks", out, "--png", out.parent / "m.png")
+    assert shown.exit_code == 0, shown
+    assert f"heatmap written to {out.parent / 'm.png'}" in shown.stdout
