@@ -458,6 +458,11 @@ def rebuild_all(case: Case, arena: Arena) -> None:
         inside = os.path.realpath(out) + os.sep
         outside = [m.path for m in report.models if not os.path.realpath(m.path).startswith(inside)]
         case.require(not outside, "every rebuilt model is written inside the output", "reconstruct", f"{outside}")
+        for model in report.models if not outside else []:
+            with CheckpointReader(model.path) as reader:
+                bad = [n for n in reader.tensors if not torch.isfinite(reader.get(n, copy=False)).all()]
+            oracle = "a model rebuilt from a checkpoint of finite weights is finite"
+            case.require(not bad, oracle, "reconstruct", f"{model.modality}: non-finite {bad[:2]}")
 
 
 def open_and_verify(
