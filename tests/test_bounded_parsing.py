@@ -181,3 +181,79 @@ def test_a_well_formed_header_still_reads(tmp_path):
     save_file({"w": torch.ones(2, 3)}, str(path), metadata={"format": "pt"})
     infos, metadata = read_safetensors_header(path)
     assert infos["w"].shape == (2, 3) and metadata == {"format": "pt"}
+
+
+# ------------------------------------------------------------------------------------ extension pack manifest
+def pack_manifest() -> dict:
+    """A well-formed MoExtend pack manifest (what `mmer extend train` writes), without its tensors."""
+    from mmer.extend.pack import PACK_FORMAT, PACK_FORMAT_VERSION
+
+    return {
+        "format": PACK_FORMAT,
+        "format_version": PACK_FORMAT_VERSION,
+        "modality": "vision",
+        "stage": "extend",
+        "base": {
+            "model_type": "olmoe",
+            "architecture": "OlmoeForCausalLM",
+            "sha256": "0" * 64,
+            "dtype": "float32",
+            "num_hidden_layers": 2,
+            "hidden_size": 16,
+            "moe_layers": {"0": 4, "1": 4},
+        },
+        "layers": [{"layer": 1, "base_experts": 4, "new_experts": 2, "source_experts": [0, 3], "score": 0.5}],
+        "calibration": {"form": "additive_mlp", "hidden": 8, "dtype": "float32"},
+        "projector": None,
+        "tensors": {
+            "file": "extension.safetensors",
+            "sha256": None,
+            "parameters": 10,
+            "entries": {"x": {"dtype": "F32", "shape": [10]}},
+        },
+    }
+
+
+def write_pack_manifest(directory: Path, manifest: dict) -> Path:
+    from mmer.extend import PACK_MANIFEST
+
+    directory.mkdir(parents=True, exist_ok=True)
+    (directory / PACK_MANIFEST).write_text(json.dumps(manifest))
+    return directory
+
+
+def test_a_well_formed_pack_manifest_reads(tmp_path):
+    from mmer.extend import read_pack_manifest
+
+    assert read_pack_manifest(write_pack_manifest(tmp_path, pack_manifest()))["modality"] == "vision"
+
+
+@pytest.mark.parametrize(
+    ("where", "value"),
+    [
+        (("modality",), 5),
+        (("base",), "olmoe"),
+        (("base", "num_hidden_layers"), "2"),
+        (("base", "hidden_size"), True),
+        (("layers",), {"layer": 1}),
+        (("layers", 0), [1, 2]),
+        (("layers", 0, "new_experts"), 2.5),
+        (("layers", 0, "score"), "high"),
+        (("tensors", "entries"), []),
+        (("tensors", "entries", "x", "shape"), "10"),
+        (("calibration", "hidden"), None),
+        (("projector",), {"kind": "mlp", "in_features": "8", "placeholder_id": 3}),
+    ],
+    ids=lambda v: ".".join(map(str, v)) if isinstance(v, tuple) else type(v).__name__,
+)
+def test_a_pack_manifest_field_of_the_wrong_type_is_refused_naming_it(tmp_path, where, value):
+    from mmer.extend import read_pack_manifest
+
+    manifest = pack_manifest()
+    node = manifest
+    for key in where[:-1]:
+        node = node[key]
+    node[where[-1]] = value
+    with pytest.raises(CheckpointFormatError, match="must be|not an object") as info:
+        read_pack_manifest(write_pack_manifest(tmp_path, manifest))
+    assert info.value.key and info.value.exit_code == 1

@@ -231,7 +231,73 @@ def read_pack_manifest(pack_dir: str | Path) -> dict[str, Any]:
     for key in ("modality", "base", "layers", "tensors"):
         if key not in manifest:
             raise CheckpointFormatError(f"{path}: manifest has no {key!r}", file=str(path), key=key)
+    _check_types(path, manifest, _MANIFEST_TYPES, "")
+    _check_types(path, manifest["base"], _BASE_TYPES, "base.")
+    _check_types(path, manifest["tensors"], _TENSORS_TYPES, "tensors.")
+    for name, entry in manifest["tensors"]["entries"].items():
+        _check_types(path, entry, _ENTRY_TYPES, f"tensors.entries.{name}.")
+    for i, entry in enumerate(manifest["layers"]):
+        _check_types(path, entry, _LAYER_TYPES, f"layers[{i}].")
+    for key, types in (("calibration", _CALIBRATION_TYPES), ("projector", _PROJECTOR_TYPES)):
+        if manifest.get(key) is not None:
+            _check_types(path, manifest[key], types, f"{key}.")
     return manifest
+
+
+# The types of every manifest field a reader uses, checked before any is: a hand-edited or hostile manifest
+# is then one CheckpointFormatError naming the key, never a TypeError deep in loading.
+_INT = (int,)
+_MANIFEST_TYPES: dict[str, Any] = {
+    "modality": str,
+    "stage": str,
+    "base": dict,
+    "layers": list,
+    "tensors": dict,
+    "calibration": (dict, type(None)),
+    "projector": (dict, type(None)),
+}
+_BASE_TYPES: dict[str, Any] = {
+    "model_type": str,
+    "architecture": str,
+    "sha256": str,
+    "dtype": str,
+    "num_hidden_layers": _INT,
+    "hidden_size": _INT,
+    "moe_layers": dict,
+}
+_TENSORS_TYPES: dict[str, Any] = {"file": str, "sha256": (str, type(None)), "parameters": _INT, "entries": dict}
+_ENTRY_TYPES: dict[str, Any] = {"dtype": str, "shape": list}
+_LAYER_TYPES: dict[str, Any] = {
+    "layer": _INT,
+    "base_experts": _INT,
+    "new_experts": _INT,
+    "score": (float, int, type(None)),
+}
+_CALIBRATION_TYPES: dict[str, Any] = {"form": str, "hidden": _INT}
+_PROJECTOR_TYPES: dict[str, Any] = {"kind": str, "in_features": _INT, "placeholder_id": (int, type(None))}
+
+
+def _check_types(path: Path, data: Any, types: Mapping[str, Any], prefix: str) -> None:
+    if not isinstance(data, dict):
+        raise CheckpointFormatError(
+            f"{path}: {prefix.rstrip('.') or 'the manifest'} is a JSON {type(data).__name__}, not an object",
+            file=str(path),
+            key=prefix.rstrip(".") or None,
+            hint="the pack's manifest was edited or damaged; write the pack again",
+        )
+    for key, expected in types.items():
+        value = data.get(key)
+        wanted = expected if isinstance(expected, tuple) else (expected,)
+        if key not in data and type(None) in wanted:
+            continue
+        if isinstance(value, bool) and bool not in wanted or not isinstance(value, wanted):
+            names = " or ".join("null" if t is type(None) else t.__name__ for t in wanted)
+            raise CheckpointFormatError(
+                f"{path}: {prefix}{key} must be {names}, not {type(value).__name__}",
+                file=str(path),
+                key=f"{prefix}{key}",
+                hint="the pack's manifest was edited or damaged; write the pack again",
+            )
 
 
 def read_pack_tensors(pack_dir: str | Path, manifest: Mapping[str, Any]) -> dict[str, torch.Tensor]:

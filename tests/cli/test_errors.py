@@ -310,3 +310,15 @@ def test_paths_that_look_like_rich_markup_are_printed_as_they_are(specs, tmp_pat
     shown = cli("inspect-masks", out, "--png", out.parent / "m.png")
     assert shown.exit_code == 0, shown
     assert f"heatmap written to {out.parent / 'm.png'}" in shown.stdout
+
+
+def test_extend_inspect_of_a_pack_manifest_with_wrong_types_is_one_json_failure(tmp_path):
+    from test_bounded_parsing import pack_manifest, write_pack_manifest
+
+    good = write_pack_manifest(tmp_path / "good", pack_manifest())
+    shown = cli("extend", "inspect", good)
+    assert shown.exit_code == 0, shown
+    bad = pack_manifest()
+    bad["layers"][0]["score"] = "high"
+    data = one_json_failure(cli("extend", "inspect", write_pack_manifest(tmp_path / "bad", bad), "--json"), 1)
+    assert data["key"] == "layers[0].score"
