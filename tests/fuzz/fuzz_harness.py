@@ -35,12 +35,13 @@ MEMORY_HEADROOM = 4 * 1024**3  # a case may not grow the address space by more t
 MMER_ROOT = str(Path(__import__("mmer").__file__).resolve().parent.parent) + os.sep
 
 
-def case_indices(family: str, weight: int = 1) -> list[int]:
+def case_indices(family: str, weight: int = 1, count: int | None = None) -> list[int]:
     """The cases of ``family`` (``"headers/bytes"``) to run: all of them, or those named by MMER_FUZZ_ONLY.
 
-    ``weight`` multiplies MMER_FUZZ_CASES for a family whose edits are targeted and rare classes hide.
+    ``weight`` multiplies MMER_FUZZ_CASES for a family whose edits are targeted and rare classes hide; ``count``
+    replaces it for a family that enumerates a fixed list of edits.
     """
-    count = CASES * weight
+    count = CASES * weight if count is None else count
     if not ONLY:
         return list(range(count))
     name, _, indices = ONLY.partition(":")

@@ -601,7 +601,44 @@ def test_a_mutated_manifest_loads_correctly_or_is_refused_and_verify_reports_it(
     run.finish()
 
 
-@pytest.mark.parametrize("style", ["bytes", "structure"])
+def mask_edits(shapes: dict[str, list[int]]) -> list[tuple[str, object]]:
+    """Metadata a mask reader must not take at its word: shapes that fit the stored bytes but not the tensor
+    (transposed, flattened, regrouped, one parameter short), shapes for no tensor or none at all, other tags."""
+    edits: list[tuple[str, object]] = []
+    for name, shape in sorted(shapes.items()):
+        numel = math.prod(shape)
+        edits += [(f"shapes[{name}]", v) for v in (shape[::-1], [numel], [numel - 1], [numel // 2, 2], None)]
+        if len(shape) == 2:
+            edits.append((f"shapes[{name}]", [shape[0] * 2, shape[1] // 2]))
+    edits += [("shapes[model.extra.weight]", [8]), ("shapes", "{}"), ("shapes", "[]"), ("shapes", "null")]
+    edits += [("format", v) for v in ("mmer-mask/2", "mmer-mask/1 ", "")] + [("bit_order", v) for v in ("big", "")]
+    edits += [("all bits", 0xFF), ("all bits", 0x00)]
+    return edits
+
+
+def apply_mask_edit(data: bytes, edit: tuple[str, object]) -> bytes:
+    header_bytes, body = safetensors_parts(data)
+    header = json.loads(header_bytes)
+    meta = header["__metadata__"]
+    shapes = json.loads(meta["shapes"])
+    where, value = edit
+    if where == "all bits":
+        body = bytes([value]) * len(body)
+    elif where.startswith("shapes["):
+        name = where[len("shapes[") : -1]
+        if value is None:
+            shapes.pop(name, None)
+        else:
+            shapes[name] = value
+        meta["shapes"] = json.dumps(shapes, separators=(",", ":"), sort_keys=True)
+    else:
+        meta[where] = value
+    new = json.dumps(header, separators=(",", ":")).encode()
+    new += b" " * (-len(new) % 8)
+    return struct.pack("<Q", len(new)) + new + body
+
+
+@pytest.mark.parametrize("style", ["bytes", "structure", "semantic"])
 def test_mutated_mask_metadata_unpacks_to_its_claimed_shape_or_is_refused(arena, fuzz, style):
     family = f"masks/{style}"
     run = fuzz(family)
@@ -609,10 +646,14 @@ def test_mutated_mask_metadata_unpacks_to_its_claimed_shape_or_is_refused(arena,
     original = arena.original(target)
     names = set(tree_state(arena.checkpoint))
     paths = hostile_paths(target.parent, arena.sentinel)
-    for i in case_indices(family):
-        mutation = mutate_safetensors(
-            rng_for(family, i), original, style, paths, focus=lambda p: p[0] == "__metadata__"
-        )
+    edits = mask_edits(json.loads(json.loads(safetensors_parts(original)[0])["__metadata__"]["shapes"]))
+    for i in case_indices(family, count=len(edits) if style == "semantic" else None):
+        if style == "semantic":  # each edit once: these cases draw nothing at random
+            edit = edits[i % len(edits)]
+            mutation = Mutation(apply_mask_edit(original, edit), [f"{edit[0]} = {edit[1]!r}"])
+        else:
+            focus = lambda p: p[0] == "__metadata__"  # noqa: E731
+            mutation = mutate_safetensors(rng_for(family, i), original, style, paths, focus=focus)
         put(target, mutation.data)
         case = run.case(i, mutation.ops)
         masks = case.call("MaskFile", MaskFile, target)
