@@ -316,6 +316,16 @@ def load_checkpoint(
             file=str(path),
             hint="point --checkpoint-dir at this stage's own directory",
         )
+    for key, kind in (("options", dict), ("trainable", dict), ("step", int)) + tuple(
+        (name, list) for name in ("losses", "lm_losses", "aux_losses")
+    ):
+        if not isinstance(state.get(key), kind) or isinstance(state.get(key), bool):
+            raise CheckpointFormatError(
+                f"{state_file}: {key} is missing or not a JSON {'integer' if kind is int else kind.__name__}",
+                file=str(state_file),
+                key=key,
+                hint="the checkpoint is damaged; remove it to resume from an earlier one",
+            )
     saved, now = state["options"], _comparable(options)
     for key in sorted(set(saved) | set(now)):
         if saved.get(key) != now.get(key):
