@@ -70,7 +70,8 @@ class Arena:
     checkpoint: Path
     recipe: Path
     spec: Path
-    rebuilt: dict[str, tuple[tuple[int, ...], torch.dtype]]  # SAMPLE_TENSORS of "vision", as merged
+    rebuilt: dict[str, torch.Tensor]  # SAMPLE_TENSORS of "vision", as merged
+    reconstructed: dict[str, torch.Tensor]  # the LLM tensors of "vision" as reconstruct writes them, by disk key
     plan_slots: list[tuple]
     originals: dict[Path, bytes]  # every file of the work directory as built: each test starts from these
 
@@ -108,10 +109,11 @@ def arena(tiny_models, tmp_path_factory) -> Arena:
     checkpoint = work / "ck"
     mmer.run_merge(recipe_for(src_base, {"vision": src_vision}), checkpoint)
     with mmer.load_decoupled(checkpoint) as ckpt:
-        rebuilt = {}
-        for name in SAMPLE_TENSORS:
-            t = ckpt.llm_tensor("vision", name)
-            rebuilt[name] = (tuple(t.shape), t.dtype)
+        rebuilt = {name: ckpt.llm_tensor("vision", name) for name in SAMPLE_TENSORS}
+        llm_keys = set(ckpt.modality("vision").llm_keys.values())
+    report = mmer.reconstruct(checkpoint, root / "baseline")
+    with CheckpointReader(report.models[0].path) as reader:
+        reconstructed = {k: reader.get(k) for k in reader.tensors if k in llm_keys}
     config_base = _copy(src_base, work / "config" / "base")
     config_vision = _copy(src_vision, work / "config" / "vision")
     recipe = work / "yaml" / "recipe.yaml"
@@ -158,6 +160,7 @@ def arena(tiny_models, tmp_path_factory) -> Arena:
         recipe=recipe,
         spec=spec,
         rebuilt=rebuilt,
+        reconstructed=reconstructed,
         plan_slots=plan_slots,
         originals=originals,
     )
@@ -423,8 +426,9 @@ def manifest_demands(data: bytes, original: bytes, sidecar_recomputed: bool) -> 
     return None, None
 
 
-def rebuild_sample(case: Case, arena: Arena, ckpt: DecoupledCheckpoint) -> None:
-    """Rebuild the sample tensors of every modality (at most two): each has the shape and dtype merged."""
+def rebuild_sample(case: Case, arena: Arena, ckpt: DecoupledCheckpoint, exact: bool = False) -> None:
+    """Rebuild the sample tensors of every modality (at most two): each has the shape and dtype merged (and,
+    with ``exact``, the very values: for edits a reader can see without hashing, a different tensor is wrong)."""
     slots = {s.name for s in ckpt.slots}
     for modality in list(ckpt.modalities)[:2]:
         for name in SAMPLE_TENSORS:
@@ -432,22 +436,31 @@ def rebuild_sample(case: Case, arena: Arena, ckpt: DecoupledCheckpoint) -> None:
                 continue
             tensor = case.call("llm_tensor", ckpt.llm_tensor, modality, name)
             if isinstance(tensor, torch.Tensor):
+                merged = arena.rebuilt[name]
                 case.require(
-                    (tuple(tensor.shape), tensor.dtype) == arena.rebuilt[name],
+                    (tensor.shape, tensor.dtype) == (merged.shape, merged.dtype),
                     "a tensor rebuilt from an accepted checkpoint has the shape and dtype it was merged with",
                     "llm_tensor",
-                    f"{modality}/{name}: {tuple(tensor.shape)} {tensor.dtype}, merged as {arena.rebuilt[name]}",
+                    f"{modality}/{name}: {tuple(tensor.shape)} {tensor.dtype}, merged as {tuple(merged.shape)} "
+                    f"{merged.dtype}",
                 )
+                if exact and tensor.shape == merged.shape:
+                    case.require(
+                        bool(torch.equal(tensor, merged)),
+                        "a tensor rebuilt from a checkpoint whose headers disagree with its manifest is refused",
+                        "llm_tensor",
+                        f"{modality}/{name} differs from the merged tensor",
+                    )
                 case.require(
                     bool(tensor.is_floating_point() and torch.isfinite(tensor).all()),
                     "a tensor rebuilt from an accepted checkpoint of finite weights is finite",
                     "llm_tensor",
-                    f"{modality}/{name} holds non-finite values",
+                    f"{modality}/{name} is {tensor.dtype} and not all finite floats",
                 )
     case.call("DecoupledCheckpoint.close", ckpt.close)
 
 
-def rebuild_all(case: Case, arena: Arena) -> None:
+def rebuild_all(case: Case, arena: Arena, exact: bool = False) -> None:
     """``reconstruct`` every modality into a fresh folder: whatever the manifest says, nothing lands outside it."""
     folder = arena.work / "rebuild"
     shutil.rmtree(folder, ignore_errors=True)
@@ -461,20 +474,33 @@ def rebuild_all(case: Case, arena: Arena) -> None:
         for model in report.models if not outside else []:
             with CheckpointReader(model.path) as reader:
                 bad = [n for n in reader.tensors if not torch.isfinite(reader.get(n, copy=False)).all()]
+                if exact and model.modality == "vision":
+                    differ = [
+                        k
+                        for k, t in arena.reconstructed.items()
+                        if k not in reader or not torch.equal(reader.get(k), t)
+                    ]
+                    oracle = "a model rebuilt from a checkpoint whose headers disagree with its manifest is refused"
+                    case.require(not differ, oracle, "reconstruct", f"differs from the merge in {differ[:2]}")
             oracle = "a model rebuilt from a checkpoint of finite weights is finite"
             case.require(not bad, oracle, "reconstruct", f"{model.modality}: non-finite {bad[:2]}")
 
 
 def open_and_verify(
-    case: Case, arena: Arena, load_refusal: str | None, verify_failure: str | None, always_rebuild: bool = False
+    case: Case,
+    arena: Arena,
+    load_refusal: str | None,
+    verify_failure: str | None,
+    always_rebuild: bool = False,
+    exact: bool = False,
 ) -> None:
     loaded = case.call("load_decoupled", mmer.load_decoupled, arena.checkpoint)
     if load_refusal:
         case.refused(loaded, load_refusal, "load_decoupled")
     if isinstance(loaded, DecoupledCheckpoint):
-        rebuild_sample(case, arena, loaded)
+        rebuild_sample(case, arena, loaded, exact)
     if always_rebuild or isinstance(loaded, DecoupledCheckpoint):
-        rebuild_all(case, arena)
+        rebuild_all(case, arena, exact)
     report = case.call("verify", verify, arena.checkpoint)
     if isinstance(report, VerifyReport):
         if verify_failure:
@@ -674,22 +700,54 @@ def test_mutated_mask_metadata_unpacks_to_its_claimed_shape_or_is_refused(arena,
     run.finish()
 
 
-def test_a_changed_byte_in_any_checkpoint_file_is_reported_by_verify(arena, fuzz):
-    family = "files/bytes"
+# LLM weight files: the manifest records every tensor's name, shape and dtype, so a reader can see these edits
+LLM_FILES = ("base/model.safetensors", "tau_star/model.safetensors", "components/vision/llm_private.safetensors")
+
+
+def header_edit(rng: random.Random, data: bytes) -> tuple[bytes, str]:
+    """A well-formed header that lies about one tensor: transposed, renamed, re-typed to another dtype of the
+    same width, or missing. Offsets stay valid, so only a check against the manifest can tell."""
+    header_bytes, body = safetensors_parts(data)
+    header = json.loads(header_bytes)
+    name = rng.choice(sorted(k for k in header if k != "__metadata__"))
+    entry = header[name]
+    kind = rng.choice(("transpose", "rename", "dtype", "drop"))
+    if kind == "transpose" and len(entry["shape"]) == 2 and entry["shape"][0] != entry["shape"][1]:
+        entry["shape"] = entry["shape"][::-1]
+    elif kind == "dtype":
+        entry["dtype"] = {"F32": "I32", "F16": "BF16", "BF16": "F16"}.get(entry["dtype"], "F32")
+    elif kind == "drop":
+        del header[name]
+    else:
+        kind = "rename"
+        header[name + "_x"] = header.pop(name)
+    new = json.dumps(header, separators=(",", ":")).encode()
+    new += b" " * (-len(new) % 8)
+    return struct.pack("<Q", len(new)) + new + body, f"{kind} {name}"
+
+
+@pytest.mark.parametrize("style", ["bytes", "semantic"])
+def test_a_changed_byte_in_any_checkpoint_file_is_reported_by_verify(arena, fuzz, style):
+    family = f"files/{style}"
     run = fuzz(family)
     listed = sorted(json.loads(arena.original(arena.checkpoint / MANIFEST_NAME))["files"])
     originals = {rel: arena.original(arena.checkpoint / rel) for rel in listed}
     names = set(tree_state(arena.checkpoint))
     for i in case_indices(family):
         rng = rng_for(family, i)
-        rel = rng.choice(listed)
+        rel = rng.choice(listed if style == "bytes" else LLM_FILES)
         data = originals[rel]
-        hot = (0, 8 + len(safetensors_parts(data)[0])) if rel.endswith(".safetensors") else None
-        mutation = mutate_bytes(rng, data, hot=hot)
+        if style == "bytes":
+            hot = (0, 8 + len(safetensors_parts(data)[0])) if rel.endswith(".safetensors") else None
+            mutation = mutate_bytes(rng, data, hot=hot)
+        else:
+            mutation = Mutation(*header_edit(rng, data))
+            mutation.ops = [mutation.ops]  # type: ignore[list-item]
         put(arena.checkpoint / rel, mutation.data)
         case = run.case(i, [f"{rel}: {op}" for op in mutation.ops])
         changed = mutation.data != data
-        open_and_verify(case, arena, None, f"verify reports a change to {rel}" if changed else None)
+        why = f"verify reports a change to {rel}" if changed else None
+        open_and_verify(case, arena, None, why, exact=style == "semantic")
         checkpoint_unchanged(case, arena, names)
         put(arena.checkpoint / rel, data)
     run.finish()
