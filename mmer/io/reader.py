@@ -154,7 +154,8 @@ def _check_entry(file: Path, name: str, entry: Any, data_size: int, data_start: 
 
     if not isinstance(entry, dict):
         raise bad("header entry is not an object")
-    dtype = SAFETENSORS_DTYPES.get(entry.get("dtype"))  # type: ignore[arg-type]
+    raw_dtype = entry.get("dtype")
+    dtype = SAFETENSORS_DTYPES.get(raw_dtype) if isinstance(raw_dtype, str) else None
     if dtype is None:
         raise bad(f"unknown dtype {entry.get('dtype')!r}")
     shape = entry.get("shape")
