@@ -18,6 +18,7 @@ import sys
 from collections.abc import Sequence
 from typing import Any
 
+import typer
 from mmer_cli import render
 from typer.core import TyperGroup
 
@@ -26,6 +27,8 @@ from mmer.errors import MmerError, from_os_error
 EXIT_RUNTIME = 1
 EXIT_USAGE = 2
 EXIT_INTERRUPTED = 130
+
+RERUN = "run the command again to finish the job"
 
 EPILOG = (
     "Exit codes: 0 success; 1 runtime failure (a corrupt or hostile file, incompatible models, a full or read-only "
@@ -75,7 +78,7 @@ def wants_json(args: Sequence[str]) -> bool:
 
 def interrupted(as_json: bool, detail: str = "") -> int:
     """Report Ctrl-C (or SIGTERM) and return its exit code; ``detail`` says what became of partial outputs."""
-    render.print_error(Interrupted("interrupted" + (f": {detail}" if detail else "")), as_json)
+    render.print_error(Interrupted("interrupted" + (f": {detail}" if detail else ""), hint=RERUN), as_json)
     return EXIT_INTERRUPTED
 
 
@@ -106,7 +109,7 @@ def failure_for(exc: BaseException) -> MmerError:
     if _is(exc, "ClickException"):
         return usage_error(exc)
     if isinstance(exc, KeyboardInterrupt) or _is(exc, "Abort"):
-        return Interrupted("interrupted")
+        return Interrupted("interrupted", hint=RERUN)
     if isinstance(exc, OSError):
         return from_os_error(exc)
     return internal_error(exc)
@@ -114,6 +117,14 @@ def failure_for(exc: BaseException) -> MmerError:
 
 class GuardedGroup(TyperGroup):
     """The `mmer` group: click's own main, with every exception turned into one rendered failure."""
+
+    as_json = False  # whether the running command line asked for --json
+
+    def invoke(self, ctx: Any) -> Any:
+        try:
+            return super().invoke(ctx)
+        except KeyboardInterrupt:  # typer would turn it into a silent exit 130; say so, as JSON when asked
+            raise typer.Exit(interrupted(self.as_json)) from None
 
     def main(  # type: ignore[override]
         self,
@@ -127,7 +138,7 @@ class GuardedGroup(TyperGroup):
         if not standalone_mode:  # embedded by someone who handles exceptions themselves
             return super().main(args, prog_name, complete_var, standalone_mode, windows_expand_args, **extra)
         argv = list(sys.argv[1:] if args is None else args)
-        as_json = wants_json(argv)
+        self.as_json = as_json = wants_json(argv)
         try:
             code = super().main(argv, prog_name, complete_var, False, windows_expand_args, **extra)
         except SystemExit:

@@ -322,3 +322,9 @@ def test_extend_inspect_of_a_pack_manifest_with_wrong_types_is_one_json_failure(
     bad["layers"][0]["score"] = "high"
     data = one_json_failure(cli("extend", "inspect", write_pack_manifest(tmp_path / "bad", bad), "--json"), 1)
     assert data["key"] == "layers[0].score"
+
+
+def test_ctrl_c_in_a_command_without_its_own_handler_is_reported_too(tmp_path, monkeypatch):
+    monkeypatch.setattr("mmer.verify.verify", _raiser(KeyboardInterrupt()))
+    assert one_json_failure(cli("verify", tmp_path, "--json"), 130)["error"] == "Interrupted"
+    assert "interrupted" in one_text_failure(cli("verify", tmp_path), 130)
