@@ -30,14 +30,25 @@ from mmer.checkpoint.manifest import (
     SlotRecord,
     SourceRecord,
 )
-from mmer.errors import CheckpointFormatError, DecoupledFormatError, ModelNotFoundError, UnsafePathError
+from mmer.errors import (
+    CheckpointFormatError,
+    DecoupledFormatError,
+    MmerError,
+    ModelNotFoundError,
+    NonFiniteError,
+    UnsafePathError,
+)
 from mmer.io.jsonfile import loads_bounded
 from mmer.io.layouts import LAYOUTS
 from mmer.io.paths import check_inside
-from mmer.io.reader import CheckpointReader, read_safetensors_header
+from mmer.io.reader import DTYPE_NAMES, SAFETENSORS_DTYPES, CheckpointReader, TensorInfo, read_safetensors_header
 from mmer.io.resolve import cached_blob_sha256
 
 PRIVATE_FILE = "llm_private.safetensors"
+CHANGED_HINT = (
+    "the checkpoint was modified or damaged after the merge; run `mmer verify` on it, then fetch it again or "
+    "re-run the merge"
+)
 RECIPE_NAME = "mmer_recipe.yaml"
 CARD_NAME = "README.md"
 
@@ -191,6 +202,7 @@ class DecoupledCheckpoint:
         self._masks: dict[str, MaskFile] = {}
         self._components: dict[str, CheckpointReader | None] = {}
         self._private: dict[str, Any] = {}
+        self._private_infos: dict[str, dict[str, TensorInfo]] = {}
         self._reference_base: Path | None = None
 
     @classmethod
@@ -234,9 +246,13 @@ class DecoupledCheckpoint:
             if self.manifest.base_storage == "copy":
                 base_dir = self.manifest.base_dir or BASE_DIR
                 self.inside(base_dir, "directory")
-                self._base = CheckpointReader(self.path / base_dir)
+                reader = CheckpointReader(self.path / base_dir)
+                to_disk = None
             else:
-                self._base = CheckpointReader(self.reference_base())
+                reader = CheckpointReader(self.reference_base())
+                to_disk = self._base_layout.to_disk if self._base_layout is not None else None
+            self._check_headers(reader, "the base", self.slots, to_disk=to_disk)
+            self._base = reader
         return self._base
 
     def reference_base(self, local_only: bool = False) -> Path:
@@ -267,6 +283,11 @@ class DecoupledCheckpoint:
             self._reference_base = directory
         return self._reference_base
 
+    @property
+    def reference_base_checked(self) -> bool:
+        """Whether a base kept by reference was found and checked in this open (so reading it fetches nothing)."""
+        return self._reference_base is not None
+
     def base_tensor(self, name: str) -> torch.Tensor:
         """θ_base of a canonical LLM tensor."""
         reader = self.base_reader()
@@ -288,7 +309,9 @@ class DecoupledCheckpoint:
             )
         if self._tau is None:
             self.inside(self.manifest.tau_star_dir, "directory")
-            self._tau = CheckpointReader(self.path / self.manifest.tau_star_dir)
+            reader = CheckpointReader(self.path / self.manifest.tau_star_dir)
+            self._check_headers(reader, "τ*", self.merged_slots, dtypes=self.manifest.tau_star_dtype.split("/"))
+            self._tau = reader
         return self._tau.get(name)
 
     def merged_tensor(self, name: str) -> torch.Tensor:
@@ -299,7 +322,9 @@ class DecoupledCheckpoint:
             )
         if self._tau is None:
             self.inside(self.manifest.merged_dir, "directory")
-            self._tau = CheckpointReader(self.path / self.manifest.merged_dir)
+            reader = CheckpointReader(self.path / self.manifest.merged_dir)
+            self._check_headers(reader, "the merged model", self.slots)
+            self._tau = reader
         return self._tau.get(name)
 
     def mask_file(self, modality: str) -> MaskFile:
@@ -307,7 +332,9 @@ class DecoupledCheckpoint:
             mask_file = self.modality(modality).mask_file
             if mask_file is None:
                 raise DecoupledFormatError(f"{self.path}: a single merged model (mask rule none) has no masks")
-            self._masks[modality] = MaskFile(self.inside(mask_file, "mask file"))
+            masks = MaskFile(self.inside(mask_file, "mask file"))
+            self._check_mask_shapes(masks)
+            self._masks[modality] = masks
         return self._masks[modality]
 
     def mask(self, modality: str, name: str, device: torch.device | str = "cpu") -> torch.Tensor:
@@ -325,27 +352,31 @@ class DecoupledCheckpoint:
             )
         return self._components[modality]
 
-    def private_tensor(self, modality: str, name: str) -> torch.Tensor | None:
-        """Rows (or a whole tensor) of the modality's LLM that were never merged, or ``None``."""
-        record = self.modality(modality)
-        if not any(p.name == name for p in record.private):
-            return None
-        if modality not in self._private:
+    def private_infos(self, modality: str) -> dict[str, TensorInfo]:
+        """The header of the modality's private tensor file, checked against its private records (no data read)."""
+        if modality not in self._private_infos:
+            record = self.modality(modality)
+            if not record.private:
+                self._private_infos[modality] = {}
+                return {}
             path = self.inside(f"{record.component_dir}/{PRIVATE_FILE}", "private tensor file")
             if not path.is_file():
                 raise DecoupledFormatError(
                     f"{path}: missing or not a regular file", file=str(path), hint="the checkpoint is incomplete"
                 )
             infos, _ = read_safetensors_header(path)  # validated before the Rust reader sees it
-            missing = [p.name for p in record.private if p.name not in infos]
-            if missing:
-                raise DecoupledFormatError(
-                    f"{path}: the manifest lists private tensor {missing[0]!r} but the file does not hold it",
-                    file=str(path),
-                    tensor=missing[0],
-                    hint="the checkpoint is incomplete; re-run the merge",
-                )
-            self._private[modality] = _safe_open(path)
+            self._check_private_headers(record, path, infos)
+            self._private_infos[modality] = infos
+        return self._private_infos[modality]
+
+    def private_tensor(self, modality: str, name: str) -> torch.Tensor | None:
+        """Rows (or a whole tensor) of the modality's LLM that were never merged, or ``None``."""
+        record = self.modality(modality)
+        if not any(p.name == name for p in record.private):
+            return None
+        if modality not in self._private:
+            self.private_infos(modality)
+            self._private[modality] = _safe_open(self.inside(f"{record.component_dir}/{PRIVATE_FILE}"))
         return self._private[modality].get_tensor(name)
 
     def llm_tensor(self, modality: str, name: str) -> torch.Tensor:
@@ -355,6 +386,7 @@ class DecoupledCheckpoint:
         single merged model it is θ* (the same for every modality) plus the modality's private rows.
         """
         from mmer.merge.masks import reconstruct
+        from mmer.merge.overflow import max_abs
 
         slot = next((s for s in self.slots if s.name == name), None)
         if slot is None:
@@ -367,20 +399,158 @@ class DecoupledCheckpoint:
             out = self.merged_tensor(name)
         else:
             base = self.base_tensor(name)
-            out = (
-                reconstruct(base, self.tau_star(name), self.mask(modality, name), scale=record.scale)
-                if slot.merged
-                else base
-            )
+            if slot.merged:
+                tau, mask = self.tau_star(name), self.mask(modality, name)
+                out = reconstruct(base, tau, mask, scale=record.scale)
+                if not self.allows_nonfinite and not math.isfinite(max_abs(out)):
+                    self.check_rebuild(name, base, tau, {modality: record.scale}, {modality: mask})
+            else:
+                out = base
         if name in private:
             out = torch.cat([out, self.private_tensor(modality, name).to(out.dtype)])  # type: ignore[union-attr]
         return out
+
+    # ------------------------------------------------------------------------------------------------- checks
+    @property
+    def allows_nonfinite(self) -> bool:
+        """Whether the merge was told to write weights that overflow (``--allow-nonfinite``): then so may a rebuild."""
+        return self.manifest.options.get("allow_nonfinite") is True
+
+    def check_rebuild(
+        self,
+        name: str,
+        base: torch.Tensor,
+        tau: torch.Tensor,
+        scales: dict[str, float],
+        masks: dict[str, torch.Tensor] | None = None,
+    ) -> None:
+        """Refuse θ_base + sᵢ·mᵢ∘τ* that is not finite in the base dtype, by the merge's own rule.
+
+        The merge refused exactly this (``mmer.merge.overflow.check_merged``) unless allowed to write it, so a
+        checkpoint that rebuilds to ±inf has a scale, a τ* or a base that is not the one merged.
+        """
+        from mmer.merge.overflow import check_merged
+
+        if self.allows_nonfinite:
+            return
+        labels = list(scales)
+        try:
+            check_merged(
+                base,
+                tau,
+                [scales[m] for m in labels],
+                tensor=name,
+                file=str(self.path),
+                labels=labels,
+                masks=None if masks is None else [masks[m] for m in labels],
+            )
+        except NonFiniteError as err:
+            raise NonFiniteError(
+                f"{self.path}: {', '.join(labels)}: {err.message}",
+                file=str(self.path),
+                tensor=name,
+                key=f"modalities.{labels[0]}.scale" if len(labels) == 1 else "modalities",
+                hint="a merge never writes weights that overflow unless told to: the manifest's scale, τ* or the "
+                "base was changed; " + CHANGED_HINT.split("; ", 1)[1],
+            ) from None
+
+    def _refuse(self, file: Path | str, tensor: str, why: str) -> DecoupledFormatError:
+        return DecoupledFormatError(f"{file}: {tensor!r} {why}", file=str(file), tensor=tensor, hint=CHANGED_HINT)
+
+    def _check_headers(
+        self,
+        reader: CheckpointReader,
+        what: str,
+        slots: list[SlotRecord],
+        dtypes: list[str] | None = None,
+        to_disk: Any = None,
+    ) -> None:
+        """Every slot ``reader`` must hold is there with the manifest's shape and dtype (headers only, no data).
+
+        A header that lies (a renamed, dropped, transposed or re-typed tensor, same bytes) would otherwise be read
+        as it claims: a missing tensor, a shape error deep in the rebuild, or integers rebuilt as weights.
+        """
+        for slot in slots:
+            key = to_disk(slot.name) if to_disk is not None else slot.name
+            info = reader.tensors.get(key)
+            if info is None:
+                if slot.reason == "buffer":
+                    continue  # buffers are not stored (FORMAT.md)
+                raise self._refuse(
+                    reader.directory, key, f"is missing from {what}, but the manifest lists it among its slots"
+                )
+            wanted = dtypes or [slot.dtype]
+            stored = DTYPE_NAMES.get(info.dtype, str(info.dtype))
+            if list(info.shape) != list(slot.shape) or stored not in wanted:
+                raise self._refuse(
+                    info.file,
+                    key,
+                    f"is stored in {what} as {stored} {list(info.shape)}, but the manifest records "
+                    f"{'/'.join(wanted)} {slot.shape}",
+                )
+
+    def _check_mask_shapes(self, masks: MaskFile) -> None:
+        """One mask per merged slot, each claiming its slot's shape (one that only fits the bytes is not enough)."""
+        merged = {s.name: s for s in self.merged_slots}
+        for name, shape in masks.shapes.items():
+            slot = merged.get(name)
+            if slot is None:
+                raise self._refuse(masks.path, name, "has a mask, but the manifest lists no merged slot of that name")
+            if list(shape) != list(slot.shape):
+                raise self._refuse(
+                    masks.path, name, f"has a mask of shape {list(shape)}, but the manifest records {slot.shape}"
+                )
+        missing = [name for name in merged if name not in masks.shapes]
+        if missing:
+            raise self._refuse(masks.path, missing[0], "is merged, but the mask file holds no mask for it")
+
+    def _check_private_headers(self, record: ModalityRecord, path: Path, infos: dict[str, TensorInfo]) -> None:
+        """Each private record is stored under its name with its shape, floating point where its slot is, and in one
+        of the source's dtypes (the rows are the source's own, copied unchanged)."""
+        slots = {s.name: s for s in self.slots}
+        source = [d for d in record.source.dtype.split("/") if d]
+        for p in record.private:
+            info = infos.get(p.name)
+            if info is None:
+                raise self._refuse(path, p.name, "is listed among the private tensors, but the file does not hold it")
+            stored = DTYPE_NAMES.get(info.dtype, str(info.dtype))
+            if list(info.shape) != list(p.shape):
+                raise self._refuse(path, p.name, f"is stored as {list(info.shape)}, the manifest records {p.shape}")
+            slot_dtype = SAFETENSORS_DTYPES[slots[p.name].dtype]
+            if info.dtype.is_floating_point != slot_dtype.is_floating_point or (source and stored not in source):
+                raise self._refuse(
+                    path,
+                    p.name,
+                    f"is stored as {stored}, which is not the source's ({record.source.dtype or 'unknown'}) or "
+                    f"not of the kind of the base's {slots[p.name].dtype}",
+                )
+
+    def stored_problems(self, base: bool = True) -> list[MmerError]:
+        """Every refusal the readers would raise on opening (headers only): what ``mmer verify`` reports."""
+        openers: list[Any] = []
+        if self.is_single_model:
+            openers.append(lambda: self.merged_tensor(self.slots[0].name) if self.slots else None)
+        else:
+            if base:
+                openers.append(self.base_reader)
+            if self.merged_slots:
+                openers.append(lambda: self.tau_star(self.merged_slots[0].name))
+            openers += [lambda m=m: self.mask_file(m) for m in self.modalities]
+        openers += [lambda m=m: self.private_infos(m) for m in self.modalities]
+        found = []
+        for opener in openers:
+            try:
+                opener()
+            except MmerError as err:
+                found.append(err)
+        return found
 
     def close(self) -> None:
         for reader in (self._base, self._tau, *self._components.values()):
             if reader is not None:
                 reader.close()
         self._private.clear()
+        self._private_infos.clear()
         self._masks.clear()
 
     def __enter__(self) -> DecoupledCheckpoint:

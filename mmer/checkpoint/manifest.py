@@ -28,7 +28,7 @@ from pydantic import AfterValidator, Field, Strict, TypeAdapter, ValidationError
 from mmer.config import MODALITY_NAME
 from mmer.errors import DecoupledFormatError, MmerError
 from mmer.io.jsonfile import MAX_JSON_BYTES, loads_bounded
-from mmer.io.layouts import LAYOUTS
+from mmer.io.layouts import LAYOUTS, is_buffer_name, is_vocab_tensor
 from mmer.io.paths import check_inside
 from mmer.io.reader import SAFETENSORS_DTYPES
 
@@ -50,6 +50,12 @@ SCHEMA_HINT = (
     "`mmer verify` to list every problem"
 )
 _SHA256 = re.compile(r"^[0-9a-f]{64}$")
+# EMR's rescaler sᵢ = Σ mean|τᵢ| / Σ mean|mᵢ∘τ*| restores the kept τ*'s magnitude to the fine-tune's: it is above 1
+# by about 1/(α · the fraction kept), so tens for a sparse TIES merge. 1e6 would mean the kept entries carry a
+# millionth of what the model learned, a merge that has already lost it; beyond that a scale only serves to
+# push rebuilt weights to ±inf. Never 0 or negative: the writer's ratio of magnitudes is positive, or 1.
+MAX_SCALE = 1e6
+EXCLUDED = "vocab_policy=exclude"  # a slot's reason when each model keeps its own copy (FORMAT.md, Private tensors)
 
 
 # ------------------------------------------------------------------------------------------ field types
@@ -103,6 +109,7 @@ Str = Annotated[str, Strict()]
 Bool = Annotated[bool, Strict()]
 Count = Annotated[int, Strict(), Field(ge=0, lt=1 << 63)]  # counts, sizes and dims: non-negative int64
 Finite = Annotated[float, Strict(), Field(allow_inf_nan=False)]
+Scale = Annotated[float, Strict(), Field(allow_inf_nan=False, gt=0, le=MAX_SCALE)]
 ModalityName = Annotated[str, Strict(), AfterValidator(_modality_name)]
 Sha256 = Annotated[str, Strict(), AfterValidator(_sha256_hex)]
 RelativePath = Annotated[str, Strict(), AfterValidator(_relative_path)]
@@ -161,7 +168,7 @@ class ModalityRecord:
     private: list[PrivateRecord] = field(default_factory=list)
     vocab_size: Count | None = None
     kept_per_tensor: dict[Str, Count] = field(default_factory=dict)  # canonical name → set bits of its mask
-    scale: Finite = 1.0  # EMR's rescaler sᵢ in θ̂ᵢ = θ_base + sᵢ·mᵢ∘τ* (1 for every other rule)
+    scale: Scale = 1.0  # EMR's rescaler sᵢ in θ̂ᵢ = θ_base + sᵢ·mᵢ∘τ* (1 for every other rule)
     weight: Finite = 1.0  # the model's merge weight
 
     @property
@@ -434,6 +441,81 @@ def _consistency_problems(manifest: Manifest, file: str) -> list[DecoupledFormat
             bad(f"{where}.component_dir", f"must be {component_dir_name(key)!r}")
         if record.kept > record.total:
             bad(f"{where}.kept", f"{record.kept} parameters kept of {record.total}")
+    slots = {s.name: s for s in manifest.slots}
+    for i, slot in enumerate(manifest.slots):
+        for why in _slot_problems(slot):
+            bad(f"slots[{i}]", f"{slot.name[:200]!r}: {why}")
+    for key, record in manifest.modalities.items():
+        for i, why in _private_problems(record, slots, manifest.options.get("vocab_policy")):
+            bad(f"modalities.{key}.private" + ("" if i is None else f"[{i}]"), why)
+    return found
+
+
+def _slot_problems(slot: SlotRecord) -> list[str]:
+    """What the writer never records for a slot: merged integers, vocabulary tensors that are not [rows, dim]."""
+    found = []
+    if slot.merged and not SAFETENSORS_DTYPES[slot.dtype].is_floating_point:
+        found.append(f"merged, but its dtype {slot.dtype} is not floating point (only float weights are merged)")
+    if slot.merged and slot.reason is not None:
+        found.append(f"merged, yet it records why it was not ({slot.reason[:80]!r})")
+    if is_vocab_tensor(slot.name) and len(slot.shape) != 2:
+        found.append(f"a vocabulary tensor has shape {slot.shape[:8]}, not [rows, hidden]")
+    if slot.reason == EXCLUDED and not is_vocab_tensor(slot.name):
+        found.append(f"only vocabulary tensors are kept out under {EXCLUDED}")
+    return found
+
+
+def _private_problems(
+    record: ModalityRecord, slots: dict[str, SlotRecord], vocab_policy: Any
+) -> list[tuple[int | None, str]]:
+    """A private record must be what the writer makes of its slot (FORMAT.md, Private tensors): the whole tensor
+    (``row_start`` 0) of a slot kept out under ``vocab_policy = exclude``, or the rows a model appended past the
+    base's (``row_start`` = the slot's rows) under ``shared-rows``; same trailing dims; ``vocab_size`` rows."""
+    found: list[tuple[int | None, str]] = []
+    seen: set[str] = set()
+    for i, p in enumerate(record.private):
+        slot = slots.get(p.name)
+        if p.name in seen:
+            found.append((i, f"{p.name[:200]!r} is listed twice"))
+            continue
+        seen.add(p.name)
+        if slot is None or is_buffer_name(p.name) or not is_vocab_tensor(p.name):
+            found.append((i, f"{p.name[:200]!r} is not a vocabulary tensor of the base's slots"))
+            continue
+        if len(slot.shape) != 2 or len(p.shape) != 2 or p.shape[1:] != slot.shape[1:]:
+            found.append((i, f"{p.name!r} has shape {p.shape[:8]}, which does not fit the slot's {slot.shape[:8]}"))
+            continue
+        if slot.reason == EXCLUDED:
+            rows = p.shape[0]
+            if p.row_start != 0:
+                found.append((i, f"{p.name!r} is kept out of the merge ({EXCLUDED}), so row_start must be 0"))
+                continue
+        else:
+            rows = p.row_start + p.shape[0]
+            if vocab_policy == "exclude" or p.row_start != slot.shape[0] or p.shape[0] < 1:
+                found.append(
+                    (
+                        i,
+                        f"{p.name!r}: row_start {p.row_start} with {p.shape[0]} rows; a merged slot of "
+                        f"{slot.shape[0]} rows takes only rows appended past them (row_start {slot.shape[0]}, "
+                        "vocab_policy shared-rows)",
+                    )
+                )
+                continue
+        if p.name == "model.embed_tokens.weight" and record.vocab_size is not None and rows != record.vocab_size:
+            found.append((i, f"{p.name!r} has {rows} rows, but vocab_size is {record.vocab_size}"))
+    for name, slot in slots.items():
+        if slot.reason == EXCLUDED and name not in seen:
+            found.append((None, f"{name!r} is kept out of the merge ({EXCLUDED}) but the model's copy is not listed"))
+    embed = slots.get("model.embed_tokens.weight")
+    if (
+        embed is not None
+        and embed.shape
+        and record.vocab_size is not None
+        and "model.embed_tokens.weight" not in seen
+        and record.vocab_size != embed.shape[0]
+    ):
+        found.append((None, f"vocab_size is {record.vocab_size}, but the model's embeddings are the base's"))
     return found
 
 

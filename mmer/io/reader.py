@@ -344,7 +344,14 @@ class CheckpointReader:
         read-only view of the memory-mapped file: no copy, no extra memory; the merge pipeline, which never
         writes into its inputs, reads this way.
         """
-        info = self.tensors[name]
+        info = self.tensors.get(name)
+        if info is None:  # a damaged or edited header: its name changed, or the tensor is gone
+            raise CheckpointFormatError(
+                f"{self.directory}: holds no tensor {name!r}",
+                file=str(self.directory),
+                tensor=name,
+                hint="the checkpoint is incomplete or was modified; fetch it again (`mmer verify` checks a merge)",
+            )
         if self.format == "bin":
             tensor = self._load_bin(info.file)[name]
             return tensor.clone() if copy else tensor

@@ -15,10 +15,10 @@ from pathlib import Path
 import torch
 
 from mmer.checkpoint import bits
-from mmer.checkpoint.decoupled import BASE_DIR, PRIVATE_FILE, DecoupledCheckpoint
+from mmer.checkpoint.decoupled import BASE_DIR, DecoupledCheckpoint
 from mmer.checkpoint.manifest import SlotRecord
 from mmer.errors import DecoupledFormatError
-from mmer.io.reader import SAFETENSORS_DTYPES, read_safetensors_header
+from mmer.io.reader import SAFETENSORS_DTYPES
 from mmer.merge.masks import reconstruct
 
 MEAN = "<mean>"  # the text-weight state of expansion mode, θ_base + m̄∘τ* (not a valid modality name)
@@ -65,21 +65,10 @@ def slot_dtype(slot: SlotRecord) -> torch.dtype:
 
 
 def private_dtypes(ckpt: DecoupledCheckpoint, modality: str) -> dict[str, torch.dtype]:
-    """Stored dtype of each private tensor of ``modality``, read from its safetensors header only."""
-    record = ckpt.modality(modality)
-    if not record.private:
-        return {}
-    path = ckpt.path / record.component_dir / PRIVATE_FILE
-    infos, _ = read_safetensors_header(path)
-    missing = [p.name for p in record.private if p.name not in infos]
-    if missing:
-        raise DecoupledFormatError(
-            f"{path}: the manifest lists private tensor {missing[0]!r} but the file does not hold it",
-            file=str(path),
-            tensor=missing[0],
-            hint="the checkpoint is incomplete; re-run the merge",
-        )
-    return {p.name: infos[p.name].dtype for p in record.private}
+    """Stored dtype of each private tensor of ``modality``, read from its safetensors header only (checked by the
+    loader against the manifest's records)."""
+    infos = ckpt.private_infos(modality)
+    return {p.name: infos[p.name].dtype for p in ckpt.modality(modality).private}
 
 
 def modality_shape(ckpt: DecoupledCheckpoint, modality: str, name: str) -> tuple[int, ...]:
@@ -151,6 +140,8 @@ class DeviceWeights:
             if slot.merged and not self.single_model:
                 self.tau[name] = ckpt.tau_star(name).to(self.devices[name])
         self.scales = {m: ckpt.modality(m).scale for m in self.modalities}
+        for name, tau in self.tau.items():  # once per load: every switch rebuilds from these same tensors
+            ckpt.check_rebuild(name, self.base[name], tau.to(self.base[name].device), self.scales)
         self._same: dict[tuple[str, str, str], bool] = {}
         self.masks: dict[str, dict[str, torch.Tensor]] = {}
         self.shapes: dict[str, tuple[int, ...]] = {}
