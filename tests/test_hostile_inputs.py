@@ -392,3 +392,23 @@ def test_a_read_only_output_filesystem_is_one_clean_error(work, tmp_path, monkey
 def test_an_over_long_output_name_is_one_clean_error(work, tmp_path):
     specs = work["specs"]
     refused(cli("merge", specs["base"], specs["vision"], "-o", tmp_path / ("x" * 300), "--json"), 1)
+
+
+@pytest.mark.parametrize("config", [b"[" * 100_000 + b"]" * 100_000, b'{"model_type": 1e999}', b"[]"])
+def test_the_router_reads_a_component_config_only_after_bounding_it(tmp_path, config):
+    from mmer.route.models import load_config
+
+    (tmp_path / "config.json").write_bytes(config)
+    with pytest.raises(mmer.MmerError, match="config.json"):
+        load_config(tmp_path)
+
+
+def test_the_router_never_follows_a_component_config_out_of_the_checkpoint(tmp_path):
+    from mmer.route.models import load_config
+
+    outside = tmp_path / "outside.json"
+    outside.write_text(json.dumps({"model_type": "llama"}))
+    (tmp_path / "component").mkdir()
+    (tmp_path / "component" / "config.json").symlink_to(outside)
+    with pytest.raises(mmer.MmerError, match="outside"):
+        load_config(tmp_path / "component")

@@ -35,9 +35,17 @@ def load_config(directory: Path) -> Any:
     """The model config of a component directory (local files only, no remote code)."""
     from transformers import AutoConfig
 
+    from mmer.io.jsonfile import read_json_file
+    from mmer.io.paths import check_inside
+
+    # transformers parses the file with plain json (no depth or number bounds) and would follow a link out of
+    # the checkpoint; both are settled here first, on the same bytes it will read.
+    config_file = check_inside(directory, "config.json", what="config file")
+    if not isinstance(read_json_file(config_file, what="model config", error=ConfigError), dict):
+        raise ConfigError(f"{config_file}: not a JSON object", file=str(config_file), hint="re-create the checkpoint")
     try:
         return AutoConfig.from_pretrained(str(directory), trust_remote_code=False, local_files_only=True)
-    except (OSError, ValueError, KeyError) as err:
+    except (OSError, ValueError, KeyError, TypeError, AttributeError) as err:
         raise ConfigError(
             f"{directory / 'config.json'}: transformers cannot read this config ({err})",
             file=str(directory / "config.json"),
