@@ -517,12 +517,16 @@ class DecoupledCheckpoint:
             if list(info.shape) != list(p.shape):
                 raise self._refuse(path, p.name, f"is stored as {list(info.shape)}, the manifest records {p.shape}")
             slot_dtype = SAFETENSORS_DTYPES[slots[p.name].dtype]
-            if info.dtype.is_floating_point != slot_dtype.is_floating_point or (source and stored not in source):
+            if info.dtype.is_floating_point != slot_dtype.is_floating_point:
+                kind = "floating point" if slot_dtype.is_floating_point else "an integer"
+                raise self._refuse(
+                    path, p.name, f"is stored as {stored}, but the base's {slots[p.name].dtype} is {kind}"
+                )
+            if source and stored not in source:
                 raise self._refuse(
                     path,
                     p.name,
-                    f"is stored as {stored}, which is not the source's ({record.source.dtype or 'unknown'}) or "
-                    f"not of the kind of the base's {slots[p.name].dtype}",
+                    f"is stored as {stored}, but the manifest records its source as {record.source.dtype}",
                 )
 
     def stored_problems(self, base: bool = True) -> list[MmerError]:

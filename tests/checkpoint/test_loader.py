@@ -23,9 +23,10 @@ import mmer
 from mmer.checkpoint import decoupled
 from mmer.checkpoint.decoupled import MaskFile, mask_metadata
 from mmer.checkpoint.manifest import MANIFEST_NAME, MANIFEST_SHA_NAME, Manifest
-from mmer.errors import CheckpointFormatError, DecoupledFormatError, MmerError, UnsafePathError
+from mmer.errors import CheckpointFormatError, DecoupledFormatError, MmerError, NonFiniteError, UnsafePathError
 from mmer.inspect import inspect_masks
 from mmer.route.reconstruct import reconstruct
+from mmer.verify import verify
 
 LIBRARY = Path(mmer.__file__).parent
 
@@ -306,3 +307,209 @@ def test_any_bytes_in_a_mask_file_end_in_a_format_error_or_a_valid_mask(tmp_path
                 masks.mask(name)
         except (DecoupledFormatError, CheckpointFormatError):
             pass
+
+
+# --------------------------------------------------------------------- stored tensors agree with the manifest
+def rewrite_header(path: Path, edit) -> None:
+    """Re-frame a safetensors file with an edited header over the same data bytes (a well-formed header that lies)."""
+    raw = path.read_bytes()
+    (n,) = struct.unpack("<Q", raw[:8])
+    header = json.loads(raw[8 : 8 + n])
+    edit(header)
+    new = json.dumps(header).encode()
+    new += b" " * (-len(new) % 8)
+    path.write_bytes(struct.pack("<Q", len(new)) + new + raw[8 + n :])
+
+
+def _transpose(name):
+    def edit(header):
+        header[name]["shape"] = header[name]["shape"][::-1]
+
+    return edit
+
+
+def _retype(name, dtype):
+    def edit(header):
+        header[name]["dtype"] = dtype
+
+    return edit
+
+
+def _rename(name):
+    def edit(header):
+        header[name + ".renamed"] = header.pop(name)
+
+    return edit
+
+
+LYING_HEADERS = {
+    "base-retyped": ("base/model.safetensors", _retype("model.norm.weight", "I32")),
+    "base-transposed": ("base/model.safetensors", _transpose("lm_head.weight")),
+    "base-renamed": ("base/model.safetensors", _rename("model.norm.weight")),
+    "tau-renamed": ("tau_star/model.safetensors", _rename("model.norm.weight")),
+    "tau-transposed": ("tau_star/model.safetensors", _transpose("lm_head.weight")),
+    "private-retyped": ("components/vision/llm_private.safetensors", _retype("lm_head.weight", "I32")),
+    "private-transposed": ("components/vision/llm_private.safetensors", _transpose("lm_head.weight")),
+}
+
+
+@pytest.mark.parametrize("case", list(LYING_HEADERS))
+def test_a_stored_header_that_disagrees_with_the_manifest_is_refused_naming_file_and_tensor(ckpt, tmp_path, case):
+    """Class 7 (and 2): renamed, dropped, transposed or re-typed tensors are refused when their file is opened,
+    from the headers alone, whichever tensor is asked for; verify reports the same refusal."""
+    rel, edit = LYING_HEADERS[case]
+    rewrite_header(ckpt / rel, edit)
+    tensor = (
+        "lm_head.weight" if "lm_head" in case or "private" in case or "transposed" in case else "model.norm.weight"
+    )
+    with mmer.load_decoupled(ckpt) as opened, pytest.raises(DecoupledFormatError) as info:
+        for name in ("model.norm.weight", "lm_head.weight"):
+            opened.llm_tensor("vision", name)
+    assert rel.split("/")[0] in info.value.file and tensor in info.value.tensor
+    assert "mmer verify" in info.value.hint
+    with pytest.raises(DecoupledFormatError):
+        reconstruct(ckpt, tmp_path / "rebuilt", ["vision"])
+    report = verify(ckpt)
+    assert not report.ok and any(info.value.message in p for p in report.problems)
+
+
+def test_every_reader_inherits_the_header_check(ckpt):
+    rewrite_header(ckpt / "base/model.safetensors", _retype("model.norm.weight", "I32"))
+    with pytest.raises(DecoupledFormatError, match="model.norm.weight"):
+        mmer.Router.from_pretrained(ckpt, "cpu")
+
+
+def test_a_tensor_missing_from_a_checkpoint_directory_is_a_format_error_naming_it(merged):
+    from mmer.io.reader import CheckpointReader
+
+    with CheckpointReader(merged / "base") as reader, pytest.raises(CheckpointFormatError) as info:
+        reader.get("model.no_such.weight")
+    assert info.value.tensor == "model.no_such.weight" and str(merged / "base") in info.value.file
+    assert info.value.hint
+
+
+# ------------------------------------------------------------------------------------------------- scale
+@pytest.mark.parametrize("scale", [1e308, 1e7, 0.0, -1.0])
+def test_a_scale_outside_what_emr_computes_is_refused_by_the_schema(ckpt, tmp_path, scale):
+    """Class 3: EMR's rescaler is a positive ratio of mean magnitudes, never near the float limits."""
+    edit_manifest(ckpt, lambda d: d["modalities"]["vision"].update(scale=scale))
+    with pytest.raises(DecoupledFormatError) as info:
+        mmer.load_decoupled(ckpt)
+    assert info.value.key == "modalities.vision.scale"
+    with pytest.raises(DecoupledFormatError):
+        reconstruct(ckpt, tmp_path / "rebuilt", ["vision"])
+    assert not verify(ckpt).ok
+
+
+def test_a_rebuilt_tensor_that_overflows_the_base_dtype_is_refused_naming_modality_and_tensor(ckpt, tmp_path):
+    name = "model.norm.weight"
+    with mmer.load_decoupled(ckpt) as opened:
+        kept = opened.mask("vision", name).reshape(-1).nonzero()[0]
+    tau = load_file(ckpt / "tau_star/model.safetensors")
+    tau[name].reshape(-1)[kept] = 3e38
+    save_file(tau, str(ckpt / "tau_star/model.safetensors"), metadata={"format": "mmer-tau-star/1"})
+    edit_manifest(ckpt, lambda d: d["modalities"]["vision"].update(scale=2.0))
+    with mmer.load_decoupled(ckpt) as opened, pytest.raises(NonFiniteError) as info:
+        opened.llm_tensor("vision", name)
+    assert info.value.tensor == name and "vision" in info.value.message and info.value.hint
+    with pytest.raises(NonFiniteError):
+        reconstruct(ckpt, tmp_path / "rebuilt", ["vision"])
+    assert not (tmp_path / "rebuilt").exists()
+    with pytest.raises(NonFiniteError, match=name):
+        mmer.Router.from_pretrained(ckpt, "cpu")
+
+
+# ----------------------------------------------------------------------------------------- private records
+def _private(data, name):
+    return next(p for p in data["modalities"]["vision"]["private"] if p["name"] == name)
+
+
+@pytest.mark.parametrize(
+    "edit",
+    [
+        lambda d: _private(d, "lm_head.weight").update(row_start=0),
+        lambda d: _private(d, "lm_head.weight").update(row_start=39),
+        lambda d: _private(d, "lm_head.weight").update(shape=[2, 8]),
+        lambda d: _private(d, "model.embed_tokens.weight").update(shape=[3, 16]),
+        lambda d: d["modalities"]["vision"]["private"].append(dict(_private(d, "lm_head.weight"))),
+        lambda d: _private(d, "lm_head.weight").update(name="model.norm.weight"),
+    ],
+    ids=[
+        "whole-tensor-of-a-merged-slot",
+        "not-after-the-base-rows",
+        "other-width",
+        "not-vocab-size",
+        "twice",
+        "not-a-vocabulary-tensor",
+    ],
+)
+def test_a_private_record_that_the_writer_would_not_make_is_refused(ckpt, tmp_path, edit):
+    """Class 4: row_start is the slot's rows (shared-rows) or 0 for a slot kept out (exclude), with the slot's
+    width and the model's vocab_size rows; anything else would rebuild a tensor of another shape."""
+    edit_manifest(ckpt, edit)
+    with pytest.raises(DecoupledFormatError) as info:
+        mmer.load_decoupled(ckpt)
+    assert info.value.key.startswith("modalities.vision.private") and info.value.hint
+    with pytest.raises(DecoupledFormatError):
+        reconstruct(ckpt, tmp_path / "rebuilt", ["vision"])
+    assert not verify(ckpt).ok
+
+
+def test_checkpoints_under_vocab_policy_exclude_still_load_whole_private_tensors(tiny_models, tmp_path):
+    out = tmp_path / "exclude"
+    mmer.run_merge(
+        recipe_for(tiny_models["base_dir"], {"vision": tiny_models["vision_dir"]}, vocab_policy="exclude"), out
+    )
+    assert verify(out).ok
+    with mmer.load_decoupled(out) as opened:
+        rebuilt = opened.llm_tensor("vision", "lm_head.weight")
+    assert torch.equal(rebuilt, tiny_models["vision"]["lm_head.weight"])
+
+
+# ------------------------------------------------------------------------------------------------- slots
+@pytest.mark.parametrize("shape", [[], [640], [40, 16, 1]])
+def test_a_vocabulary_slot_that_is_not_two_dimensional_is_refused(ckpt, tmp_path, shape):
+    """Class 5: embeddings and lm_head are [rows, hidden]; private rows are appended to the first dimension."""
+    edit_manifest(ckpt, lambda d: next(s for s in d["slots"] if s["name"] == "lm_head.weight").update(shape=shape))
+    with pytest.raises(DecoupledFormatError):
+        mmer.load_decoupled(ckpt)
+    with pytest.raises(DecoupledFormatError):
+        reconstruct(ckpt, tmp_path / "rebuilt", ["vision"])
+    assert not verify(ckpt).ok
+
+
+def test_a_slot_shape_that_disagrees_with_the_stored_tensor_is_refused_on_opening(ckpt):
+    edit_manifest(ckpt, lambda d: next(s for s in d["slots"] if s["name"] == "model.norm.weight").update(shape=[8, 2]))
+    with mmer.load_decoupled(ckpt) as opened, pytest.raises(DecoupledFormatError, match="model.norm.weight"):
+        opened.llm_tensor("vision", "model.norm.weight")
+
+
+# ------------------------------------------------------------------------------------------------- masks
+def _mask_shapes(ckpt: Path, edit) -> None:
+    def header_edit(header):
+        shapes = json.loads(header["__metadata__"]["shapes"])
+        edit(shapes)
+        header["__metadata__"]["shapes"] = json.dumps(shapes)
+
+    rewrite_header(ckpt / "masks/vision.safetensors", header_edit)
+
+
+@pytest.mark.parametrize(
+    "edit",
+    [
+        lambda s: s.update({"lm_head.weight": s["lm_head.weight"][::-1]}),
+        lambda s: s.update({"lm_head.weight": [s["lm_head.weight"][0] * s["lm_head.weight"][1]]}),
+    ],
+    ids=["transposed", "flattened"],
+)
+def test_mask_shapes_that_fit_the_bytes_but_not_the_slot_are_refused(ckpt, tmp_path, edit):
+    """Class 6: a claimed shape is checked against the manifest's slot, not only against the packed bytes."""
+    _mask_shapes(ckpt, edit)
+    with mmer.load_decoupled(ckpt) as opened, pytest.raises(DecoupledFormatError) as info:
+        opened.llm_tensor("vision", "model.norm.weight")
+    assert info.value.tensor == "lm_head.weight" and info.value.file.endswith("vision.safetensors")
+    with pytest.raises(DecoupledFormatError):
+        reconstruct(ckpt, tmp_path / "rebuilt", ["vision"])
+    with pytest.raises(DecoupledFormatError):
+        inspect_masks(ckpt)
+    assert not verify(ckpt).ok
