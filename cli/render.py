@@ -26,18 +26,10 @@ from rich.progress import (
 from rich.table import Table
 
 from mmer.errors import MmerError
-from mmer.progress import ProgressSink
+from mmer.progress import ProgressSink, human_bytes
 
 err_console = Console(stderr=True)
 out_console = Console()
-
-
-def human_bytes(n: float) -> str:
-    for unit in ("B", "KB", "MB", "GB", "TB"):
-        if abs(n) < 1000 or unit == "TB":
-            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
-        n /= 1000
-    return f"{n:.1f} TB"
 
 
 class RichProgress(ProgressSink):

@@ -107,50 +107,67 @@ class UnsafePathError(MmerError):
     exit_code = 1
 
 
-class OutputWriteError(MmerError):
-    """The file system refused a write of the output: read-only, no permission, a name too long, busy."""
-
-    exit_code = 1
-
-
 class FileSystemError(MmerError):
     """The operating system refused to read or write a file: read-only, no permission, a name too long, busy."""
 
     exit_code = 1
 
 
-_OS_HINT_BY_NAME = {
-    "ENOSPC": "free some space on that file system, or write the output to a larger one",
-    "EDQUOT": "your disk quota is used up; free some space or write the output elsewhere",
-    "EROFS": "the file system is read-only; write the output to a writable directory",
-    "EACCES": "you lack permission there; check the path's permissions or choose another path",
-    "EPERM": "the operation is not permitted there; check the path's permissions or choose another path",
-    "ENAMETOOLONG": "use a shorter file or directory name",
-    "EBUSY": "the file is in use by another program; close it, or retry later",
-    "ETXTBSY": "the file is in use by another program; close it, or retry later",
-    "EISDIR": "a directory is where a file was expected; pass a file path",
-    "ENOTDIR": "a part of the path is a file, not a directory; check the path",
-    "ENOENT": "check that the path exists",
-    "EEXIST": "something is already there; remove it or choose another path",
-    "EMFILE": "too many open files; raise the limit (ulimit -n) and run again",
-    "ELOOP": "the path has a symbolic link loop; fix the link",
-    "EIO": "the device reported an I/O error; check the disk",
+class OutputWriteError(FileSystemError):
+    """The file system refused a write of the output (a :class:`FileSystemError` met while writing it)."""
+
+
+# The one table of what each errno means and what to do about it; anything else is still named, with its reason.
+_OS_ERRORS = {
+    "EROFS": ("the file system is read-only", "write to a writable location (for an output: another -o)"),
+    "EACCES": ("permission denied", "check the path's permissions, or choose a directory you may write to"),
+    "EPERM": ("operation not permitted", "check the path's permissions, or choose a directory you may write to"),
+    "ENAMETOOLONG": (
+        "the name is too long for the file system",
+        "use a shorter name (for an output, mmer adds about 40 characters to it for its staging directory)",
+    ),
+    "EBUSY": ("busy (in use by another process, or a mount point)", "close what holds it, or retry later"),
+    "ETXTBSY": ("busy (in use by another process)", "close what holds it, or retry later"),
+    "EEXIST": (
+        "already exists (a file where a directory is needed, or made by another process meanwhile)",
+        "remove it or choose another path, and run one writer per output",
+    ),
+    "ENOTEMPTY": (
+        "appeared while writing (another process writing the same output?)",
+        "run one writer per output, or choose another output path",
+    ),
+    "ENOTDIR": ("a part of the path is a file, not a directory", "check the path"),
+    "EISDIR": ("is a directory where a file was expected", "pass a file path, not a directory"),
+    "ENOENT": ("no such file or directory", "check that the path exists"),
+    "ELOOP": ("too many symbolic links in the path", "fix the link loop"),
+    "EMFILE": ("too many open files", "raise the open-file limit (ulimit -n) and run again"),
+    "EFBIG": ("a file grew past the file system's size limit", "write to a file system without that limit"),
+    "EIO": ("input/output error", "check the disk, then run again"),
 }
-_OS_HINTS = {getattr(errno, name): hint for name, hint in _OS_HINT_BY_NAME.items() if hasattr(errno, name)}
+_OS_ERRORS_BY_CODE = {getattr(errno, name): text for name, text in _OS_ERRORS.items() if hasattr(errno, name)}
+_DISK_FULL = {errno.ENOSPC, getattr(errno, "EDQUOT", errno.ENOSPC)}
+_ANY_OS_ERROR = "check the path, its permissions and the free space"
 
 
-def from_os_error(err: OSError) -> MmerError:
-    """The :class:`MmerError` for an ``OSError`` nothing nearer caught: one message naming the path and a fix.
+def from_os_error(err: OSError, path: object = None, *, writing_output: bool = False) -> MmerError:
+    """The :class:`MmerError` an ``OSError`` becomes: one message naming the path, its reason and a fix.
 
-    A full disk is a :class:`DiskFullError`; anything else a :class:`FileSystemError`. Both exit 1.
+    A full disk is a :class:`DiskFullError`; while writing an output anything else is an
+    :class:`OutputWriteError`, elsewhere a :class:`FileSystemError`. All exit 1.
     """
-    path = err.filename if err.filename is not None else None
-    reason = err.strerror or str(err) or type(err).__name__
-    where = f"{path}: " if path is not None else ""
+    where = err.filename if err.filename else path
+    prefix = f"{where}: " if where is not None else ""
+    file = None if where is None else str(where)
+    if err.errno in _DISK_FULL:
+        during = " while writing the output" if writing_output else ""
+        return DiskFullError(
+            f"{prefix}no space left on the device{during}",
+            file=file,
+            hint="free some space on that file system, or write the output to a larger one; nothing partial was kept",
+        )
+    fallback = (err.strerror or str(err) or type(err).__name__, _ANY_OS_ERROR)
+    reason, hint = _OS_ERRORS_BY_CODE.get(err.errno or -1, fallback)
     extra = f" (and {err.filename2})" if getattr(err, "filename2", None) else ""
-    cls = DiskFullError if err.errno in (errno.ENOSPC, getattr(errno, "EDQUOT", errno.ENOSPC)) else FileSystemError
-    return cls(
-        f"{where}{reason}{extra}",
-        file=None if path is None else str(path),
-        hint=_OS_HINTS.get(err.errno or -1, "check the path, its permissions and the free space"),
-    )
+    if writing_output:
+        return OutputWriteError(f"{prefix}cannot write the output: {reason}{extra}", file=file, hint=hint)
+    return FileSystemError(f"{prefix}{reason}{extra}", file=file, hint=hint)

@@ -24,3 +24,12 @@ class ProgressSink:
 
 
 NULL_PROGRESS = ProgressSink()
+
+
+def human_bytes(n: float) -> str:
+    """Sizes as users read them in progress lines, warnings and reports (decimal units, like download tools)."""
+    for unit in ("B", "KB", "MB", "GB", "TB"):
+        if abs(n) < 1000 or unit == "TB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1000
+    return f"{n:.1f} TB"

@@ -17,7 +17,6 @@ never lose a file mmer did not write.
 
 from __future__ import annotations
 
-import errno
 import json
 import os
 import re
@@ -26,9 +25,10 @@ from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
-from mmer.errors import DiskFullError, MmerError, OutputExistsError, OutputWriteError
+from mmer.errors import MmerError, OutputExistsError, from_os_error
 from mmer.io.jsonfile import loads_bounded
 from mmer.io.paths import allowed_roots
+from mmer.progress import human_bytes
 from mmer.version import __version__
 
 MARKER_NAME = ".mmer-output"
@@ -89,47 +89,9 @@ def _real(path: str | Path) -> Path:
     return Path(os.path.realpath(os.path.expanduser(path)))
 
 
-# What each errno means for an output and what to do about it; anything else is still named, with its reason.
-_OS_ERRORS = {
-    errno.EROFS: ("the file system is read-only", "write the output to a writable location (-o)"),
-    errno.EACCES: ("permission denied", "choose an output directory you may write to, or fix its permissions"),
-    errno.EPERM: ("operation not permitted", "choose an output directory you may write to, or fix its permissions"),
-    errno.ENAMETOOLONG: (
-        "the name is too long for the file system",
-        "choose a shorter output name (mmer adds about 40 characters to it for its staging directory)",
-    ),
-    errno.EBUSY: (
-        "busy (in use by another process, or a mount point)",
-        "close what holds it, or choose another output path",
-    ),
-    errno.EEXIST: (
-        "already exists (a file where a directory is needed, or made by another process meanwhile)",
-        "choose another output path, and run one writer per output",
-    ),
-    errno.ENOTEMPTY: (
-        "appeared while writing (another process writing the same output?)",
-        "run one writer per output, or choose another output path",
-    ),
-    errno.ENOTDIR: ("a part of the path is a file, not a directory", "choose an output path under a directory"),
-    errno.EISDIR: ("is a directory where a file was expected", "choose another output path"),
-    errno.ELOOP: ("too many symbolic links in the path", "choose an output path without a link loop"),
-    errno.EMFILE: ("too many open files", "raise the open-file limit (ulimit -n)"),
-    errno.EFBIG: ("a file grew past the file system's size limit", "write to a file system without that limit"),
-    errno.EIO: ("input/output error", "check the disk, then run again"),
-}
-
-
 def output_os_error(err: OSError, path: Path) -> MmerError:
     """The :class:`~mmer.errors.MmerError` an OS error while writing the output at ``path`` becomes."""
-    where = err.filename if err.filename else path
-    if err.errno in (errno.ENOSPC, errno.EDQUOT):
-        return DiskFullError(
-            f"{where}: no space left on the device while writing the output",
-            file=str(where),
-            hint="free space or choose another output directory; nothing partial was kept",
-        )
-    reason, hint = _OS_ERRORS.get(err.errno or 0, (err.strerror or str(err), "choose another output path"))
-    return OutputWriteError(f"{where}: cannot write the output: {reason}", file=str(where), hint=hint)
+    return from_os_error(err, path, writing_output=True)
 
 
 def check_target(target: str | Path, overwrite: bool, protect: Iterable[str | Path] = ()) -> None:
@@ -223,14 +185,6 @@ def _tree_bytes(root: Path) -> int:
             except OSError:
                 pass
     return total
-
-
-def human_bytes(n: float) -> str:
-    for unit in ("B", "KB", "MB", "GB", "TB"):
-        if abs(n) < 1000 or unit == "TB":
-            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
-        n /= 1000
-    return f"{n:.1f} TB"
 
 
 def clear_leftovers(target: Path) -> list[str]:

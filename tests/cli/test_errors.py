@@ -89,7 +89,7 @@ def test_an_os_error_becomes_one_error_naming_the_path_with_a_fix(code, cls, say
     err = errors.from_os_error(OSError(code, os.strerror(code), "/out/model.safetensors"))
     assert type(err) is cls and err.exit_code == 1
     assert err.file == "/out/model.safetensors" and err.message.startswith("/out/model.safetensors: ")
-    assert says in err.hint
+    assert says in f"{err.message} {err.hint}" and err.hint
 
 
 # -------------------------------------------------------------------------------------------- usage errors
