@@ -30,7 +30,14 @@ from mmer.checkpoint.decoupled import (
     TAU_STAR_DIR,
     mask_metadata,
 )
-from mmer.checkpoint.manifest import MANIFEST_NAME, MANIFEST_SHA_NAME, Manifest, ModalityRecord, SlotRecord
+from mmer.checkpoint.manifest import (
+    MANIFEST_NAME,
+    MANIFEST_SHA_NAME,
+    MAX_SCALE,
+    Manifest,
+    ModalityRecord,
+    SlotRecord,
+)
 from mmer.config import ModelSpec, Recipe
 from mmer.errors import NonFiniteError
 from mmer.io.paths import copy_regular_file
@@ -527,10 +534,10 @@ def _check_rescaled(
     limit is rebuilt from the τ* just written.
     """
     for m in plan.models:
-        if not math.isfinite(scales[m.label]):
+        if not 0 < scales[m.label] <= MAX_SCALE:  # the range readers accept (FORMAT.md); NaN fails it too
             raise NonFiniteError(
-                f"{m.path}: EMR's rescaler for {m.label} is {scales[m.label]} (its task vector's mean magnitude "
-                "overflows or is not a number)",
+                f"{m.path}: EMR's rescaler for {m.label} is {scales[m.label]}, outside (0, {MAX_SCALE:g}] (its task "
+                "vector's mean magnitude overflows, is not a number, or the mask keeps almost nothing of it)",
                 file=str(m.path),
                 key=m.label,
                 hint="check the model for NaN/inf or huge weights; a mask rule without a rescaler (mmer, tall) "

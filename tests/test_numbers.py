@@ -239,3 +239,14 @@ def test_check_merged_passes_ordinary_weights_and_names_only_the_modalities_hit(
     with pytest.raises(NonFiniteError) as info:
         check_merged(base, tau, [1.0, 1.0], tensor="t", file="f", labels=["a", "b"], masks=masks)
     assert info.value.message.endswith("the weights of b") and info.value.tensor == "t"
+
+
+@pytest.mark.parametrize("scale", [2e6, 0.0, float("nan"), float("inf")])
+def test_an_emr_rescaler_that_readers_would_refuse_is_never_written(tmp_path, scale):
+    from types import SimpleNamespace
+
+    from mmer.pipeline import _check_rescaled
+
+    plan = SimpleNamespace(models=[SimpleNamespace(label="vision", path=tmp_path)], merged_slots=[])
+    with pytest.raises(NonFiniteError, match="rescaler"):
+        _check_rescaled(plan, tmp_path, {"vision": scale}, None)

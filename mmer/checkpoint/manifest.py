@@ -25,7 +25,7 @@ from typing import Annotated, Any, Literal
 
 from pydantic import AfterValidator, Field, Strict, TypeAdapter, ValidationError
 
-from mmer.config import MODALITY_NAME
+from mmer.config import MODALITY_NAME, RESERVED_MODALITY_NAMES
 from mmer.errors import DecoupledFormatError, MmerError
 from mmer.io.jsonfile import MAX_JSON_BYTES, loads_bounded
 from mmer.io.layouts import LAYOUTS, is_buffer_name, is_vocab_tensor
@@ -37,8 +37,6 @@ MANIFEST_SHA_NAME = "mmer_manifest.json.sha256"  # the manifest's own hash: with
 FORMAT_NAME = "mmer-decoupled"
 FORMAT_VERSION = "1.0"
 
-# Names a modality may not take: "base" is the base model's role (its hashes, its directory, its recipe entry).
-RESERVED_MODALITY_NAMES = frozenset({"base"})
 MASKS_DIR = "masks"
 COMPONENTS_DIR = "components"
 BASE_DIR = "base"
@@ -63,7 +61,7 @@ def _modality_name(name: str) -> str:
     if not MODALITY_NAME.fullmatch(name):
         raise ValueError(f"modality name {name[:80]!r} does not match {MODALITY_NAME.pattern}")
     if name in RESERVED_MODALITY_NAMES:
-        raise ValueError(f"modality name {name!r} is reserved for the base model")
+        raise ValueError(f"modality name {name!r} is reserved ({', '.join(RESERVED_MODALITY_NAMES)})")
     return name
 
 

@@ -140,7 +140,7 @@ def test_a_modality_cannot_take_the_base_models_name(written):
     record = data["modalities"].pop("vision")
     record.update(name="base", mask_file="masks/base.safetensors", component_dir="components/base")
     data["modalities"]["base"] = record
-    assert "reserved for the base model" in refusal(data, "modalities.base").message
+    assert "is reserved" in refusal(data, "modalities.base").message
 
 
 @pytest.mark.parametrize(
