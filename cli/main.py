@@ -14,6 +14,7 @@ from mmer_cli.guard import EPILOG, GuardedGroup, interrupted
 import mmer
 from mmer.config import build_recipe, parse_size
 from mmer.errors import ConfigError, MmerError
+from mmer.io.report_files import check_png
 
 app = typer.Typer(
     name="mmer",
@@ -63,19 +64,15 @@ def _fail(err: MmerError, as_json: bool) -> None:
 
 def _check_png(png: Path | None) -> None:
     """Refuse a --png that cannot be written before the work, not after it: a missing directory is not created
-    (as with matplotlib's own savefig, a typo in it should not silently make a new tree)."""
+    (as with matplotlib's own savefig, a typo in it should not silently make a new tree), and a file mmer did not
+    write is never replaced."""
     if png is None:
         return
-    if png.is_dir():
-        raise ConfigError(f"--png {png}: is a directory", file=str(png), key="png", hint="name a file, e.g. chart.png")
-    parent = png.parent
-    if not parent.is_dir():
-        raise ConfigError(
-            f"--png {png}: directory {parent} does not exist",
-            file=str(png),
-            key="png",
-            hint=f"create it first (mkdir -p {parent}), or write the chart into an existing directory",
-        )
+    try:
+        check_png(png)
+    except MmerError as err:
+        err.key = err.key or "png"
+        raise
 
 
 def _parse_lambdas(values: list[str]) -> dict[str, float]:

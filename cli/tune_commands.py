@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -192,6 +193,7 @@ def tune(
                 probe_arg = probes[0]
             else:
                 probe_arg = _pairs(probes, "--probes")
+        _check_tune_outputs(output, write_recipe)
         with render.RichProgress(enabled=not quiet and not json_out) as progress:
             report = run_tune(
                 recipe_obj,
@@ -231,6 +233,20 @@ def tune(
         render.print_json({"ok": True, **report.to_dict(), "files": files})
         return
     _print_tune(report.to_dict(), files)
+
+
+def _check_tune_outputs(output: Path, write_recipe: Path | None) -> None:
+    """Before the search: the report files may be written, and replace only what an earlier tune wrote there."""
+    from mmer.io.report_files import check_png, check_report_file
+    from mmer.tune import TUNED_RECIPE_SIGNATURE, tune_report_written_by_mmer
+
+    if os.path.lexists(output) and (output.is_symlink() or not output.is_dir()):
+        raise ConfigError(f"{output}: is not a directory", file=str(output), key="output", hint="choose another -o")
+    if output.is_dir():
+        check_report_file(output / "tune.json", tune_report_written_by_mmer, "tune report")
+        check_png(output / "tune.png")
+    if write_recipe is not None:
+        check_report_file(write_recipe, TUNED_RECIPE_SIGNATURE, "tuned recipe")
 
 
 def _print_tune(data: dict[str, Any], files: dict[str, str | None]) -> None:

@@ -22,6 +22,7 @@ import torch
 
 from mmer.config import MergeOptions, Recipe
 from mmer.errors import ConfigError
+from mmer.io.report_files import save_figure
 from mmer.merge.masks import MASKS, NO_MASK, reconstruct
 from mmer.merge.slot import Variant, merge_slot
 from mmer.pipeline import find_global_thresholds, peak_rss_bytes, slot_deltas, tau_dtype
@@ -201,7 +202,7 @@ def write_bar_chart(report: CompareReport, png: str | Path) -> Path:
         panel.set_title(title, fontsize=9)
         panel.set_xticks(x, labels, rotation=45, ha="right", fontsize=7)
     axes[0].legend(fontsize=8)
-    png = Path(png)
-    fig.savefig(png, dpi=130)
-    plt.close(fig)
-    return png
+    try:
+        return save_figure(fig, png, dpi=130)
+    finally:
+        plt.close(fig)

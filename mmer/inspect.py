@@ -15,6 +15,7 @@ from typing import Any
 from mmer.checkpoint import bits
 from mmer.checkpoint.decoupled import DecoupledCheckpoint, load_decoupled
 from mmer.io.layouts import MODULE_TYPES, layer_index, module_type
+from mmer.io.report_files import save_figure
 
 
 def row_label(canonical: str) -> str:
@@ -193,7 +194,7 @@ def write_heatmap(stats: MaskStats, png: str | Path) -> Path:
     axes[0][0].set_ylabel("layer")
     if image is not None:
         fig.colorbar(image, ax=axes[0].tolist(), label="mask density", shrink=0.8)
-    png = Path(png)
-    fig.savefig(png, dpi=130)
-    plt.close(fig)
-    return png
+    try:
+        return save_figure(fig, png, dpi=130)
+    finally:
+        plt.close(fig)

@@ -69,6 +69,7 @@ from mmer.config import ModelSpec, Recipe
 from mmer.errors import ConfigError, MmerError, ModelNotFoundError
 from mmer.io.jsonfile import MAX_JSON_BYTES, loads_bounded
 from mmer.io.reader import CheckpointReader
+from mmer.io.report_files import save_figure, text_written_by, write_report_file
 from mmer.io.resolve import resolve_model
 from mmer.io.writer import PlannedTensor, ShardedWriter, StagedOutput
 from mmer.merge.dare import dare
@@ -85,6 +86,14 @@ from mmer.version import __version__
 # mmer-method.md §9: λ·50 % ∈ {15, 30, 45, 60, 75} %, and K ∈ {60, 80, 100} %.
 DEFAULT_LAMBDAS = (0.3, 0.6, 0.9, 1.2, 1.5)
 DEFAULT_KS = (0.6, 0.8, 1.0)
+TUNE_REPORT_FORMAT = "mmer-tune/1"
+TUNED_RECIPE_FIRST_WORDS = "# λ per modality and K chosen by `mmer tune`"
+TUNED_RECIPE_SIGNATURE = text_written_by(TUNED_RECIPE_FIRST_WORDS)
+
+
+def tune_report_written_by_mmer(head: bytes) -> bool:
+    """tune.json carries its format tag first; reports written before the tag began with the score."""
+    return head.startswith((f'{{\n  "format": "{TUNE_REPORT_FORMAT}"'.encode(), b'{\n  "score": '))
 BUILTIN_SCORES = {
     "recon": "−relative ℓ1 reconstruction error ‖θ̂ᵢ − θᵢ‖₁ / ‖τᵢ‖₁",
     "logits": "−mean next-token KL(original ‖ rebuilt) on the probes",
@@ -599,16 +608,15 @@ class TuneReport:
     def write_recipe(self, path: str | Path) -> Path:
         path = Path(path)
         header = (
-            f"# λ per modality and K chosen by `mmer tune` {__version__} (score: {self.score}, "
+            f"{TUNED_RECIPE_FIRST_WORDS} {__version__} (score: {self.score}, "
             f"{self.description}).\n# Merge with: mmer merge --recipe {path.name} -o merged/\n"
         )
-        path.write_text(header + self.tuned_recipe().to_yaml(), encoding="utf-8")
-        return path
+        data = (header + self.tuned_recipe().to_yaml()).encode("utf-8")
+        return write_report_file(path, data, TUNED_RECIPE_SIGNATURE, "tuned recipe")
 
     def write_json(self, path: str | Path) -> Path:
-        path = Path(path)
-        path.write_text(json.dumps(self.to_dict(), indent=2) + "\n", encoding="utf-8")
-        return path
+        data = (json.dumps({"format": TUNE_REPORT_FORMAT, **self.to_dict()}, indent=2) + "\n").encode("utf-8")
+        return write_report_file(path, data, tune_report_written_by_mmer, "tune report")
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -661,10 +669,10 @@ def write_plot(report: TuneReport, png: str | Path) -> Path:
         ax.set_ylabel(f"score: {report.score}")
         ax.legend(fontsize=7)
     fig.suptitle(f"mmer tune: {report.description} (higher is better)", fontsize=9)
-    png = Path(png)
-    fig.savefig(png, dpi=120)
-    plt.close(fig)
-    return png
+    try:
+        return save_figure(fig, png, dpi=120)
+    finally:
+        plt.close(fig)
 
 
 # ------------------------------------------------------------------------------------------------------ tune

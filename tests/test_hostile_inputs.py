@@ -412,3 +412,31 @@ def test_the_router_never_follows_a_component_config_out_of_the_checkpoint(tmp_p
     (tmp_path / "component" / "config.json").symlink_to(outside)
     with pytest.raises(mmer.MmerError, match="outside"):
         load_config(tmp_path / "component")
+
+
+def test_tune_never_replaces_report_files_or_recipes_it_did_not_write(work, tmp_path):
+    out = tmp_path / "report"
+    out.mkdir()
+    (out / "tune.json").write_text('{"my": "own results"}')
+    specs = work["specs"]
+    data = refused(cli("tune", specs["base"], specs["vision"], "-o", out, "--lambdas", "0.9", "--json"), 2)
+    assert "tune.json" in data["message"]
+    assert (out / "tune.json").read_text() == '{"my": "own results"}'
+    mine = tmp_path / "mine.yaml"
+    mine.write_text("# hand-written\n")
+    data = refused(
+        cli("tune", specs["base"], specs["vision"], "-o", tmp_path / "r2", "--write-recipe", mine, "--json"), 2
+    )
+    assert mine.read_text() == "# hand-written\n"
+    ok = cli("tune", specs["base"], specs["vision"], "-o", tmp_path / "r3", "--lambdas", "0.9", "--json")
+    assert ok.exit_code == 0, ok
+    again = cli("tune", specs["base"], specs["vision"], "-o", tmp_path / "r3", "--lambdas", "0.6", "--json")
+    assert again.exit_code == 0, again  # a report an earlier tune wrote is replaced
+
+
+def test_compare_never_replaces_a_png_it_did_not_write(work, tmp_path):
+    png = tmp_path / "figure.png"
+    png.write_bytes(b"\x89PNG\r\n\x1a\nsomeone else's figure")
+    specs = work["specs"]
+    refused(cli("compare", specs["base"], specs["vision"], "--png", png, "--json"), 2)
+    assert png.read_bytes().endswith(b"someone else's figure")
