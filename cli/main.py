@@ -134,7 +134,9 @@ def merge(
     hash_inputs: Annotated[
         bool | None, typer.Option("--hash-inputs/--no-hash-inputs", help="Record sha256 of every input file.")
     ] = None,
-    overwrite: Annotated[bool, typer.Option(help="Replace an earlier mmer output there (never anything mmer did not write).")] = False,
+    overwrite: Annotated[
+        bool, typer.Option(help="Replace an earlier mmer output there (never anything mmer did not write).")
+    ] = False,
     dry_run: Annotated[
         bool, typer.Option("--dry-run", help="Check inputs, print the plan and memory estimate.")
     ] = False,

@@ -21,7 +21,9 @@ def reconstruct(
     ] = None,
     all_: Annotated[bool, typer.Option("--all", help="Rebuild every modality, one subdirectory each.")] = False,
     shard_size: Annotated[str, typer.Option(help="Max bytes per output shard, e.g. 5GB.")] = "5GiB",
-    overwrite: Annotated[bool, typer.Option(help="Replace an earlier mmer output there (never anything mmer did not write).")] = False,
+    overwrite: Annotated[
+        bool, typer.Option(help="Replace an earlier mmer output there (never anything mmer did not write).")
+    ] = False,
     json_out: Annotated[bool, typer.Option("--json", help="Print a machine-readable summary on stdout.")] = False,
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress bars.")] = False,
 ) -> None:

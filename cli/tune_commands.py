@@ -67,7 +67,9 @@ def add(
     check_sources: Annotated[
         bool, typer.Option("--check-sources/--no-check-sources", help="Check originals against the recorded sha256.")
     ] = True,
-    overwrite: Annotated[bool, typer.Option(help="Replace an earlier mmer output there (never anything mmer did not write).")] = False,
+    overwrite: Annotated[
+        bool, typer.Option(help="Replace an earlier mmer output there (never anything mmer did not write).")
+    ] = False,
     dry_run: Annotated[bool, typer.Option("--dry-run", help="Decide and check everything, write nothing.")] = False,
     json_out: Annotated[bool, typer.Option("--json", help="Print a machine-readable summary on stdout.")] = False,
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress bars.")] = False,
