@@ -54,6 +54,7 @@ from mmer.io.reader import DTYPE_NAMES, SAFETENSORS_DTYPES, CheckpointReader, Te
 from mmer.io.reader import read_safetensors_header as _read_header
 from mmer.io.resolve import HUB_PATTERNS, ResolvedModel, cached_blob_sha256, resolve_model
 from mmer.io.writer import StagedOutput
+from mmer.merge.error import error_l1, relative_error, tau_l1
 from mmer.merge.masks import NO_MASK, reconstruct
 from mmer.pipeline import (
     MergeReport,
@@ -892,28 +893,27 @@ def measure_gap(
                 r["kept_b"] += int(mb.sum())
                 ra = reconstruct(base, tau_a, ma, dtype=torch.float32, scale=a.modality(name).scale)
                 rb = reconstruct(base, tau_b, mb, dtype=torch.float32, scale=b.modality(name).scale)
-                r["rebuild"] += float((rb - ra).abs().sum())
+                r["rebuild"] += error_l1(rb, theta=ra)
                 model = opened.get(name)
                 if model is not None:
                     theta = model.reader.get(model.llm[slot.name].name).float()
                     theta = theta[:rows] if rows is not None and theta.dim() else theta
-                    r["err_a"] += float((ra - theta).abs().sum())
-                    r["err_b"] += float((rb - theta).abs().sum())
-                    r["norm"] += float((theta - base).abs().sum())
+                    r["err_a"] += error_l1(ra, theta=theta)
+                    r["err_b"] += error_l1(rb, theta=theta)
+                    r["norm"] += tau_l1(theta=theta, base=base)
                 else:
-                    r["norm"] += float((ra - base).abs().sum())
+                    r["norm"] += tau_l1(theta=ra, base=base)
         out: dict[str, dict[str, float | None]] = {}
         for name in names:
             r = acc[name]
-            n = r["norm"] or 1.0
             known = name in opened
             out[name] = {
                 "mask_agreement": r["agree"] / total if total else 1.0,
                 "density_a": r["kept_a"] / total if total else 0.0,
                 "density_b": r["kept_b"] / total if total else 0.0,
-                "rebuild_rel_l1": r["rebuild"] / n,
-                "error_a": r["err_a"] / n if known else None,
-                "error_b": r["err_b"] / n if known else None,
+                "rebuild_rel_l1": relative_error(r["rebuild"], r["norm"]),
+                "error_a": relative_error(r["err_a"], r["norm"]) if known else None,
+                "error_b": relative_error(r["err_b"], r["norm"]) if known else None,
             }
         return GapReport(str(reference), str(candidate), diff / norm if norm else 0.0, out)
     finally:

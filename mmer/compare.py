@@ -23,6 +23,7 @@ import torch
 from mmer.config import MergeOptions, Recipe
 from mmer.errors import ConfigError
 from mmer.io.report_files import save_figure
+from mmer.merge.error import error_l1, relative_error, tau_l1
 from mmer.merge.masks import MASKS, NO_MASK, reconstruct
 from mmer.merge.slot import Variant, merge_slot
 from mmer.pipeline import find_global_thresholds, peak_rss_bytes, slot_deltas, tau_dtype
@@ -151,13 +152,13 @@ def run_compare(
             base, raw = slot_deltas(plan, slot.name, device)
             base_dev = base.to(device)
             for j, label in enumerate(labels):
-                norm[label] += float(raw[j].abs().sum())
+                norm[label] += tau_l1(raw[j])
             for i, variant in enumerate(resolved):
                 result = slot_result(variant, slot.name, raw, tau_dtype(plan, slot.dtype))
                 for j, label in enumerate(labels):
                     mask = None if result.masks is None else result.masks[j]
                     rebuilt = reconstruct(base_dev, result.stored, mask, scale=scales[i][label])
-                    error[i][label] += float(((rebuilt.float() - base_dev.float()) - raw[j]).abs().sum())
+                    error[i][label] += error_l1(rebuilt, base=base_dev, tau=raw[j])
                     kept[i][label] += slot.numel if mask is None else int(mask.sum())
             progress.advance("compare", slot.nbytes * (1 + len(labels)))
             del base, base_dev, raw
@@ -170,7 +171,7 @@ def run_compare(
         report.results.append(
             VariantResult(
                 variant.label,
-                {label: error[i][label] / norm[label] if norm[label] else 0.0 for label in labels},
+                {label: relative_error(error[i][label], norm[label]) for label in labels},
                 {label: kept[i][label] / plan.merged_numel if plan.merged_numel else 0.0 for label in labels},
                 scales[i],
             )

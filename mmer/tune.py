@@ -73,6 +73,7 @@ from mmer.io.report_files import save_figure, text_written_by, write_report_file
 from mmer.io.resolve import resolve_model
 from mmer.io.writer import PlannedTensor, ShardedWriter, StagedOutput
 from mmer.merge.dare import dare
+from mmer.merge.error import error_l1, relative_error, tau_l1
 from mmer.merge.masks import MASKS, NO_MASK, reconstruct
 from mmer.merge.methods import METHODS
 from mmer.merge.slot import Variant, merge_slot
@@ -960,13 +961,11 @@ def _prepare(
                         for lam in lambdas:
                             mask = rule.fn(src, effective, lam)
                             rebuilt = reconstruct(base_dev, stored, mask)
-                            error[(label, k, lam)] += float(
-                                ((rebuilt.float() - base_dev.float()) - raw[i]).abs().sum()
-                            )
+                            error[(label, k, lam)] += error_l1(rebuilt, base=base_dev, tau=raw[i])
                             kept[(label, k, lam)] += int(mask.sum())
                 for i, label in enumerate(labels):
                     if label in tuned:
-                        norm[label] += float(raw[i].abs().sum())
+                        norm[label] += tau_l1(raw[i])
                 progress.advance(stage, slot.nbytes * (1 + len(labels)))
             for writer in writers.values():
                 writer.close()
@@ -1001,7 +1000,7 @@ def _prepare(
     if recon:
         total = plan.merged_numel
         for (m, k, lam), err in error.items():
-            rel = err / norm[m] if norm[m] else 0.0
+            rel = relative_error(err, norm[m])
             results.append(
                 {
                     "modality": m,

@@ -27,6 +27,7 @@ from mmer.errors import MmerError, ModelNotFoundError
 from mmer.io.paths import check_inside
 from mmer.io.reader import CheckpointReader
 from mmer.io.resolve import resolve_model
+from mmer.merge.error import error_l1, relative_error, tau_l1
 
 
 @dataclass
@@ -225,11 +226,10 @@ def _reconstruction(ckpt: DecoupledCheckpoint, modality: str, report: VerifyRepo
             private_equal &= bool(torch.equal(rebuilt[rows:], original[rows:]))
             rebuilt, original = rebuilt[:rows], original[:rows]
         base = ckpt.base_tensor(slot.name).float()
-        diff = (rebuilt - original).abs()
-        error += float(diff.sum())
-        norm += float((original - base).abs().sum())
-        max_abs = max(max_abs, float(diff.max()) if diff.numel() else 0.0)
+        error += error_l1(rebuilt, theta=original)
+        norm += tau_l1(theta=original, base=base)
+        max_abs = max(max_abs, float((rebuilt - original).abs().max()) if rebuilt.numel() else 0.0)
     reader.close()
     if not private_equal:
         report.problems.append(f"{modality}: private vocabulary rows differ from the source")
-    return Reconstruction(error / norm if norm else 0.0, max_abs, private_equal, hashes_match)
+    return Reconstruction(relative_error(error, norm), max_abs, private_equal, hashes_match)
