@@ -55,43 +55,22 @@ def intermediate_size(hidden: int) -> int:
 
 
 def llama_config(hidden: int, layers: int) -> dict[str, Any]:
+    """Multi-head attention (k/v as wide as q), ``intermediate_size(hidden)`` MLPs, the benchmark's vocabulary."""
+    from mmer.synthetic import llama_config as config
+
     heads = max(1, hidden // 64)
-    return {
-        "model_type": "llama",
-        "architectures": ["LlamaForCausalLM"],
-        "hidden_size": hidden,
-        "intermediate_size": intermediate_size(hidden),
-        "num_hidden_layers": layers,
-        "num_attention_heads": heads,
-        "num_key_value_heads": heads,
-        "vocab_size": VOCAB,
-        "rms_norm_eps": 1e-5,
-        "rope_theta": 10000.0,
-        "max_position_embeddings": 2048,
-        "tie_word_embeddings": False,
-        "torch_dtype": "bfloat16",
-    }
+    inter = intermediate_size(hidden)
+    return config(
+        hidden=hidden, intermediate=inter, layers=layers, heads=heads, kv_heads=heads, vocab=VOCAB, max_positions=2048,
+        torch_dtype="bfloat16",
+    )  # fmt: skip
 
 
 def tensor_shapes(hidden: int, layers: int) -> list[tuple[str, tuple[int, ...]]]:
     """Every tensor of the model in file order: embeddings, layers 0..N-1, final norm, lm_head."""
-    inter = intermediate_size(hidden)
-    shapes: list[tuple[str, tuple[int, ...]]] = [("model.embed_tokens.weight", (VOCAB, hidden))]
-    for i in range(layers):
-        p = f"model.layers.{i}."
-        shapes += [
-            (p + "self_attn.q_proj.weight", (hidden, hidden)),
-            (p + "self_attn.k_proj.weight", (hidden, hidden)),
-            (p + "self_attn.v_proj.weight", (hidden, hidden)),
-            (p + "self_attn.o_proj.weight", (hidden, hidden)),
-            (p + "mlp.gate_proj.weight", (inter, hidden)),
-            (p + "mlp.up_proj.weight", (inter, hidden)),
-            (p + "mlp.down_proj.weight", (hidden, inter)),
-            (p + "input_layernorm.weight", (hidden,)),
-            (p + "post_attention_layernorm.weight", (hidden,)),
-        ]
-    shapes += [("model.norm.weight", (hidden,)), ("lm_head.weight", (VOCAB, hidden))]
-    return shapes
+    from mmer.synthetic import llama_shapes
+
+    return list(llama_shapes(llama_config(hidden, layers)).items())
 
 
 def numel(shape: tuple[int, ...]) -> int:

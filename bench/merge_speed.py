@@ -41,25 +41,20 @@ FULL = {"hidden": 2048, "layers": 22, "intermediate": 5632, "vocab": 32000, "hea
 SMALL = {"hidden": 512, "layers": 4, "intermediate": 1408, "vocab": 8000, "heads": 8, "kv_heads": 2}
 
 
-def shapes(cfg: dict) -> dict[str, tuple[int, ...]]:
-    h, f, v = cfg["hidden"], cfg["intermediate"], cfg["vocab"]
-    kv = h // cfg["heads"] * cfg["kv_heads"]
-    out: dict[str, tuple[int, ...]] = {"model.embed_tokens.weight": (v, h)}
-    for i in range(cfg["layers"]):
-        p = f"model.layers.{i}."
-        out |= {
-            p + "self_attn.q_proj.weight": (h, h),
-            p + "self_attn.k_proj.weight": (kv, h),
-            p + "self_attn.v_proj.weight": (kv, h),
-            p + "self_attn.o_proj.weight": (h, h),
-            p + "mlp.gate_proj.weight": (f, h),
-            p + "mlp.up_proj.weight": (f, h),
-            p + "mlp.down_proj.weight": (h, f),
-            p + "input_layernorm.weight": (h,),
-            p + "post_attention_layernorm.weight": (h,),
-        }
-    out |= {"model.norm.weight": (h,), "lm_head.weight": (v, h)}
-    return out
+def llama(cfg: dict) -> dict[str, object]:
+    """The benchmark's sizes as a Llama config.json; the shape rules live in mmer.synthetic with the tests' ones."""
+    from mmer.synthetic import llama_config
+
+    return llama_config(
+        hidden=cfg["hidden"],
+        intermediate=cfg["intermediate"],
+        layers=cfg["layers"],
+        heads=cfg["heads"],
+        kv_heads=cfg["kv_heads"],
+        vocab=cfg["vocab"],
+        max_positions=2048,
+        torch_dtype="bfloat16",
+    )
 
 
 def build(root: Path, cfg: dict, n_models: int = 3) -> list[Path]:
@@ -67,26 +62,14 @@ def build(root: Path, cfg: dict, n_models: int = 3) -> list[Path]:
     import torch
     from safetensors.torch import save_file
 
+    from mmer.synthetic import llama_shapes
+
     dirs = [root / "base"] + [root / f"ft{i}" for i in range(n_models)]
     if all((d / "done").is_file() for d in dirs):
         return dirs
     shutil.rmtree(root, ignore_errors=True)
-    names = shapes(cfg)
-    config = {
-        "architectures": ["LlamaForCausalLM"],
-        "model_type": "llama",
-        "hidden_size": cfg["hidden"],
-        "intermediate_size": cfg["intermediate"],
-        "num_hidden_layers": cfg["layers"],
-        "num_attention_heads": cfg["heads"],
-        "num_key_value_heads": cfg["kv_heads"],
-        "vocab_size": cfg["vocab"],
-        "rms_norm_eps": 1e-5,
-        "rope_theta": 10000.0,
-        "max_position_embeddings": 2048,
-        "tie_word_embeddings": False,
-        "torch_dtype": "bfloat16",
-    }
+    config = llama(cfg)
+    names = llama_shapes(config)
     for m, d in enumerate(dirs):
         d.mkdir(parents=True)
         files: list[str] = []

@@ -64,6 +64,7 @@ GB = 1e9
 
 # =========================================================================================== the checkpoint
 def text_config(shape: dict[str, int], dtype: torch.dtype, extra_vocab: int = 0) -> Any:
+    # A Qwen2 config object, not mmer.synthetic's Llama config.json: real LLaVA / Qwen2-Audio classes wrap it.
     from transformers import Qwen2Config
 
     return Qwen2Config(

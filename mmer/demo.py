@@ -20,6 +20,8 @@ from mmer.errors import OutputExistsError
 from mmer.io.outputs import is_mmer_output, read_marker, write_marker
 from mmer.io.writer import output_os_error
 
+# Not mmer.synthetic.TINY_LLAMA, on purpose: LLaVA and Qwen2-Audio wrap a Qwen2 LLM here, and four layers of
+# width 64 leave inspect-masks a per-layer footprint worth showing.
 TEXT_CONFIG = dict(
     hidden_size=64,
     intermediate_size=128,

@@ -19,46 +19,14 @@ import torch
 from safetensors.torch import save_file
 
 from mmer.io.layouts import LAYOUTS
+from mmer.synthetic import TINY_LLAMA, llama_shapes
 
-HIDDEN = 16
-INTERMEDIATE = 32
-LAYERS = 2
-VOCAB = 40
-
-TEXT_CONFIG = {
-    "model_type": "llama",
-    "architectures": ["LlamaForCausalLM"],
-    "hidden_size": HIDDEN,
-    "intermediate_size": INTERMEDIATE,
-    "num_hidden_layers": LAYERS,
-    "num_attention_heads": 4,
-    "num_key_value_heads": 2,
-    "vocab_size": VOCAB,
-    "rms_norm_eps": 1e-5,
-    "rope_theta": 10000.0,
-    "max_position_embeddings": 64,
-    "tie_word_embeddings": False,
-}
+HIDDEN = TINY_LLAMA["hidden_size"]
+VOCAB = TINY_LLAMA["vocab_size"]
 
 
 def canonical_shapes(vocab: int = VOCAB) -> dict[str, tuple[int, ...]]:
-    shapes: dict[str, tuple[int, ...]] = {"model.embed_tokens.weight": (vocab, HIDDEN)}
-    kv = HIDDEN // 4 * 2
-    for i in range(LAYERS):
-        p = f"model.layers.{i}."
-        shapes |= {
-            p + "self_attn.q_proj.weight": (HIDDEN, HIDDEN),
-            p + "self_attn.k_proj.weight": (kv, HIDDEN),
-            p + "self_attn.v_proj.weight": (kv, HIDDEN),
-            p + "self_attn.o_proj.weight": (HIDDEN, HIDDEN),
-            p + "mlp.gate_proj.weight": (INTERMEDIATE, HIDDEN),
-            p + "mlp.up_proj.weight": (INTERMEDIATE, HIDDEN),
-            p + "mlp.down_proj.weight": (HIDDEN, INTERMEDIATE),
-            p + "input_layernorm.weight": (HIDDEN,),
-            p + "post_attention_layernorm.weight": (HIDDEN,),
-        }
-    shapes |= {"model.norm.weight": (HIDDEN,), "lm_head.weight": (vocab, HIDDEN)}
-    return shapes
+    return llama_shapes({**TINY_LLAMA, "vocab_size": vocab})
 
 
 def base_state(seed: int = 0, dtype: torch.dtype = torch.float32) -> dict[str, torch.Tensor]:
@@ -121,9 +89,9 @@ def write_model(
     if shards > 1:
         index = {"metadata": {}, "weight_map": {n: files[i] for i, g in enumerate(groups) for n in g}}
         (directory / f"{stem}.{ext}.index.json").write_text(json.dumps(index))
-    cfg = dict(config if config is not None else TEXT_CONFIG)
+    cfg = dict(config if config is not None else TINY_LLAMA)
     if config is None and layout != "causal_lm":
-        cfg = {"model_type": "llava", "text_config": dict(TEXT_CONFIG)}
+        cfg = {"model_type": "llava", "text_config": dict(TINY_LLAMA)}
     (directory / "config.json").write_text(json.dumps(cfg))
     for name in extra_files:
         (directory / name).write_text(json.dumps({"model_max_length": 64}))

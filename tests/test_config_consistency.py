@@ -6,13 +6,14 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
-from conftest import TEXT_CONFIG, component_state, write_model
+from conftest import component_state, write_model
 from test_pipeline import recipe_for
 
 import mmer
 from mmer.config import RESERVED_MODALITY_NAMES, MergeOptions, ModelSpec, Recipe, load_spec
 from mmer.errors import CheckpointFormatError, ConfigError, IncompatibleBaseError
 from mmer.plan import find_text_config
+from mmer.synthetic import TINY_LLAMA
 
 VISION_TOWER = {"model_type": "clip_vision_model", "hidden_size": 16, "intermediate_size": 64, "num_hidden_layers": 5}
 
@@ -22,7 +23,7 @@ def model_with_config(tiny_models, tmp_path: Path, config: dict | list) -> Path:
 
 
 def text(**changes) -> dict:
-    return dict(TEXT_CONFIG) | changes
+    return dict(TINY_LLAMA) | changes
 
 
 # ------------------------------------------------------------------------------- text config, wherever it is
@@ -76,7 +77,7 @@ def test_a_config_with_no_text_config_at_all_is_merged_with_a_warning(tiny_model
 
 def test_the_vision_tower_is_not_taken_for_the_text_config_when_only_its_width_agrees():
     config = {"vision_config": VISION_TOWER, "language_model": text()}
-    assert find_text_config(config, dict(TEXT_CONFIG)) == ("language_model", config["language_model"])
+    assert find_text_config(config, dict(TINY_LLAMA)) == ("language_model", config["language_model"])
 
 
 def test_without_a_reference_the_known_keys_and_then_the_root_are_taken():

@@ -24,7 +24,7 @@ ROOT = Path(__file__).resolve().parents[1]
 LIBRARY = ROOT / "mmer"
 
 TIERS: tuple[tuple[str, tuple[str, ...]], ...] = (
-    ("0", ("mmer.errors", "mmer.version")),
+    ("0", ("mmer.errors", "mmer.version", "mmer.synthetic")),
     ("1", ("mmer.config", "mmer.progress", "mmer.runtime")),
     ("2", ("mmer.io", "mmer.merge")),
     ("3", ("mmer.checkpoint",)),

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import TEXT_CONFIG, VOCAB, base_state, component_state, finetune_state, write_model
+from conftest import VOCAB, base_state, component_state, finetune_state, write_model
 from safetensors.torch import load_file, save_file
 
 import mmer
@@ -23,6 +23,7 @@ from mmer.errors import (
     NonFiniteError,
     OutputExistsError,
 )
+from mmer.synthetic import TINY_LLAMA
 
 
 def recipe_for(base: Path, models: dict[str, Path], **options) -> Recipe:
@@ -361,7 +362,7 @@ def _shape_mismatch(tiny_models, d: Path) -> Path:
 
 
 def _config_mismatch(tiny_models, d: Path) -> Path:
-    return write_model(d / "bad", tiny_models["vision"], "causal_lm", config={**TEXT_CONFIG, "rms_norm_eps": 1e-6})
+    return write_model(d / "bad", tiny_models["vision"], "causal_lm", config={**TINY_LLAMA, "rms_norm_eps": 1e-6})
 
 
 def _missing_lm_head(tiny_models, d: Path) -> Path:
@@ -495,7 +496,7 @@ def test_real_transformers_models_rebuild_as_the_formula_says(demo_models, tmp_p
 
 
 def test_tied_embeddings_on_both_sides_merge_without_an_lm_head(tiny_models, tmp_path):
-    tied = {**TEXT_CONFIG, "tie_word_embeddings": True}
+    tied = {**TINY_LLAMA, "tie_word_embeddings": True}
     base = {k: v for k, v in tiny_models["base"].items() if k != "lm_head.weight"}
     vision = {k: v for k, v in tiny_models["vision"].items() if k != "lm_head.weight"}
     write_model(tmp_path / "base", base, config=tied)

@@ -18,11 +18,12 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import TEXT_CONFIG, base_state, finetune_state, write_model
+from conftest import base_state, finetune_state, write_model
 from test_pipeline import recipe_for
 
 import mmer
 from mmer.errors import DiskFullError
+from mmer.synthetic import TINY_LLAMA
 from mmer.verify import verify
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -132,7 +133,7 @@ def test_eight_modalities_merge_at_once(tmp_path):
 def test_a_256k_row_vocabulary_merges_within_the_streaming_memory_bound(tmp_path):
     """Peak RSS above the interpreter's own stays under the plan's estimate (one slot across models)."""
     vocab = 256_000
-    config = {**TEXT_CONFIG, "vocab_size": vocab}
+    config = {**TINY_LLAMA, "vocab_size": vocab}
     g = torch.Generator().manual_seed(0)
     shapes = {
         "model.embed_tokens.weight": (vocab, 16),

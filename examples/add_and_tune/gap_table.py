@@ -24,34 +24,14 @@ from safetensors.torch import save_file
 import mmer
 from mmer.add import add_models, measure_gap
 from mmer.config import MergeOptions, ModelSpec, Recipe
+from mmer.synthetic import TINY_LLAMA, llama_shapes
 
-HIDDEN, INTERMEDIATE, LAYERS, VOCAB = 16, 32, 2, 40
-CONFIG = {
-    "model_type": "llama", "architectures": ["LlamaForCausalLM"], "hidden_size": HIDDEN,
-    "intermediate_size": INTERMEDIATE, "num_hidden_layers": LAYERS, "num_attention_heads": 4,
-    "num_key_value_heads": 2, "vocab_size": VOCAB, "rms_norm_eps": 1e-5, "rope_theta": 10000.0,
-    "max_position_embeddings": 64, "tie_word_embeddings": False,
-}  # fmt: skip
-
-
-def shapes() -> dict[str, tuple[int, ...]]:
-    out: dict[str, tuple[int, ...]] = {"model.embed_tokens.weight": (VOCAB, HIDDEN)}
-    kv = HIDDEN // 4 * 2
-    for i in range(LAYERS):
-        p = f"model.layers.{i}."
-        out |= {
-            p + "self_attn.q_proj.weight": (HIDDEN, HIDDEN), p + "self_attn.k_proj.weight": (kv, HIDDEN),
-            p + "self_attn.v_proj.weight": (kv, HIDDEN), p + "self_attn.o_proj.weight": (HIDDEN, HIDDEN),
-            p + "mlp.gate_proj.weight": (INTERMEDIATE, HIDDEN), p + "mlp.up_proj.weight": (INTERMEDIATE, HIDDEN),
-            p + "mlp.down_proj.weight": (HIDDEN, INTERMEDIATE), p + "input_layernorm.weight": (HIDDEN,),
-            p + "post_attention_layernorm.weight": (HIDDEN,),
-        }  # fmt: skip
-    return out | {"model.norm.weight": (HIDDEN,), "lm_head.weight": (VOCAB, HIDDEN)}
+HIDDEN, VOCAB = TINY_LLAMA["hidden_size"], TINY_LLAMA["vocab_size"]
 
 
 def base_state() -> dict[str, torch.Tensor]:
     g = torch.Generator().manual_seed(0)
-    return {n: torch.randn(s, generator=g) * 0.1 for n, s in shapes().items()}
+    return {n: torch.randn(s, generator=g) * 0.1 for n, s in llama_shapes(TINY_LLAMA).items()}
 
 
 def fine_tune(base: dict[str, torch.Tensor], seed: int, density: float, rows: int = 0) -> dict[str, torch.Tensor]:
@@ -72,7 +52,7 @@ def write(directory: Path, llm: dict[str, torch.Tensor], component: str | None =
         g = torch.Generator().manual_seed(seed)
         state[f"{component}.weight"] = torch.randn(HIDDEN, 8, generator=g)
     save_file(state, str(directory / "model.safetensors"), metadata={"format": "pt"})
-    (directory / "config.json").write_text(json.dumps(CONFIG))
+    (directory / "config.json").write_text(json.dumps(TINY_LLAMA))
     return directory
 
 

@@ -123,6 +123,7 @@ def digit_accuracy(model: MoExtendModel, data: ExtendData) -> float:
 def tiny_mixtral(vocab: int):
     from transformers import MixtralConfig, MixtralForCausalLM
 
+    # An MoE LLM (MoExtend adds experts to one), so not mmer.synthetic's dense Llama.
     config = MixtralConfig(
         vocab_size=vocab,
         hidden_size=64,

@@ -18,10 +18,11 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import TEXT_CONFIG, canonical_shapes, write_model
+from conftest import canonical_shapes, write_model
 
 import mmer
 from mmer.config import MergeOptions, ModelSpec, Recipe
+from mmer.synthetic import TINY_LLAMA
 
 VOCAB = 32  # with hidden 16 and intermediate 32, every tensor then has 2ᵏ entries
 N_MODELS = 3
@@ -47,7 +48,7 @@ def dyadic_models(tmp_path_factory: pytest.TempPathFactory) -> dict[str, object]
             ft[n] = base[n] + tau
             assert torch.equal(ft[n] - base[n], tau)  # exact
         finetunes.append(ft)
-    config = {**TEXT_CONFIG, "vocab_size": VOCAB}
+    config = {**TINY_LLAMA, "vocab_size": VOCAB}
     base_dir = write_model(root / "base", base, config=config, extra_files=())
     dirs = [write_model(root / f"ft{i}", ft, config=config, extra_files=()) for i, ft in enumerate(finetunes)]
     return {"base": base, "finetunes": finetunes, "base_dir": base_dir, "dirs": dirs}

@@ -18,11 +18,12 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import TEXT_CONFIG, base_state, write_model
+from conftest import base_state, write_model
 from safetensors.torch import load_file
 
 import mmer
 from mmer.config import MergeOptions, ModelSpec, Recipe
+from mmer.synthetic import TINY_LLAMA
 
 N_MODELS = 3
 
@@ -39,8 +40,8 @@ def dense_models(tmp_path_factory: pytest.TempPathFactory) -> dict[str, object]:
         for name, theta in ft.items():
             magnitudes = (theta - base[name]).abs().reshape(-1)
             assert magnitudes.unique().numel() == magnitudes.numel(), f"tied magnitudes in {name}"
-    paths = [write_model(root / "base", base, config=TEXT_CONFIG, extra_files=())]
-    paths += [write_model(root / f"ft{i}", ft, config=TEXT_CONFIG, extra_files=()) for i, ft in enumerate(finetunes)]
+    paths = [write_model(root / "base", base, config=TINY_LLAMA, extra_files=())]
+    paths += [write_model(root / f"ft{i}", ft, config=TINY_LLAMA, extra_files=()) for i, ft in enumerate(finetunes)]
     return {"root": root, "base": base, "finetunes": finetunes, "base_dir": paths[0], "dirs": paths[1:]}
 
 
