@@ -47,6 +47,7 @@ from mmer.checkpoint.decoupled import (
 from mmer.checkpoint.manifest import MANIFEST_NAME, MANIFEST_SHA_NAME, ModalityRecord, SlotRecord, SourceRecord
 from mmer.config import ModelSpec, Recipe, load_spec, options_from_dict
 from mmer.errors import ConfigError, DecoupledFormatError, IncompatibleBaseError, MmerError, ModelNotFoundError
+from mmer.io.hashing import file_sha256, hash_files, hash_tree, known
 from mmer.io.jsonfile import read_json_file
 from mmer.io.layouts import LAYOUTS
 from mmer.io.outputs import check_target
@@ -56,18 +57,10 @@ from mmer.io.resolve import HUB_PATTERNS, ResolvedModel, cached_blob_sha256, res
 from mmer.io.writer import StagedOutput
 from mmer.merge.error import error_l1, relative_error, tau_l1
 from mmer.merge.masks import NO_MASK, reconstruct
-from mmer.pipeline import (
-    MergeReport,
-    done,
-    execute_plan,
-    hash_inputs,
-    hash_tree,
-    peak_rss_bytes,
-    resolved_recipe,
-    sha256_file,
-)
+from mmer.pipeline import MergeReport, execute_plan, resolved_recipe
 from mmer.plan import MergePlan, SourceModel, build_plan, estimate_memory, open_source, resolve_variant
 from mmer.progress import NULL_PROGRESS, ProgressSink
+from mmer.runtime import peak_rss_bytes
 from mmer.version import __version__
 
 MODES = ("auto", "exact", "standin")
@@ -240,9 +233,9 @@ def source_mismatch(
         for name, path in files.items():
             cached = cached_blob_sha256(path)
             if cached is not None:
-                futures[name] = done(cached)
+                futures[name] = known(cached)
             else:
-                futures[name] = pool.submit(sha256_file, path) if recorded.get(name) is not None else done(None)
+                futures[name] = pool.submit(file_sha256, path) if recorded.get(name) is not None else known(None)
         hashes = {name: f.result() for name, f in futures.items()}
     finally:
         if own_pool:
@@ -696,9 +689,9 @@ def _execute(
             if m.label in stand_ins:
                 hashes[m.label] = {}
             elif options.hash_inputs and old is not None and old.hashes and None not in old.hashes.values():
-                hashes[m.label] = {k: done(v) for k, v in old.hashes.items()}  # hashed when checked
+                hashes[m.label] = {k: known(v) for k, v in old.hashes.items()}  # hashed when checked
             else:
-                hashes[m.label] = hash_inputs(m, hasher, options.hash_inputs)
+                hashes[m.label] = hash_files(m.reader.weight_files(), hasher, options.hash_inputs)
         manifest = execute_plan(plan, staging, hashes, merge, progress)
         # The base is the same tensors whichever copy was read: keep the record of the original base.
         manifest.base = ckpt.manifest.base

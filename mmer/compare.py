@@ -26,9 +26,10 @@ from mmer.io.report_files import save_figure
 from mmer.merge.error import error_l1, relative_error, tau_l1
 from mmer.merge.masks import MASKS, NO_MASK, reconstruct
 from mmer.merge.slot import Variant, merge_slot
-from mmer.pipeline import find_global_thresholds, peak_rss_bytes, slot_deltas, tau_dtype
+from mmer.pipeline import find_global_thresholds, slot_deltas, tau_dtype
 from mmer.plan import build_plan, check_registries, resolve_variant
 from mmer.progress import NULL_PROGRESS, ProgressSink
+from mmer.runtime import peak_rss_bytes
 
 # The MMER paper's comparison (Tables 1-2): NaiveMC, TA, TIES, each with DARE, then the mask methods.
 PAPER_VARIANTS = (

@@ -6,10 +6,7 @@ the largest tensor, not by the model's depth. Output goes to a staging directory
 
 from __future__ import annotations
 
-import hashlib
 import math
-import resource
-import sys
 import time
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -40,9 +37,9 @@ from mmer.checkpoint.manifest import (
 )
 from mmer.config import ModelSpec, Recipe
 from mmer.errors import NonFiniteError
+from mmer.io.hashing import hash_files, hash_tree
 from mmer.io.paths import copy_regular_file
 from mmer.io.reader import DTYPE_NAMES, MAX_SIDE_FILE_BYTES, CheckpointReader, TensorInfo, side_files
-from mmer.io.resolve import cached_blob_sha256
 from mmer.io.writer import PlannedTensor, ShardedWriter, StagedOutput
 from mmer.merge.masks import MASKS, NO_MASK, reconstruct
 from mmer.merge.overflow import check_merged, check_task_vector, provably_finite
@@ -51,7 +48,7 @@ from mmer.merge.task_vectors import check_finite, task_vector
 from mmer.merge.trim import GlobalThreshold, WindowedThreshold, count_true
 from mmer.plan import MergePlan, SourceModel, build_plan
 from mmer.progress import NULL_PROGRESS, ProgressSink
-from mmer.runtime import reuse_freed_memory
+from mmer.runtime import peak_rss_bytes, reuse_freed_memory
 from mmer.version import __version__
 
 
@@ -132,7 +129,10 @@ def run_merge(
         staged = StagedOutput(output, overwrite=overwrite, kind="decoupled-checkpoint", protect=inputs)
         with staged as staging, ThreadPoolExecutor(max_workers=1) as hasher:
             report.warnings += staged.warnings
-            hashes = {m.label: hash_inputs(m, hasher, recipe.options.hash_inputs) for m in [plan.base, *plan.models]}
+            hashes = {
+                m.label: hash_files(m.reader.weight_files(), hasher, recipe.options.hash_inputs)
+                for m in [plan.base, *plan.models]
+            }
             manifest = execute_plan(plan, staging, hashes, report, progress)
             (staging / RECIPE_NAME).write_text(resolved_recipe(plan).to_yaml(), encoding="utf-8")
             write_card(staging, manifest, report)
@@ -710,48 +710,6 @@ def copy_side_files(source: Path, destination: Path, *, root: Path | None = None
 
 
 # ----------------------------------------------------------------------------------------------------- record
-def hash_inputs(model: SourceModel, pool: ThreadPoolExecutor, enabled: bool) -> dict[str, Future]:
-    """sha256 of a model's weight files: from the Hub cache's blob names when possible, else on ``pool``."""
-    futures: dict[str, Future] = {}
-    for file in model.reader.weight_files():
-        if not enabled:
-            futures[file.name] = done(None)
-        elif (cached := cached_blob_sha256(file)) is not None:
-            futures[file.name] = done(cached)
-        else:
-            futures[file.name] = pool.submit(sha256_file, file)
-    return futures
-
-
-def done(value: Any) -> Future:
-    """A future that already holds ``value`` (a hash known without reading the file)."""
-    f: Future = Future()
-    f.set_result(value)
-    return f
-
-
-def sha256_file(path: Path) -> str:
-    with open(path, "rb") as f:
-        return hashlib.file_digest(f, "sha256").hexdigest() if sys.version_info >= (3, 11) else _sha256_chunks(f)
-
-
-def _sha256_chunks(f: Any) -> str:
-    h = hashlib.sha256()
-    for chunk in iter(lambda: f.read(1 << 24), b""):
-        h.update(chunk)
-    return h.hexdigest()
-
-
-def hash_tree(root: Path, exclude: set[str]) -> dict[str, str]:
-    """sha256 of every file under ``root`` by relative POSIX path, in sorted order."""
-    out = {}
-    for path in sorted(p for p in root.rglob("*") if p.is_file()):
-        rel = path.relative_to(root).as_posix()
-        if rel not in exclude:
-            out[rel] = sha256_file(path)
-    return out
-
-
 def build_manifest(
     plan: MergePlan, stats: SlotStats, component_files: dict[str, list[str]], hashes: dict[str, dict[str, str | None]]
 ) -> Manifest:
@@ -815,7 +773,3 @@ def resolved_recipe(plan: MergePlan) -> Recipe:
     models = tuple(pin(m, plan.lambda_for(m.label)) for m in plan.models)
     return Recipe(pin(plan.base), models, options)
 
-
-def peak_rss_bytes() -> int:
-    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    return rss if sys.platform == "darwin" else rss * 1024

@@ -12,6 +12,7 @@ from __future__ import annotations
 import ctypes
 import ctypes.util
 import os
+import resource
 import sys
 
 M_TRIM_THRESHOLD = -1
@@ -42,3 +43,9 @@ def reuse_freed_memory() -> bool:
         return _applied
     _applied = bool(mallopt(M_MMAP_THRESHOLD, MMAP_BYTES)) and bool(mallopt(M_TRIM_THRESHOLD, TRIM_BYTES))
     return _applied
+
+
+def peak_rss_bytes() -> int:
+    """This process's peak resident memory in bytes, as reports give it (the OS reports KiB, macOS bytes)."""
+    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return rss if sys.platform == "darwin" else rss * 1024

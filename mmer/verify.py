@@ -21,9 +21,10 @@ from typing import Any
 import torch
 
 from mmer.checkpoint import bits
-from mmer.checkpoint.decoupled import DecoupledCheckpoint, file_sha256, source_file_problems
+from mmer.checkpoint.decoupled import DecoupledCheckpoint, source_file_problems
 from mmer.checkpoint.manifest import MANIFEST_NAME, MANIFEST_SHA_NAME, Manifest, read_manifest
 from mmer.errors import MmerError, ModelNotFoundError
+from mmer.io.hashing import file_sha256
 from mmer.io.paths import check_inside
 from mmer.io.reader import CheckpointReader
 from mmer.io.resolve import resolve_model

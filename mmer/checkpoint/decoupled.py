@@ -10,7 +10,6 @@ before anything is rebuilt from it (a changed base would rebuild wrong weights w
 
 from __future__ import annotations
 
-import hashlib
 import json
 import math
 import os
@@ -38,6 +37,7 @@ from mmer.errors import (
     NonFiniteError,
     UnsafePathError,
 )
+from mmer.io.hashing import file_sha256
 from mmer.io.jsonfile import loads_bounded
 from mmer.io.layouts import LAYOUTS
 from mmer.io.paths import check_inside
@@ -151,15 +151,6 @@ def _safe_open(path: Path) -> Any:
 
 
 # ------------------------------------------------------------------------------------------ source files
-def file_sha256(path: Path) -> str:
-    """The sha256 of a file, read in 16 MiB chunks (never whole into memory)."""
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 24), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
-
-
 def source_file_problems(record: SourceRecord, directory: Path) -> list[str] | None:
     """How the weight files at ``directory`` differ from the sha256 ``record`` holds from the merge.
 

@@ -36,6 +36,7 @@ from mmer.extend.extension import extended_blocks, is_new_parameter, remove_exte
 from mmer.extend.families import block_shape, decoder_layers, family_of, moe_block, moe_layer_indices
 from mmer.extend.modality import MoExtendModel, Projector
 from mmer.extend.options import ExtendOptions
+from mmer.io.hashing import file_sha256
 from mmer.io.jsonfile import read_json_file
 from mmer.io.outputs import check_target
 from mmer.io.reader import DTYPE_NAMES, SAFETENSORS_DTYPES, read_safetensors_header
@@ -67,14 +68,6 @@ def base_model_hash(lm: nn.Module) -> str:
         t = tensor.detach().to("cpu").contiguous()
         digest.update(f"{name}|{DTYPE_NAMES.get(t.dtype, str(t.dtype))}|{list(t.shape)}\n".encode())
         digest.update(memoryview(t.reshape(-1).view(torch.uint8).numpy()))
-    return digest.hexdigest()
-
-
-def _sha256_file(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            digest.update(chunk)
     return digest.hexdigest()
 
 
@@ -192,7 +185,7 @@ def write_pack(
     inputs = [*_base_path(lm), *(p for p in protect if p is not None)]
     with StagedOutput(output, overwrite=overwrite, kind="extension-pack", protect=inputs) as staging:
         write_tensors(staging, {n: t.cpu().contiguous() for n, t in tensors.items()}, 1 << 62, prefix="extension")
-        manifest["tensors"]["sha256"] = _sha256_file(staging / TENSORS_FILE)
+        manifest["tensors"]["sha256"] = file_sha256(staging / TENSORS_FILE)
         (staging / PACK_MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n", encoding="utf-8")
     return Path(output)
 
@@ -306,7 +299,7 @@ def read_pack_tensors(pack_dir: str | Path, manifest: Mapping[str, Any]) -> dict
     if not file.is_file():
         raise CheckpointFormatError(f"{file}: missing", file=str(file), hint="the pack is incomplete; copy it again")
     expected = manifest["tensors"].get("sha256")
-    if expected and _sha256_file(file) != expected:
+    if expected and file_sha256(file) != expected:
         raise CheckpointFormatError(
             f"{file}: sha256 differs from the manifest's (the file was changed or damaged)",
             file=str(file),
