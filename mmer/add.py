@@ -43,15 +43,17 @@ from mmer.checkpoint.decoupled import (
     DecoupledCheckpoint,
     MaskFile,
     load_decoupled,
+    modality_tensor,
+    slot_dtype,
 )
-from mmer.checkpoint.manifest import MANIFEST_NAME, MANIFEST_SHA_NAME, ModalityRecord, SlotRecord, SourceRecord
+from mmer.checkpoint.manifest import MANIFEST_NAME, MANIFEST_SHA_NAME, ModalityRecord, SourceRecord
 from mmer.config import ModelSpec, Recipe, load_spec, options_from_dict
 from mmer.errors import ConfigError, DecoupledFormatError, IncompatibleBaseError, MmerError, ModelNotFoundError
 from mmer.io.hashing import file_sha256, hash_files, hash_tree, known
 from mmer.io.jsonfile import read_json_file
 from mmer.io.layouts import LAYOUTS
 from mmer.io.outputs import check_target
-from mmer.io.reader import DTYPE_NAMES, SAFETENSORS_DTYPES, CheckpointReader, TensorInfo, read_json
+from mmer.io.reader import DTYPE_NAMES, CheckpointReader, TensorInfo, read_json
 from mmer.io.reader import read_safetensors_header as _read_header
 from mmer.io.resolve import HUB_PATTERNS, ResolvedModel, cached_blob_sha256, resolve_model
 from mmer.io.writer import StagedOutput
@@ -306,7 +308,7 @@ class StandInReader:
             if slot is None:
                 continue  # a buffer the base does not have: never merged, never needed
             shape = list(slot.shape)
-            dtype = _slot_dtype(slot)
+            dtype = slot_dtype(slot)
             p = self._private.get(canonical)
             if p is not None:
                 dtype = private_dtypes[canonical]
@@ -330,20 +332,20 @@ class StandInReader:
         canonical = self._canonical.get(name)
         if canonical is None:
             return self._components.get(name)  # type: ignore[union-attr]
-        p = self._private.get(canonical)
-        if p is not None and p.row_start == 0:
-            return self.ckpt.private_tensor(self.modality, canonical)  # type: ignore[return-value]
         slot = self._slots[canonical]
-        base, tau = self.cache.get(canonical, slot.merged)
-        if slot.merged:
-            mask = self.ckpt.mask(self.modality, canonical)
-            out = reconstruct(base, tau, mask, scale=self.record.scale)  # type: ignore[arg-type]
-        else:
-            out = base.clone() if copy else base
-        if p is not None:
-            rows = self.ckpt.private_tensor(self.modality, canonical)
-            out = torch.cat([out.to(rows.dtype), rows])  # type: ignore[union-attr]
-        return out
+
+        def shared() -> torch.Tensor:
+            base, tau = self.cache.get(canonical, slot.merged)
+            if slot.merged:
+                mask = self.ckpt.mask(self.modality, canonical)
+                return reconstruct(base, tau, mask, scale=self.record.scale)  # type: ignore[arg-type]
+            return base.clone() if copy else base
+
+        p = self._private.get(canonical)
+        if p is None:
+            return modality_tensor(shared)
+        rows = self.ckpt.private_tensor(self.modality, canonical)
+        return modality_tensor(shared, rows, p.row_start, dtype=self.tensors[name].dtype)
 
     def weight_files(self) -> list[Path]:
         return []
@@ -353,15 +355,6 @@ class StandInReader:
 
     def close(self) -> None:
         """The checkpoint is shared by every stand-in; :func:`add_models` closes it."""
-
-
-def _slot_dtype(slot: SlotRecord) -> torch.dtype:
-    try:
-        return SAFETENSORS_DTYPES[slot.dtype]
-    except KeyError:
-        raise DecoupledFormatError(
-            f"slot {slot.name!r} has unknown dtype {slot.dtype!r}", tensor=slot.name, hint="the manifest is corrupt"
-        ) from None
 
 
 def stand_in_source(ckpt: DecoupledCheckpoint, name: str, cache: _SlotCache | None = None) -> SourceModel:

@@ -35,6 +35,7 @@ workers: its cost is the reads, shared by every candidate.
 
 from __future__ import annotations
 
+import functools
 import importlib
 import importlib.util
 import json
@@ -63,7 +64,7 @@ from mmer.add import (
     pinned_spec,
     source_mismatch,
 )
-from mmer.checkpoint.decoupled import load_decoupled
+from mmer.checkpoint.decoupled import load_decoupled, modality_tensor
 from mmer.checkpoint.manifest import PrivateRecord
 from mmer.config import ModelSpec, Recipe
 from mmer.errors import ConfigError, MmerError, ModelNotFoundError
@@ -175,32 +176,42 @@ class Candidate:
         name, in the base's dtype: exactly what ``mmer merge`` with this λ and K would rebuild."""
         device = torch.device(device or self.inputs.device)
         base, model, tau = self._open()
-        rule = MASKS[self.inputs.variant.mask]
         private = {p.name: p for p in self.inputs.private}
         out = {}
         try:
             for slot in self.inputs.slots:
                 p = private.get(slot.name)
-                if p is not None and p.row_start == 0:
-                    out[slot.name] = model.reader.get(model.llm[slot.name].name).to(device)
-                    continue
-                b = base.reader.get(base.llm[slot.name].name).to(device)
-                if not slot.merged:
-                    out[slot.name] = b
-                    continue
-                theta = model.reader.get(model.llm[slot.name].name).to(device)
-                rows = b.shape[0]
-                raw = task_vector(theta, b, rows if theta.shape[0] != rows else None)
-                src = mask_source(raw, self.inputs.variant, self.inputs.index, slot.name, self.inputs.threshold)
-                stored = tau.get(slot.name).to(device)
-                rebuilt = reconstruct(b, stored, rule.fn(src, stored.float(), self.lambda_))
-                if p is not None:
-                    rebuilt = torch.cat([rebuilt, theta[rows:].to(rebuilt.dtype)])
-                out[slot.name] = rebuilt
+                theta = None
+                if slot.merged or p is not None:
+                    theta = model.reader.get(model.llm[slot.name].name).to(device)
+                shared = functools.partial(self._shared_rows, base, tau, slot, theta, device)
+                if p is None:
+                    out[slot.name] = modality_tensor(shared)
+                else:
+                    own = theta if p.row_start == 0 else theta[p.row_start :]  # type: ignore[index]
+                    out[slot.name] = modality_tensor(shared, own, p.row_start)
         finally:
             for reader in (base.reader, model.reader, tau):
                 reader.close()
         return out
+
+    def _shared_rows(
+        self,
+        base: SourceModel,
+        tau: CheckpointReader,
+        slot: Slot,
+        theta: torch.Tensor | None,
+        device: torch.device,
+    ) -> torch.Tensor:
+        """Rows ``[0, V_base)`` of one rebuilt tensor: θ_base + mᵢ∘τ* with mᵢ at this λ when merged, else θ_base."""
+        b = base.reader.get(base.llm[slot.name].name).to(device)
+        if not slot.merged or theta is None:
+            return b
+        rows = b.shape[0]
+        raw = task_vector(theta, b, rows if theta.shape[0] != rows else None)
+        src = mask_source(raw, self.inputs.variant, self.inputs.index, slot.name, self.inputs.threshold)
+        stored = tau.get(slot.name).to(device)
+        return reconstruct(b, stored, MASKS[self.inputs.variant.mask].fn(src, stored.float(), self.lambda_))
 
     def original_state_dict(self, device: str | torch.device | None = None) -> dict[str, torch.Tensor]:
         """The fine-tuned model's own LLM tensors, by canonical name (what the rebuilt one is compared with)."""

@@ -13,6 +13,7 @@ from __future__ import annotations
 import json
 import math
 import os
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -179,6 +180,55 @@ def source_file_problems(record: SourceRecord, directory: Path) -> list[str] | N
         if actual != digest:
             problems.append(f"{file}: sha256 {actual[:12]}… differs from the {digest[:12]}… recorded at the merge")
     return problems
+
+
+# -------------------------------------------------------------------------------------------- rebuilding
+def slot_dtype(slot: SlotRecord) -> torch.dtype:
+    """The torch dtype of a manifest slot (``"BF16"`` → ``torch.bfloat16``)."""
+    try:
+        return SAFETENSORS_DTYPES[slot.dtype]
+    except KeyError:
+        raise DecoupledFormatError(
+            f"slot {slot.name!r} has unknown dtype {slot.dtype!r}", tensor=slot.name, hint="the manifest is corrupt"
+        ) from None
+
+
+def modality_tensor(
+    shared: Callable[[], torch.Tensor],
+    private: torch.Tensor | None = None,
+    row_start: int = 0,
+    *,
+    dtype: torch.dtype | None = None,
+    into: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """A modality's whole LLM tensor from its parts, by FORMAT.md's "Rebuilding a modality".
+
+    ``private`` is what the modality kept out of the merge for this tensor: the whole tensor when ``row_start`` is
+    0, else its own vocabulary rows from ``row_start`` on (``None``: nothing). A whole private tensor is the
+    answer, and ``shared`` is never called; otherwise ``shared()`` gives the shared rows (θ_base + sᵢ·mᵢ∘τ* when
+    merged, θ_base or θ* when not) and the private rows follow them. Every reader that rebuilds a modality
+    (the checkpoint, the router's live weights, ``add``'s stand-ins, ``tune``'s candidates) goes through here,
+    so none can order the parts differently.
+
+    The rows are joined in ``dtype`` (default: the shared rows' dtype, as the checkpoint rebuilds; a stand-in
+    asks for the dtype its source stored). With ``into``, the parts are copied into the first rows of that
+    preallocated tensor instead, which is returned: the router rewrites its live weights in place.
+    """
+    if private is not None and row_start == 0:
+        if into is None:
+            return private
+        into[: private.shape[0]].copy_(private)
+        return into
+    out = shared()
+    if into is not None:
+        into[: out.shape[0]].copy_(out)
+        if private is not None:
+            into[row_start : row_start + private.shape[0]].copy_(private)
+        return into
+    if private is None:
+        return out
+    dtype = dtype or out.dtype
+    return torch.cat([out.to(dtype), private.to(dtype)])
 
 
 class DecoupledCheckpoint:
@@ -383,23 +433,23 @@ class DecoupledCheckpoint:
         if slot is None:
             raise KeyError(name)
         record = self.modality(modality)
-        private = {p.name: p for p in record.private}
-        if name in private and private[name].row_start == 0:
-            return self.private_tensor(modality, name)  # type: ignore[return-value]
-        if self.is_single_model:
-            out = self.merged_tensor(name)
-        else:
+        own = next((p for p in record.private if p.name == name), None)
+
+        def shared() -> torch.Tensor:
+            if self.is_single_model:
+                return self.merged_tensor(name)
             base = self.base_tensor(name)
-            if slot.merged:
-                tau, mask = self.tau_star(name), self.mask(modality, name)
-                out = reconstruct(base, tau, mask, scale=record.scale)
-                if not self.allows_nonfinite and not math.isfinite(max_abs(out)):
-                    self.check_rebuild(name, base, tau, {modality: record.scale}, {modality: mask})
-            else:
-                out = base
-        if name in private:
-            out = torch.cat([out, self.private_tensor(modality, name).to(out.dtype)])  # type: ignore[union-attr]
-        return out
+            if not slot.merged:
+                return base
+            tau, mask = self.tau_star(name), self.mask(modality, name)
+            out = reconstruct(base, tau, mask, scale=record.scale)
+            if not self.allows_nonfinite and not math.isfinite(max_abs(out)):
+                self.check_rebuild(name, base, tau, {modality: record.scale}, {modality: mask})
+            return out
+
+        if own is None:
+            return modality_tensor(shared)
+        return modality_tensor(shared, self.private_tensor(modality, name), own.row_start)
 
     # ------------------------------------------------------------------------------------------------- checks
     @property
@@ -507,9 +557,9 @@ class DecoupledCheckpoint:
             stored = DTYPE_NAMES.get(info.dtype, str(info.dtype))
             if list(info.shape) != list(p.shape):
                 raise self._refuse(path, p.name, f"is stored as {list(info.shape)}, the manifest records {p.shape}")
-            slot_dtype = SAFETENSORS_DTYPES[slots[p.name].dtype]
-            if info.dtype.is_floating_point != slot_dtype.is_floating_point:
-                kind = "floating point" if slot_dtype.is_floating_point else "an integer"
+            dtype = slot_dtype(slots[p.name])
+            if info.dtype.is_floating_point != dtype.is_floating_point:
+                kind = "floating point" if dtype.is_floating_point else "an integer"
                 raise self._refuse(
                     path, p.name, f"is stored as {stored}, but the base's {slots[p.name].dtype} is {kind}"
                 )

@@ -29,11 +29,11 @@ from typing import Any
 
 import torch
 
-from mmer.checkpoint.decoupled import DecoupledCheckpoint
+from mmer.checkpoint.decoupled import DecoupledCheckpoint, slot_dtype
 from mmer.errors import ConfigError
 from mmer.io.layouts import Layout
 from mmer.route.models import causal_lm_class, check_device, empty_model, load_config
-from mmer.route.weights import base_config_dir, slot_dtype
+from mmer.route.weights import base_config_dir
 
 AUTO_MAPS = ("auto", "balanced", "balanced_low_0", "sequential")
 REFUSED = ("disk", "meta")

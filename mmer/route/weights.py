@@ -15,10 +15,9 @@ from pathlib import Path
 import torch
 
 from mmer.checkpoint import bits
-from mmer.checkpoint.decoupled import BASE_DIR, DecoupledCheckpoint
+from mmer.checkpoint.decoupled import BASE_DIR, DecoupledCheckpoint, modality_tensor, slot_dtype
 from mmer.checkpoint.manifest import SlotRecord
 from mmer.errors import DecoupledFormatError
-from mmer.io.reader import SAFETENSORS_DTYPES
 from mmer.merge.masks import reconstruct
 
 MEAN = "<mean>"  # the text-weight state of expansion mode, θ_base + m̄∘τ* (not a valid modality name)
@@ -52,16 +51,6 @@ class PrivateRows:
 
     row_start: int
     tensor: torch.Tensor
-
-
-def slot_dtype(slot: SlotRecord) -> torch.dtype:
-    """The torch dtype of a manifest slot (``"BF16"`` → ``torch.bfloat16``)."""
-    try:
-        return SAFETENSORS_DTYPES[slot.dtype]
-    except KeyError:
-        raise DecoupledFormatError(
-            f"slot {slot.name!r} has unknown dtype {slot.dtype!r}", tensor=slot.name, hint="the manifest is corrupt"
-        ) from None
 
 
 def private_dtypes(ckpt: DecoupledCheckpoint, modality: str) -> dict[str, torch.dtype]:
@@ -190,21 +179,13 @@ class DeviceWeights:
         masks = [self.mask(m, name) for m in self.modalities]
         return reconstruct_mean(base, self.tau[name], masks, [self.scales[m] for m in self.modalities])
 
-    def whole_private(self, modality: str, name: str) -> torch.Tensor | None:
-        """The modality's own copy of a tensor kept out of the merge (``vocab_policy = exclude``), or ``None``."""
+    def full(self, modality: str, name: str, into: torch.Tensor | None = None) -> torch.Tensor:
+        """The modality's whole LLM tensor, as ``DecoupledCheckpoint.llm_tensor`` builds it (FORMAT.md), or
+        written into the first rows of ``into``."""
         rows = self.private[modality].get(name)
-        return rows.tensor if rows is not None and rows.row_start == 0 else None
-
-    def full(self, modality: str, name: str) -> torch.Tensor:
-        """The modality's whole LLM tensor, as ``DecoupledCheckpoint.llm_tensor`` builds it (FORMAT.md)."""
-        whole = self.whole_private(modality, name)
-        if whole is not None:
-            return whole
-        out = self.shared_part(modality, name)
-        rows = self.private[modality].get(name)
-        if rows is not None:
-            out = torch.cat([out, rows.tensor.to(out.dtype)])
-        return out
+        if rows is None:
+            return modality_tensor(lambda: self.shared_part(modality, name), into=into)
+        return modality_tensor(lambda: self.shared_part(modality, name), rows.tensor, rows.row_start, into=into)
 
     def write_into(self, target: torch.Tensor, modality: str, name: str) -> None:
         """Write the modality's tensor (or, for :data:`MEAN`, the text weights) into the first rows of ``target``.
@@ -219,15 +200,7 @@ class DeviceWeights:
             text = self.text_part(name)
             target[: text.shape[0]].copy_(text)
             return
-        whole = self.whole_private(modality, name)
-        if whole is not None:
-            target[: whole.shape[0]].copy_(whole)
-            return
-        shared = self.shared_part(modality, name)
-        target[: shared.shape[0]].copy_(shared)
-        rows = self.private[modality].get(name)
-        if rows is not None:
-            target[rows.row_start : rows.row_start + rows.tensor.shape[0]].copy_(rows.tensor)
+        self.full(modality, name, into=target)
 
     def same_weights(self, a: str, b: str, name: str) -> bool:
         """Whether modalities ``a`` and ``b`` have bit-identical tensors ``name`` (same mask, no private rows)."""
