@@ -1,14 +1,18 @@
 """`mmer extend ...` (MoExtend, mmer.extend); registered on the app by cli/main.py.
 
 Thin: each command reads its inputs through the library, calls one library function, renders the result.
-Stage flags (--steps, --lr, ...) apply to the stage the command runs; the other stages come from --recipe.
+Stage flags (--steps, --lr, ...) apply to the stage the command runs; the other stages come from --recipe. The
+options every stage shares are declared once (``StageFlags``, ``STAGE_OPTIONS``) and added by ``stage_command``;
+each stage's signature holds only what is its own.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import functools
+from inspect import Parameter, signature
 from pathlib import Path
-from typing import Annotated, Any
+from typing import Annotated, Any, get_type_hints
 
 import typer
 from mmer_cli import render
@@ -47,29 +51,78 @@ def _fail(err: MmerError, as_json: bool) -> None:
     raise typer.Exit(err.exit_code)
 
 
-def _recipe(path: Path | None, stage: str, **flags: Any):
-    """The recipe file (or defaults) with this stage's flags applied."""
-    from mmer.extend import MoExtendRecipe, load_moextend_recipe
-    from mmer.extend.options import replace_options
+@dataclasses.dataclass(frozen=True)
+class StageFlags:
+    """What every training stage is told the same way: the recipe, this stage's training options, the run."""
 
-    recipe = load_moextend_recipe(path) if path is not None else MoExtendRecipe()
-    changes = {k: v for k, v in flags.items() if v is not None}
-    if not changes:
-        return recipe
-    section = replace_options(getattr(recipe, stage), stage, changes)
-    return dataclasses.replace(recipe, **{stage: section})
+    recipe: Path | None = None
+    steps: int | None = None
+    lr: float | None = None
+    batch_size: int | None = None
+    device: str | None = None
+    mixed_precision: str | None = None
+    seed: int | None = None
+    save_every: int | None = None
+    resume: bool = False
+    overwrite: bool = False
+    json_out: bool = False
+    quiet: bool = False
+
+    def recipe_for(self, stage: str):
+        """The recipe file (or defaults) with this stage's flags applied."""
+        from mmer.extend import MoExtendRecipe, load_moextend_recipe
+        from mmer.extend.options import replace_options
+
+        recipe = load_moextend_recipe(self.recipe) if self.recipe is not None else MoExtendRecipe()
+        options = {
+            "steps": self.steps,
+            "learning_rate": self.lr,
+            "batch_size": self.batch_size,
+            "device": self.device,
+            "mixed_precision": self.mixed_precision,
+            "seed": self.seed,
+            "save_every": self.save_every,
+        }
+        changes = {k: v for k, v in options.items() if v is not None}
+        if not changes:
+            return recipe
+        section = replace_options(getattr(recipe, stage), stage, changes)
+        return dataclasses.replace(recipe, **{stage: section})
 
 
-def _stage_flags(steps, lr, batch_size, device, mixed_precision, seed, save_every) -> dict[str, Any]:
-    return {
-        "steps": steps,
-        "learning_rate": lr,
-        "batch_size": batch_size,
-        "device": device,
-        "mixed_precision": mixed_precision,
-        "seed": seed,
-        "save_every": save_every,
-    }
+STAGE_OPTIONS = {
+    "recipe": Recipe,
+    "steps": Steps,
+    "lr": Lr,
+    "batch_size": BatchSize,
+    "device": Device,
+    "mixed_precision": Precision,
+    "seed": Seed,
+    "save_every": SaveEvery,
+    "resume": Resume,
+    "overwrite": Overwrite,
+    "json_out": JsonOut,
+    "quiet": Quiet,
+}
+
+
+def stage_command(func):
+    """Register ``func(..., flags: StageFlags)`` as a stage: typer sees its own parameters, then ``STAGE_OPTIONS``."""
+    hints = get_type_hints(func, include_extras=True)
+    own = [p.replace(annotation=hints[p.name]) for p in signature(func).parameters.values() if p.name != "flags"]
+    shared = [
+        Parameter(name, Parameter.KEYWORD_ONLY, default=getattr(StageFlags, name), annotation=annotation)
+        for name, annotation in STAGE_OPTIONS.items()
+    ]
+
+    @functools.wraps(func)
+    def command(**kwargs: Any) -> None:
+        flags = StageFlags(**{name: kwargs.pop(name) for name in STAGE_OPTIONS})
+        func(**kwargs, flags=flags)
+
+    command.__signature__ = signature(func).replace(parameters=[*own, *shared])
+    command.__annotations__ = {p.name: p.annotation for p in own} | STAGE_OPTIONS
+    return extend_app.command()(command)
 
 
 def _aligned(base: Path, projector: Path | None):
@@ -120,24 +173,14 @@ def _run(as_json: bool, quiet: bool, work):
         raise typer.Exit(interrupted(as_json, "partial outputs were removed; checkpoints are kept")) from None
 
 
-@extend_app.command()
+@stage_command
 def align(
     base: Base,
     data: Data,
     output: Annotated[Path, typer.Option("--output", "-o", help="Where to write the projector pack.")],
-    recipe: Recipe = None,
-    steps: Steps = None,
-    lr: Lr = None,
-    batch_size: BatchSize = None,
-    device: Device = None,
-    mixed_precision: Precision = None,
-    seed: Seed = None,
-    save_every: SaveEvery = None,
     checkpoint_dir: CheckpointDir = None,
-    resume: Resume = False,
-    overwrite: Overwrite = False,
-    json_out: JsonOut = False,
-    quiet: Quiet = False,
+    *,
+    flags: StageFlags,
 ) -> None:
     """Stage a: train the new modality's projector with the whole LLM frozen; writes a projector-only pack."""
     from mmer.extend import align as align_stage
@@ -145,17 +188,15 @@ def align(
     from mmer.extend.pack import check_output
 
     def work(progress):
-        check_output(output, overwrite, protect=[base, data, checkpoint_dir])
-        rec = _recipe(
-            recipe, "align", **_stage_flags(steps, lr, batch_size, device, mixed_precision, seed, save_every)
-        )
+        check_output(output, flags.overwrite, protect=[base, data, checkpoint_dir])
+        rec = flags.recipe_for("align")
         model, report = align_stage(
             load_base(base),
             load_data(data),
             projector_options=rec.projector,
             options=rec.align,
             checkpoint_dir=checkpoint_dir,
-            resume=resume,
+            resume=flags.resume,
             progress=progress,
         )
         write_pack(
@@ -164,20 +205,20 @@ def align(
             modality=rec.extend.modality,
             training={"align": report.to_dict()},
             recipe=rec.to_dict(),
-            overwrite=overwrite,
+            overwrite=flags.overwrite,
             protect=[base, data, checkpoint_dir],
         )
         return report.to_dict()
 
-    report = _run(json_out, quiet, work)
+    report = _run(flags.json_out, flags.quiet, work)
     _finish(
         {"output": str(output), "reports": {"align": report}},
-        json_out,
+        flags.json_out,
         [*_report_lines({"align": report}), f"projector pack written to {output}"],
     )
 
 
-@extend_app.command()
+@stage_command
 def probe(
     base: Base,
     data: Data,
@@ -187,30 +228,18 @@ def probe(
         Path | None, typer.Option(help="Statistics set S_e (default: a held-out share of DATA).")
     ] = None,
     fraction: Annotated[float | None, typer.Option(help="Share p of the MoE layers to extend (0.5).")] = None,
-    recipe: Recipe = None,
-    steps: Steps = None,
-    lr: Lr = None,
-    batch_size: BatchSize = None,
-    device: Device = None,
-    mixed_precision: Precision = None,
-    seed: Seed = None,
-    save_every: SaveEvery = None,
     checkpoint_dir: CheckpointDir = None,
-    resume: Resume = False,
-    overwrite: Overwrite = False,
-    json_out: JsonOut = False,
-    quiet: Quiet = False,
+    *,
+    flags: StageFlags,
 ) -> None:
     """Stage b: tune only the routers, score each layer by its change of routing (d_j), pick the top p."""
     from mmer.extend import MoExtendModel, load_data, run_probe
     from mmer.extend.options import replace_options
 
     def work(progress):
-        if output.exists() and not overwrite:
+        if output.exists() and not flags.overwrite:
             raise OutputExistsError(f"{output}: already exists", file=str(output), hint="pass --overwrite")
-        rec = _recipe(
-            recipe, "probe", **_stage_flags(steps, lr, batch_size, device, mixed_precision, seed, save_every)
-        )
+        rec = flags.recipe_for("probe")
         selection = (
             rec.selection if fraction is None else replace_options(rec.selection, "selection", {"fraction": fraction})
         )
@@ -222,20 +251,20 @@ def probe(
             selection,
             stats_data=None if stats_data is None else load_data(stats_data),
             checkpoint_dir=checkpoint_dir,
-            resume=resume,
+            resume=flags.resume,
             progress=progress,
         )
         result.save(output)
         return result
 
-    result = _run(json_out, quiet, work)
+    result = _run(flags.json_out, flags.quiet, work)
     summary = {
         "output": str(output),
         "selected": result.selected,
         "scores": {str(k): v for k, v in result.scores.items()},
     }
     lines = [f"layer {k}: d = {v:.4g}{'  ← extend' if k in result.selected else ''}" for k, v in result.scores.items()]
-    _finish(summary, json_out, [*lines, f"chosen layers {result.selected}; probe result written to {output}"])
+    _finish(summary, flags.json_out, [*lines, f"chosen layers {result.selected}; probe result written to {output}"])
 
 
 def _parse_layers(value: str | None) -> str | tuple[int, ...] | None:
@@ -251,7 +280,7 @@ def _parse_layers(value: str | None) -> str | tuple[int, ...] | None:
         ) from None
 
 
-@extend_app.command()
+@stage_command
 def train(
     base: Base,
     data: Data,
@@ -265,19 +294,9 @@ def train(
     projector: Projector = None,
     stats_data: Annotated[Path | None, typer.Option(help="Statistics set S_e for the probe.")] = None,
     modality: Annotated[str | None, typer.Option(help="Name of the new modality (vision).")] = None,
-    recipe: Recipe = None,
-    steps: Steps = None,
-    lr: Lr = None,
-    batch_size: BatchSize = None,
-    device: Device = None,
-    mixed_precision: Precision = None,
-    seed: Seed = None,
-    save_every: SaveEvery = None,
     workdir: Annotated[Path | None, typer.Option(help="Keep every stage's resumable checkpoints here.")] = None,
-    resume: Resume = False,
-    overwrite: Overwrite = False,
-    json_out: JsonOut = False,
-    quiet: Quiet = False,
+    *,
+    flags: StageFlags,
 ) -> None:
     """Stages b″ and c (running a and b first when needed): add experts, train only them, write the pack."""
     from mmer.extend import ProbeResult, load_data, run_moextend
@@ -285,10 +304,8 @@ def train(
     from mmer.extend.pack import check_output
 
     def work(progress):
-        check_output(output, overwrite, protect=[base, data, projector, probe_result, stats_data, workdir])
-        rec = _recipe(
-            recipe, "finetune", **_stage_flags(steps, lr, batch_size, device, mixed_precision, seed, save_every)
-        )
+        check_output(output, flags.overwrite, protect=[base, data, projector, probe_result, stats_data, workdir])
+        rec = flags.recipe_for("finetune")
         changes = {"layers": _parse_layers(layers), "modality": modality}
         changes = {k: v for k, v in changes.items() if v is not None}
         if changes:
@@ -303,17 +320,17 @@ def train(
             probe=None if probe_result is None else ProbeResult.load(probe_result),
             stats_data=None if stats_data is None else load_data(stats_data),
             workdir=workdir,
-            resume=resume,
-            overwrite=overwrite,
+            resume=flags.resume,
+            overwrite=flags.overwrite,
             progress=progress,
         )
         return result.to_dict()
 
-    summary = _run(json_out, quiet, work)
+    summary = _run(flags.json_out, flags.quiet, work)
     lines = _report_lines(summary["reports"])
     lines.append(f"extended layers {summary['layers']} (new experts copied from {summary['sources']})")
     lines.append(f"extension pack written to {output}")
-    _finish(summary, json_out, lines)
+    _finish(summary, flags.json_out, lines)
 
 
 @extend_app.command()
