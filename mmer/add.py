@@ -58,7 +58,7 @@ from mmer.io.reader import read_safetensors_header as _read_header
 from mmer.io.resolve import HUB_PATTERNS, ResolvedModel, cached_blob_sha256, resolve_model
 from mmer.io.writer import StagedOutput
 from mmer.merge.error import error_l1, relative_error, tau_l1
-from mmer.merge.masks import NO_MASK, reconstruct
+from mmer.merge.masks import reconstruct
 from mmer.pipeline import MergeReport, execute_plan, resolved_recipe
 from mmer.plan import MergePlan, SourceModel, build_plan, estimate_memory, open_source, resolve_variant
 from mmer.progress import NULL_PROGRESS, ProgressSink
@@ -694,7 +694,7 @@ def _execute(
             record.llm_keys = dict(ckpt.modality(name).llm_keys)
         for name, old in report.old.items():
             old.density_after = manifest.modalities[name].density
-            if plan.variant.mask != NO_MASK and not ckpt.is_single_model:
+            if not plan.variant.rule.single_model_output and not ckpt.is_single_model:
                 old.mask_bits_changed = _mask_bits_changed(ckpt, name, staging / manifest.modalities[name].mask_file)
         recipe = _recipe(ckpt, plan, report)
         (staging / RECIPE_NAME).write_text(_recipe_header(ckpt, report) + recipe.to_yaml(), encoding="utf-8")

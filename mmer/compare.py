@@ -24,7 +24,8 @@ from mmer.config import MergeOptions, Recipe
 from mmer.errors import ConfigError
 from mmer.io.report_files import save_figure
 from mmer.merge.error import error_l1, relative_error, tau_l1
-from mmer.merge.masks import MASKS, NO_MASK, reconstruct
+from mmer.merge.masks import MASK_OPTIONS, reconstruct
+from mmer.merge.methods import METHOD_OPTIONS
 from mmer.merge.slot import Variant, merge_slot
 from mmer.pipeline import find_global_thresholds, slot_deltas, tau_dtype
 from mmer.plan import build_plan, check_registries, resolve_variant
@@ -43,6 +44,9 @@ PAPER_VARIANTS = (
     "emr/emr",
     "ties/mmer",
 )
+# Options the recipe and flags set for every variant at once: each applies to some variants, not to all. DARE is
+# set per variant (``+dare``) and weights belong to the models, so those must apply to every variant.
+SHARED_OPTIONS = frozenset(METHOD_OPTIONS + MASK_OPTIONS) - {"dare", "weights"}
 DEFAULT_DARE = 0.5  # the paper does not give its DARE drop rate; 0.5 is DARE's own common setting
 
 _VARIANT = re.compile(r"^(?P<method>[a-z_]+)(?P<dare>\+dare(?:=(?P<p>[0-9.]+))?)?(?:/(?P<mask>[a-z_]+))?$")
@@ -112,9 +116,9 @@ def run_compare(
     recipes = []
     for text in variants:
         r = replace(recipe, options=parse_variant(text, recipe.options))
-        check_registries(r)
+        check_registries(r, shared=SHARED_OPTIONS)
         recipes.append(r)
-    plan = build_plan(recipe)
+    plan = build_plan(recipe, shared=SHARED_OPTIONS)
     resolved: list[Variant] = [resolve_variant(r) for r in recipes]
     labels = [m.label for m in plan.models]
     device = torch.device(recipe.options.device)
@@ -126,7 +130,7 @@ def run_compare(
             return merge_slot(raw, variant, name, dtype, key)
 
         scales = {i: dict.fromkeys(labels, 1.0) for i in range(len(resolved))}
-        rescaled = [i for i, v in enumerate(resolved) if v.mask != NO_MASK and MASKS[v.mask].rescaled]
+        rescaled = [i for i, v in enumerate(resolved) if v.rule.rescaled]
         slots = plan.merged_slots
         total = sum(s.nbytes for s in slots) * (1 + len(labels))
         if rescaled:

@@ -172,6 +172,20 @@ class MergeOptions:
         out["lambda"] = out.pop("lambda_")
         return out
 
+    def non_defaults(self) -> dict[str, Any]:
+        """The options, by recipe key, whose value is not the default.
+
+        An option left at its default never counts as set: the options cannot tell a value the user wrote from
+        one mmer wrote for them (``mmer_recipe.yaml`` lists every option), and a default changes nothing that
+        needs refusing.
+        """
+        defaults = MergeOptions()
+        return {
+            ("lambda" if f.name == "lambda_" else f.name): getattr(self, f.name)
+            for f in dataclasses.fields(self)
+            if getattr(self, f.name) != getattr(defaults, f.name)
+        }
+
 
 @dataclass(frozen=True)
 class Recipe:

@@ -41,7 +41,7 @@ from mmer.io.hashing import hash_files, hash_tree
 from mmer.io.paths import copy_regular_file
 from mmer.io.reader import DTYPE_NAMES, MAX_SIDE_FILE_BYTES, CheckpointReader, TensorInfo, side_files
 from mmer.io.writer import PlannedTensor, ShardedWriter, StagedOutput
-from mmer.merge.masks import MASKS, NO_MASK, reconstruct
+from mmer.merge.masks import reconstruct
 from mmer.merge.overflow import check_merged, check_task_vector, provably_finite
 from mmer.merge.slot import Variant, merge_slot, prepare
 from mmer.merge.task_vectors import check_finite, task_vector
@@ -169,7 +169,7 @@ def execute_plan(
     report.seconds["merge"] = time.perf_counter() - t
     t = time.perf_counter()
     component_files = {m.label: write_component(m, plan, staging, progress) for m in plan.models}
-    if plan.variant.mask == NO_MASK:
+    if plan.variant.rule.single_model_output:
         copy_side_files(plan.base.path, staging)  # the merged model is loadable from the root
     elif plan.recipe.options.base_storage == "copy":
         copy_side_files(plan.base.path, staging / BASE_DIR)
@@ -183,7 +183,7 @@ def execute_plan(
                 m.label,
                 m.spec.model,
                 plan.lambda_for(m.label),
-                stats.kept[m.label] if plan.variant.mask != NO_MASK else plan.merged_numel,
+                stats.kept[m.label] if not plan.variant.rule.single_model_output else plan.merged_numel,
                 plan.merged_numel,
                 model_thresholds[i],
                 stats.delta_l1[m.label],
@@ -396,7 +396,7 @@ def merge_slots(plan: MergePlan, staging: Path, thresholds: Thresholds, progress
     model_thresholds = thresholds.get(variant.threshold_key) if variant.needs_global_threshold else None
     merged = plan.merged_slots
     shard = options.shard_size
-    single_model = variant.mask == NO_MASK
+    single_model = variant.rule.single_model_output
 
     writers: list[ShardedWriter] = []
     base_writer = tau_writer = merged_writer = None
@@ -438,7 +438,7 @@ def merge_slots(plan: MergePlan, staging: Path, thresholds: Thresholds, progress
     labels = [m.label for m in plan.models]
     writers_by_role = (tau_writer, mask_writers)
     check = not options.allow_nonfinite
-    rescaled = variant.mask != NO_MASK and MASKS[variant.mask].rescaled
+    rescaled = variant.rule.rescaled
     maxima: dict[str, tuple[float, float]] = {}  # max |θ_base|, |τ*| per slot, for the rescaled weights' check
     stats = SlotStats(kept=dict.fromkeys(labels, 0), delta_l1=dict.fromkeys(labels, 0.0))
     stats.kept_per_tensor = {label: {} for label in labels}
@@ -500,7 +500,7 @@ def merge_slots(plan: MergePlan, staging: Path, thresholds: Thresholds, progress
                             scale_den[label] += result.scale_den[i]
                     del base, raw, result
                 progress.advance(stage, (stop - start) * slot.dtype.itemsize * (1 + len(labels)))
-            if variant.mask != NO_MASK:
+            if not variant.rule.single_model_output:
                 for label, count in zip(labels, ones, strict=True):
                     stats.kept_per_tensor[label][slot.name] = count
                     stats.kept[label] += count
@@ -565,7 +565,7 @@ def _check_rescaled(
 def _fused_for(plan: MergePlan, slot_name: str, device: torch.device, store_dtype: torch.dtype | None = None):
     """``merge.fused`` when its kernels compute exactly what the eager engine would for this slot, else None:
     the threshold pass (no ``store_dtype``) needs only inputs it reads, the merge also the variant and τ*'s dtype."""
-    if store_dtype is not None and (plan.variant.mask == NO_MASK or not plan.variant.elementwise):
+    if store_dtype is not None and (plan.variant.rule.single_model_output or not plan.variant.elementwise):
         return None
     from mmer.merge import fused  # imported on first use: it loads numba
 
@@ -714,7 +714,7 @@ def build_manifest(
     plan: MergePlan, stats: SlotStats, component_files: dict[str, list[str]], hashes: dict[str, dict[str, str | None]]
 ) -> Manifest:
     options = plan.recipe.options
-    single_model = plan.variant.mask == NO_MASK
+    single_model = plan.variant.rule.single_model_output
     modalities = {}
     for m in plan.models:
         modalities[m.label] = ModalityRecord(

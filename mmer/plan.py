@@ -8,6 +8,7 @@ hour; ``--dry-run`` prints this plan with its memory estimate.
 from __future__ import annotations
 
 import math
+from collections.abc import Collection
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -21,8 +22,8 @@ from mmer.errors import CheckpointFormatError, ConfigError, IncompatibleBaseErro
 from mmer.io.layouts import Layout, canonical_order, detect_layout, is_buffer_name, is_vocab_tensor
 from mmer.io.reader import DTYPE_NAMES, CheckpointReader, Sized, TensorInfo, read_json
 from mmer.io.resolve import ResolvedModel, resolve_model
-from mmer.merge.masks import MASKS, NO_MASK
-from mmer.merge.methods import METHODS
+from mmer.merge.masks import MASK_OPTIONS, MASKS
+from mmer.merge.methods import METHOD_OPTIONS, METHODS, methods_accepting
 from mmer.merge.slot import Variant
 
 # Config fields that fix the LLM's architecture: a mismatch means another base, whatever the shapes say.
@@ -234,45 +235,74 @@ class MergePlan:
         }
 
 
-def check_registries(recipe: Recipe) -> None:
-    """Method, mask rule and device exist, and the combination makes sense, before any file is opened."""
+def check_registries(recipe: Recipe, *, shared: Collection[str] = ()) -> None:
+    """Method, mask rule and device exist, they pair, and every option the recipe sets applies to them, before
+    any file is opened: what each takes is declared in its registry, so this check never names a method.
+
+    ``shared`` names options set for several variants at once (``mmer compare``), which need not apply to each.
+    An option at its default never counts as set (see ``MergeOptions.non_defaults``).
+    """
     options = recipe.options
-    if options.method not in METHODS:
+    method = METHODS.get(options.method)
+    if method is None:
         raise ConfigError(
             f"unknown merge method {options.method!r}", key="method", hint=f"available: {', '.join(sorted(METHODS))}"
         )
-    if options.mask not in MASKS and options.mask != NO_MASK:
+    rule = MASKS.get(options.mask)
+    if rule is None:
         raise ConfigError(
             f"unknown mask rule {options.mask!r}",
             key="mask",
-            hint=f"available: {', '.join(sorted(MASKS))}, or none for a single merged model",
+            hint="available: "
+            + ", ".join(f"{name} (one merged model)" if MASKS[name].single_model_output else name for name in MASKS),
         )
-    if options.mask == "emr" and options.method != "emr":
+    if rule.pairs_with is not None and method.name not in rule.pairs_with:
         raise ConfigError(
-            f"mask emr with method {options.method}: EMR's masks and rescalers are defined on its own unified "
-            "vector (max magnitude over agreeing task vectors), not on another method's τ*",
+            f"mask {rule.name} with method {method.name}: {rule.pairing}",
             key="mask",
-            hint="use --method emr --mask emr",
+            hint=" or ".join(f"use --method {m} --mask {rule.name}" for m in sorted(rule.pairs_with)),
         )
-    if options.method == "emr" and options.dare > 0:
+    for option, value in set_options(recipe).items():
+        if option in shared:
+            continue
+        if option in METHOD_OPTIONS and option not in method.accepts:
+            kind, owner, reason, takers = "method", method.name, method.refusal(option), methods_accepting(option)
+        elif option in MASK_OPTIONS and option not in rule.accepts:
+            kind, owner, reason = "mask rule", rule.name, rule.refusal(option)
+            takers = sorted(m.name for m in MASKS.values() if option in m.accepts)
+        else:
+            continue
+        where = _OPTION_WHERE.get(option, f"--{option.replace('_', '-')} / `{option}:` from the recipe")
         raise ConfigError(
-            "DARE with method emr: EMR's unified vector keeps the largest agreeing magnitude, which DARE's 1/(1−p) "
-            "rescaling would inflate; neither paper defines the combination",
-            key="dare",
-            hint="use DARE with average, task_arithmetic or ties",
-        )
-    if options.method == "emr" and recipe.weights is not None:
-        raise ConfigError(
-            "method emr takes no per-model weights", key="weight", hint="remove `weight:` from the specs"
+            f"{option} = {value!r} does not apply to {kind} {owner}: {reason}",
+            key="weight" if option == "weights" else option,
+            hint=f"remove {where}, or use a {kind} that takes it: {', '.join(takers)}",
         )
     check_device_available(options.device)
+
+
+_OPTION_WHERE = {
+    "weights": "`weight:` from the model specs",
+    "lambda": "--lambda / --lambda-for and `lambda:` from the recipe and the model specs",
+}
+
+
+def set_options(recipe: Recipe) -> dict[str, object]:
+    """The method and mask options a recipe sets, by recipe key: those not at their default, the models' merge
+    weights (``weights``) when any is not 1, and λ when the recipe or a model spec gives one."""
+    given = {k: v for k, v in recipe.options.non_defaults().items() if k in METHOD_OPTIONS or k in MASK_OPTIONS}
+    if recipe.weights is not None:
+        given["weights"] = recipe.weights
+    spec_lambdas = {m.modality: m.lambda_ for m in recipe.models if m.lambda_ is not None}
+    if spec_lambdas and "lambda" not in given:
+        given["lambda"] = spec_lambdas
+    return given
 
 
 def resolve_variant(recipe: Recipe) -> Variant:
     """The options with every default resolved: α from the method, λ from model spec, recipe or mask rule."""
     options = recipe.options
-    rule = MASKS.get(options.mask)
-    default_lambda = rule.default_lambda if rule is not None else None
+    default_lambda = MASKS[options.mask].default_lambda
     return Variant(
         method=options.method,
         mask=options.mask,
@@ -294,9 +324,10 @@ def resolve_variant(recipe: Recipe) -> Variant:
     )
 
 
-def build_plan(recipe: Recipe) -> MergePlan:
-    """Open every model and check it against the base; raise before any weight is read."""
-    check_registries(recipe)
+def build_plan(recipe: Recipe, *, shared: Collection[str] = ()) -> MergePlan:
+    """Open every model and check it against the base; raise before any weight is read (``shared``: see
+    :func:`check_registries`)."""
+    check_registries(recipe, shared=shared)
     base = open_source(recipe.base)
     if base.components:
         names = ", ".join(i.name for i in base.components[:3])

@@ -75,7 +75,7 @@ from mmer.io.resolve import resolve_model
 from mmer.io.writer import PlannedTensor, ShardedWriter, StagedOutput
 from mmer.merge.dare import dare
 from mmer.merge.error import error_l1, relative_error, tau_l1
-from mmer.merge.masks import MASKS, NO_MASK, reconstruct
+from mmer.merge.masks import MASKS, reconstruct
 from mmer.merge.methods import METHODS
 from mmer.merge.slot import Variant, merge_slot
 from mmer.merge.task_vectors import task_vector
@@ -750,7 +750,7 @@ def run_tune(
     read_recipe, spec_recipe, reuse = _inputs(recipe, checkpoint, sources, device, check_sources)
     options = read_recipe.options
     rule = MASKS.get(options.mask)
-    if options.mask == NO_MASK or rule is None or rule.default_lambda is None or rule.rescaled:
+    if rule is None or "lambda" not in rule.accepts or rule.rescaled:
         raise ConfigError(
             f"mask rule {options.mask!r} has no λ to tune",
             key="mask",

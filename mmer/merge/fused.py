@@ -56,18 +56,36 @@ def reads(input_dtypes: Sequence[torch.dtype], device: torch.device) -> bool:
     )
 
 
+# What the kernel implements, declared against the registries: its method and mask rule, and for every option
+# that method or rule takes, which values of a variant it computes exactly. An option the registries add to
+# ``ties`` or ``mmer`` has no entry here until the kernel implements it, so such variants take the eager path.
+KERNEL_METHOD = "ties"
+KERNEL_MASK = "mmer"
+KERNEL_COVERS = {
+    "alpha": lambda v: True,
+    "weights": lambda v: v.weights is None,
+    "k": lambda v: True,
+    "trim_scope": lambda v: not v.uses_trim or v.trim_scope == "global",
+    "trim_count": lambda v: True,  # the count rule only moves the global threshold, found before the kernel runs
+    "zero_sign": lambda v: v.zero_sign in ("zero", "positive"),
+    "elect_on": lambda v: v.elect_on == "raw" or v.weights is None,  # without weights both elect on Σ τᵢ
+    "aggregate": lambda v: v.aggregate == "mean",
+    "dare": lambda v: v.dare <= 0,
+    "dare_seed": lambda v: True,  # read only by DARE, which the kernel never runs
+    "lambda": lambda v: True,
+    "mask_source": lambda v: v.mask_source == "trimmed",
+}
+
+
 def supports(variant, input_dtypes: Sequence[torch.dtype], store_dtype: torch.dtype, device: torch.device) -> bool:
-    """Whether the fused kernel computes exactly what ``merge_slot`` would for this variant and these dtypes."""
+    """Whether the fused kernel computes exactly what ``merge_slot`` would for this variant and these dtypes:
+    its method and mask rule, and every option they declare (``accepts``) at a value the kernel covers."""
+    if variant.method != KERNEL_METHOD or variant.mask != KERNEL_MASK:
+        return False
+    options = variant.merge_method.accepts | variant.rule.accepts
     return (
         reads(input_dtypes, device)
-        and variant.method == "ties"
-        and variant.mask == "mmer"
-        and variant.weights is None
-        and variant.aggregate == "mean"
-        and variant.mask_source == "trimmed"
-        and variant.dare <= 0
-        and variant.zero_sign in ("zero", "positive")
-        and (not variant.uses_trim or variant.trim_scope == "global")
+        and all(option in KERNEL_COVERS and KERNEL_COVERS[option](variant) for option in options)
         and store_dtype in (input_dtypes[0], torch.float32)
     )
 

@@ -2,57 +2,109 @@
 
 A method is a plain function registered with :func:`register_method`; the pipeline does the streaming, DARE
 and the trimming (whose global threshold needs a pass over the whole model) and calls the method once per
-tensor. Every method takes the same keyword arguments and ignores those it has no use for, so one engine
-drives them all. Read beside mmer-method.md §2 and §10: symbols are the papers' (τ, γ, α).
+tensor. Each method declares the options it takes (``accepts``): the engine hands it only those, the plan
+refuses any other that a recipe sets, ``--help`` lists them and the fused kernel's coverage is checked against
+them. Symbols are the papers' (τ, γ, α): TIES-Merging (arXiv 2306.01708) §3, task arithmetic (arXiv
+2212.04089) §2, EMR-Merging (arXiv 2405.17461) §3.
 
-Where libraries disagree on TIES (peer-toolkits.md, "TIES semantics differ") the choice is a named argument:
-``elect_on`` (``raw``: γ from Σ τᵢ as in the TIES paper and PEFT; ``weighted``: γ from Σ wᵢτᵢ as in mergekit),
-``aggregate`` (``mean``: disjoint mean, the paper's; ``sum``: disjoint sum, FusionBench's default), and
-``zero_sign`` (what γ is where the sum is exactly 0).
+Where libraries disagree on TIES the choice is a named argument: ``elect_on`` (``raw``: γ from Σ τᵢ as in the
+TIES paper and PEFT; ``weighted``: γ from Σ wᵢτᵢ as in mergekit), ``aggregate`` (``mean``: disjoint mean, the
+paper's; ``sum``: disjoint sum, FusionBench's default), and ``zero_sign`` (what γ is where the sum is exactly 0).
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
 
 import torch
+
+# Method options by recipe key (``weights`` stands for the model specs' ``weight:``), grouped by the step that
+# reads them. The engine reads the trim and DARE options; the method's own function takes ARGUMENTS.
+TRIM_OPTIONS = ("k", "trim_scope", "trim_count")
+DARE_OPTIONS = ("dare", "dare_seed")
+TIES_OPTIONS = ("zero_sign", "elect_on", "aggregate")
+ARGUMENTS = ("weights", "alpha", *TIES_OPTIONS)
+METHOD_OPTIONS = ("alpha", "weights", *TRIM_OPTIONS, *DARE_OPTIONS, *TIES_OPTIONS)
 
 
 @dataclass(frozen=True)
 class MergeMethod:
-    """A registered merge method.
+    """A registered merge method and what it takes.
 
     Attributes:
         name: the registry name used in recipes, on the command line and in manifests.
-        fn: ``fn(taus, *, weights, alpha, zero_sign, elect_on, aggregate) -> tau_star`` over float32 tensors.
-        uses_trim: whether the pipeline first trims each task vector to its top-K fraction.
-        default_alpha: α used when the recipe does not set one.
+        fn: ``fn(taus, **arguments) -> tau_star`` over float32 tensors; takes exactly the ``ARGUMENTS`` it accepts.
         summary: one line for ``--help`` and the model card.
+        accepts: the ``METHOD_OPTIONS`` this method reads; a recipe that sets any other is refused.
+        default_alpha: α used when the recipe does not set one.
+        why_not: why a refused option does not apply, where that needs more than "the method does not read it".
     """
 
     name: str
     fn: Callable[..., torch.Tensor]
-    uses_trim: bool
-    default_alpha: float
     summary: str
+    accepts: frozenset[str]
+    default_alpha: float = 1.0
+    why_not: Mapping[str, str] = field(default_factory=dict)
 
+    @property
+    def uses_trim(self) -> bool:
+        """Whether the pipeline first trims each task vector to its top-K fraction."""
+        return "k" in self.accepts
+
+    def refusal(self, option: str) -> str:
+        """Why ``option`` does not apply to this method (for the plan's refusal)."""
+        if option in self.why_not:
+            return self.why_not[option]
+        for group, reason in _REFUSALS.items():
+            if option in group:
+                return reason
+        return "the method does not read it"
+
+    def merge(self, taus: Sequence[torch.Tensor] | torch.Tensor, **options: object) -> torch.Tensor:
+        """τ* from the options the method takes; the engine passes every option and each method gets its own."""
+        return self.fn(taus, **{name: options[name] for name in ARGUMENTS if name in self.accepts and name in options})
+
+
+_REFUSALS = {
+    TRIM_OPTIONS: "the method does not trim its task vectors",
+    DARE_OPTIONS: "the method takes no DARE",
+    TIES_OPTIONS: "it chooses how TIES elects signs or merges the agreeing entries, which the method does not do",
+    ("weights",): "the method takes no per-model weights",
+    ("alpha",): "the method has no α",
+}
 
 METHODS: dict[str, MergeMethod] = {}
 
 
 def register_method(
-    name: str, *, uses_trim: bool, summary: str, default_alpha: float = 1.0
+    name: str,
+    *,
+    summary: str,
+    accepts: Sequence[str],
+    default_alpha: float = 1.0,
+    why_not: Mapping[str, str] | None = None,
 ) -> Callable[[Callable[..., torch.Tensor]], Callable[..., torch.Tensor]]:
     """Register ``fn`` under ``name``; a second registration of a name is a bug, not an override."""
+    unknown = set(accepts) - set(METHOD_OPTIONS)
+    if unknown:
+        raise ValueError(f"merge method {name!r} accepts unknown options {sorted(unknown)}")
+    if "k" in accepts and not set(TRIM_OPTIONS) <= set(accepts):
+        raise ValueError(f"merge method {name!r} trims, so it takes every one of {TRIM_OPTIONS}")
 
     def decorate(fn: Callable[..., torch.Tensor]) -> Callable[..., torch.Tensor]:
         if name in METHODS:
             raise KeyError(f"merge method {name!r} is already registered")
-        METHODS[name] = MergeMethod(name, fn, uses_trim, default_alpha, summary)
+        METHODS[name] = MergeMethod(name, fn, summary, frozenset(accepts), default_alpha, dict(why_not or {}))
         return fn
 
     return decorate
+
+
+def methods_accepting(option: str) -> list[str]:
+    """The registered methods that take ``option``, by name (for hints and ``--help``)."""
+    return sorted(m.name for m in METHODS.values() if option in m.accepts)
 
 
 def as_stack(taus: Sequence[torch.Tensor] | torch.Tensor) -> torch.Tensor:
@@ -131,9 +183,12 @@ def _disjoint(
     return total / torch.where(divisor == 0, torch.ones_like(divisor), divisor)
 
 
-@register_method("average", uses_trim=False, summary="NaiveMC: weighted average of the task vectors (θ* = mean θᵢ)")
+_AVERAGING = ("alpha", "weights", *DARE_OPTIONS)
+
+
+@register_method("average", accepts=_AVERAGING, summary="NaiveMC: weighted average of the task vectors (θ* = mean θᵢ)")
 def average(
-    taus: Sequence[torch.Tensor], *, weights: Sequence[float] | None = None, alpha: float = 1.0, **_: object
+    taus: Sequence[torch.Tensor], *, weights: Sequence[float] | None = None, alpha: float = 1.0
 ) -> torch.Tensor:
     """τ* = α · Σ wᵢτᵢ / Σ wᵢ; with unit weights and α = 1 the merged LLM is the plain average of the LLMs."""
     if weights is None:
@@ -146,12 +201,12 @@ def average(
 
 @register_method(
     "task_arithmetic",
-    uses_trim=False,
+    accepts=_AVERAGING,
     default_alpha=0.3,
     summary="Task arithmetic: α · Σ wᵢτᵢ (α defaults to 0.3, FusionBench's and the TA paper's usual value)",
 )
 def task_arithmetic(
-    taus: Sequence[torch.Tensor], *, weights: Sequence[float] | None = None, alpha: float = 1.0, **_: object
+    taus: Sequence[torch.Tensor], *, weights: Sequence[float] | None = None, alpha: float = 1.0
 ) -> torch.Tensor:
     """τ* = α · Σ wᵢτᵢ."""
     stacked = as_stack(taus)
@@ -159,7 +214,11 @@ def task_arithmetic(
     return merged * alpha if alpha != 1.0 else merged
 
 
-@register_method("ties", uses_trim=True, summary="TIES-Merging: trim to top-K, elect sign by mass, disjoint mean")
+@register_method(
+    "ties",
+    accepts=METHOD_OPTIONS,
+    summary="TIES-Merging: trim to top-K, elect sign by mass, disjoint mean",
+)
 def ties(
     taus: Sequence[torch.Tensor],
     *,
@@ -168,9 +227,8 @@ def ties(
     zero_sign: str = "zero",
     elect_on: str = "raw",
     aggregate: str = "mean",
-    **_: object,
 ) -> torch.Tensor:
-    """τ* = α · disjoint_mean(τ, γ) with γ = sgn(Σ τᵢ), over already-trimmed τᵢ (mmer-method.md §2)."""
+    """τ* = α · disjoint_mean(τ, γ) with γ = sgn(Σ τᵢ), over already-trimmed τᵢ (TIES-Merging §3, Algorithm 1)."""
     stacked = as_stack(taus)
     if elect_on == "weighted" and weights is not None:
         gamma = _elect(stacked * _weights(taus, weights), zero_sign)
@@ -184,10 +242,15 @@ def ties(
 
 @register_method(
     "emr",
-    uses_trim=False,
+    accepts=("alpha",),
+    why_not={
+        "dare": "EMR's unified vector keeps the largest agreeing magnitude, which DARE's 1/(1−p) rescaling would "
+        "inflate; neither paper defines the combination",
+        "weights": "EMR's unified vector takes the largest agreeing magnitude, which per-model weights do not enter",
+    },
     summary="EMR-Merging's unified vector: γ = sgn(Σ τᵢ) (0 counts as −), magnitude = max over agreeing τᵢ",
 )
-def emr(taus: Sequence[torch.Tensor], *, alpha: float = 1.0, **_: object) -> torch.Tensor:
+def emr(taus: Sequence[torch.Tensor], *, alpha: float = 1.0) -> torch.Tensor:
     """τ_uni = γ · maxᵢ |τᵢ| over the τᵢ with τᵢ·γ > 0, where γ = +1 if Σ τᵢ > 0 else −1 (EMR's code)."""
     stacked = as_stack(taus)
     gamma = torch.where(stacked.sum(0) > 0, 1.0, -1.0).to(stacked.dtype)

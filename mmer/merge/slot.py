@@ -12,8 +12,8 @@ from dataclasses import dataclass, field
 import torch
 
 from mmer.merge.dare import dare
-from mmer.merge.masks import MASKS, NO_MASK
-from mmer.merge.methods import METHODS
+from mmer.merge.masks import MASKS, MaskRule
+from mmer.merge.methods import METHODS, MergeMethod
 from mmer.merge.trim import tensor_threshold, trim
 
 
@@ -40,8 +40,16 @@ class Variant:
     weights: tuple[float, ...] | None = None
 
     @property
+    def merge_method(self) -> MergeMethod:
+        return METHODS[self.method]
+
+    @property
+    def rule(self) -> MaskRule:
+        return MASKS[self.mask]
+
+    @property
     def uses_trim(self) -> bool:
-        return METHODS[self.method].uses_trim and self.k < 1.0
+        return self.merge_method.uses_trim and self.k < 1.0
 
     @property
     def needs_global_threshold(self) -> bool:
@@ -58,7 +66,7 @@ class Variant:
         """
         if self.dare > 0 or (self.uses_trim and self.trim_scope != "global"):
             return False
-        return self.mask == NO_MASK or not MASKS[self.mask].rescaled
+        return not self.rule.rescaled
 
     @property
     def threshold_key(self) -> tuple[float, str, float, int]:
@@ -117,7 +125,7 @@ def merge_slot(
             trimmed = [trim(t, tensor_threshold(t, variant.k, variant.trim_count)) for t in taus]
     else:
         trimmed = taus
-    tau_star = METHODS[variant.method].fn(
+    tau_star = variant.merge_method.merge(
         trimmed,
         weights=variant.weights,
         alpha=variant.alpha,
@@ -126,9 +134,9 @@ def merge_slot(
         aggregate=variant.aggregate,
     )
     stored = tau_star.to(store_dtype)
-    if variant.mask == NO_MASK:
+    rule = variant.rule
+    if rule.single_model_output:
         return SlotResult(stored, None)
-    rule = MASKS[variant.mask]
     # Masks compare against τ* as stored, so the artifact alone reproduces every bit of them.
     effective = stored.float()
     sources = raw_taus if rule.uses_raw or variant.mask_source == "raw" else trimmed

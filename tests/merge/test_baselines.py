@@ -13,7 +13,7 @@ import pytest
 import torch
 
 from mmer.merge.dare import dare, dare_seed
-from mmer.merge.masks import MASKS, NO_MASK, emr_mask, mmer_mask, reconstruct, tall_mask
+from mmer.merge.masks import MASKS, emr_mask, mmer_mask, reconstruct, tall_mask
 from mmer.merge.methods import METHODS, average, emr, task_arithmetic, ties
 from mmer.merge.slot import Variant, merge_slot
 from mmer.merge.trim import tensor_threshold, trim
@@ -23,7 +23,7 @@ def _t(values: list[float]) -> torch.Tensor:
     return torch.tensor(values, dtype=torch.float32)
 
 
-def _variant(method: str, mask: str = NO_MASK, n: int = 1, **overrides: object) -> Variant:
+def _variant(method: str, mask: str = "none", n: int = 1, **overrides: object) -> Variant:
     """A fully resolved variant with no trim, no DARE and α = 1 unless overridden."""
     fields: dict[str, object] = {
         "method": method,
@@ -38,7 +38,7 @@ def _variant(method: str, mask: str = NO_MASK, n: int = 1, **overrides: object) 
         "mask_source": "trimmed",
         "dare": 0.0,
         "dare_seed": 0,
-        "lambdas": (MASKS[mask].default_lambda if mask != NO_MASK else None,) * n,
+        "lambdas": (MASKS[mask].default_lambda,) * n,
         "weights": None,
     }
     fields.update(overrides)
@@ -227,7 +227,7 @@ def test_mask_registry_flags_tall_as_raw_and_emr_as_rescaled() -> None:
     assert MASKS["tall"].default_lambda == 0.4
     assert MASKS["emr"].rescaled and not MASKS["emr"].uses_raw
     assert not MASKS["mmer"].uses_raw and not MASKS["mmer"].rescaled
-    assert NO_MASK == "none" and NO_MASK not in MASKS
+    assert MASKS["none"].single_model_output and MASKS["none"].fn is None
 
 
 def test_emr_rescaler_through_merge_slot_is_the_ratio_of_mean_magnitudes() -> None:
@@ -249,14 +249,14 @@ def test_emr_rescaler_through_merge_slot_is_the_ratio_of_mean_magnitudes() -> No
 @pytest.mark.parametrize("seed", [0, 1])
 def test_each_method_merging_one_model_returns_its_task_vector(name: str, seed: int) -> None:
     (tau,) = _random_taus(1, (6, 5), seed)
-    assert torch.equal(METHODS[name].fn([tau], weights=None, alpha=1.0), tau)
+    assert torch.equal(METHODS[name].merge([tau], weights=None, alpha=1.0), tau)
     # a weight on the single model changes nothing where the method normalises by it (or elects with it)
     if name in ("average", "ties"):
-        assert torch.equal(METHODS[name].fn([tau], weights=(2.0,), alpha=1.0, elect_on="weighted"), tau)
+        assert torch.equal(METHODS[name].merge([tau], weights=(2.0,), alpha=1.0, elect_on="weighted"), tau)
 
 
 def _identity_combinations() -> list[tuple[str, str]]:
-    combos = [(method, mask) for method in sorted(METHODS) for mask in ("mmer", "tall", NO_MASK)]
+    combos = [(method, mask) for method in sorted(METHODS) for mask in ("mmer", "tall", "none")]
     return [*combos, ("emr", "emr")]
 
 
@@ -268,7 +268,7 @@ def test_each_method_and_mask_rebuild_a_single_model_exactly(method: str, mask: 
     base = torch.randn(8, 4, generator=torch.Generator().manual_seed(9))
     result = merge_slot([tau], _variant(method, mask), "model.layers.0.mlp.up_proj.weight", torch.float32)
     assert torch.equal(result.stored, tau)
-    if mask == NO_MASK:
+    if MASKS[mask].single_model_output:
         assert result.masks is None
         assert torch.equal(reconstruct(base, result.stored, None), base + tau)
     else:

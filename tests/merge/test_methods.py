@@ -167,7 +167,7 @@ def test_ties_of_all_zero_task_vectors_is_all_zero(zero_sign: str, alpha: float)
 @pytest.mark.parametrize("seed", [0, 1])
 def test_a_single_model_merged_alone_reproduces_its_task_vector_exactly(name: str, seed: int) -> None:
     (tau,) = _float_task_vectors(1, (64, 33), seed)
-    out = METHODS[name].fn([tau], alpha=1.0, zero_sign="zero")
+    out = METHODS[name].merge([tau], alpha=1.0, zero_sign="zero")
     assert out.dtype == torch.float32
     assert torch.equal(out, tau)
 
@@ -177,9 +177,9 @@ def test_a_single_model_merged_alone_reproduces_its_task_vector_exactly(name: st
 def test_merging_does_not_depend_on_the_order_of_the_models(name: str, zero_sign: str) -> None:
     # multiples of 1/8 make every sum exact, so any permutation must give the same bits
     taus = _dyadic_task_vectors(4, 2000, seed=3)
-    reference = METHODS[name].fn(taus, alpha=1.0, zero_sign=zero_sign)
+    reference = METHODS[name].merge(taus, alpha=1.0, zero_sign=zero_sign)
     for perm in itertools.permutations(range(4)):
-        out = METHODS[name].fn([taus[i] for i in perm], alpha=1.0, zero_sign=zero_sign)
+        out = METHODS[name].merge([taus[i] for i in perm], alpha=1.0, zero_sign=zero_sign)
         assert torch.equal(out, reference), perm
 
 
@@ -189,9 +189,9 @@ def test_merging_general_floats_in_another_model_order_differs_only_by_float_rou
     # magnitudes summed (Σ|τᵢ|), which bounds methods that add opposite signs (average, task arithmetic) too
     taus = _float_task_vectors(3, (5000,), seed=4)
     scale = torch.stack(taus).abs().sum(0)
-    reference = METHODS[name].fn(taus, alpha=1.0, zero_sign="zero")
+    reference = METHODS[name].merge(taus, alpha=1.0, zero_sign="zero")
     for perm in itertools.permutations(range(3)):
-        out = METHODS[name].fn([taus[i] for i in perm], alpha=1.0, zero_sign="zero")
+        out = METHODS[name].merge([taus[i] for i in perm], alpha=1.0, zero_sign="zero")
         assert torch.all((out - reference).abs() <= 1e-6 * scale + 1e-12), perm
 
 
@@ -207,10 +207,10 @@ def test_merging_is_bit_identical_across_runs_and_thread_counts(name: str, resto
     taus = _float_task_vectors(3, (512, 1024), seed=5)  # large enough for intra-op parallelism
     kwargs = {"alpha": 0.7, "zero_sign": "zero"}
     torch.set_num_threads(1)
-    one_thread = METHODS[name].fn(taus, **kwargs)
-    one_thread_again = METHODS[name].fn(taus, **kwargs)
+    one_thread = METHODS[name].merge(taus, **kwargs)
+    one_thread_again = METHODS[name].merge(taus, **kwargs)
     torch.set_num_threads(2)
-    two_threads = METHODS[name].fn(taus, **kwargs)
+    two_threads = METHODS[name].merge(taus, **kwargs)
     assert torch.equal(one_thread, one_thread_again)
     assert torch.equal(one_thread, two_threads)
 
@@ -232,8 +232,8 @@ def scratch_method_name() -> Iterator[str]:
 
 
 def test_registering_a_new_method_makes_it_available_by_name(scratch_method_name: str) -> None:
-    @register_method(scratch_method_name, uses_trim=False, summary="sum")
-    def summed(taus, *, alpha=1.0, zero_sign="zero"):
+    @register_method(scratch_method_name, accepts=("alpha",), summary="sum")
+    def summed(taus, *, alpha=1.0):
         return alpha * torch.stack(list(taus)).sum(0)
 
     assert METHODS[scratch_method_name].fn is summed
@@ -243,10 +243,10 @@ def test_registering_a_new_method_makes_it_available_by_name(scratch_method_name
 def test_registering_a_name_twice_raises_key_error_and_keeps_the_first(scratch_method_name: str) -> None:
     original = METHODS["ties"]
     with pytest.raises(KeyError, match="'ties' is already registered"):
-        register_method("ties", uses_trim=False, summary="impostor")(lambda taus, **_: taus[0])
+        register_method("ties", accepts=(), summary="impostor")(lambda taus: taus[0])
     assert METHODS["ties"] is original
 
-    register_method(scratch_method_name, uses_trim=False, summary="first")(lambda taus, **_: taus[0])
+    register_method(scratch_method_name, accepts=(), summary="first")(lambda taus: taus[0])
     with pytest.raises(KeyError):
-        register_method(scratch_method_name, uses_trim=True, summary="second")(lambda taus, **_: taus[1])
+        register_method(scratch_method_name, accepts=(), summary="second")(lambda taus: taus[1])
     assert METHODS[scratch_method_name].summary == "first"
