@@ -79,7 +79,7 @@ class ModelSpec:
 
 @dataclass(frozen=True)
 class MergeOptions:
-    """Every knob of a merge, with the paper's defaults (mmer-method.md §2–3).
+    """Every knob of a merge, with the paper's defaults (docs/method.md §2–3).
 
     Attributes:
         method: merge method from the registry: ``ties`` (TIES-Merging as MMER uses it), ``average`` (NaiveMC),

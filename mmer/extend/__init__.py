@@ -1,6 +1,6 @@
 """MoExtend: extend a pretrained Mixture-of-Experts LLM with new experts for a new modality or task.
 
-Zhong et al., ACL 2024 SRW (arXiv 2408.03511); read beside ``moextend.md``. Three stages on transformers' own
+Zhong et al., ACL 2024 SRW (arXiv 2408.03511); read beside docs/moextend.md. Three stages on transformers' own
 Mixtral, Qwen2-MoE and OLMoE models, every pretrained tensor frozen throughout:
 
 (a) :func:`align` trains a projector from a frozen encoder's features into the LLM;

@@ -1,6 +1,6 @@
 """Every knob of MoExtend: frozen dataclasses with the paper's defaults, and one strict YAML loader.
 
-Defaults are the paper's (Table 6, §2-3 of moextend.md) where it gives one, else the authors' code's; where
+Defaults are the paper's (its Table 6; docs/moextend.md §3) where it gives one, else the authors' code's; where
 both are silent the choice is ours, named here and recorded in every pack's manifest. Unknown keys are errors
 naming the file, the key and the closest valid key.
 """

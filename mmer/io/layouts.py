@@ -3,7 +3,7 @@
 Every layout maps its on-disk LLM names to the plain causal-LM names of the base
 (``model.embed_tokens.weight``, ``model.layers.N.…``, ``model.norm.weight``, ``lm_head.weight``), called
 *canonical* names here, and back. Whatever is not the LLM (vision/audio towers, projectors, ``image_newline``)
-is the model's *component* and is carried over untouched. See ``checkpoint-layouts.md`` §1–2 for the families.
+is the model's *component* and is carried over untouched. See docs/layouts.md §1–2 for the families.
 """
 
 from __future__ import annotations

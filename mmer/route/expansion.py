@@ -1,4 +1,4 @@
-"""Expansion mode (mmer-method.md §4a): one forward pass over a sequence that mixes modalities.
+"""Expansion mode (MMER Eq. 4-7; docs/method.md §4): one forward pass over a sequence that mixes modalities.
 
 Every token is tagged with a weight group: 0 for text, i for the router's i-th modality. Inside each decoder
 layer of the LLM, every ``Linear`` applies θ_base + mᵢ∘τ* to the tokens of modality i and θ_base + m̄∘τ* (m̄ the

@@ -1,6 +1,6 @@
 """Run every modality of a decoupled checkpoint from one copy of the LLM: switch by rebuilding from θ_base.
 
-Retention mode (mmer-method.md §4b): the model of modality i is θ_base + mᵢ∘τ* with its own encoder and
+Retention mode (docs/method.md §4): the model of modality i is θ_base + mᵢ∘τ* with its own encoder and
 projector. :class:`Router` keeps θ_base, τ* and the packed masks on the device and one set of *live* LLM
 weights that every modality's transformers model is bound to (their LLM parameters are views of it). Switching
 to modality i rewrites the live weights from θ_base with ``mmer.merge.masks.reconstruct``, never by

@@ -2,9 +2,10 @@
 aggregate), ``emr``; masks ``tall`` and ``emr``; DARE (mmer/merge/dare.py); the trim count rule; one slot
 through :func:`mmer.merge.slot.merge_slot`.
 
-Expected values are literals worked out by hand from the formulas of mmer-method.md §2 and §10 and
-peer-toolkits.md ("TIES semantics differ", "EMR and TALL formulas"); each case names its formula. Every input is
-a small multiple of a power of two, so float32 holds every intermediate exactly and ``torch.equal`` is fair.
+Expected values are literals worked out by hand from the formulas of docs/method.md §2, §2.1, §3 and §8 (TIES
+arXiv 2306.01708, TALL masks arXiv 2405.07813, EMR-Merging arXiv 2405.17461); each case names its formula. Every
+input is a small multiple of a power of two, so float32 holds every intermediate exactly and ``torch.equal`` is
+fair.
 """
 
 from __future__ import annotations

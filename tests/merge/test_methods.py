@@ -1,6 +1,7 @@
 """Specifies mmer/merge/methods.py: TIES sign election, disjoint mean, the ``ties`` method and the registry.
 
-Symbols are the paper's (mmer-method.md §2): γ = sgn(Σᵢ τᵢ); τ* = α · mean{τᵢ : τᵢ ≠ 0, sgn(τᵢ) = γ}.
+Symbols are the paper's (TIES, arXiv 2306.01708 §3; docs/method.md §2): γ = sgn(Σᵢ τᵢ);
+τ* = α · mean{τᵢ : τᵢ ≠ 0, sgn(τᵢ) = γ}.
 """
 
 from __future__ import annotations
