@@ -180,11 +180,11 @@ def merge(
                 render.print_plan(report.plan)
                 render.print_warnings(report.warnings)
             return
-        plan = mmer.build_plan(recipe_obj).to_dict()
-        if not json_out and not quiet:
-            render.print_estimate(plan["estimate"])
-        with render.RichProgress(enabled=not quiet and not json_out) as progress:
-            report = mmer.run_merge(recipe_obj, output, overwrite=overwrite, progress=progress)
+        with mmer.build_plan(recipe_obj) as plan:  # opened and checked once: the estimate first, then the merge
+            if not json_out and not quiet:
+                render.print_estimate(plan.to_dict()["estimate"])
+            with render.RichProgress(enabled=not quiet and not json_out) as progress:
+                report = mmer.run_merge(plan, output, overwrite=overwrite, progress=progress)
     except MmerError as err:
         _fail(err, json_out)
     except KeyboardInterrupt:

@@ -510,8 +510,7 @@ def _add(
         report.merge = _execute(ckpt, plan, report, output, overwrite, progress)  # type: ignore[arg-type]
         report.warnings += report.merge.warnings
     finally:
-        for m in [plan.base, *plan.models]:
-            m.reader.close()
+        plan.close()
     return report
 
 
@@ -587,7 +586,6 @@ def _plan(ckpt: DecoupledCheckpoint, old: dict[str, OldModality], new: list[Mode
     base_read = base_read_spec(ckpt)
     real = [o.read_from for o in old.values() if o.read_from is not None] + new
     real_plan = build_plan(Recipe(base_read, tuple(real), options))  # type: ignore[arg-type]
-    opened = [real_plan.base, *real_plan.models]
     try:
         _check_slots(ckpt, real_plan)
         by_label = {m.label: m for m in real_plan.models}
@@ -606,8 +604,7 @@ def _plan(ckpt: DecoupledCheckpoint, old: dict[str, OldModality], new: list[Mode
         plan.warnings = list(real_plan.warnings)
         plan.estimate = estimate_memory(plan)
     except BaseException:
-        for m in opened:
-            m.reader.close()
+        real_plan.close()
         raise
     return plan
 

@@ -122,7 +122,7 @@ def run_compare(
     resolved: list[Variant] = [resolve_variant(r) for r in recipes]
     labels = [m.label for m in plan.models]
     device = torch.device(recipe.options.device)
-    try:
+    with plan:
         thresholds = find_global_thresholds(plan, resolved, progress)
 
         def slot_result(variant: Variant, name: str, raw: list[torch.Tensor], dtype: torch.dtype):
@@ -168,9 +168,6 @@ def run_compare(
             progress.advance("compare", slot.nbytes * (1 + len(labels)))
             del base, base_dev, raw
         progress.end("compare")
-    finally:
-        for m in [plan.base, *plan.models]:
-            m.reader.close()
     report = CompareReport(labels)
     for i, variant in enumerate(resolved):
         report.results.append(

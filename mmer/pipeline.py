@@ -106,17 +106,35 @@ class MergeReport:
 
 
 def run_merge(
-    recipe: Recipe,
+    recipe: Recipe | MergePlan,
     output: str | Path | None,
     *,
     overwrite: bool = False,
     dry_run: bool = False,
     progress: ProgressSink | None = None,
 ) -> MergeReport:
-    """Merge ``recipe`` into a decoupled checkpoint at ``output`` (or only plan it, with ``dry_run``)."""
+    """Merge ``recipe`` into a decoupled checkpoint at ``output`` (or only plan it, with ``dry_run``).
+
+    ``recipe`` may be a plan already built from one (``build_plan``): a caller that shows the plan first (the
+    CLI prints its memory estimate) then opens and checks the models once. A plan passed in stays open for its
+    caller to close; one built here is closed here.
+    """
     progress = progress or NULL_PROGRESS
     started = time.perf_counter()
-    plan = build_plan(recipe)
+    if isinstance(recipe, MergePlan):
+        return _merge(recipe, output, overwrite, dry_run, progress, started)
+    with build_plan(recipe) as plan:
+        return _merge(plan, output, overwrite, dry_run, progress, started)
+
+
+def _merge(
+    plan: MergePlan,
+    output: str | Path | None,
+    overwrite: bool,
+    dry_run: bool,
+    progress: ProgressSink,
+    started: float,
+) -> MergeReport:
     report = MergeReport(output=None if output is None else str(output), dry_run=dry_run, plan=plan.to_dict())
     report.warnings = list(plan.warnings)
     report.seconds["plan"] = time.perf_counter() - started
@@ -124,25 +142,21 @@ def run_merge(
         return report
     if output is None:
         raise ValueError("an output directory is required unless dry_run is set")
-    try:
-        inputs = [m.path for m in [plan.base, *plan.models]]
-        staged = StagedOutput(output, overwrite=overwrite, kind="decoupled-checkpoint", protect=inputs)
-        with staged as staging, ThreadPoolExecutor(max_workers=1) as hasher:
-            report.warnings += staged.warnings
-            hashes = {
-                m.label: hash_files(m.reader.weight_files(), hasher, recipe.options.hash_inputs)
-                for m in [plan.base, *plan.models]
-            }
-            manifest = execute_plan(plan, staging, hashes, report, progress)
-            (staging / RECIPE_NAME).write_text(resolved_recipe(plan).to_yaml(), encoding="utf-8")
-            write_card(staging, manifest, report)
-            t = time.perf_counter()
-            manifest.files = hash_tree(staging, exclude={MANIFEST_NAME, MANIFEST_SHA_NAME})
-            manifest.write(staging)
-            report.seconds["hash_outputs"] = time.perf_counter() - t
-    finally:
-        for m in [plan.base, *plan.models]:
-            m.reader.close()
+    inputs = [m.path for m in [plan.base, *plan.models]]
+    staged = StagedOutput(output, overwrite=overwrite, kind="decoupled-checkpoint", protect=inputs)
+    with staged as staging, ThreadPoolExecutor(max_workers=1) as hasher:
+        report.warnings += staged.warnings
+        hashes = {
+            m.label: hash_files(m.reader.weight_files(), hasher, plan.recipe.options.hash_inputs)
+            for m in [plan.base, *plan.models]
+        }
+        manifest = execute_plan(plan, staging, hashes, report, progress)
+        (staging / RECIPE_NAME).write_text(resolved_recipe(plan).to_yaml(), encoding="utf-8")
+        write_card(staging, manifest, report)
+        t = time.perf_counter()
+        manifest.files = hash_tree(staging, exclude={MANIFEST_NAME, MANIFEST_SHA_NAME})
+        manifest.write(staging)
+        report.seconds["hash_outputs"] = time.perf_counter() - t
     report.seconds["total"] = time.perf_counter() - started
     report.peak_rss_bytes = peak_rss_bytes()
     return report
@@ -772,4 +786,3 @@ def resolved_recipe(plan: MergePlan) -> Recipe:
     options = replace(plan.recipe.options, alpha=plan.variant.alpha)
     models = tuple(pin(m, plan.lambda_for(m.label)) for m in plan.models)
     return Recipe(pin(plan.base), models, options)
-

@@ -138,9 +138,13 @@ def open_source(spec: ModelSpec) -> SourceModel:
     """Resolve, open and split one model (headers only)."""
     resolved = resolve_model(spec.model, spec.revision)
     reader = CheckpointReader(resolved.path)
-    config_path = resolved.path / "config.json"
-    config = read_json(config_path) if config_path.is_file() else None  # bounded, and a JSON object
-    layout = detect_layout(set(reader.tensors), str(resolved.path))
+    try:
+        config_path = resolved.path / "config.json"
+        config = read_json(config_path) if config_path.is_file() else None  # bounded, and a JSON object
+        layout = detect_layout(set(reader.tensors), str(resolved.path))
+    except BaseException:
+        reader.close()
+        raise
     llm: dict[str, TensorInfo] = {}
     components: list[TensorInfo] = []
     for key, info in reader.tensors.items():
@@ -204,6 +208,17 @@ class MergePlan:
     @property
     def merged_numel(self) -> int:
         return sum(s.numel for s in self.merged_slots)
+
+    def close(self) -> None:
+        """Close every input's reader: a plan holds its models' files open (mapped) from ``build_plan`` on, so
+        the merge and whatever reads the plan after it read the very files that were checked."""
+        close_sources([self.base, *self.models])
+
+    def __enter__(self) -> MergePlan:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -328,24 +343,38 @@ def build_plan(recipe: Recipe, *, shared: Collection[str] = ()) -> MergePlan:
     """Open every model and check it against the base; raise before any weight is read (``shared``: see
     :func:`check_registries`)."""
     check_registries(recipe, shared=shared)
-    base = open_source(recipe.base)
-    if base.components:
-        names = ", ".join(i.name for i in base.components[:3])
-        raise LayoutError(
-            f"{base.path}: the base holds tensors that are not part of an LLM ({names}...)",
-            file=str(base.path),
-            tensor=base.components[0].name,
-            hint="the base must be the shared text LLM the multimodal models were fine-tuned from",
-        )
-    models = [open_source(spec) for spec in recipe.models]
-    warnings: list[str] = []
-    for model in models:
-        _check_config(base, model, warnings)
-    slots = _plan_slots(base, recipe)
-    private = {m.label: _check_tensors(base, m, slots, recipe.options.vocab_policy) for m in models}
-    plan = MergePlan(recipe, base, models, slots, private, resolve_variant(recipe), warnings)
-    plan.estimate = estimate_memory(plan)
+    opened: list[SourceModel] = []  # closed again if any check fails: the caller never sees them
+    try:
+        base = open_source(recipe.base)
+        opened.append(base)
+        if base.components:
+            names = ", ".join(i.name for i in base.components[:3])
+            raise LayoutError(
+                f"{base.path}: the base holds tensors that are not part of an LLM ({names}...)",
+                file=str(base.path),
+                tensor=base.components[0].name,
+                hint="the base must be the shared text LLM the multimodal models were fine-tuned from",
+            )
+        for spec in recipe.models:
+            opened.append(open_source(spec))
+        models = opened[1:]
+        warnings: list[str] = []
+        for model in models:
+            _check_config(base, model, warnings)
+        slots = _plan_slots(base, recipe)
+        private = {m.label: _check_tensors(base, m, slots, recipe.options.vocab_policy) for m in models}
+        plan = MergePlan(recipe, base, models, slots, private, resolve_variant(recipe), warnings)
+        plan.estimate = estimate_memory(plan)
+    except BaseException:
+        close_sources(opened)
+        raise
     return plan
+
+
+def close_sources(models: list[SourceModel]) -> None:
+    """Close each model's reader (closing one twice is harmless)."""
+    for model in models:
+        model.reader.close()
 
 
 def _check_config(base: SourceModel, model: SourceModel, warnings: list[str]) -> None:

@@ -793,8 +793,7 @@ def run_tune(
             else _run(candidates, scorer, backend, jobs, ray_address, progress)
         )
     finally:
-        for m in [plan.base, *plan.models]:
-            m.reader.close()
+        plan.close()
         shutil.rmtree(scratch, ignore_errors=True)
     report = _choose(results, scorer, tuned, lambdas, ks, options.k, current, spec_recipe)
     report.tau_star_reused = reuse[1] if reuse is not None and reuse[1] in ks else None
