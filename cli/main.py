@@ -15,6 +15,8 @@ import mmer
 from mmer.config import build_recipe, parse_size
 from mmer.errors import ConfigError, MmerError
 from mmer.io.report_files import check_png
+from mmer.merge.masks import MASKS
+from mmer.merge.methods import METHOD_OPTIONS, METHODS, methods_accepting
 
 app = typer.Typer(
     name="mmer",
@@ -88,6 +90,13 @@ def _parse_lambdas(values: list[str]) -> dict[str, float]:
     return out
 
 
+def _takes(option: str) -> str:
+    """Which methods (or mask rules) take an option, from the registries' declarations: any other refuses it."""
+    takers = methods_accepting(option) or sorted(name for name, rule in MASKS.items() if option in rule.accepts)
+    kind = "Methods" if option in METHOD_OPTIONS else "Mask rules"
+    return f" {kind}: {', '.join(takers)}."
+
+
 @app.command()
 def merge(
     specs: Annotated[
@@ -97,32 +106,41 @@ def merge(
     recipe: Annotated[
         Path | None, typer.Option(help="Recipe YAML (base, models, options); flags override it.")
     ] = None,
-    method: Annotated[
-        str | None, typer.Option(help="Merge method: ties (default), average, task_arithmetic, emr.")
+    method: Annotated[str | None, typer.Option(help=f"Merge method: {', '.join(METHODS)} (default ties).")] = None,
+    mask: Annotated[
+        str | None, typer.Option(help=f"Mask rule: {', '.join(MASKS)} (default mmer; none: one merged model).")
     ] = None,
-    mask: Annotated[str | None, typer.Option(help="Mask rule: mmer (default), tall, emr, or none.")] = None,
     k: Annotated[
-        float | None, typer.Option("--k", help="Fraction of each task vector kept by the trim (0.8).")
+        float | None, typer.Option("--k", help="Fraction of each task vector kept by the trim (0.8)." + _takes("k"))
     ] = None,
     lambda_: Annotated[
-        float | None, typer.Option("--lambda", help="λ of the mask rule for every modality (0.9).")
+        float | None, typer.Option("--lambda", help="λ of the mask rule for every modality (0.9)." + _takes("lambda"))
     ] = None,
     lambda_for: Annotated[
         list[str] | None, typer.Option("--lambda-for", help="Per-modality λ, e.g. --lambda-for audio=0.7.")
     ] = None,
     alpha: Annotated[float | None, typer.Option(help="Scale of τ* (method default: 1; task_arithmetic 0.3).")] = None,
-    trim_scope: Annotated[str | None, typer.Option(help="global (paper) or per-tensor.")] = None,
+    trim_scope: Annotated[
+        str | None, typer.Option(help="global (paper) or per-tensor." + _takes("trim_scope"))
+    ] = None,
     zero_sign: Annotated[
-        str | None, typer.Option(help="Elected sign where Σ τ = 0: zero (paper) or positive.")
+        str | None, typer.Option(help="Elected sign where Σ τ = 0: zero (paper) or positive." + _takes("zero_sign"))
     ] = None,
     trim_count: Annotated[
-        str | None, typer.Option(help="reference (TIES code: ⌊d·K⌋+1 kept) or exact (mergekit: ⌊d·K⌋).")
+        str | None,
+        typer.Option(help="reference (TIES code: ⌊d·K⌋+1 kept) or exact (mergekit: ⌊d·K⌋)." + _takes("trim_count")),
     ] = None,
-    elect_on: Annotated[str | None, typer.Option(help="TIES sign election on raw (paper) or weighted deltas.")] = None,
-    aggregate: Annotated[str | None, typer.Option(help="TIES disjoint mean (paper) or sum.")] = None,
-    dare: Annotated[float | None, typer.Option(help="DARE drop rate p applied before the method (0 = off).")] = None,
+    elect_on: Annotated[
+        str | None, typer.Option(help="Sign election on raw (paper) or weighted deltas." + _takes("elect_on"))
+    ] = None,
+    aggregate: Annotated[str | None, typer.Option(help="Disjoint mean (paper) or sum." + _takes("aggregate"))] = None,
+    dare: Annotated[
+        float | None, typer.Option(help="DARE drop rate p applied before the method (0 = off)." + _takes("dare"))
+    ] = None,
     dare_seed: Annotated[int | None, typer.Option(help="Seed of DARE's random masks.")] = None,
-    mask_source: Annotated[str | None, typer.Option(help="Compare τ* with the trimmed (paper) or raw τᵢ.")] = None,
+    mask_source: Annotated[
+        str | None, typer.Option(help="Compare τ* with the trimmed (paper) or raw τᵢ." + _takes("mask_source"))
+    ] = None,
     vocab_policy: Annotated[str | None, typer.Option(help="shared-rows, strict or exclude.")] = None,
     delta_dtype: Annotated[str | None, typer.Option(help="dtype of stored τ*: base or float32.")] = None,
     base_storage: Annotated[str | None, typer.Option(help="copy the base, or store a pinned reference.")] = None,

@@ -1,4 +1,4 @@
-"""Add fine-tuned models to an existing decoupled checkpoint: MMER's forgetting mitigation (mmer-method.md §6).
+"""Add fine-tuned models to an existing decoupled checkpoint: MMER's forgetting mitigation (docs/method.md §6).
 
 When one modality's MLLM is fine-tuned on a new task, its LLM is one more task vector τ_new = θ_new − θ_base. The
 paper re-merges all n+1 task vectors into a new τ* and derives n+1 masks; the old tasks keep their own masks

@@ -1,4 +1,4 @@
-"""Tune λ per modality, and optionally K, against a score (mmer-method.md §9: "picked on a validation set").
+"""Tune λ per modality, and optionally K, against a score (MMER picks λ on a validation set; docs/method.md §7).
 
 The paper chooses α and each λᵢ "by validation-set accuracy" and never describes the validation set. This
 module makes the search explicit and cheap:
@@ -85,7 +85,7 @@ from mmer.plan import MergePlan, Slot, SourceModel, build_plan, open_source, res
 from mmer.progress import NULL_PROGRESS, ProgressSink
 from mmer.version import __version__
 
-# mmer-method.md §9: λ·50 % ∈ {15, 30, 45, 60, 75} %, and K ∈ {60, 80, 100} %.
+# The paper's sensitivity grid (docs/method.md §7): λ·50 % ∈ {15, 30, 45, 60, 75} %, and K ∈ {60, 80, 100} %.
 DEFAULT_LAMBDAS = (0.3, 0.6, 0.9, 1.2, 1.5)
 DEFAULT_KS = (0.6, 0.8, 1.0)
 TUNE_REPORT_FORMAT = "mmer-tune/1"

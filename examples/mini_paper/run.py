@@ -39,6 +39,8 @@ from mini_data import LABELS, MODALITIES, load_all  # noqa: E402
 
 import mmer  # noqa: E402
 from mmer.compare import PAPER_VARIANTS, parse_variant  # noqa: E402
+from mmer.merge.masks import MASKS  # noqa: E402
+from mmer.merge.methods import METHODS  # noqa: E402
 from mmer.route.weights import MEAN, DeviceWeights  # noqa: E402
 
 NAMES = {
@@ -301,7 +303,7 @@ def main(argv: list[str] | None = None) -> dict:
         mmer.run_merge(mmer.Recipe(base=base_spec, models=specs, options=options), out_dir, overwrite=True)
         merge_s = time.perf_counter() - t0
         weights, enc_ckpt, density = checkpoint_weights(out_dir)
-        routed = options.mask != "none"
+        routed = not MASKS[options.mask].single_model_output
         accs = {m: B.accuracy([weights[m]], enc_ckpt[m], m, data[m][1], prompter) for m in MODALITIES}
 
         def groups(combo):
@@ -334,6 +336,8 @@ def main(argv: list[str] | None = None) -> dict:
     t = time.perf_counter()
     for text in args.variants:
         options = parse_variant(text, base_options)
+        if "trim_scope" not in METHODS[options.method].accepts:  # a scope for the trim: only trimming methods take it
+            options = replace(options, trim_scope=mmer.MergeOptions().trim_scope)
         rows[text] = {"name": NAMES.get(text, text), **evaluate(text, options)}
     timings["merge_and_eval"] = time.perf_counter() - t
 

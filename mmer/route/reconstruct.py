@@ -1,6 +1,6 @@
 """Write one modality's model back out as a standalone checkpoint, in its source's own layout and key names.
 
-Retention (mmer-method.md §4b): θ̂ᵢ = θ_base + mᵢ∘τ*, private vocabulary rows appended, written under the
+Retention (docs/method.md §4): θ̂ᵢ = θ_base + mᵢ∘τ*, private vocabulary rows appended, written under the
 source's on-disk keys (the manifest's ``llm_keys``) beside the untouched components, config and tokenizer
 files, so the tool that loaded the original model (e.g. transformers' ``from_pretrained``) loads this one
 unchanged. Tensors are rebuilt and written one at a time, into a staging directory renamed only when
