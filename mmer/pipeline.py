@@ -38,8 +38,7 @@ from mmer.checkpoint.manifest import (
 from mmer.config import ModelSpec, Recipe
 from mmer.errors import NonFiniteError
 from mmer.io.hashing import hash_files, hash_tree
-from mmer.io.paths import copy_regular_file
-from mmer.io.reader import DTYPE_NAMES, MAX_SIDE_FILE_BYTES, CheckpointReader, TensorInfo, side_files
+from mmer.io.reader import DTYPE_NAMES, CheckpointReader, TensorInfo, copy_side_files
 from mmer.io.writer import PlannedTensor, ShardedWriter, StagedOutput
 from mmer.merge.masks import reconstruct
 from mmer.merge.overflow import check_merged, check_task_vector, provably_finite
@@ -706,21 +705,6 @@ def write_component(model: SourceModel, plan: MergePlan, staging: Path, progress
     finally:
         progress.end(stage)
     return [i.name for i in model.components]
-
-
-def copy_side_files(source: Path, destination: Path, *, root: Path | None = None) -> list[str]:
-    """Configs, tokenizer and processor files; never weights, indexes or code.
-
-    ``source`` may be a stranger's download: a link out of it (``root``, when the folder sits in a checkpoint)
-    is refused by name, anything but a regular file is refused unread, and each copy is a fresh file read from
-    the checked real path, so its mode is a new file's and a link swapped in after the check changes nothing.
-    """
-    destination.mkdir(parents=True, exist_ok=True)
-    copied = []
-    for name, real in side_files(source, root).items():
-        copy_regular_file(real, destination / name, shown=source / name, max_bytes=MAX_SIDE_FILE_BYTES)
-        copied.append(name)
-    return copied
 
 
 # ----------------------------------------------------------------------------------------------------- record

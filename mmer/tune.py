@@ -69,7 +69,7 @@ from mmer.checkpoint.manifest import PrivateRecord
 from mmer.config import ModelSpec, Recipe
 from mmer.errors import ConfigError, MmerError, ModelNotFoundError
 from mmer.io.jsonfile import MAX_JSON_BYTES, loads_bounded
-from mmer.io.reader import CheckpointReader
+from mmer.io.reader import CheckpointReader, copy_side_files
 from mmer.io.report_files import save_figure, text_written_by, write_report_file
 from mmer.io.resolve import resolve_model
 from mmer.io.writer import PlannedTensor, ShardedWriter, StagedOutput
@@ -80,7 +80,7 @@ from mmer.merge.methods import METHODS
 from mmer.merge.slot import Variant, merge_slot
 from mmer.merge.task_vectors import task_vector
 from mmer.merge.trim import tensor_threshold, trim
-from mmer.pipeline import copy_side_files, find_global_thresholds, slot_deltas, tau_dtype
+from mmer.pipeline import find_global_thresholds, slot_deltas, tau_dtype
 from mmer.plan import MergePlan, Slot, SourceModel, build_plan, open_source, resolve_variant
 from mmer.progress import NULL_PROGRESS, ProgressSink
 from mmer.version import __version__

@@ -18,7 +18,7 @@ import torch
 
 from mmer.errors import CheckpointFormatError
 from mmer.io.jsonfile import loads_bounded, read_json_file
-from mmer.io.paths import check_inside, regular_file, too_large
+from mmer.io.paths import check_inside, copy_regular_file, regular_file, too_large
 
 SAFETENSORS_INDEX = "model.safetensors.index.json"
 SAFETENSORS_SINGLE = "model.safetensors"
@@ -434,6 +434,21 @@ def side_files(directory: str | Path, root: str | Path | None = None) -> dict[st
             raise too_large(path, MAX_SIDE_FILE_BYTES)
         out[path.name] = real
     return out
+
+
+def copy_side_files(source: Path, destination: Path, *, root: Path | None = None) -> list[str]:
+    """Copy the side files of ``source`` (see :func:`side_files`) into ``destination``; returns their names.
+
+    ``source`` may be a stranger's download: a link out of it (``root``, when the folder sits in a checkpoint)
+    is refused by name, anything but a regular file is refused unread, and each copy is a fresh file read from
+    the checked real path, so its mode is a new file's and a link swapped in after the check changes nothing.
+    """
+    destination.mkdir(parents=True, exist_ok=True)
+    copied = []
+    for name, real in side_files(source, root).items():
+        copy_regular_file(real, destination / name, shown=source / name, max_bytes=MAX_SIDE_FILE_BYTES)
+        copied.append(name)
+    return copied
 
 
 def read_json(path: Path) -> dict[str, Any]:

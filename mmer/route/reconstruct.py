@@ -18,8 +18,8 @@ from typing import Any
 from mmer.checkpoint.decoupled import DecoupledCheckpoint, load_decoupled, slot_dtype
 from mmer.config import MergeOptions
 from mmer.errors import ConfigError, DecoupledFormatError
+from mmer.io.reader import copy_side_files
 from mmer.io.writer import PlannedTensor, ShardedWriter, StagedOutput
-from mmer.pipeline import copy_side_files
 from mmer.progress import NULL_PROGRESS, ProgressSink
 from mmer.route.weights import modality_shape, private_dtypes
 from mmer.version import __version__
