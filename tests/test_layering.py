@@ -8,7 +8,8 @@ module or package must be given a tier.
 
 Today's layer 5 (the commands built on a merge) has a real order, read off its imports: ``inspect``, ``demo``,
 ``extend``, ``verify`` and ``add`` use nothing from each other (5a); ``route`` uses ``extend`` and ``compare`` uses
-``inspect`` (5b). ``tune`` sits above them all (6), ``plan`` below ``pipeline`` (4a, 4b).
+``inspect`` (5b). ``tune`` sits above them all (6). Below them, a merge is planned (``plan``, 4a), run by the
+streaming engine (``engine``, 4b) and wired into an artifact (``pipeline``, 4c).
 
 Relative imports (``from . import x``, ``from ..y import z``) are resolved to absolute names and checked the same.
 """
@@ -29,7 +30,8 @@ TIERS: tuple[tuple[str, tuple[str, ...]], ...] = (
     ("2", ("mmer.io", "mmer.merge")),
     ("3", ("mmer.checkpoint",)),
     ("4a", ("mmer.plan",)),
-    ("4b", ("mmer.pipeline",)),
+    ("4b", ("mmer.engine",)),
+    ("4c", ("mmer.pipeline",)),
     ("5a", ("mmer.inspect", "mmer.demo", "mmer.extend", "mmer.verify", "mmer.add")),
     ("5b", ("mmer.route", "mmer.compare")),
     ("6", ("mmer.tune",)),
@@ -138,8 +140,8 @@ def test_an_upward_or_sibling_import_is_caught():
     assert RANK[group_of("mmer.tune.search")] > RANK[group_of("mmer.add.sources")]
     assert RANK[group_of("mmer.merge.engine")] == RANK[group_of("mmer.io.hashing")]
     assert RANK[group_of("mmer.route.reconstruct")] > RANK[group_of("mmer.extend.pack")]
-    with pytest.raises(AssertionError, match="give mmer.engine a tier"):
-        group_of("mmer.engine.slots")
+    with pytest.raises(AssertionError, match="give mmer.unlisted a tier"):
+        group_of("mmer.unlisted.module")
 
 
 def test_merge_math_depends_on_torch_numpy_and_errors_only():
