@@ -21,13 +21,13 @@ from typing import Any
 import torch
 
 from mmer.config import MergeOptions, Recipe
+from mmer.engine import find_thresholds, read_slot, tau_dtype
 from mmer.errors import ConfigError
 from mmer.io.report_files import save_figure
 from mmer.merge.error import error_l1, relative_error, tau_l1
 from mmer.merge.masks import MASK_OPTIONS, reconstruct
 from mmer.merge.methods import METHOD_OPTIONS
 from mmer.merge.slot import Variant, merge_slot
-from mmer.pipeline import find_global_thresholds, slot_deltas, tau_dtype
 from mmer.plan import build_plan, check_registries, resolve_variant
 from mmer.progress import NULL_PROGRESS, ProgressSink
 from mmer.runtime import peak_rss_bytes
@@ -123,7 +123,7 @@ def run_compare(
     labels = [m.label for m in plan.models]
     device = torch.device(recipe.options.device)
     with plan:
-        thresholds = find_global_thresholds(plan, resolved, progress)
+        thresholds = find_thresholds(plan, resolved, progress)
 
         def slot_result(variant: Variant, name: str, raw: list[torch.Tensor], dtype: torch.dtype):
             key = thresholds.get(variant.threshold_key) if variant.needs_global_threshold else None
@@ -138,7 +138,7 @@ def run_compare(
             den = {i: [0.0] * len(labels) for i in rescaled}
             progress.start("rescalers", total)
             for slot in slots:
-                _, raw = slot_deltas(plan, slot.name, device)
+                _, raw = read_slot(plan, slot.name, device)
                 for i in rescaled:
                     result = slot_result(resolved[i], slot.name, raw, tau_dtype(plan, slot.dtype))
                     for j in range(len(labels)):
@@ -154,7 +154,7 @@ def run_compare(
         norm = dict.fromkeys(labels, 0.0)
         progress.start("compare", total)
         for slot in slots:
-            base, raw = slot_deltas(plan, slot.name, device)
+            base, raw = read_slot(plan, slot.name, device)
             base_dev = base.to(device)
             for j, label in enumerate(labels):
                 norm[label] += tau_l1(raw[j])

@@ -67,6 +67,7 @@ from mmer.add import (
 from mmer.checkpoint.decoupled import load_decoupled, modality_tensor
 from mmer.checkpoint.manifest import PrivateRecord
 from mmer.config import ModelSpec, Recipe
+from mmer.engine import find_thresholds, read_slot, tau_dtype
 from mmer.errors import ConfigError, MmerError, ModelNotFoundError
 from mmer.io.jsonfile import MAX_JSON_BYTES, loads_bounded
 from mmer.io.reader import CheckpointReader, copy_side_files
@@ -80,7 +81,6 @@ from mmer.merge.methods import METHODS
 from mmer.merge.slot import Variant, merge_slot
 from mmer.merge.task_vectors import task_vector
 from mmer.merge.trim import tensor_threshold, trim
-from mmer.pipeline import find_global_thresholds, slot_deltas, tau_dtype
 from mmer.plan import MergePlan, Slot, SourceModel, build_plan, open_source, resolve_variant
 from mmer.progress import NULL_PROGRESS, ProgressSink
 from mmer.version import __version__
@@ -921,7 +921,7 @@ def _prepare(
     options = plan.recipe.options
     device = torch.device(options.device)
     variants = {k: resolve_variant(replace(plan.recipe, options=replace(options, k=k))) for k in ks}
-    thresholds = find_global_thresholds(plan, list(variants.values()), progress)
+    thresholds = find_thresholds(plan, list(variants.values()), progress)
     per_model = {k: thresholds.get(v.threshold_key) if v.needs_global_threshold else None for k, v in variants.items()}
     reuse_k = reuse[1] if reuse is not None and reuse[1] in ks else None
     tau_dirs = {reuse_k: reuse[0]} if reuse_k is not None else {}  # type: ignore[index]
@@ -950,7 +950,7 @@ def _prepare(
         progress.start(stage, sum(s.nbytes for s in merged) * (1 + len(labels)))
         try:
             for slot in merged:
-                base, raw = slot_deltas(plan, slot.name, device)
+                base, raw = read_slot(plan, slot.name, device)
                 base_dev = base.to(device)
                 for k in ks:
                     variant = variants[k]

@@ -245,7 +245,7 @@ def test_check_merged_passes_ordinary_weights_and_names_only_the_modalities_hit(
 def test_an_emr_rescaler_that_readers_would_refuse_is_never_written(tmp_path, scale):
     from types import SimpleNamespace
 
-    from mmer.pipeline import _check_rescaled
+    from mmer.engine.merge_pass import _check_rescaled
 
     plan = SimpleNamespace(models=[SimpleNamespace(label="vision", path=tmp_path)], merged_slots=[])
     with pytest.raises(NonFiniteError, match="rescaler"):
