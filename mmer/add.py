@@ -35,21 +35,20 @@ from typing import Any
 import torch
 
 from mmer.checkpoint import bits
-from mmer.checkpoint.card import write_card
 from mmer.checkpoint.decoupled import (
     BASE_DIR,
     PRIVATE_FILE,
-    RECIPE_NAME,
     DecoupledCheckpoint,
     MaskFile,
     load_decoupled,
     modality_tensor,
     slot_dtype,
 )
+from mmer.checkpoint.finish import finish_checkpoint
 from mmer.checkpoint.manifest import MANIFEST_NAME, MANIFEST_SHA_NAME, ModalityRecord, SourceRecord
 from mmer.config import ModelSpec, Recipe, load_spec, options_from_dict
 from mmer.errors import ConfigError, DecoupledFormatError, IncompatibleBaseError, MmerError, ModelNotFoundError
-from mmer.io.hashing import file_sha256, hash_files, hash_tree, known
+from mmer.io.hashing import file_sha256, hash_files, known
 from mmer.io.jsonfile import read_json_file
 from mmer.io.layouts import LAYOUTS
 from mmer.io.outputs import check_target
@@ -693,17 +692,10 @@ def _execute(
             old.density_after = manifest.modalities[name].density
             if not plan.variant.rule.single_model_output and not ckpt.is_single_model:
                 old.mask_bits_changed = _mask_bits_changed(ckpt, name, staging / manifest.modalities[name].mask_file)
-        recipe = _recipe(ckpt, plan, report)
-        (staging / RECIPE_NAME).write_text(_recipe_header(ckpt, report) + recipe.to_yaml(), encoding="utf-8")
-        card = write_card(staging, manifest, merge)
-        with open(card, "a", encoding="utf-8") as f:
-            f.write(_card_section(ckpt, report))
+        recipe = _recipe_header(ckpt, report) + _recipe(ckpt, plan, report).to_yaml()
         history = _history(ckpt, report)
         (staging / HISTORY_NAME).write_text(json.dumps(history, indent=2) + "\n", encoding="utf-8")
-        t = time.perf_counter()
-        manifest.files = hash_tree(staging, exclude={MANIFEST_NAME, MANIFEST_SHA_NAME})
-        manifest.write(staging)
-        merge.seconds["hash_outputs"] = time.perf_counter() - t
+        finish_checkpoint(staging, manifest, merge, recipe, _card_section(ckpt, report))
     merge.seconds["total"] = time.perf_counter() - started
     merge.peak_rss_bytes = peak_rss_bytes()
     return merge

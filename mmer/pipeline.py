@@ -13,12 +13,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from mmer.checkpoint.card import write_card
-from mmer.checkpoint.decoupled import BASE_DIR, COMPONENTS_DIR, MASKS_DIR, RECIPE_NAME, TAU_STAR_DIR
-from mmer.checkpoint.manifest import MANIFEST_NAME, MANIFEST_SHA_NAME, Manifest, ModalityRecord, SlotRecord
+from mmer.checkpoint.decoupled import BASE_DIR, COMPONENTS_DIR, MASKS_DIR, TAU_STAR_DIR
+from mmer.checkpoint.finish import finish_checkpoint
+from mmer.checkpoint.manifest import Manifest, ModalityRecord, SlotRecord
 from mmer.config import ModelSpec, Recipe
 from mmer.engine import SlotStats, find_thresholds, merge_slots, tau_dtype
-from mmer.io.hashing import hash_files, hash_tree
+from mmer.io.hashing import hash_files
 from mmer.io.reader import DTYPE_NAMES, copy_side_files
 from mmer.io.writer import PlannedTensor, ShardedWriter, StagedOutput, pass_through
 from mmer.plan import MergePlan, SourceModel, build_plan
@@ -126,12 +126,7 @@ def _merge(
             for m in [plan.base, *plan.models]
         }
         manifest = execute_plan(plan, staging, hashes, report, progress)
-        (staging / RECIPE_NAME).write_text(resolved_recipe(plan).to_yaml(), encoding="utf-8")
-        write_card(staging, manifest, report)
-        t = time.perf_counter()
-        manifest.files = hash_tree(staging, exclude={MANIFEST_NAME, MANIFEST_SHA_NAME})
-        manifest.write(staging)
-        report.seconds["hash_outputs"] = time.perf_counter() - t
+        finish_checkpoint(staging, manifest, report, resolved_recipe(plan).to_yaml())
     report.seconds["total"] = time.perf_counter() - started
     report.peak_rss_bytes = peak_rss_bytes()
     return report
