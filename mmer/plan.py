@@ -303,15 +303,26 @@ _OPTION_WHERE = {
 
 
 def set_options(recipe: Recipe) -> dict[str, object]:
-    """The method and mask options a recipe sets, by recipe key: those not at their default, the models' merge
-    weights (``weights``) when any is not 1, and λ when the recipe or a model spec gives one."""
+    """The method and mask options a recipe sets, by recipe key: those not at their default, and the models' merge
+    weights (``weights``) when any is not 1.
+
+    A model spec's own ``lambda:`` is not among them: a spec describes a model and is reused with every rule (the
+    demo's audio.yaml sets one), so a rule without λ leaves it unused and the plan says so (:func:`unused_lambdas`)
+    rather than refusing the merge."""
     given = {k: v for k, v in recipe.options.non_defaults().items() if k in METHOD_OPTIONS or k in MASK_OPTIONS}
     if recipe.weights is not None:
         given["weights"] = recipe.weights
-    spec_lambdas = {m.modality: m.lambda_ for m in recipe.models if m.lambda_ is not None}
-    if spec_lambdas and "lambda" not in given:
-        given["lambda"] = spec_lambdas
     return given
+
+
+def unused_lambdas(recipe: Recipe) -> list[str]:
+    """A warning when model specs give λ but the mask rule takes none."""
+    if "lambda" in MASKS[recipe.options.mask].accepts:
+        return []
+    given = [f"{m.modality}={m.lambda_:g}" for m in recipe.models if m.lambda_ is not None]
+    if not given:
+        return []
+    return [f"λ from the model specs ({', '.join(given)}) is not used: mask rule {recipe.options.mask} has no λ"]
 
 
 def resolve_variant(recipe: Recipe) -> Variant:
@@ -358,7 +369,7 @@ def build_plan(recipe: Recipe, *, shared: Collection[str] = ()) -> MergePlan:
         for spec in recipe.models:
             opened.append(open_source(spec))
         models = opened[1:]
-        warnings: list[str] = []
+        warnings: list[str] = unused_lambdas(recipe)
         for model in models:
             _check_config(base, model, warnings)
         slots = _plan_slots(base, recipe)

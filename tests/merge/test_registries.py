@@ -117,11 +117,22 @@ def test_the_refusal_names_the_methods_that_do_take_the_option() -> None:
     assert _refusal(mask="none", lambda_=0.5).hint.endswith("a mask rule that takes it: mmer, tall")
 
 
-def test_per_model_weights_and_lambdas_count_as_set_options() -> None:
+def test_per_model_weights_count_as_set_options() -> None:
     err = _refusal(weights=(2.0, None), method="emr", mask="emr")
     assert err.key == "weight" and "weight:" in err.hint
-    assert _refusal(lam=0.7, mask="none").key == "lambda"
     check_registries(_recipe(weights=(1.0, 1.0), method="emr", mask="emr"))  # weight 1 is the default
+
+
+def test_a_model_spec_lambda_is_unused_by_a_rule_without_lambda_and_the_plan_says_so() -> None:
+    from mmer.plan import unused_lambdas
+
+    # A spec describes a model and is reused with every rule: its λ is not an option the user set for this merge.
+    check_registries(_recipe(lam=0.7, mask="none", method="average"))
+    assert unused_lambdas(_recipe(lam=0.7, mask="emr", method="emr")) == [
+        "λ from the model specs (vision=0.7) is not used: mask rule emr has no λ"
+    ]
+    assert unused_lambdas(_recipe(lam=0.7)) == []  # mmer's rule takes it
+    assert _refusal(mask="none", method="average", lambda_=0.7).key == "lambda"  # the recipe's own λ is refused
 
 
 @pytest.mark.parametrize("method", sorted(METHODS))
