@@ -55,7 +55,9 @@ from typing import Any
 
 import torch
 
-from mmer.add import (
+from mmer.checkpoint.decoupled import load_decoupled, modality_tensor
+from mmer.checkpoint.manifest import PrivateRecord
+from mmer.checkpoint.sources import (
     base_read_spec,
     base_spec,
     check_source_names,
@@ -64,8 +66,6 @@ from mmer.add import (
     pinned_spec,
     source_mismatch,
 )
-from mmer.checkpoint.decoupled import load_decoupled, modality_tensor
-from mmer.checkpoint.manifest import PrivateRecord
 from mmer.config import ModelSpec, Recipe
 from mmer.engine import find_thresholds, read_slot, tau_dtype
 from mmer.errors import ConfigError, MmerError, ModelNotFoundError

@@ -17,7 +17,10 @@ from conftest import component_state, finetune_state, write_model
 from test_pipeline import recipe_for
 
 import mmer
-from mmer.add import HISTORY_NAME, AddError, add_models, measure_gap
+from mmer.add import add_models
+from mmer.add.gap import measure_gap
+from mmer.add.record import HISTORY_NAME
+from mmer.add.report import AddError
 from mmer.checkpoint.manifest import MANIFEST_NAME, MANIFEST_SHA_NAME
 from mmer.config import load_recipe
 from mmer.errors import ConfigError, IncompatibleBaseError, OutputExistsError

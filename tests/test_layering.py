@@ -144,6 +144,15 @@ def test_an_upward_or_sibling_import_is_caught():
         group_of("mmer.unlisted.module")
 
 
+def test_tune_does_not_import_add():
+    """What re-merging from a checkpoint needs (its recorded sources, the stand-in reader) lives beside the
+    checkpoint code, so ``tune`` and ``add`` share it without one depending on the other."""
+    tune = [LIBRARY / "tune.py", *(LIBRARY / "tune").rglob("*.py")]
+    for path in (p for p in tune if p.is_file()):
+        used = [name for name in imports(path) if name == "mmer.add" or name.startswith("mmer.add.")]
+        assert not used, f"{module_name(path)} imports {used[0]}"
+
+
 def test_merge_math_depends_on_torch_numpy_and_errors_only():
     """No I/O, config or checkpoint code in the math (numpy counts bits, numba compiles ``merge.fused``)."""
     allowed = {

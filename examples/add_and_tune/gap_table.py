@@ -22,7 +22,8 @@ import torch
 from safetensors.torch import save_file
 
 import mmer
-from mmer.add import add_models, measure_gap
+from mmer.add import add_models
+from mmer.add.gap import measure_gap
 from mmer.config import MergeOptions, ModelSpec, Recipe
 from mmer.synthetic import TINY_LLAMA, llama_shapes
 

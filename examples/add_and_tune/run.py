@@ -25,7 +25,8 @@ import torch
 import yaml
 
 import mmer
-from mmer.add import add_models, measure_gap
+from mmer.add import add_models
+from mmer.add.gap import measure_gap
 from mmer.config import build_recipe, load_recipe
 from mmer.demo import build_demo_models
 from mmer.tune import run_tune, write_plot
