@@ -96,6 +96,8 @@ TUNED_RECIPE_SIGNATURE = text_written_by(TUNED_RECIPE_FIRST_WORDS)
 def tune_report_written_by_mmer(head: bytes) -> bool:
     """tune.json carries its format tag first; reports written before the tag began with the score."""
     return head.startswith((f'{{\n  "format": "{TUNE_REPORT_FORMAT}"'.encode(), b'{\n  "score": '))
+
+
 BUILTIN_SCORES = {
     "recon": "−relative ℓ1 reconstruction error ‖θ̂ᵢ − θᵢ‖₁ / ‖τᵢ‖₁",
     "logits": "−mean next-token KL(original ‖ rebuilt) on the probes",

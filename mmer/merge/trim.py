@@ -29,7 +29,6 @@ import torch
 _BINS = 1 << 16
 
 
-
 def rank_to_threshold(numel: int, k: float, count: str = "reference") -> int:
     """The 1-based rank (ascending magnitude) of the threshold entry; 0 means keep everything."""
     if numel == 0 or k >= 1.0:
