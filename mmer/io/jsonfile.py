@@ -19,6 +19,8 @@ from mmer.errors import CheckpointFormatError, MmerError
 MAX_JSON_BYTES = 100 * 1024 * 1024  # as large as a safetensors header may be; configs are far smaller
 MAX_JSON_DEPTH = 64  # real configs, indexes and manifests nest fewer than 10 levels
 
+DEFAULT_HINT = "the file is corrupt or hostile; fetch or re-create it"
+
 
 def _refuse_constant(name: str) -> Any:
     raise ValueError(f"{name} is not a JSON number")
@@ -57,7 +59,7 @@ def loads_bounded(
     max_bytes: int = MAX_JSON_BYTES,
     max_depth: int = MAX_JSON_DEPTH,
     object_pairs_hook: Any = None,
-    hint: str | None = "the file is corrupt or hostile; fetch or re-create it",
+    hint: str | None = DEFAULT_HINT,
 ) -> Any:
     """Parse ``raw`` as JSON, or raise ``error`` naming ``file`` and what was wrong."""
     file = str(file)
@@ -101,14 +103,15 @@ def _read_at_most(f: Any, limit: int, chunk: int = 1 << 20) -> bytes:
 def read_json_file(
     path: str | Path,
     *,
-    what: str = "file",
-    error: type[MmerError] = CheckpointFormatError,
     max_bytes: int = MAX_JSON_BYTES,
-    max_depth: int = MAX_JSON_DEPTH,
-    object_pairs_hook: Any = None,
-    hint: str | None = "the file is corrupt or hostile; fetch or re-create it",
+    error: type[MmerError] = CheckpointFormatError,
+    hint: str | None = DEFAULT_HINT,
+    **parse: Any,
 ) -> Any:
-    """Read and parse a JSON file, refusing one over ``max_bytes`` before reading it into memory."""
+    """Read and parse a JSON file, refusing one over ``max_bytes`` before reading it into memory.
+
+    ``parse`` takes :func:`loads_bounded`'s other keywords (``what``, ``max_depth``, ``object_pairs_hook``).
+    """
     path = Path(path)
     try:
         with open(path, "rb") as f:
@@ -117,13 +120,4 @@ def read_json_file(
         raise error(f"{path}: missing", file=str(path), hint=hint) from None
     except OSError as err:
         raise error(f"{path}: cannot read ({err.strerror or err})", file=str(path), hint=hint) from None
-    return loads_bounded(
-        raw,
-        path,
-        what=what,
-        error=error,
-        max_bytes=max_bytes,
-        max_depth=max_depth,
-        object_pairs_hook=object_pairs_hook,
-        hint=hint,
-    )
+    return loads_bounded(raw, path, max_bytes=max_bytes, error=error, hint=hint, **parse)
