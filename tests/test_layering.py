@@ -154,7 +154,7 @@ def test_tune_does_not_import_add():
 
 
 def test_merge_math_depends_on_torch_numpy_and_errors_only():
-    """No I/O, config or checkpoint code in the math (numpy counts bits, numba compiles ``merge.fused``)."""
+    """No I/O, config or checkpoint code in the math (numpy counts bits, numba compiles ``merge.one_pass``)."""
     allowed = {
         "torch",
         "numpy",

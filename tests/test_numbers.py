@@ -18,7 +18,7 @@ import mmer
 from mmer.add import add_models
 from mmer.config import ModelSpec
 from mmer.errors import CheckpointFormatError, IncompatibleBaseError, NonFiniteError
-from mmer.merge import fused
+from mmer.merge import one_pass
 from mmer.merge.overflow import check_merged, max_abs, provably_finite, rebuilt_overflow
 
 Q = "model.layers.0.self_attn.q_proj.weight"
@@ -32,20 +32,20 @@ def engine(request, monkeypatch):
         monkeypatch.setenv("MMER_FUSED", "0")
     else:
         monkeypatch.delenv("MMER_FUSED", raising=False)
-    fused._kernel.cache_clear()
-    fused._window_kernel.cache_clear()
+    one_pass._kernel.cache_clear()
+    one_pass._window_kernel.cache_clear()
     calls = []
-    original = fused.merge_chunk
+    original = one_pass.merge_chunk
 
     def spy(*args, **kwargs):
         calls.append(1)
         return original(*args, **kwargs)
 
-    monkeypatch.setattr(fused, "merge_chunk", spy)
+    monkeypatch.setattr(one_pass, "merge_chunk", spy)
     yield request.param, calls
     monkeypatch.undo()
-    fused._kernel.cache_clear()
-    fused._window_kernel.cache_clear()
+    one_pass._kernel.cache_clear()
+    one_pass._window_kernel.cache_clear()
 
 
 def models_with(

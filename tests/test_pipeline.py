@@ -259,7 +259,7 @@ def test_the_fused_kernel_writes_the_same_bytes_as_the_eager_engine(tmp_path, mo
     every weight and mask file is identical with MMER_FUSED=0 (the eager engine) and without (the kernel)."""
     pytest.importorskip("numba")
     import mmer.runtime as runtime
-    from mmer.merge import fused
+    from mmer.merge import one_pass
 
     base = base_state(dtype=dtype)
     vision = finetune_state(base, seed=1, density=0.9, extra_rows=2)
@@ -270,16 +270,16 @@ def test_the_fused_kernel_writes_the_same_bytes_as_the_eager_engine(tmp_path, mo
     recipe = recipe_for(tmp_path / "base", {"vision": tmp_path / "vision", "audio": tmp_path / "audio"}, **options)
     monkeypatch.setattr(runtime, "CPU_CHUNK", 40)
     calls = []
-    real = fused.merge_chunk
-    monkeypatch.setattr(fused, "merge_chunk", lambda *a, **k: calls.append(1) or real(*a, **k))
+    real = one_pass.merge_chunk
+    monkeypatch.setattr(one_pass, "merge_chunk", lambda *a, **k: calls.append(1) or real(*a, **k))
     outs, used = {}, {}
     for flag in ("1", "0"):
         monkeypatch.setenv("MMER_FUSED", flag)
-        fused._kernel.cache_clear()
+        one_pass._kernel.cache_clear()
         calls.clear()
         outs[flag] = mmer.run_merge(recipe, tmp_path / f"out{flag}")
         used[flag] = len(calls)
-    fused._kernel.cache_clear()
+    one_pass._kernel.cache_clear()
     assert used["1"] > 0 and used["0"] == 0  # the kernel really ran, and really did not
     files = sorted(p.relative_to(tmp_path / "out1") for p in (tmp_path / "out1").rglob("*.safetensors"))
     assert files

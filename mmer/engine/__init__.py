@@ -3,7 +3,7 @@
 Every pass reads one tensor slot (the base's tensor and every model's counterpart) at a time, in chunks on the
 CPU, so peak memory is set by the largest tensor, not by the model's depth. The math each pass runs on a slot is
 ``mmer.merge``'s; this package decides what is read when, and dispatches a chunk to the fused kernels
-(``mmer.merge.fused``) only where they compute the same bytes as the eager engine.
+(``mmer.merge.one_pass``) only where they compute the same bytes as the eager engine.
 
 - :func:`find_thresholds`: each model's exact global top-K magnitude threshold, for every distinct trim asked
   for, in one streaming pass (needed before any slot can be trimmed).

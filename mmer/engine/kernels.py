@@ -1,4 +1,4 @@
-"""Which chunks the fused kernels (``mmer.merge.fused``) take, and running them: the eager engine stays the
+"""Which chunks the fused kernels (``mmer.merge.one_pass``) take, and running them: the eager engine stays the
 definition, a kernel is used only where it computes the same bytes, and a chunk it cannot take exactly (a τᵢ
 that is not finite) goes back to the eager path.
 """
@@ -16,32 +16,32 @@ from mmer.merge.overflow import check_merged
 from mmer.plan import MergePlan
 
 if TYPE_CHECKING:
-    from mmer.merge.fused import FusedResult
+    from mmer.merge.one_pass import FusedResult
 
 
 def fused_kernel(plan: MergePlan, slot_name: str, device: torch.device, store_dtype: torch.dtype | None = None) -> Any:
-    """``merge.fused`` when its kernels compute exactly what the eager engine would for this slot, else None:
+    """``merge.one_pass`` when its kernels compute exactly what the eager engine would for this slot, else None:
     the threshold pass (no ``store_dtype``) needs only inputs it reads, the merge also the variant and τ*'s dtype."""
     if store_dtype is not None and (plan.variant.rule.single_model_output or not plan.variant.elementwise):
         return None
-    from mmer.merge import fused  # imported on first use: it loads numba
+    from mmer.merge import one_pass  # imported on first use: it loads numba
 
     dtypes = [plan.base.llm[slot_name].dtype] + [m.llm[slot_name].dtype for m in plan.models]
     if store_dtype is None:
-        return fused if fused.reads(dtypes, device) else None
-    return fused if fused.supports(plan.variant, dtypes, store_dtype, device) else None
+        return one_pass if one_pass.reads(dtypes, device) else None
+    return one_pass if one_pass.supports(plan.variant, dtypes, store_dtype, device) else None
 
 
 def count_fused(plan: MergePlan, slot_name: str, span: tuple[int, int], keys: list, finders: dict) -> bool:
     """One chunk's counts for every window, without materialising τᵢ; False when a τᵢ is not finite (the eager
     path then refuses it by name, or counts it as the eager engine does)."""
-    from mmer.merge import fused
+    from mmer.merge import one_pass
 
     base, thetas = chunk_views(plan, slot_name, span)
     counts = []
     for key in keys:
         windows = [f.window for f in finders[key]]
-        counted = fused.window_chunk(base, thetas, [w[0] for w in windows], [w[1] for w in windows])
+        counted = one_pass.window_chunk(base, thetas, [w[0] for w in windows], [w[1] for w in windows])
         if not all(math.isfinite(v) for v in counted.l1):
             return False
         counts.append(counted)
@@ -61,10 +61,10 @@ def merge_fused(
     """One chunk through the fused kernel, its merged weights checked; None (nothing to write) when a τᵢ is not
     finite: the eager path then runs the chunk, and refuses it naming the tensor or merges it with NaN/inf as
     the eager engine defines."""
-    from mmer.merge import fused
+    from mmer.merge import one_pass
 
     base, thetas = chunk_views(plan, slot_name, span)
-    result = fused.merge_chunk(base, thetas, plan.variant, thresholds, store_dtype)
+    result = one_pass.merge_chunk(base, thetas, plan.variant, thresholds, store_dtype)
     if not all(math.isfinite(v) for v in result.l1):
         return None
     if not plan.recipe.options.allow_nonfinite:  # the fused variant's mask (mmer) has no rescaler: sᵢ = 1

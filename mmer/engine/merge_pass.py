@@ -28,7 +28,7 @@ from mmer.progress import ProgressSink
 from mmer.version import __version__
 
 if TYPE_CHECKING:
-    from mmer.merge.fused import FusedResult  # the kernels load numba: imported on first use, not here
+    from mmer.merge.one_pass import FusedResult  # the kernels load numba: imported on first use, not here
 
 
 @dataclass

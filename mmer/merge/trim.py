@@ -199,7 +199,7 @@ class WindowedThreshold:
             self.add_counted(bits.numel(), below, inside.numel(), inside)
 
     def add_counted(self, numel: int, below: int, inside: int, candidates: torch.Tensor | None) -> None:
-        """Take one piece's counts (from :meth:`add`, or ``merge.fused.window_chunk``): ``candidates`` are the
+        """Take one piece's counts (from :meth:`add`, or ``merge.one_pass.window_chunk``): ``candidates`` are the
         inside magnitudes' bit patterns, needed only when the window spans more than one value."""
         self._seen += numel
         self._below += below

@@ -1,7 +1,7 @@
 """Specifies the registries' declarations (mmer/merge/methods.py, masks.py) and the rules that follow from them:
 an option a recipe sets must apply to the chosen method and mask rule (mmer/plan.py ``check_registries``), a
 default never counts as set, ``mmer compare`` may share options across variants, and the fused kernel covers a
-variant only where it declares every option the variant's method and rule take (mmer/merge/fused.py)."""
+variant only where it declares every option the variant's method and rule take (mmer/merge/one_pass.py)."""
 
 from __future__ import annotations
 
@@ -12,7 +12,7 @@ import torch
 
 from mmer.config import MergeOptions, ModelSpec, Recipe
 from mmer.errors import ConfigError
-from mmer.merge import fused
+from mmer.merge import one_pass
 from mmer.merge.masks import MASK_OPTIONS, MASKS
 from mmer.merge.methods import METHOD_OPTIONS, METHODS, register_method
 from mmer.plan import check_registries, resolve_variant
@@ -183,17 +183,17 @@ def test_options_shared_by_several_variants_need_not_apply_to_each_but_dare_and_
 
 def _supports(**options) -> bool:
     variant = resolve_variant(_recipe(**options))
-    return fused.supports(variant, [torch.bfloat16] * 2, torch.bfloat16, torch.device("cpu"))
+    return one_pass.supports(variant, [torch.bfloat16] * 2, torch.bfloat16, torch.device("cpu"))
 
 
 @pytest.fixture
 def kernel_present(monkeypatch):
-    monkeypatch.setattr(fused, "reads", lambda dtypes, device: True)
+    monkeypatch.setattr(one_pass, "reads", lambda dtypes, device: True)
 
 
 def test_the_kernel_declares_a_value_rule_for_every_option_its_method_and_mask_rule_take() -> None:
-    taken = METHODS[fused.KERNEL_METHOD].accepts | MASKS[fused.KERNEL_MASK].accepts
-    assert taken <= set(fused.KERNEL_COVERS)
+    taken = METHODS[one_pass.KERNEL_METHOD].accepts | MASKS[one_pass.KERNEL_MASK].accepts
+    assert taken <= set(one_pass.KERNEL_COVERS)
 
 
 @pytest.mark.usefixtures("kernel_present")

@@ -1,6 +1,6 @@
 """The fused kernel reproduces the eager engine bit for bit wherever it claims to apply.
 
-``merge.fused`` is only an accelerator: ``merge_slot`` defines the result. Every case here builds bf16 inputs,
+``merge.one_pass`` is only an accelerator: ``merge_slot`` defines the result. Every case here builds bf16 inputs,
 runs both, and compares τ* as stored, every packed mask byte, the kept counts and (to float tolerance) Σ|τᵢ|.
 """
 
@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from mmer.checkpoint import bits
-from mmer.merge import fused
+from mmer.merge import one_pass
 from mmer.merge.slot import Variant, merge_slot
 from mmer.merge.trim import rank_to_threshold
 
@@ -93,7 +93,7 @@ CASES = [
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
 @pytest.mark.parametrize("store_native", [True, False], ids=["tau-native", "tau-f32"])
-@pytest.mark.parametrize("numel", [13, 8 * fused.BLOCK + 5], ids=["tiny-ragged", "multi-block"])
+@pytest.mark.parametrize("numel", [13, 8 * one_pass.BLOCK + 5], ids=["tiny-ragged", "multi-block"])
 @pytest.mark.parametrize(
     "kind,overrides", CASES, ids=[f"{k}-{'-'.join(map(str, o.values())) or 'default'}" for k, o in CASES]
 )
@@ -102,9 +102,9 @@ def test_the_fused_kernel_equals_the_eager_engine_bit_for_bit(kind, overrides, n
     store_dtype = dtype if store_native else torch.float32
     base, thetas = inputs(kind, numel, dtype=dtype)
     thresholds = global_thresholds(base, thetas, v.k, v.trim_count) if v.uses_trim else None
-    assert fused.supports(v, [base.dtype] * 4, store_dtype, torch.device("cpu"))
+    assert one_pass.supports(v, [base.dtype] * 4, store_dtype, torch.device("cpu"))
     stored, packed, ones, taus = eager(base, thetas, v, thresholds, store_dtype)
-    got = fused.merge_chunk(base, thetas, v, thresholds, store_dtype)
+    got = one_pass.merge_chunk(base, thetas, v, thresholds, store_dtype)
     assert got.stored.dtype == stored.dtype
     assert torch.equal(got.stored.view(torch.uint8), stored.reshape(-1).contiguous().view(torch.uint8))
     for mine, theirs in zip(got.packed, packed, strict=True):
@@ -127,25 +127,25 @@ def test_the_fused_kernel_equals_the_eager_engine_bit_for_bit(kind, overrides, n
     ],
 )
 def test_anything_else_is_left_to_the_eager_engine(change):
-    assert not fused.supports(variant(**change), [torch.bfloat16] * 4, torch.bfloat16, torch.device("cpu"))
+    assert not one_pass.supports(variant(**change), [torch.bfloat16] * 4, torch.bfloat16, torch.device("cpu"))
 
 
 def test_other_dtypes_or_devices_are_left_to_the_eager_engine():
     v = variant()
-    assert not fused.supports(v, [torch.float32] * 4, torch.float32, torch.device("cpu"))
-    assert not fused.supports(v, [torch.bfloat16] * 3 + [torch.float16], torch.bfloat16, torch.device("cpu"))
-    assert not fused.supports(v, [torch.bfloat16] * 4, torch.float16, torch.device("cpu"))
-    assert not fused.supports(v, [torch.bfloat16] * 4, torch.bfloat16, torch.device("cuda"))
+    assert not one_pass.supports(v, [torch.float32] * 4, torch.float32, torch.device("cpu"))
+    assert not one_pass.supports(v, [torch.bfloat16] * 3 + [torch.float16], torch.bfloat16, torch.device("cpu"))
+    assert not one_pass.supports(v, [torch.bfloat16] * 4, torch.float16, torch.device("cpu"))
+    assert not one_pass.supports(v, [torch.bfloat16] * 4, torch.bfloat16, torch.device("cuda"))
 
 
 def test_mmer_fused_0_turns_the_kernel_off(monkeypatch):
     monkeypatch.setenv("MMER_FUSED", "0")
-    fused._kernel.cache_clear()
+    one_pass._kernel.cache_clear()
     try:
-        assert not fused.supports(variant(), [torch.bfloat16] * 4, torch.bfloat16, torch.device("cpu"))
+        assert not one_pass.supports(variant(), [torch.bfloat16] * 4, torch.bfloat16, torch.device("cpu"))
     finally:
         monkeypatch.delenv("MMER_FUSED")
-        fused._kernel.cache_clear()
+        one_pass._kernel.cache_clear()
 
 
 def test_a_variant_is_a_plain_dataclass_the_kernel_reads_by_field():
@@ -154,7 +154,7 @@ def test_a_variant_is_a_plain_dataclass_the_kernel_reads_by_field():
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
 @pytest.mark.parametrize("kind", ["gaussian", "quantised", "extreme"])
-@pytest.mark.parametrize("numel", [13, 3 * fused.BLOCK + 9], ids=["tiny-ragged", "multi-block"])
+@pytest.mark.parametrize("numel", [13, 3 * one_pass.BLOCK + 9], ids=["tiny-ragged", "multi-block"])
 def test_window_counts_equal_what_the_eager_finder_sees(kind, numel, dtype):
     base, thetas = inputs(kind, numel, seed=5, dtype=dtype)
     mags = [(t.float() - base.float()).abs().view(torch.int32) for t in thetas]
@@ -162,7 +162,7 @@ def test_window_counts_equal_what_the_eager_finder_sees(kind, numel, dtype):
     med = [int(m.median()) for m in mags]
     lo = [max(med[0] - 50_000_000, 0), med[1], 2**31 - 2]
     hi = [med[0] + 50_000_000, med[1], 2**31 - 1]
-    got = fused.window_chunk(base, thetas, lo, hi)
+    got = one_pass.window_chunk(base, thetas, lo, hi)
     for i, m in enumerate(mags):
         inside = m[(m >= lo[i]) & (m <= hi[i])]
         assert got.below[i] == int((m < lo[i]).sum())
@@ -182,7 +182,7 @@ def test_float16_patterns_decode_and_round_exactly_as_torch_converts_them():
     patterns = np.arange(1 << 16, dtype=np.uint32).astype(np.uint16)
     halves = torch.from_numpy(patterns.view(np.int16)).view(torch.float16)
     finite = torch.isfinite(halves).numpy()
-    widened = fused._decode(patterns, True)
+    widened = one_pass._decode(patterns, True)
     assert np.array_equal(widened[finite].view(np.uint32), halves.float().numpy()[finite].view(np.uint32))
     g = torch.Generator().manual_seed(0)
     values = torch.cat(
@@ -192,5 +192,5 @@ def test_float16_patterns_decode_and_round_exactly_as_torch_converts_them():
             torch.tensor([65504.0, 65519.99, 65520.0, 1e6, -1e6, 2.0**-24, 2.0**-25, 3 * 2.0**-26, -(2.0**-26)]),
         ]
     )
-    narrowed = fused._encode_half(values.numpy())
+    narrowed = one_pass._encode_half(values.numpy())
     assert np.array_equal(narrowed, values.half().numpy().view(np.uint16))

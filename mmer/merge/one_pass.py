@@ -7,7 +7,7 @@ time in registers, compiled by numba, so the merge costs little more than its re
 
 It is an accelerator, not a second engine: it covers exactly one configuration (TIES with unweighted models,
 ``aggregate="mean"``, global or no trim, MMER masks on the trimmed task vectors, bf16 inputs, τ* stored in bf16
-or float32) and must reproduce the eager engine bit for bit; ``tests/merge/test_fused.py`` checks it against
+or float32) and must reproduce the eager engine bit for bit; ``tests/merge/test_one_pass.py`` checks it against
 ``merge_slot`` on random, tied, zero and extreme values. Everything else, and any machine without numba, takes
 the eager path. Every float operation is float32 in the same order as torch's: the per-model sum is
 sequential over models, trimmed entries are +0.0, and the bf16 cast rounds to nearest even as torch does.
