@@ -114,7 +114,7 @@ def base_lm(ckpt: DecoupledCheckpoint, weights: DeviceWeights, views: dict[str, 
 
     ``views`` are keyed by in-memory parameter name (``Router.views(BASE)``): for a Mixture-of-Experts base
     saved per expert, the fused expert parameters whose slices the router rebuilds, so the pack's base-hash
-    check reads exactly the tensors ``from_pretrained`` would give (:mod:`mmer.route.fused`).
+    check reads exactly the tensors ``from_pretrained`` would give (:mod:`mmer.route.live_layout`).
     """
     directory = base_config_dir(ckpt)
     config = load_config(directory)

@@ -21,7 +21,7 @@ and masks, on one device and hooks every model with accelerate; see :mod:`mmer.r
 Mixture-of-Experts fine-tunes saved by transformers 5's ``save_pretrained`` store each expert on disk
 (``block_sparse_moe.experts.E.w1.weight``) but are held fused in memory (``mlp.experts.gate_up_proj``): the
 checkpoint keeps τ* and the masks per on-disk tensor, the live weights are the in-memory parameters, and each
-on-disk tensor is rebuilt straight into its slice of them (:attr:`Router.targets`, :mod:`mmer.route.fused`).
+on-disk tensor is rebuilt straight into its slice of them (:attr:`Router.targets`, :mod:`mmer.route.live_layout`).
 
 MoExtend extension packs trained on the same MoE base are routed beside the modalities by name
 (``Router.from_pretrained(path, packs={"digits": "pack/"})`` or :meth:`Router.add_extension`): routing to
@@ -40,7 +40,7 @@ import torch
 from mmer.checkpoint.decoupled import DecoupledCheckpoint, load_decoupled
 from mmer.errors import ConfigError, LayoutError
 from mmer.io.layouts import Layout, is_vocab_tensor
-from mmer.route.fused import LiveLayout, identity, live_layout
+from mmer.route.live_layout import LiveLayout, identity, live_layout
 from mmer.route.models import (
     RoutingInputError,
     attach_generation_config,
@@ -95,14 +95,14 @@ class Router:
         live: dict[str, torch.Tensor],
         models: dict[str, ModalityModel],
         device_map: dict[str, Any] | None = None,
-        fused: LiveLayout | None = None,
+        live_layout: LiveLayout | None = None,
     ) -> None:
         self.ckpt = ckpt
         self.weights = weights
         self.live = live  # in-memory (canonical) parameter name → the live tensor every model is bound to
-        self.fused = identity(live) if fused is None else fused
+        self.live_layout = identity(live) if live_layout is None else live_layout
         # checkpoint tensor (slot) → its view of the live tensors: the whole tensor, or its expert's slice
-        self.targets = {slot: part.view(live[part.param]) for slot, part in self.fused.parts.items()}
+        self.targets = {slot: part.view(live[part.param]) for slot, part in self.live_layout.parts.items()}
         self.models = models
         self.device_map = device_map  # canonical module name → device, when the LLM is spread (placement.py)
         self.packs: dict[str, PackModality] = {}
@@ -170,19 +170,19 @@ class Router:
         if placed is not None:
             device = main_device(placed)
         # Where each checkpoint tensor lives in memory (per-expert MoE tensors: a slice of a fused parameter).
-        fused = live_layout(ckpt, {s.name: tuple(s.shape) for s in ckpt.slots})
+        layout = live_layout(ckpt, {s.name: tuple(s.shape) for s in ckpt.slots})
         devices = None
         if placed is not None:  # placed by the in-memory module holding it, which is what the map names
-            by_param = slot_devices(list(fused.params), placed, str(path))
-            devices = {slot: by_param[part.param] for slot, part in fused.parts.items()}
+            by_param = slot_devices(list(layout.params), placed, str(path))
+            devices = {slot: by_param[part.param] for slot, part in layout.parts.items()}
         base_at = None if base_device is None else torch.device(base_device)
         weights = DeviceWeights(ckpt, names, device, base_at, devices)
-        live = _allocate_live(fused, weights, names, str(path))
+        live = _allocate_live(layout, weights, names, str(path))
         models = {}
         for name in names:
-            views = bound_views(fused, live, weights.rows[name])
+            views = bound_views(layout, live, weights.rows[name])
             models[name] = _build_modality(ckpt, name, weights, views, device, (model_classes or {}).get(name))
-        router = cls(ckpt, weights, live, models, placed, fused)
+        router = cls(ckpt, weights, live, models, placed, layout)
         for built in models.values():
             router.dispatch(built.model, built.layout)
         if isinstance(packs, (str, Path)):
@@ -337,14 +337,14 @@ class Router:
 
     def views(self, state: str) -> dict[str, torch.Tensor]:
         """What a model running on ``state`` binds its LLM parameters to: the live tensors, by in-memory name."""
-        return bound_views(self.fused, self.live, self.weights.rows[state])
+        return bound_views(self.live_layout, self.live, self.weights.rows[state])
 
     def shared_param(self, modality: str, param: str) -> torch.Tensor:
         """A new θ_base + mᵢ∘τ* of one in-memory parameter (assembled from its slots when they are fused)."""
-        slot = self.fused.whole_slot(param)
+        slot = self.live_layout.whole_slot(param)
         if slot is not None:
             return self.weights.shared_part(modality, slot)
-        return self.fused.assemble(param, self.live[param], lambda s: self.weights.shared_part(modality, s))
+        return self.live_layout.assemble(param, self.live[param], lambda s: self.weights.shared_part(modality, s))
 
     def component_dir(self, modality: str) -> Path:
         """Where the modality's config, tokenizer and processor files are (for ``AutoProcessor``)."""
@@ -382,12 +382,12 @@ class Router:
 
 
 def _allocate_live(
-    fused: LiveLayout, weights: DeviceWeights, names: Sequence[str], source: str
+    layout: LiveLayout, weights: DeviceWeights, names: Sequence[str], source: str
 ) -> dict[str, torch.Tensor]:
     """One live tensor per in-memory LLM parameter, as many rows as the largest modality needs (private rows)."""
     live = {}
-    for param, slots in fused.params.items():
-        whole = fused.whole_slot(param)
+    for param, slots in layout.params.items():
+        whole = layout.whole_slot(param)
         if whole is not None:
             shapes = [weights.rows[m][whole] for m in [*names, MEAN]]
             rows = max(s[0] for s in shapes) if is_vocab_tensor(whole) else shapes[0][0] if shapes[0] else 0
@@ -402,17 +402,17 @@ def _allocate_live(
                 tensor=slots[0],
                 hint="the fine-tunes store their experts in mixed dtypes; re-save them in one dtype",
             )
-        live[param] = torch.zeros(fused.shapes[param], dtype=dtypes.pop(), device=weights.devices[slots[0]])
+        live[param] = torch.zeros(layout.shapes[param], dtype=dtypes.pop(), device=weights.devices[slots[0]])
     return live
 
 
 def bound_views(
-    fused: LiveLayout, live: dict[str, torch.Tensor], rows: dict[str, tuple[int, ...]]
+    layout: LiveLayout, live: dict[str, torch.Tensor], rows: dict[str, tuple[int, ...]]
 ) -> dict[str, torch.Tensor]:
     """The live tensors a model binds, by in-memory name: a vocabulary tensor's first ``rows`` rows, else whole."""
     out = {}
     for param, tensor in live.items():
-        slot = fused.whole_slot(param)
+        slot = layout.whole_slot(param)
         out[param] = tensor[: rows[slot][0]] if slot is not None and tensor.dim() else tensor
     return out
 

@@ -3,7 +3,7 @@
 transformers 5 writes a Mixtral's experts as ``block_sparse_moe.experts.E.w1/w2/w3.weight`` (Qwen2-MoE's as
 ``mlp.experts.E.gate_proj/up_proj/down_proj.weight``) and holds them fused (``mlp.experts.gate_up_proj``
 [E, 2F, D], ``down_proj`` [E, D, F]). The merge keeps τ* and the masks per on-disk tensor; the router binds
-the fused live parameters and rebuilds each expert's tensor into its slice (``mmer.route.fused``). Every
+the fused live parameters and rebuilds each expert's tensor into its slice (``mmer.route.live_layout``). Every
 comparison below is exact: against the modality rebuilt by ``mmer reconstruct`` and loaded by
 ``from_pretrained``, against the same models merged from fused files, and for a MoExtend pack, against the
 pack on the base loaded by ``from_pretrained``.
@@ -202,7 +202,7 @@ def test_a_pack_is_refused_when_one_experts_base_tensor_differs(moe):
 
 def test_the_same_models_merged_from_fused_files_route_to_the_same_logits(router, moe):
     fused = Router.from_pretrained(moe["fused_merged"])
-    assert not fused.fused.renamed and router.fused.renamed
+    assert not fused.live_layout.renamed and router.live_layout.renamed
     for m in MODALITIES:
         assert torch.equal(router(input_ids=TEXT, modality=m).logits, fused(input_ids=TEXT, modality=m).logits)
     g = torch.Generator().manual_seed(3)
@@ -254,7 +254,7 @@ def test_a_conversion_the_router_cannot_slice_or_a_wrong_expert_count_is_refused
     from transformers.core_model_loading import MergeModulelist, Transpose, WeightConverter
 
     from mmer.errors import LayoutError
-    from mmer.route.fused import layout_from_mapping
+    from mmer.route.live_layout import layout_from_mapping
 
     slots = {f"model.layers.0.mlp.experts.{e}.down_proj.weight": (4, 6) for e in range(3)}
     params = {"model.layers.0.mlp.experts.down_proj": (3, 4, 6)}
