@@ -52,6 +52,12 @@ class Variant:
         return self.merge_method.uses_trim and self.k < 1.0
 
     @property
+    def masks_raw(self) -> bool:
+        """Whether masks compare τ* with the raw task vectors (the rule needs them, or the recipe asks for them)
+        rather than with the DARE'd and trimmed ones that entered the method."""
+        return self.rule.uses_raw or self.mask_source == "raw"
+
+    @property
     def needs_global_threshold(self) -> bool:
         return self.uses_trim and self.trim_scope == "global"
 
@@ -93,7 +99,34 @@ def prepare(raw_taus: Sequence[torch.Tensor], variant: Variant, name: str) -> Se
     """The task vectors that enter the method: DARE'd when asked (seeded by model position and tensor name)."""
     if variant.dare <= 0:
         return raw_taus
-    return [dare(t, variant.dare, variant.dare_seed, i, name) for i, t in enumerate(raw_taus)]
+    return [_dare_one(t, variant, i, name) for i, t in enumerate(raw_taus)]
+
+
+def _dare_one(raw: torch.Tensor, variant: Variant, index: int, name: str) -> torch.Tensor:
+    return dare(raw, variant.dare, variant.dare_seed, index, name)
+
+
+def trim_taus(
+    taus: Sequence[torch.Tensor] | torch.Tensor, variant: Variant, thresholds: Sequence[float | None] | None
+) -> Sequence[torch.Tensor] | torch.Tensor:
+    """Each τᵢ cut to its top K: at the model's global threshold, or ranked within this tensor; as is when the
+    method does not trim."""
+    if not variant.uses_trim:
+        return taus
+    if variant.trim_scope == "global":
+        if thresholds is None:
+            raise ValueError("global trim needs the models' thresholds")
+        return _trim_each(taus, thresholds)
+    return [trim(t, tensor_threshold(t, variant.k, variant.trim_count)) for t in taus]
+
+
+def mask_source(raw: torch.Tensor, variant: Variant, index: int, name: str, threshold: float | None) -> torch.Tensor:
+    """The τᵢ that model ``index``'s mask compares with τ*, exactly as :func:`merge_slot` makes it, for one model
+    alone (``tune`` rebuilds one modality at a time): raw, or DARE'd (seeded by the model's position) then trimmed."""
+    if variant.masks_raw:
+        return raw
+    tau = _dare_one(raw, variant, index, name) if variant.dare > 0 else raw
+    return trim_taus([tau], variant, [threshold])[0]
 
 
 def _trim_each(taus: Sequence[torch.Tensor] | torch.Tensor, thresholds: Sequence[float | None]):
@@ -116,15 +149,7 @@ def merge_slot(
 ) -> SlotResult:
     """Merge one slot. ``thresholds`` are the models' global trim thresholds (``trim_scope="global"``)."""
     taus = prepare(raw_taus, variant, name)
-    if variant.uses_trim:
-        if variant.trim_scope == "global":
-            if thresholds is None:
-                raise ValueError("global trim needs the models' thresholds")
-            trimmed = _trim_each(taus, thresholds)
-        else:
-            trimmed = [trim(t, tensor_threshold(t, variant.k, variant.trim_count)) for t in taus]
-    else:
-        trimmed = taus
+    trimmed = trim_taus(taus, variant, thresholds)
     tau_star = variant.merge_method.merge(
         trimmed,
         weights=variant.weights,
@@ -139,7 +164,7 @@ def merge_slot(
         return SlotResult(stored, None)
     # Masks compare against τ* as stored, so the artifact alone reproduces every bit of them.
     effective = stored.float()
-    sources = raw_taus if rule.uses_raw or variant.mask_source == "raw" else trimmed
+    sources = raw_taus if variant.masks_raw else trimmed
     extra = {"prepared": rule.prepare(effective)} if rule.prepare is not None else {}
     lambdas = [lam if lam is not None else 0.0 for lam in variant.lambdas]
     if isinstance(sources, torch.Tensor):  # a stack: every modality's mask in one broadcast call

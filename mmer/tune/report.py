@@ -1,0 +1,151 @@
+"""A tune's result: every candidate's score and the chosen values, written as JSON, as a recipe for
+``mmer merge --recipe`` and as a plot; each file replaces only one an earlier tune wrote.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Any
+
+from mmer.config import Recipe
+from mmer.io.report_files import save_figure, text_written_by, write_report_file
+from mmer.version import __version__
+
+TUNE_REPORT_FORMAT = "mmer-tune/1"
+
+
+TUNED_RECIPE_FIRST_WORDS = "# λ per modality and K chosen by `mmer tune`"
+
+
+TUNED_RECIPE_SIGNATURE = text_written_by(TUNED_RECIPE_FIRST_WORDS)
+
+
+def tune_report_written_by_mmer(head: bytes) -> bool:
+    """tune.json carries its format tag first; reports written before the tag began with the score."""
+    return head.startswith((f'{{\n  "format": "{TUNE_REPORT_FORMAT}"'.encode(), b'{\n  "score": '))
+
+
+@dataclass
+class TuneResult:
+    modality: str
+    k: float
+    lambda_: float
+    score: float
+    details: dict[str, Any] = field(default_factory=dict)
+    seconds: float = 0.0
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "modality": self.modality,
+            "k": self.k,
+            "lambda": self.lambda_,
+            "score": self.score,
+            "details": self.details,
+            "seconds": self.seconds,
+        }
+
+
+@dataclass
+class TuneReport:
+    """Every candidate's score and the chosen values; :meth:`tuned_recipe` applies them."""
+
+    score: str
+    description: str
+    modalities: list[str]
+    lambdas: list[float]
+    ks: list[float]
+    results: list[TuneResult]
+    best_k: float
+    best_lambdas: dict[str, float]
+    best_scores: dict[str, float]
+    k_scores: dict[float, float]
+    current_k: float
+    current_lambdas: dict[str, float | None]
+    recipe: Recipe
+    tau_star_reused: float | None = None
+    backend: str = "serial"
+    jobs: int = 1
+    seconds: float = 0.0
+    warnings: list[str] = field(default_factory=list)
+
+    def table(self, modality: str, k: float) -> dict[float, TuneResult]:
+        return {r.lambda_: r for r in self.results if r.modality == modality and r.k == k}
+
+    def tuned_recipe(self) -> Recipe:
+        """The input recipe with the chosen K and each tuned modality's chosen λ: ``mmer merge --recipe`` it."""
+        models = tuple(
+            replace(m, lambda_=self.best_lambdas[m.modality]) if m.modality in self.best_lambdas else m
+            for m in self.recipe.models
+        )
+        return Recipe(self.recipe.base, models, replace(self.recipe.options, k=self.best_k))
+
+    def write_recipe(self, path: str | Path) -> Path:
+        path = Path(path)
+        header = (
+            f"{TUNED_RECIPE_FIRST_WORDS} {__version__} (score: {self.score}, "
+            f"{self.description}).\n# Merge with: mmer merge --recipe {path.name} -o merged/\n"
+        )
+        data = (header + self.tuned_recipe().to_yaml()).encode("utf-8")
+        return write_report_file(path, data, TUNED_RECIPE_SIGNATURE, "tuned recipe")
+
+    def write_json(self, path: str | Path) -> Path:
+        data = (json.dumps({"format": TUNE_REPORT_FORMAT, **self.to_dict()}, indent=2) + "\n").encode("utf-8")
+        return write_report_file(path, data, tune_report_written_by_mmer, "tune report")
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "score": self.score,
+            "description": self.description,
+            "higher_is_better": True,
+            "modalities": self.modalities,
+            "grid": {"lambda": self.lambdas, "k": self.ks},
+            "best": {
+                "k": self.best_k,
+                "lambda": self.best_lambdas,
+                "score": self.best_scores,
+                "k_scores": {f"{k:g}": v for k, v in self.k_scores.items()},
+            },
+            "current": {"k": self.current_k, "lambda": self.current_lambdas},
+            "tau_star_reused_for_k": self.tau_star_reused,
+            "results": [r.to_dict() for r in self.results],
+            "tuned_recipe": self.tuned_recipe().to_dict(),
+            "backend": self.backend,
+            "jobs": self.jobs,
+            "seconds": self.seconds,
+            "warnings": self.warnings,
+        }
+
+
+def write_plot(report: TuneReport, png: str | Path) -> Path:
+    """Score vs λ, one panel per modality, one line per K; the chosen (λ, K) is starred."""
+    from mmer.inspect import _pyplot
+
+    plt = _pyplot()
+    n = len(report.modalities)
+    fig, axes = plt.subplots(1, n, figsize=(4.2 * n, 3.6), constrained_layout=True, squeeze=False)
+    for ax, modality in zip(axes[0], report.modalities, strict=True):
+        for k in report.ks:
+            rows = sorted(report.table(modality, k).values(), key=lambda r: r.lambda_)
+            ax.plot([r.lambda_ for r in rows], [r.score for r in rows], marker="o", label=f"K = {k:g}")
+        best = report.table(modality, report.best_k).get(report.best_lambdas[modality])
+        if best is not None:
+            ax.plot(
+                [best.lambda_],
+                [best.score],
+                marker="*",
+                markersize=16,
+                color="black",
+                linestyle="none",
+                label=f"chosen λ = {best.lambda_:g}",
+            )
+        ax.set_title(modality)
+        ax.set_xlabel("λ")
+        ax.set_ylabel(f"score: {report.score}")
+        ax.legend(fontsize=7)
+    fig.suptitle(f"mmer tune: {report.description} (higher is better)", fontsize=9)
+    try:
+        return save_figure(fig, png, dpi=120)
+    finally:
+        plt.close(fig)

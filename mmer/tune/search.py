@@ -1,0 +1,78 @@
+"""The grids searched and the choice made from their scores: each modality's best λ at every K, and the K
+whose bests are best on average (docs/method.md §7).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from typing import Any
+
+from mmer.config import Recipe
+from mmer.errors import ConfigError
+from mmer.tune.report import TuneReport, TuneResult
+from mmer.tune.scores import BUILTIN_SCORES, Scorer
+
+# The paper's sensitivity grid (docs/method.md §7): λ·50 % ∈ {15, 30, 45, 60, 75} %, and K ∈ {60, 80, 100} %.
+DEFAULT_LAMBDAS = (0.3, 0.6, 0.9, 1.2, 1.5)
+
+
+DEFAULT_KS = (0.6, 0.8, 1.0)
+
+
+def grid(values: Sequence[float], key: str, ok: Callable[[float], bool], hint: str) -> list[float]:
+    out = []
+    for v in values:
+        try:
+            v = float(v)
+        except (TypeError, ValueError):
+            raise ConfigError(f"{key}: {v!r} is not a number", key=key, hint=hint) from None
+        if not ok(v):
+            raise ConfigError(f"{key}: {v:g} is out of range", key=key, hint=hint)
+        out.append(v)
+    if not out:
+        raise ConfigError(f"{key}: the grid is empty", key=key, hint="give at least one value")
+    return sorted(set(out))
+
+
+def choose(
+    rows: list[dict[str, Any]],
+    scorer: Scorer,
+    tuned: list[str],
+    lambdas: list[float],
+    ks: list[float],
+    current_k: float,
+    current: dict[str, float | None],
+    recipe: Recipe,
+) -> TuneReport:
+    """Per (modality, K) the best λ; K by the mean over modalities of those bests. Ties go to the value closest
+    to the recipe's current one (then the smaller), so a flat score leaves the recipe as it was."""
+    results = [
+        TuneResult(r["modality"], r["k"], r["lambda"], r["score"], r.get("details", {}), r.get("seconds", 0.0))
+        for r in rows
+    ]
+    by = {(r.modality, r.k, r.lambda_): r for r in results}
+
+    def best_lambda(m: str, k: float) -> float:
+        now = current.get(m)
+        return max(
+            lambdas, key=lambda lam: (by[(m, k, lam)].score, -abs(lam - (now if now is not None else lam)), -lam)
+        )
+
+    k_scores = {k: sum(by[(m, k, best_lambda(m, k))].score for m in tuned) / len(tuned) for k in ks}
+    best_k = max(ks, key=lambda k: (k_scores[k], -abs(k - current_k), -k))
+    best = {m: best_lambda(m, best_k) for m in tuned}
+    return TuneReport(
+        score=scorer.name,
+        description=BUILTIN_SCORES.get(scorer.name, f"{scorer.name} (the caller's score)"),
+        modalities=tuned,
+        lambdas=lambdas,
+        ks=ks,
+        results=results,
+        best_k=best_k,
+        best_lambdas=best,
+        best_scores={m: by[(m, best_k, best[m])].score for m in tuned},
+        k_scores=k_scores,
+        current_k=current_k,
+        current_lambdas={m: current.get(m) for m in tuned},
+        recipe=recipe,
+    )

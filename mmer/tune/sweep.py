@@ -1,0 +1,148 @@
+"""The streaming pass tune runs itself: thresholds for every K, then each K's τ* merged once (or the
+checkpoint's read), written to scratch when candidates need it, and ``recon`` scored for every
+candidate as the slots go by, since its cost is the reads every candidate shares.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from mmer.engine import find_thresholds, read_slot, tau_dtype
+from mmer.io.reader import CheckpointReader
+from mmer.io.writer import PlannedTensor, ShardedWriter
+from mmer.merge.error import error_l1, relative_error, tau_l1
+from mmer.merge.masks import MASKS, rebuild_weight
+from mmer.merge.slot import mask_source, merge_slot
+from mmer.plan import MergePlan, resolve_variant
+from mmer.progress import ProgressSink
+from mmer.tune.candidates import CandidateInputs
+from mmer.tune.scores import Scorer
+
+
+@dataclass
+class Sweep:
+    inputs: dict[tuple[str, float], CandidateInputs]
+    recon: list[dict[str, Any]]
+
+
+def sweep(
+    plan: MergePlan,
+    ks: list[float],
+    lambdas: list[float],
+    tuned: list[str],
+    scorer: Scorer,
+    reuse: tuple[str, float] | None,
+    scratch: Path,
+    progress: ProgressSink,
+) -> Sweep:
+    """Global thresholds for every K (two shared passes), then one shared pass that merges each K's τ* (or reads
+    the checkpoint's), writes it to ``scratch`` when candidates need it, and scores ``recon`` for every
+    candidate. Nothing runs that the score does not need."""
+    options = plan.recipe.options
+    device = torch.device(options.device)
+    variants = {k: resolve_variant(replace(plan.recipe, options=replace(options, k=k))) for k in ks}
+    thresholds = find_thresholds(plan, list(variants.values()), progress)
+    per_model = {k: thresholds.get(v.threshold_key) if v.needs_global_threshold else None for k, v in variants.items()}
+    reuse_k = reuse[1] if reuse is not None and reuse[1] in ks else None
+    tau_dirs = {reuse_k: reuse[0]} if reuse_k is not None else {}  # type: ignore[index]
+    to_write = [k for k in ks if k != reuse_k] if scorer.per_candidate else []
+    recon = not scorer.per_candidate
+    labels = [m.label for m in plan.models]
+    merged = plan.merged_slots
+    rule = MASKS[options.mask]
+    error = {(m, k, lam): 0.0 for m in tuned for k in ks for lam in lambdas}
+    kept = dict.fromkeys(error, 0)
+    norm = dict.fromkeys(tuned, 0.0)
+    if to_write or recon:
+        writers = {}
+        for k in to_write:
+            directory = scratch / f"tau_star_k{k:g}"
+            directory.mkdir()
+            writers[k] = ShardedWriter(
+                directory,
+                [PlannedTensor(s.name, tau_dtype(plan, s.dtype), s.shape) for s in merged],
+                options.shard_size,
+                metadata={"format": "mmer-tau-star/1"},
+            )
+            tau_dirs[k] = str(directory)
+        stored_reader = CheckpointReader(reuse[0]) if reuse_k is not None else None  # type: ignore[index]
+        stage = "tune: τ* per K" + (" + recon" if recon else "")
+        progress.start(stage, sum(s.nbytes for s in merged) * (1 + len(labels)))
+        try:
+            for slot in merged:
+                base, raw = read_slot(plan, slot.name, device)
+                base_dev = base.to(device)
+                for k in ks:
+                    variant = variants[k]
+                    if k == reuse_k:
+                        stored = stored_reader.get(slot.name).to(device)  # type: ignore[union-attr]
+                    else:
+                        stored = merge_slot(raw, variant, slot.name, tau_dtype(plan, slot.dtype), per_model[k]).stored
+                    if k in writers:
+                        writers[k].write(slot.name, stored)
+                    if not recon:
+                        continue
+                    effective = stored.float()
+                    for i, label in enumerate(labels):
+                        if label not in tuned:
+                            continue
+                        threshold = per_model[k][i] if per_model[k] else None
+                        src = mask_source(raw[i], variant, i, slot.name, threshold)
+                        for lam in lambdas:
+                            mask = rule.fn(src, effective, lam)
+                            rebuilt = rebuild_weight(base_dev, stored, mask)
+                            error[(label, k, lam)] += error_l1(rebuilt, base=base_dev, tau=raw[i])
+                            kept[(label, k, lam)] += int(mask.sum())
+                for i, label in enumerate(labels):
+                    if label in tuned:
+                        norm[label] += tau_l1(raw[i])
+                progress.advance(stage, slot.nbytes * (1 + len(labels)))
+            for writer in writers.values():
+                writer.close()
+        except BaseException:
+            for writer in writers.values():
+                writer.abort()
+            raise
+        finally:
+            progress.end(stage)
+            if stored_reader is not None:
+                stored_reader.close()
+    inputs = {}
+    for i, m in enumerate(plan.models):
+        if m.label not in tuned:
+            continue
+        for k in ks:
+            if k not in tau_dirs:
+                continue
+            inputs[(m.label, k)] = CandidateInputs(
+                base_dir=str(plan.base.path),
+                model_dir=str(m.path),
+                modality=m.label,
+                index=i,
+                tau_dir=tau_dirs[k],
+                threshold=per_model[k][i] if per_model[k] else None,
+                variant=variants[k],
+                slots=tuple(plan.slots),
+                private=tuple(plan.private[m.label]),
+                device=options.device,
+            )
+    results = []
+    if recon:
+        total = plan.merged_numel
+        for (m, k, lam), err in error.items():
+            rel = relative_error(err, norm[m])
+            results.append(
+                {
+                    "modality": m,
+                    "k": k,
+                    "lambda": lam,
+                    "score": -rel,
+                    "seconds": 0.0,
+                    "details": {"rel_l1": rel, "density": kept[(m, k, lam)] / total if total else 0.0},
+                }
+            )
+    return Sweep(inputs, results)
