@@ -25,7 +25,7 @@ from mmer.engine import find_thresholds, read_slot, tau_dtype
 from mmer.errors import ConfigError
 from mmer.io.report_files import save_figure
 from mmer.merge.error import error_l1, relative_error, tau_l1
-from mmer.merge.masks import MASK_OPTIONS, reconstruct
+from mmer.merge.masks import MASK_OPTIONS, rebuild_weight
 from mmer.merge.methods import METHOD_OPTIONS
 from mmer.merge.slot import Variant, merge_slot
 from mmer.plan import build_plan, check_registries, resolve_variant
@@ -162,7 +162,7 @@ def run_compare(
                 result = slot_result(variant, slot.name, raw, tau_dtype(plan, slot.dtype))
                 for j, label in enumerate(labels):
                     mask = None if result.masks is None else result.masks[j]
-                    rebuilt = reconstruct(base_dev, result.stored, mask, scale=scales[i][label])
+                    rebuilt = rebuild_weight(base_dev, result.stored, mask, scale=scales[i][label])
                     error[i][label] += error_l1(rebuilt, base=base_dev, tau=raw[j])
                     kept[i][label] += slot.numel if mask is None else int(mask.sum())
             progress.advance("compare", slot.nbytes * (1 + len(labels)))

@@ -16,7 +16,7 @@ import torch
 import mmer
 from mmer.config import MergeOptions, ModelSpec, Recipe
 from mmer.errors import ConfigError, DecoupledFormatError
-from mmer.merge.masks import reconstruct
+from mmer.merge.masks import rebuild_weight
 from mmer.merge.slot import merge_slot, prepare
 from mmer.merge.trim import rank_to_threshold
 from mmer.plan import resolve_variant
@@ -103,7 +103,7 @@ def test_every_supported_combination_writes_a_readable_checkpoint_equal_to_the_i
                 assert torch.equal(mask_i, result.masks[i]), (modality, name)
                 scale = ckpt.modality(modality).scale
                 rebuilt = ckpt.llm_tensor(modality, name)
-                want = reconstruct(base[name], result.stored, mask_i, scale=scale)
+                want = rebuild_weight(base[name], result.stored, mask_i, scale=scale)
                 assert torch.equal(rebuilt[: base[name].shape[0]], want)
                 # private vocabulary rows come back untouched
                 assert torch.equal(rebuilt[base[name].shape[0] :], tiny_models[modality][name][base[name].shape[0] :])
@@ -192,7 +192,7 @@ def test_emr_rescaler_in_the_manifest_equals_a_hand_computation_over_the_whole_m
     with mmer.load_decoupled(tmp_path / "out") as ckpt:
         name = "model.layers.0.mlp.down_proj.weight"
         scale = manifest["modalities"]["audio"]["scale"]
-        want = reconstruct(tiny_models["base"][name], ckpt.tau_star(name), ckpt.mask("audio", name), scale=scale)
+        want = rebuild_weight(tiny_models["base"][name], ckpt.tau_star(name), ckpt.mask("audio", name), scale=scale)
         assert torch.equal(ckpt.llm_tensor("audio", name), want)
 
 

@@ -14,7 +14,7 @@ from mmer.add.report import AddError
 from mmer.checkpoint.decoupled import load_decoupled
 from mmer.config import ModelSpec
 from mmer.merge.error import error_l1, relative_error, tau_l1
-from mmer.merge.masks import reconstruct
+from mmer.merge.masks import rebuild_weight
 from mmer.plan import SourceModel, open_source
 
 
@@ -84,8 +84,8 @@ def measure_gap(
                 r["agree"] += numel - int((ma ^ mb).sum())
                 r["kept_a"] += int(ma.sum())
                 r["kept_b"] += int(mb.sum())
-                ra = reconstruct(base, tau_a, ma, dtype=torch.float32, scale=a.modality(name).scale)
-                rb = reconstruct(base, tau_b, mb, dtype=torch.float32, scale=b.modality(name).scale)
+                ra = rebuild_weight(base, tau_a, ma, dtype=torch.float32, scale=a.modality(name).scale)
+                rb = rebuild_weight(base, tau_b, mb, dtype=torch.float32, scale=b.modality(name).scale)
                 r["rebuild"] += error_l1(rb, theta=ra)
                 model = opened.get(name)
                 if model is not None:

@@ -426,7 +426,7 @@ class DecoupledCheckpoint:
         Returned in the base's dtype under the canonical name; ``route.reconstruct`` maps names back. For a
         single merged model it is θ* (the same for every modality) plus the modality's private rows.
         """
-        from mmer.merge.masks import reconstruct
+        from mmer.merge.masks import rebuild_weight
         from mmer.merge.overflow import max_abs
 
         slot = next((s for s in self.slots if s.name == name), None)
@@ -442,7 +442,7 @@ class DecoupledCheckpoint:
             if not slot.merged:
                 return base
             tau, mask = self.tau_star(name), self.mask(modality, name)
-            out = reconstruct(base, tau, mask, scale=record.scale)
+            out = rebuild_weight(base, tau, mask, scale=record.scale)
             if not self.allows_nonfinite and not math.isfinite(max_abs(out)):
                 self.check_rebuild(name, base, tau, {modality: record.scale}, {modality: mask})
             return out

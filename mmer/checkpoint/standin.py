@@ -16,7 +16,7 @@ from mmer.checkpoint.decoupled import PRIVATE_FILE, DecoupledCheckpoint, modalit
 from mmer.errors import DecoupledFormatError
 from mmer.io.reader import TensorInfo
 from mmer.io.reader import read_safetensors_header as _read_header
-from mmer.merge.masks import reconstruct
+from mmer.merge.masks import rebuild_weight
 
 
 class SlotCache:
@@ -108,7 +108,7 @@ class StandInReader:
             base, tau = self.cache.get(canonical, slot.merged)
             if slot.merged:
                 mask = self.ckpt.mask(self.modality, canonical)
-                return reconstruct(base, tau, mask, scale=self.record.scale)  # type: ignore[arg-type]
+                return rebuild_weight(base, tau, mask, scale=self.record.scale)  # type: ignore[arg-type]
             return base.clone() if copy else base
 
         p = self._private.get(canonical)

@@ -19,7 +19,7 @@ from mmer.engine.thresholds import Thresholds
 from mmer.errors import NonFiniteError
 from mmer.io.reader import CheckpointReader
 from mmer.io.writer import PlannedTensor, ShardedWriter, pass_through
-from mmer.merge.masks import reconstruct
+from mmer.merge.masks import rebuild_weight
 from mmer.merge.overflow import check_merged, provably_finite
 from mmer.merge.slot import merge_slot
 from mmer.merge.trim import count_true
@@ -141,7 +141,7 @@ def merge_slots(plan: MergePlan, staging: Path, thresholds: Thresholds, progress
                         before = maxima.get(slot.name, (0.0, 0.0))
                         maxima[slot.name] = (max(before[0], bounds[0]), max(before[1], bounds[1]))
                     if merged_writer is not None:
-                        merged = reconstruct(base, result.stored, None)
+                        merged = rebuild_weight(base, result.stored, None)
                         merged_writer.write_range(slot.name, merged.reshape(-1), start)
                     if tau_writer is not None:
                         tau_writer.write_range(slot.name, result.stored.reshape(-1), start)

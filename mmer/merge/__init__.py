@@ -1,6 +1,6 @@
 """The math: pure functions on tensors. Imports torch and mmer.errors only."""
 
-from mmer.merge.masks import MASKS, MaskRule, mmer_mask, reconstruct, register_mask
+from mmer.merge.masks import MASKS, MaskRule, mmer_mask, rebuild_weight, register_mask
 from mmer.merge.methods import METHODS, MergeMethod, disjoint_mean, elect_sign, register_method, ties
 from mmer.merge.task_vectors import check_finite, task_vector
 from mmer.merge.trim import GlobalThreshold, rank_to_threshold, tensor_threshold, trim
@@ -16,7 +16,7 @@ __all__ = [
     "elect_sign",
     "mmer_mask",
     "rank_to_threshold",
-    "reconstruct",
+    "rebuild_weight",
     "register_mask",
     "register_method",
     "task_vector",

@@ -1,6 +1,6 @@
 """The relative ℓ1 reconstruction error ‖θ̂ᵢ − θᵢ‖₁ / ‖τᵢ‖₁ of a rebuilt model.
 
-θ̂ᵢ is modality i's model rebuilt from the merge (``merge.masks.reconstruct``), θᵢ its fine-tuned model and
+θ̂ᵢ is modality i's model rebuilt from the merge (``merge.masks.rebuild_weight``), θᵢ its fine-tuned model and
 τᵢ = θᵢ − θ_base its task vector, each norm summed over the model's merged tensors: 0 means the fine-tuned model
 is rebuilt exactly, 1 means it is as far from it as the base itself. Measuring it in units of τᵢ makes models
 of any size and any amount of fine-tuning comparable, which is what the paper's per-modality accuracy loss

@@ -174,7 +174,7 @@ def emr_mask(tau_i: torch.Tensor, tau_star: torch.Tensor, lam: float) -> torch.T
     return tau_i * tau_star > 0
 
 
-def reconstruct(
+def rebuild_weight(
     base: torch.Tensor,
     tau_star: torch.Tensor,
     mask: torch.Tensor | None,

@@ -20,7 +20,7 @@ import numpy as np
 import torch
 
 from mmer.errors import NonFiniteError
-from mmer.merge.masks import reconstruct
+from mmer.merge.masks import rebuild_weight
 
 ALLOW_HINT = "or pass --allow-nonfinite to write it anyway"
 
@@ -67,8 +67,8 @@ def provably_finite(base_max: float, tau_max: float, scale: float, dtype: torch.
 
 
 def rebuilt_overflow(base: torch.Tensor, stored: torch.Tensor, scale: float = 1.0) -> torch.Tensor:
-    """Where θ_base + s·τ* (``reconstruct``'s arithmetic, every entry kept) is not finite in the base dtype."""
-    return ~torch.isfinite(reconstruct(base, stored, None, scale=scale))
+    """Where θ_base + s·τ* (``rebuild_weight``'s arithmetic, every entry kept) is not finite in the base dtype."""
+    return ~torch.isfinite(rebuild_weight(base, stored, None, scale=scale))
 
 
 def check_task_vector(

@@ -3,7 +3,7 @@
 Retention mode (docs/method.md §4): the model of modality i is θ_base + mᵢ∘τ* with its own encoder and
 projector. :class:`Router` keeps θ_base, τ* and the packed masks on the device and one set of *live* LLM
 weights that every modality's transformers model is bound to (their LLM parameters are views of it). Switching
-to modality i rewrites the live weights from θ_base with ``mmer.merge.masks.reconstruct``, never by
+to modality i rewrites the live weights from θ_base with ``mmer.merge.masks.rebuild_weight``, never by
 subtracting the previous modality's delta, so nothing drifts however many times it switches (a bf16
 ``(θ + δ) − δ`` is not θ); a tensor whose mask and rows are the same for both modalities is left as it is.
 

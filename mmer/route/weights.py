@@ -1,8 +1,8 @@
 """A decoupled checkpoint's LLM held on a device: θ_base, τ*, the packed masks and each modality's private rows.
 
 Everything the router and expansion mode compute comes from here, with the one formula of
-``mmer.merge.masks.reconstruct`` (θ̂ᵢ = θ_base + mᵢ∘τ*, float32 then the base's dtype) and, for text tokens in
-expansion mode, :func:`reconstruct_mean` (θ_base + m̄∘τ*, m̄ the mean of the masks). Masks stay packed, one bit
+``mmer.merge.masks.rebuild_weight`` (θ̂ᵢ = θ_base + mᵢ∘τ*, float32 then the base's dtype) and, for text tokens in
+expansion mode, :func:`rebuild_mean_weight` (θ_base + m̄∘τ*, m̄ the mean of the masks). Masks stay packed, one bit
 per parameter, and are unpacked on the device (``mmer.checkpoint.bits.unpack``) only while a tensor is rebuilt.
 """
 
@@ -18,14 +18,14 @@ from mmer.checkpoint import bits
 from mmer.checkpoint.decoupled import BASE_DIR, DecoupledCheckpoint, modality_tensor, slot_dtype
 from mmer.checkpoint.manifest import SlotRecord
 from mmer.errors import DecoupledFormatError
-from mmer.merge.masks import reconstruct
+from mmer.merge.masks import rebuild_weight
 
 MEAN = "<mean>"  # the text-weight state of expansion mode, θ_base + m̄∘τ* (not a valid modality name)
 BASE = "<base>"  # θ_base itself: the only weights an extension pack may run on (mmer.route.packs)
 STATES = (MEAN, BASE)  # weight states that are not modalities
 
 
-def reconstruct_mean(
+def rebuild_mean_weight(
     base: torch.Tensor,
     tau_star: torch.Tensor,
     masks: Sequence[torch.Tensor],
@@ -35,7 +35,7 @@ def reconstruct_mean(
 
     m̄ is fractional (values 0, 1/n, …, 1 when every sᵢ = 1, as in MMER); the rescalers sᵢ of a rescaled mask
     rule (EMR) weigh each mask the way its modality's own model does. Computed in float32 and cast to the
-    base's dtype like :func:`mmer.merge.masks.reconstruct`; with one mask it equals that function.
+    base's dtype like :func:`mmer.merge.masks.rebuild_weight`; with one mask it equals that function.
     """
     scales = [1.0] * len(masks) if scales is None else list(scales)
     weighted = torch.zeros(base.shape, dtype=torch.float32, device=tau_star.device)
@@ -169,7 +169,7 @@ class DeviceWeights:
         base = self.base_on_device(name)
         if name not in self.tau:
             return base
-        return reconstruct(base, self.tau[name], self.mask(modality, name), scale=self.scales[modality])
+        return rebuild_weight(base, self.tau[name], self.mask(modality, name), scale=self.scales[modality])
 
     def text_part(self, name: str) -> torch.Tensor:
         """θ_base + m̄∘τ* (expansion mode's text weights), or θ_base for a tensor that was not merged."""
@@ -177,7 +177,7 @@ class DeviceWeights:
         if name not in self.tau:
             return base
         masks = [self.mask(m, name) for m in self.modalities]
-        return reconstruct_mean(base, self.tau[name], masks, [self.scales[m] for m in self.modalities])
+        return rebuild_mean_weight(base, self.tau[name], masks, [self.scales[m] for m in self.modalities])
 
     def full(self, modality: str, name: str, into: torch.Tensor | None = None) -> torch.Tensor:
         """The modality's whole LLM tensor, as ``DecoupledCheckpoint.llm_tensor`` builds it (FORMAT.md), or

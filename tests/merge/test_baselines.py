@@ -14,7 +14,7 @@ import pytest
 import torch
 
 from mmer.merge.dare import dare, dare_seed
-from mmer.merge.masks import MASKS, emr_mask, mmer_mask, reconstruct, tall_mask
+from mmer.merge.masks import MASKS, emr_mask, mmer_mask, rebuild_weight, tall_mask
 from mmer.merge.methods import METHODS, average, emr, task_arithmetic, ties
 from mmer.merge.slot import Variant, merge_slot
 from mmer.merge.trim import tensor_threshold, trim
@@ -190,7 +190,7 @@ def test_emr_unified_vector_scales_by_alpha() -> None:
         (-1.0, 1.0, 1.0, False),  # opposite sign at λ = 1: 1 > 2? no
         (0.0, 1.0, 0.5, False),  # τᵢ = 0: 0 > 0.5 · 1? no
         (0.0, 0.0, 0.5, False),  # 0 > 0? no (strict)
-        (2.0, 0.0, 0.5, True),  # τ* = 0: 2 > 0.5·2 = 1 → kept (TALL keeps it; reconstruct adds 0 there anyway)
+        (2.0, 0.0, 0.5, True),  # τ* = 0: 2 > 0.5·2 = 1 → kept (TALL keeps it; rebuild_weight adds 0 there anyway)
         (3.0, 3.0, 0.4, True),  # τᵢ = τ*: 3 > 0
     ],
 )
@@ -271,10 +271,10 @@ def test_each_method_and_mask_rebuild_a_single_model_exactly(method: str, mask: 
     assert torch.equal(result.stored, tau)
     if MASKS[mask].single_model_output:
         assert result.masks is None
-        assert torch.equal(reconstruct(base, result.stored, None), base + tau)
+        assert torch.equal(rebuild_weight(base, result.stored, None), base + tau)
     else:
         assert torch.equal(result.masks[0], tau != 0)
-        assert torch.equal(reconstruct(base, result.stored, result.masks[0]), base + tau)
+        assert torch.equal(rebuild_weight(base, result.stored, result.masks[0]), base + tau)
 
 
 def test_ties_with_k_below_one_merging_one_model_returns_its_trimmed_task_vector() -> None:

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from mmer.errors import NonFiniteError
-from mmer.merge.masks import MASKS, mmer_mask, reconstruct
+from mmer.merge.masks import MASKS, mmer_mask, rebuild_weight
 from mmer.merge.methods import ties
 from mmer.merge.task_vectors import check_finite
 
@@ -103,7 +103,7 @@ def test_the_mask_registry_holds_mmer() -> None:
     assert MASKS["mmer"].fn is mmer_mask
 
 
-# ------------------------------------------------------------------------------------------ reconstruct
+# ---------------------------------------------------------------------------------------- rebuild_weight
 
 _DTYPES = [torch.float32, torch.bfloat16, torch.float16]
 
@@ -117,40 +117,40 @@ def _base_and_tau_star(dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 @pytest.mark.parametrize("dtype", _DTYPES)
-def test_reconstruct_with_an_all_ones_mask_gives_base_plus_tau_star(dtype: torch.dtype) -> None:
+def test_rebuild_weight_with_an_all_ones_mask_gives_base_plus_tau_star(dtype: torch.dtype) -> None:
     base, tau_star = _base_and_tau_star(dtype)
-    out = reconstruct(base, tau_star, torch.ones(base.shape, dtype=torch.bool))
+    out = rebuild_weight(base, tau_star, torch.ones(base.shape, dtype=torch.bool))
     assert out.dtype == dtype
     assert torch.equal(out, (base.float() + tau_star).to(dtype))
 
 
-def test_reconstruct_with_an_all_ones_mask_in_float32_is_exactly_the_sum() -> None:
+def test_rebuild_weight_with_an_all_ones_mask_in_float32_is_exactly_the_sum() -> None:
     base, tau_star = _base_and_tau_star(torch.float32)
-    assert torch.equal(reconstruct(base, tau_star, torch.ones(base.shape, dtype=torch.bool)), base + tau_star)
+    assert torch.equal(rebuild_weight(base, tau_star, torch.ones(base.shape, dtype=torch.bool)), base + tau_star)
 
 
 @pytest.mark.parametrize("dtype", _DTYPES)
-def test_reconstruct_with_an_all_zeros_mask_gives_the_base_back(dtype: torch.dtype) -> None:
+def test_rebuild_weight_with_an_all_zeros_mask_gives_the_base_back(dtype: torch.dtype) -> None:
     base, tau_star = _base_and_tau_star(dtype)
-    out = reconstruct(base, tau_star, torch.zeros(base.shape, dtype=torch.bool))
+    out = rebuild_weight(base, tau_star, torch.zeros(base.shape, dtype=torch.bool))
     assert out.dtype == dtype
     assert torch.equal(out, base)
 
 
-def test_reconstruct_adds_tau_star_only_where_the_mask_is_set() -> None:
+def test_rebuild_weight_adds_tau_star_only_where_the_mask_is_set() -> None:
     # θ̂ = θ_base + m∘τ*
     base = _t([1.0, 2.0, 3.0, -1.0])
     tau_star = _t([0.5, -1.0, 2.0, 0.25])
     mask = torch.tensor([True, False, True, False])
-    assert torch.equal(reconstruct(base, tau_star, mask), _t([1.5, 2.0, 5.0, -1.0]))
+    assert torch.equal(rebuild_weight(base, tau_star, mask), _t([1.5, 2.0, 5.0, -1.0]))
 
 
 @pytest.mark.parametrize("dtype", _DTYPES)
-def test_reconstruct_returns_the_dtype_asked_for_or_else_the_base_dtype(dtype: torch.dtype) -> None:
+def test_rebuild_weight_returns_the_dtype_asked_for_or_else_the_base_dtype(dtype: torch.dtype) -> None:
     base, tau_star = _base_and_tau_star(dtype)
     mask = tau_star > 0
-    assert reconstruct(base, tau_star, mask).dtype == dtype
-    wide = reconstruct(base, tau_star, mask, dtype=torch.float32)
+    assert rebuild_weight(base, tau_star, mask).dtype == dtype
+    wide = rebuild_weight(base, tau_star, mask, dtype=torch.float32)
     assert wide.dtype == torch.float32
     assert torch.equal(wide, base.float() + torch.where(mask, tau_star, 0.0))
 
