@@ -21,7 +21,7 @@ from typing import Any
 import torch
 
 from mmer.checkpoint import bits
-from mmer.checkpoint.decoupled import DecoupledCheckpoint, source_file_problems
+from mmer.checkpoint.decoupled import DecoupledCheckpoint, check_source_files
 from mmer.checkpoint.manifest import MANIFEST_NAME, MANIFEST_SHA_NAME, Manifest, read_manifest
 from mmer.errors import MmerError, ModelNotFoundError
 from mmer.io.hashing import file_sha256
@@ -201,7 +201,8 @@ def _reconstruction(ckpt: DecoupledCheckpoint, modality: str, report: VerifyRepo
     source = record.source
     resolved = resolve_model(source.model, source.commit if source.commit else None)
     reader = CheckpointReader(resolved.path)
-    differences = source_file_problems(source, resolved.path)  # only recorded plain names, only inside the source
+    checked = check_source_files(source, resolved.path)  # only recorded plain names, only inside the source
+    differences = checked.problems if checked.recorded else None
     hashes_match = None if differences is None else not differences
     if differences:
         report.problems.append(

@@ -36,7 +36,7 @@ import torch
 from mmer.add.record import HISTORY_NAME, add_history, card_section, full_recipe, recipe_header
 from mmer.add.report import MODES, ORIGINAL, STAND_IN, AddError, AddReport, OldModality
 from mmer.checkpoint import bits
-from mmer.checkpoint.decoupled import DecoupledCheckpoint, MaskFile, load_decoupled
+from mmer.checkpoint.decoupled import DecoupledCheckpoint, MaskFile, check_source_files, load_decoupled
 from mmer.checkpoint.finish import finish_checkpoint
 from mmer.checkpoint.sources import (
     base_read_spec,
@@ -44,7 +44,6 @@ from mmer.checkpoint.sources import (
     checkpoint_options,
     original_spec,
     pinned_spec,
-    source_mismatch,
 )
 from mmer.checkpoint.standin import SlotCache, StandInReader
 from mmer.config import ModelSpec, Recipe, load_spec
@@ -256,8 +255,9 @@ def _locate(
         old.reason = f"original {spec.model} cannot be opened"
         return old
     if check:
-        problem, hashes = source_mismatch(record.source, resolved, pool)
-        if problem is not None:
+        checked = check_source_files(record.source, resolved.path, every_file=True, pool=pool)
+        if checked.problems:
+            problem = checked.problems[0]
             if mode == "exact" or explicit is not None:
                 raise AddError(
                     f"{name}: {resolved.path} is not the model that was merged: {problem}",
@@ -271,7 +271,7 @@ def _locate(
             )
             old.reason = f"original {resolved.path} changed since the merge"
             return old
-        old.hashes = hashes
+        old.hashes = checked.hashes
         if record.source.files and all(v is None for v in record.source.files.values()):
             warnings.append(
                 f"{name}: the checkpoint recorded no hashes (merged with --no-hash-inputs); "

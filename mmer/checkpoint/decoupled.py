@@ -14,6 +14,8 @@ import json
 import math
 import os
 from collections.abc import Callable
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -38,7 +40,7 @@ from mmer.errors import (
     NonFiniteError,
     UnsafePathError,
 )
-from mmer.io.hashing import file_sha256
+from mmer.io.hashing import file_sha256, known
 from mmer.io.jsonfile import loads_bounded
 from mmer.io.layouts import LAYOUTS
 from mmer.io.paths import check_inside
@@ -152,34 +154,76 @@ def _safe_open(path: Path) -> Any:
 
 
 # ------------------------------------------------------------------------------------------ source files
-def source_file_problems(record: SourceRecord, directory: Path) -> list[str] | None:
-    """How the weight files at ``directory`` differ from the sha256 ``record`` holds from the merge.
+@dataclass
+class SourceCheck:
+    """How a source model's weight files compare with the sha256 its record holds from the merge."""
 
-    ``None`` when no sha256 was recorded (merged with ``hash_inputs`` off): nothing could be checked, and the
-    caller says so rather than calling it checked. Only the recorded names are opened (the schema makes them
-    plain file names), and only where they resolve inside ``directory`` (or its Hub cache folder).
+    problems: list[str]  # each difference found, naming the file
+    hashes: dict[str, str | None]  # sha256 by file name: where one was recorded, or free from the Hub cache
+    recorded: bool  # whether any sha256 was recorded (merged with ``hash_inputs`` on): if not, nothing was checked
+
+
+def check_source_files(
+    record: SourceRecord, directory: Path, *, every_file: bool = False, pool: ThreadPoolExecutor | None = None
+) -> SourceCheck:
+    """Compare the weight files at ``directory`` with the sha256 ``record`` holds from the merge: the one rule
+    that a reference base, ``mmer verify``, ``add`` and ``tune`` check a source with.
+
+    Only the recorded names are opened (the schema makes them plain file names), and only where they resolve
+    inside ``directory`` (or its Hub cache folder). With ``every_file`` the directory's weight files must also be
+    exactly the recorded ones (re-merging reads them all, so an added or missing file is a difference) and each
+    gets its hash in ``hashes``; otherwise a recorded file that is missing is the difference. Files are hashed on
+    ``pool`` when given (a Hub-cache file is named by its sha256, so its hash costs nothing).
     """
-    recorded = {name: digest for name, digest in record.files.items() if digest is not None}
-    if not recorded:
-        return None
-    problems = []
-    for name, digest in sorted(recorded.items()):
-        file = directory / name
-        if not os.path.lexists(file):
-            problems.append(f"{file}: missing (it was merged with sha256 {digest[:12]}…)")
-            continue
+    listed = record.files or {}
+    recorded = {name: digest for name, digest in listed.items() if digest is not None}
+    if every_file:
+        reader = CheckpointReader(directory)
         try:
-            real = check_inside(directory, file, what="weight file")
-            actual = cached_blob_sha256(file) or file_sha256(real)  # a Hub-cache blob is named by its sha256
-        except UnsafePathError as err:
-            problems.append(err.message)
-            continue
-        except OSError as err:
-            problems.append(f"{file}: cannot be read ({err.strerror or err})")
-            continue
-        if actual != digest:
-            problems.append(f"{file}: sha256 {actual[:12]}… differs from the {digest[:12]}… recorded at the merge")
-    return problems
+            names = sorted(f.name for f in reader.weight_files())
+        finally:
+            reader.close()
+        if listed and set(names) != set(listed):
+            differ = sorted(set(listed) - set(names)) or sorted(set(names) - set(listed))
+            return SourceCheck([f"its weight files differ from those merged ({differ[0]})"], {}, bool(recorded))
+    else:
+        names = sorted(recorded)
+    problems: list[str] = []
+    futures: dict[str, Future] = {}
+    own_pool = pool is None
+    workers = pool or ThreadPoolExecutor(max_workers=2)
+    try:
+        for name in names:
+            file = directory / name
+            if name in recorded and not os.path.lexists(file):
+                problems.append(f"{file}: missing (it was merged with sha256 {recorded[name][:12]}…)")
+                continue
+            try:
+                real = check_inside(directory, file, what="weight file")
+            except UnsafePathError as err:
+                problems.append(err.message)
+                continue
+            cached = cached_blob_sha256(file)  # a Hub-cache blob is named by its sha256
+            if cached is not None or name not in recorded:
+                futures[name] = known(cached)
+            else:
+                futures[name] = workers.submit(file_sha256, real)
+        hashes: dict[str, str | None] = {}
+        for name, future in futures.items():
+            try:
+                hashes[name] = future.result()
+            except OSError as err:
+                problems.append(f"{directory / name}: cannot be read ({err.strerror or err})")
+    finally:
+        if own_pool:
+            workers.shutdown()
+    for name in names:
+        actual, digest = hashes.get(name), recorded.get(name)
+        if actual is not None and digest is not None and actual != digest:
+            problems.append(
+                f"{directory / name}: sha256 {actual[:12]}… differs from the {digest[:12]}… recorded at the merge"
+            )
+    return SourceCheck(problems, hashes, bool(recorded))
 
 
 # -------------------------------------------------------------------------------------------- rebuilding
@@ -310,7 +354,7 @@ class DecoupledCheckpoint:
                 from mmer.io.resolve import resolve_model
 
                 directory = resolve_model(src.model, src.commit if src.commit else None).path
-            problems = source_file_problems(src, directory)
+            problems = check_source_files(src, directory).problems
             if problems:
                 raise DecoupledFormatError(
                     f"{self.path}: its base, kept by reference, differs from the one merged: {problems[0]}"

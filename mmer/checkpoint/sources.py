@@ -4,25 +4,22 @@ A checkpoint's manifest records each model it was merged from (a Hub id pinned t
 directory) with the sha256 of its weight files. Re-merging from it (``mmer add``, ``mmer tune`` on a
 checkpoint) first has to turn those records back into models to read: a recipe's pinned specs, the base's
 tensors (the checkpoint's own copy when it has one), the options it was merged with, and for each modality its
-original model if it is at hand, checked against the recorded hashes so a changed file is never taken for the
-one that was merged.
+original model if it is at hand (``decoupled.check_source_files`` checks it against the recorded hashes, so a
+changed file is never taken for the one that was merged).
 """
 
 from __future__ import annotations
 
 from collections.abc import Mapping
-from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
 from mmer.checkpoint.decoupled import BASE_DIR, DecoupledCheckpoint
-from mmer.checkpoint.manifest import MANIFEST_NAME, ModalityRecord, SourceRecord
+from mmer.checkpoint.manifest import MANIFEST_NAME, ModalityRecord
 from mmer.config import ModelSpec, options_from_dict
 from mmer.errors import ConfigError
-from mmer.io.hashing import file_sha256, known
-from mmer.io.reader import CheckpointReader
-from mmer.io.resolve import HUB_PATTERNS, ResolvedModel, cached_blob_sha256
+from mmer.io.resolve import HUB_PATTERNS
 
 
 def pinned_spec(name: str, record: ModalityRecord) -> ModelSpec:
@@ -97,40 +94,3 @@ def _in_hub_cache(repo_id: str, commit: str) -> bool:
     except Exception:  # not cached, not a valid id, no huggingface_hub: not at hand either way
         return False
     return True
-
-
-def source_mismatch(
-    record: SourceRecord, resolved: ResolvedModel, pool: ThreadPoolExecutor | None = None
-) -> tuple[str | None, dict[str, str | None]]:
-    """Compare a model's weight files with what the manifest recorded when it was merged.
-
-    Returns ``(problem or None, sha256 by file name)``. The file names must match; each recorded sha256 is
-    compared (Hub-cache files are hashed for free by their blob name, local files are read once).
-    """
-    reader = CheckpointReader(resolved.path)
-    try:
-        files = {f.name: f for f in reader.weight_files()}
-    finally:
-        reader.close()
-    recorded = record.files or {}
-    if recorded and set(files) != set(recorded):
-        missing = sorted(set(recorded) - set(files)) or sorted(set(files) - set(recorded))
-        return f"its weight files differ from those merged ({missing[0]})", {}
-    own_pool = pool is None
-    pool = pool or ThreadPoolExecutor(max_workers=2)
-    try:
-        futures: dict[str, Future] = {}
-        for name, path in files.items():
-            cached = cached_blob_sha256(path)
-            if cached is not None:
-                futures[name] = known(cached)
-            else:
-                futures[name] = pool.submit(file_sha256, path) if recorded.get(name) is not None else known(None)
-        hashes = {name: f.result() for name, f in futures.items()}
-    finally:
-        if own_pool:
-            pool.shutdown()
-    for name, digest in recorded.items():
-        if digest is not None and hashes.get(name) is not None and hashes[name] != digest:
-            return f"{name} differs from the file merged (sha256 {hashes[name][:12]}… ≠ {digest[:12]}…)", hashes
-    return None, hashes

@@ -8,7 +8,7 @@ from collections.abc import Mapping
 from dataclasses import replace
 from pathlib import Path
 
-from mmer.checkpoint.decoupled import load_decoupled
+from mmer.checkpoint.decoupled import check_source_files, load_decoupled
 from mmer.checkpoint.sources import (
     base_read_spec,
     base_spec,
@@ -16,7 +16,6 @@ from mmer.checkpoint.sources import (
     checkpoint_options,
     original_spec,
     pinned_spec,
-    source_mismatch,
 )
 from mmer.config import Recipe
 from mmer.errors import ConfigError, ModelNotFoundError
@@ -68,10 +67,10 @@ def tune_inputs(
                     raise ConfigError(
                         f"{name}: {err.message}", file=err.file, key=name, hint=f"pass --source {name}=PATH"
                     ) from None
-                problem, _ = source_mismatch(ckpt.modality(name).source, resolved)
-                if problem is not None:
+                problems = check_source_files(ckpt.modality(name).source, resolved.path, every_file=True).problems
+                if problems:
                     raise ConfigError(
-                        f"{name}: {resolved.path} is not the model {checkpoint} was merged from: {problem}",
+                        f"{name}: {resolved.path} is not the model {checkpoint} was merged from: {problems[0]}",
                         file=str(resolved.path),
                         key=name,
                         hint="point --source to that model, or pass --no-check-sources",
