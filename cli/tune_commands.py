@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -185,7 +184,7 @@ def tune(
 ) -> None:
     """Search λ per modality (and K) maximising a score: a reconstruction or logit proxy, or your own function."""
     from mmer.config import build_recipe
-    from mmer.tune import DEFAULT_LAMBDAS, run_tune, write_plot
+    from mmer.tune import DEFAULT_LAMBDAS, check_outputs, run_tune, write_outputs
 
     try:
         recipe_obj = build_recipe(list(specs or []), recipe) if specs or recipe is not None else None
@@ -195,7 +194,7 @@ def tune(
                 probe_arg = probes[0]
             else:
                 probe_arg = _pairs(probes, "--probes")
-        _check_tune_outputs(output, write_recipe)
+        check_outputs(output, write_recipe)
         with render.RichProgress(enabled=not quiet and not json_out) as progress:
             report = run_tune(
                 recipe_obj,
@@ -214,41 +213,16 @@ def tune(
                 check_sources=check_sources,
                 progress=progress,
             )
-        try:
-            output.mkdir(parents=True, exist_ok=True)
-        except OSError as err:
-            raise ConfigError(
-                f"{output}: cannot create it ({err.strerror})",
-                file=str(output),
-                key="output",
-                hint="choose another -o",
-            ) from None
-        json_file = report.write_json(output / "tune.json")
-        png = write_plot(report, output / "tune.png")
-        recipe_file = report.write_recipe(write_recipe) if write_recipe is not None else None
+        written = write_outputs(report, output, write_recipe)
     except MmerError as err:
         _fail(err, json_out)
     except KeyboardInterrupt:
         raise typer.Exit(interrupted(json_out)) from None
-    files = {"json": str(json_file), "png": str(png), "recipe": None if recipe_file is None else str(recipe_file)}
+    files = {label: None if path is None else str(path) for label, path in written.items()}
     if json_out:
         render.print_json({"ok": True, **report.to_dict(), "files": files})
         return
     _print_tune(report.to_dict(), files)
-
-
-def _check_tune_outputs(output: Path, write_recipe: Path | None) -> None:
-    """Before the search: the report files may be written, and replace only what an earlier tune wrote there."""
-    from mmer.io.report_files import check_png, check_report_file
-    from mmer.tune import TUNED_RECIPE_SIGNATURE, tune_report_written_by_mmer
-
-    if os.path.lexists(output) and (output.is_symlink() or not output.is_dir()):
-        raise ConfigError(f"{output}: is not a directory", file=str(output), key="output", hint="choose another -o")
-    if output.is_dir():
-        check_report_file(output / "tune.json", tune_report_written_by_mmer, "tune report")
-        check_png(output / "tune.png")
-    if write_recipe is not None:
-        check_report_file(write_recipe, TUNED_RECIPE_SIGNATURE, "tuned recipe")
 
 
 def _print_tune(data: dict[str, Any], files: dict[str, str | None]) -> None:

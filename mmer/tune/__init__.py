@@ -52,6 +52,7 @@ from mmer.plan import build_plan
 from mmer.progress import NULL_PROGRESS, ProgressSink
 from mmer.tune.backends import BACKENDS, run_candidates
 from mmer.tune.candidates import Candidate, CandidateInputs
+from mmer.tune.errors import TuneError
 from mmer.tune.inputs import tune_inputs
 from mmer.tune.probes import load_probes
 from mmer.tune.report import (
@@ -59,13 +60,14 @@ from mmer.tune.report import (
     TUNED_RECIPE_SIGNATURE,
     TuneReport,
     TuneResult,
+    check_outputs,
     tune_report_written_by_mmer,
+    write_outputs,
     write_plot,
 )
 from mmer.tune.scores import (
     BUILTIN_SCORES,
     Scorer,
-    TuneError,
     evaluate,
     load_callable,
     logit_agreement,
@@ -88,12 +90,14 @@ __all__ = [
     "TuneError",
     "TuneReport",
     "TuneResult",
+    "check_outputs",
     "evaluate",
     "load_callable",
     "load_probes",
     "logit_agreement",
     "run_tune",
     "tune_report_written_by_mmer",
+    "write_outputs",
     "write_plot",
 ]
 

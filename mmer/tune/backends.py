@@ -5,6 +5,7 @@ failure, raised with the candidate it failed on.
 
 from __future__ import annotations
 
+import functools
 import multiprocessing
 import os
 import pickle
@@ -18,7 +19,8 @@ import torch
 from mmer.errors import ConfigError
 from mmer.progress import ProgressSink
 from mmer.tune.candidates import Candidate
-from mmer.tune.scores import Scorer, TuneError, evaluate
+from mmer.tune.errors import TuneError
+from mmer.tune.scores import Scorer, evaluate
 
 BACKENDS = ("auto", "serial", "thread", "process", "ray")
 
@@ -71,21 +73,15 @@ def run_candidates(
                 futures = {executor.submit(evaluate, c, scorer): i for i, c in enumerate(candidates)}
                 for future in as_completed(futures):
                     i = futures[future]
-                    try:
-                        out[i] = future.result()
-                    except Exception as err:  # the scorer could not reach the worker, or the worker died
-                        for f in futures:
-                            f.cancel()
-                        raise TuneError(
-                            f"a {backend} worker failed on {candidates[i]!r}: {type(err).__name__}: {err}",
-                            key="score",
-                            hint="the score must import in a fresh process: give it as module:function or "
-                            "path/file.py:function, or use --backend thread",
-                        ) from None
-                    if "error" in out[i]:  # type: ignore[operator]
-                        for f in futures:
-                            f.cancel()
-                        _raise_error(out[i], candidates[i])
+                    # the scorer could not reach the worker, or the worker died
+                    out[i] = _collect(
+                        future.result,
+                        lambda: [f.cancel() for f in futures],
+                        candidates[i],
+                        f"a {backend} worker failed",
+                        "the score must import in a fresh process: give it as module:function or "
+                        "path/file.py:function, or use --backend thread",
+                    )
                     progress.advance(stage, 1)
     finally:
         progress.end(stage)
@@ -93,6 +89,36 @@ def run_candidates(
         {"modality": c.modality, "k": c.k, "lambda": c.lambda_, **r}  # type: ignore[dict-item]
         for c, r in zip(candidates, out, strict=True)
     ]
+
+
+def _collect(
+    get: Callable[[], dict[str, Any]],
+    cancel: Callable[[], object],
+    candidate: Candidate,
+    failure: str,
+    hint: str,
+    *,
+    first_line: bool = False,
+) -> dict[str, Any]:
+    """One worker's result; at the first failure every other task is cancelled and the failure raised: the
+    backend's (``failure``, with the exception's text or its ``first_line``) or the score's own, with its fields."""
+    try:
+        result = get()
+    except Exception as err:
+        cancel()
+        reason = str(err).splitlines()[0] if first_line else str(err)
+        raise TuneError(
+            f"{failure} on {candidate!r}: {type(err).__name__}: {reason}", key="score", hint=hint
+        ) from None
+    if "error" in result:
+        cancel()
+        _raise_error(result, candidate)
+    return result
+
+
+def _cancel_tasks(ray: Any, refs: list[Any]) -> None:
+    for ref in refs:
+        ray.cancel(ref)
 
 
 def _raise_error(result: dict[str, Any] | None, candidate: Candidate) -> None:
@@ -136,21 +162,16 @@ def _run_ray(
             done, pending = ray.wait(pending, num_returns=1)
             for ref in done:
                 i = index[ref]
-                try:
-                    out[i] = ray.get(ref)
-                except Exception as err:  # Ray could not run the task (the score does not import there...)
-                    for other in pending:
-                        ray.cancel(other)
-                    raise TuneError(
-                        f"a Ray task failed on {candidates[i]!r}: {type(err).__name__}: {str(err).splitlines()[0]}",
-                        key="score",
-                        hint="every Ray worker must import mmer and the score's module (runtime_env py_modules) and "
-                        "see the models' and workdir's paths",
-                    ) from None
-                if "error" in out[i]:  # type: ignore[operator]
-                    for other in pending:
-                        ray.cancel(other)
-                    _raise_error(out[i], candidates[i])
+                # Ray could not run the task (the score does not import there...)
+                out[i] = _collect(
+                    functools.partial(ray.get, ref),
+                    functools.partial(_cancel_tasks, ray, pending),
+                    candidates[i],
+                    "a Ray task failed",
+                    "every Ray worker must import mmer and the score's module (runtime_env py_modules) and "
+                    "see the models' and workdir's paths",
+                    first_line=True,
+                )
                 advance()
     finally:
         if started:

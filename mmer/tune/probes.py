@@ -10,6 +10,7 @@ from typing import Any
 
 from mmer.errors import ConfigError
 from mmer.io.jsonfile import MAX_JSON_BYTES, loads_bounded
+from mmer.tune.errors import refused
 
 
 def load_probes(path: str | Path, tokenizer_dir: str | Path | None = None) -> list[list[int]]:
@@ -18,22 +19,19 @@ def load_probes(path: str | Path, tokenizer_dir: str | Path | None = None) -> li
     own tokenizer (``tokenizer_dir``, local files only, no remote code)."""
     path = Path(path)
     if not path.is_file():
-        raise ConfigError(f"{path}: no such probe file", file=str(path), key="probes", hint="check the path")
+        raise refused(path, "no such probe file", key="probes", hint="check the path")
     if path.stat().st_size > MAX_JSON_BYTES:
-        raise ConfigError(
-            f"{path}: larger than {MAX_JSON_BYTES} bytes, too large for a probe file",
-            file=str(path),
+        raise refused(
+            path,
+            f"larger than {MAX_JSON_BYTES} bytes, too large for a probe file",
             key="probes",
             hint="probes are a few hundred short inputs",
         )
     try:
         text = path.read_bytes().decode("utf-8")
     except UnicodeDecodeError as err:
-        raise ConfigError(
-            f"{path}: not UTF-8 text ({err.reason} at byte {err.start})",
-            file=str(path),
-            key="probes",
-            hint="save the file as UTF-8",
+        raise refused(
+            path, f"not UTF-8 text ({err.reason} at byte {err.start})", key="probes", hint="save the file as UTF-8"
         ) from None
     items: list[tuple[int, Any]] = []
     if path.suffix == ".txt":
@@ -45,11 +43,8 @@ def load_probes(path: str | Path, tokenizer_dir: str | Path | None = None) -> li
             err.key = "probes"
             raise
         if not isinstance(data, list):
-            raise ConfigError(
-                f"{path}: expected a list of probes",
-                file=str(path),
-                key="probes",
-                hint='e.g. [[1, 2, 3], {"text": "a photo of"}]',
+            raise refused(
+                path, "expected a list of probes", key="probes", hint='e.g. [[1, 2, 3], {"text": "a photo of"}]'
             )
         items = list(enumerate(data, 1))
     else:
@@ -82,15 +77,16 @@ def load_probes(path: str | Path, tokenizer_dir: str | Path | None = None) -> li
             and item
             and all(isinstance(i, int) and not isinstance(i, bool) and i >= 0 for i in item)
         ):
-            raise ConfigError(
-                f"{path}:{n}: a probe must be a non-empty list of token ids or a text",
-                file=str(path),
+            raise refused(
+                path,
+                "a probe must be a non-empty list of token ids or a text",
                 key="probes",
                 hint='e.g. [1, 2, 3], {"input_ids": [1, 2, 3]} or {"text": "a photo of"}',
+                line=n,
             )
         probes.append(list(item))
     if not probes:
-        raise ConfigError(f"{path}: holds no probe", file=str(path), key="probes", hint="add one probe per line")
+        raise refused(path, "holds no probe", key="probes", hint="add one probe per line")
     return probes
 
 
@@ -100,9 +96,9 @@ def _tokenizer(directory: str | Path | None, probes: Path) -> Any:
     try:
         return AutoTokenizer.from_pretrained(str(directory), local_files_only=True, trust_remote_code=False)
     except Exception as err:
-        raise ConfigError(
-            f"{probes}: text probes need the model's tokenizer, which {directory} does not provide ({err})",
-            file=str(probes),
+        raise refused(
+            probes,
+            f"text probes need the model's tokenizer, which {directory} does not provide ({err})",
             key="probes",
             hint="give token ids instead: one [1, 2, 3] per line",
         ) from None

@@ -5,20 +5,18 @@
 from __future__ import annotations
 
 import json
+import os
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
 from mmer.config import Recipe
-from mmer.io.report_files import save_figure, text_written_by, write_report_file
+from mmer.io.report_files import check_png, check_report_file, save_figure, text_written_by, write_report_file
+from mmer.tune.errors import refused
 from mmer.version import __version__
 
 TUNE_REPORT_FORMAT = "mmer-tune/1"
-
-
 TUNED_RECIPE_FIRST_WORDS = "# λ per modality and K chosen by `mmer tune`"
-
-
 TUNED_RECIPE_SIGNATURE = text_written_by(TUNED_RECIPE_FIRST_WORDS)
 
 
@@ -149,3 +147,29 @@ def write_plot(report: TuneReport, png: str | Path) -> Path:
         return save_figure(fig, png, dpi=120)
     finally:
         plt.close(fig)
+
+
+def check_outputs(output: str | Path, recipe: str | Path | None = None) -> None:
+    """Before the search: the report files may be written, and replace only what an earlier tune wrote there."""
+    output = Path(output)
+    if os.path.lexists(output) and (output.is_symlink() or not output.is_dir()):
+        raise refused(output, "is not a directory", key="output", hint="choose another -o")
+    if output.is_dir():
+        check_report_file(output / "tune.json", tune_report_written_by_mmer, "tune report")
+        check_png(output / "tune.png")
+    if recipe is not None:
+        check_report_file(recipe, TUNED_RECIPE_SIGNATURE, "tuned recipe")
+
+
+def write_outputs(report: TuneReport, output: str | Path, recipe: str | Path | None = None) -> dict[str, Path | None]:
+    """tune.json and tune.png in ``output`` (created if need be) and, when asked, the tuned recipe."""
+    output = Path(output)
+    try:
+        output.mkdir(parents=True, exist_ok=True)
+    except OSError as err:
+        raise refused(output, f"cannot create it ({err.strerror})", key="output", hint="choose another -o") from None
+    return {
+        "json": report.write_json(output / "tune.json"),
+        "png": write_plot(report, output / "tune.png"),
+        "recipe": None if recipe is None else report.write_recipe(recipe),
+    }

@@ -20,23 +20,13 @@ import torch
 from mmer.errors import ConfigError, MmerError
 from mmer.progress import ProgressSink
 from mmer.tune.candidates import Candidate, CandidateInputs
+from mmer.tune.errors import TuneError, refused
 from mmer.tune.probes import load_probes
 
 BUILTIN_SCORES = {
     "recon": "−relative ℓ1 reconstruction error ‖θ̂ᵢ − θᵢ‖₁ / ‖τᵢ‖₁",
     "logits": "−mean next-token KL(original ‖ rebuilt) on the probes",
 }
-
-
-class TuneError(MmerError):
-    """A score could not be computed: the callable failed or returned no number, a probe does not fit."""
-
-    def __reduce__(self) -> tuple[Any, ...]:  # survives a process or Ray worker with its fields
-        return (_tune_error, (self.message, self.file, self.tensor, self.key, self.hint))
-
-
-def _tune_error(message: str, file: str | None, tensor: str | None, key: str | None, hint: str | None) -> TuneError:
-    return TuneError(message, file=file, tensor=tensor, key=key, hint=hint)
 
 
 @dataclass(frozen=True)
@@ -73,7 +63,7 @@ def load_callable(spec: str) -> Callable[..., Any]:
     if module_name.endswith(".py"):
         path = Path(module_name).expanduser().resolve()
         if not path.is_file():
-            raise ConfigError(f"{module_name}: no such file", file=module_name, key="score", hint="check the path")
+            raise refused(module_name, "no such file", key="score", hint="check the path")
         name = f"mmer_score_{path.stem}_{abs(hash(str(path))):x}"
         module = sys.modules.get(name)
         if module is None:
@@ -83,11 +73,11 @@ def load_callable(spec: str) -> Callable[..., Any]:
             try:
                 loader_spec.loader.exec_module(module)  # type: ignore[union-attr]
             except Exception as err:
-                raise ConfigError(
-                    f"{path}: importing it failed ({type(err).__name__}: {err})",
-                    file=str(path),
+                raise refused(
+                    path,
+                    f"importing it failed ({type(err).__name__}: {err})",
                     key="score",
-                    hint="run `python {path}` to see the error",
+                    hint=f"run `python {path}` to see the error",
                 ) from None
             finally:
                 sys.path.remove(str(path.parent))
