@@ -17,7 +17,7 @@ import mmer
 from mmer.config import MergeOptions, ModelSpec, Recipe
 from mmer.errors import ConfigError, DecoupledFormatError
 from mmer.merge.masks import rebuild_weight
-from mmer.merge.slot import merge_slot, prepare
+from mmer.merge.slot import apply_dare, merge_slot
 from mmer.merge.trim import rank_to_threshold
 from mmer.plan import resolve_variant
 
@@ -46,10 +46,10 @@ def in_memory(tiny_models, recipe: Recipe) -> dict[str, object]:
     taus = raw_task_vectors(tiny_models)
     thresholds = None
     if variant.needs_global_threshold:
-        prepared = {n: prepare(t, variant, n) for n, t in taus.items()}
+        dared = {n: apply_dare(t, variant, n) for n, t in taus.items()}
         thresholds = []
         for i in range(len(MODALITIES)):
-            flat = torch.cat([prepared[n][i].reshape(-1) for n in taus]).abs()
+            flat = torch.cat([dared[n][i].reshape(-1) for n in taus]).abs()
             thresholds.append(float(flat.kthvalue(rank_to_threshold(flat.numel(), variant.k, variant.trim_count))[0]))
     return {n: merge_slot(t, variant, n, torch.float32, thresholds) for n, t in taus.items()}
 

@@ -8,7 +8,7 @@ import torch
 
 from mmer.engine.kernels import count_fused, fused_kernel
 from mmer.engine.slots import read_slot, release_inputs, slot_spans
-from mmer.merge.slot import Variant, prepare
+from mmer.merge.slot import Variant, apply_dare
 from mmer.merge.trim import GlobalThreshold, WindowedThreshold
 from mmer.plan import MergePlan
 from mmer.progress import ProgressSink
@@ -96,7 +96,7 @@ def find_thresholds(plan: MergePlan, variants: list[Variant], progress: Progress
         for slot in slots:
             _, raw = read_slot(plan, slot.name, device)
             for key in two_pass:
-                for search, tau in zip(searches[key], prepare(raw, by_key[key], slot.name), strict=True):
+                for search, tau in zip(searches[key], apply_dare(raw, by_key[key], slot.name), strict=True):
                     search.add_pass1(tau) if pass_no == 1 else search.add_pass2(tau)
             progress.advance(stage, slot.nbytes * (1 + n_models))
         progress.end(stage)

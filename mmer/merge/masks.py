@@ -49,7 +49,7 @@ class MaskRule:
     default_lambda: float | None = None
     uses_raw: bool = False
     rescaled: bool = False
-    prepare: Callable[[torch.Tensor], object] | None = None  # per-slot work shared by every modality's call
+    precompute: Callable[[torch.Tensor], object] | None = None  # per-slot work shared by every modality's call
     accepts: frozenset[str] = frozenset()
     pairs_with: frozenset[str] | None = None
     pairing: str | None = None
@@ -71,7 +71,7 @@ def register_mask(
     default_lambda: float | None = None,
     uses_raw: bool = False,
     rescaled: bool = False,
-    prepare: Callable[[torch.Tensor], object] | None = None,
+    precompute: Callable[[torch.Tensor], object] | None = None,
     accepts: Sequence[str] = (),
     pairs_with: Sequence[str] | None = None,
     pairing: str | None = None,
@@ -96,7 +96,7 @@ def register_mask(
             default_lambda,
             uses_raw,
             rescaled,
-            prepare,
+            precompute,
             frozenset(accepts),
             pairs,
             pairing,
@@ -120,7 +120,7 @@ MASKS["none"] = MaskRule(
 )
 
 
-def _mmer_prepare(tau_star: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def _mmer_precompute(tau_star: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return torch.sign(tau_star), tau_star.abs()
 
 
@@ -128,18 +128,21 @@ def _mmer_prepare(tau_star: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     "mmer",
     summary="MMER Eq. 3: sign agrees with τ* and |τᵢ| ≥ λ·0.5·|τ*|",
     default_lambda=0.9,
-    prepare=_mmer_prepare,
+    precompute=_mmer_precompute,
     accepts=("lambda", "mask_source"),
 )
 def mmer_mask(
-    tau_i: torch.Tensor, tau_star: torch.Tensor, lam: float, prepared: tuple[torch.Tensor, torch.Tensor] | None = None
+    tau_i: torch.Tensor,
+    tau_star: torch.Tensor,
+    lam: float,
+    precomputed: tuple[torch.Tensor, torch.Tensor] | None = None,
 ) -> torch.Tensor:
     """Directional congruence ∧ dominant significance (Eq. 3).
 
     With s = sgn(τ*), u = τᵢ·s is |τᵢ| where the signs agree, −|τᵢ| where they differ and 0 where τ* = 0 (a
     product with ±1 or 0 is exact), so the mask is [u > 0] ∧ [u ≥ λ·0.5·|τ*|] in five vector operations.
     """
-    sign_star, abs_star = prepared if prepared is not None else _mmer_prepare(tau_star)
+    sign_star, abs_star = precomputed if precomputed is not None else _mmer_precompute(tau_star)
     u = tau_i * sign_star
     return (u > 0) & (u >= (lam * 0.5) * abs_star)
 

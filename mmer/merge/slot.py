@@ -95,7 +95,7 @@ class SlotResult:
     scale_den: list[float] = field(default_factory=list)
 
 
-def prepare(raw_taus: Sequence[torch.Tensor], variant: Variant, name: str) -> Sequence[torch.Tensor]:
+def apply_dare(raw_taus: Sequence[torch.Tensor], variant: Variant, name: str) -> Sequence[torch.Tensor]:
     """The task vectors that enter the method: DARE'd when asked (seeded by model position and tensor name)."""
     if variant.dare <= 0:
         return raw_taus
@@ -148,7 +148,7 @@ def merge_slot(
     thresholds: Sequence[float | None] | None = None,
 ) -> SlotResult:
     """Merge one slot. ``thresholds`` are the models' global trim thresholds (``trim_scope="global"``)."""
-    taus = prepare(raw_taus, variant, name)
+    taus = apply_dare(raw_taus, variant, name)
     trimmed = trim_taus(taus, variant, thresholds)
     tau_star = variant.merge_method.merge(
         trimmed,
@@ -165,7 +165,7 @@ def merge_slot(
     # Masks compare against τ* as stored, so the artifact alone reproduces every bit of them.
     effective = stored.float()
     sources = raw_taus if variant.masks_raw else trimmed
-    extra = {"prepared": rule.prepare(effective)} if rule.prepare is not None else {}
+    extra = {"precomputed": rule.precompute(effective)} if rule.precompute is not None else {}
     lambdas = [lam if lam is not None else 0.0 for lam in variant.lambdas]
     if isinstance(sources, torch.Tensor):  # a stack: every modality's mask in one broadcast call
         column = torch.tensor(lambdas, dtype=sources.dtype, device=sources.device)
