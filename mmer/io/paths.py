@@ -117,14 +117,19 @@ def regular_file(real: str | Path, shown: str | Path, *, what: str = "file") -> 
     except (FileNotFoundError, NotADirectoryError):
         return False
     except OSError as err:
-        raise CheckpointFormatError(
-            f"{shown}: cannot be read ({err.strerror or err})",
-            file=str(shown),
-            hint="check the file's permissions, or fetch the model again",
-        ) from None
+        raise unreadable(shown, err) from None
     if not stat.S_ISREG(mode):
         raise not_regular(shown, mode, what)
     return True
+
+
+def unreadable(shown: str | Path, err: OSError) -> CheckpointFormatError:
+    """An input file the operating system would not let mmer read."""
+    return CheckpointFormatError(
+        f"{shown}: cannot be read ({err.strerror or err})",
+        file=str(shown),
+        hint="check the file's permissions, or fetch the model again",
+    )
 
 
 def copy_regular_file(real: str | Path, destination: str | Path, *, shown: str | Path, max_bytes: int) -> int:
@@ -139,11 +144,7 @@ def copy_regular_file(real: str | Path, destination: str | Path, *, shown: str |
     try:
         fd = os.open(real, flags)
     except OSError as err:
-        raise CheckpointFormatError(
-            f"{shown}: cannot be read ({err.strerror or err})",
-            file=str(shown),
-            hint="check the file's permissions, or fetch the model again",
-        ) from None
+        raise unreadable(shown, err) from None
     with os.fdopen(fd, "rb", buffering=0) as src:
         mode = os.fstat(src.fileno()).st_mode
         if not stat.S_ISREG(mode):
