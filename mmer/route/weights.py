@@ -3,7 +3,8 @@
 Everything the router and expansion mode compute comes from here, with the one formula of
 ``mmer.merge.masks.rebuild_weight`` (θ̂ᵢ = θ_base + mᵢ∘τ*, float32 then the base's dtype) and, for text tokens in
 expansion mode, :func:`rebuild_mean_weight` (θ_base + m̄∘τ*, m̄ the mean of the masks). Masks stay packed, one bit
-per parameter, and are unpacked on the device (``mmer.checkpoint.bits.unpack``) only while a tensor is rebuilt.
+per parameter, and are unpacked on the device (``mmer.checkpoint.bits.unpack``) only while a tensor is rebuilt;
+a switch on the CPU reads the packed bits directly (:mod:`mmer.route.switch_kernel`, the same formula in one pass).
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ from mmer.checkpoint.decoupled import BASE_DIR, DecoupledCheckpoint, modality_te
 from mmer.checkpoint.manifest import SlotRecord
 from mmer.errors import DecoupledFormatError
 from mmer.merge.masks import rebuild_weight
+from mmer.route import switch_kernel
 
 MEAN = "<mean>"  # the text-weight state of expansion mode, θ_base + m̄∘τ* (not a valid modality name)
 BASE = "<base>"  # θ_base itself: the only weights an extension pack may run on (mmer.route.packs)
@@ -164,11 +166,23 @@ class DeviceWeights:
         """The CUDA devices holding tensors (a switch waits for each before it reports its time)."""
         return {d for d in self.devices.values() if d.type == "cuda"}
 
-    def shared_part(self, modality: str, name: str) -> torch.Tensor:
-        """Rows ``[0, V_base)`` of the modality's tensor: θ_base + mᵢ∘τ* when merged, else θ_base."""
+    def shared_part(self, modality: str, name: str, into: torch.Tensor | None = None) -> torch.Tensor:
+        """Rows ``[0, V_base)`` of the modality's tensor: θ_base + mᵢ∘τ* when merged, else θ_base.
+
+        With ``into``, a merged tensor the one-pass kernel covers (:mod:`mmer.route.switch_kernel`) is written
+        straight into its first rows from the packed bits, and that view is returned: ``modality_tensor``'s copy of
+        it onto itself is then a no-op, so no full-size temporary is made. Anything else is built by
+        ``rebuild_weight`` as before (the reference the kernel equals bit for bit).
+        """
         base = self.base_on_device(name)
         if name not in self.tau:
             return base
+        if into is not None and into.dim():
+            view = into[: base.shape[0]]
+            packed = self.masks[modality][name]
+            if view.shape == base.shape and switch_kernel.supports(base, self.tau[name], packed, view):
+                switch_kernel.rebuild_into(view, base, self.tau[name], packed, self.scales[modality])
+                return view
         return rebuild_weight(base, self.tau[name], self.mask(modality, name), scale=self.scales[modality])
 
     def text_part(self, name: str) -> torch.Tensor:
@@ -184,8 +198,8 @@ class DeviceWeights:
         written into the first rows of ``into``."""
         rows = self.private[modality].get(name)
         if rows is None:
-            return modality_tensor(lambda: self.shared_part(modality, name), into=into)
-        return modality_tensor(lambda: self.shared_part(modality, name), rows.tensor, rows.row_start, into=into)
+            return modality_tensor(lambda: self.shared_part(modality, name, into), into=into)
+        return modality_tensor(lambda: self.shared_part(modality, name, into), rows.tensor, rows.row_start, into=into)
 
     def write_into(self, target: torch.Tensor, modality: str, name: str) -> None:
         """Write the modality's tensor (or, for :data:`MEAN`, the text weights) into the first rows of ``target``.

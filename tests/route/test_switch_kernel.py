@@ -1,0 +1,144 @@
+"""mmer.route.switch_kernel: the one-pass switch rebuild equals ``rebuild_weight`` bit for bit, from packed bits."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from route_fixtures import VARIANTS, merged_checkpoint, variant_checkpoint
+
+import mmer
+from mmer.checkpoint import bits
+from mmer.merge.masks import rebuild_weight
+from mmer.route import switch_kernel
+
+pytestmark = pytest.mark.skipif(switch_kernel._kernel() is None, reason="numba absent or MMER_FUSED=0")
+
+# (base dtype, τ* dtype): τ* is stored in the base's dtype, or in float32 (delta_dtype=float32)
+COMBOS = [
+    (torch.bfloat16, torch.bfloat16),
+    (torch.bfloat16, torch.float32),
+    (torch.float16, torch.float16),
+    (torch.float16, torch.float32),
+    (torch.float32, torch.float32),
+]
+SCALES = [1.0, 1.37, 0.5, -0.75]  # EMR's rescalers are ≠ 1; a negative one turns masked-out +0.0 into −0.0
+
+
+def kernel_rebuild(base: torch.Tensor, tau: torch.Tensor, mask: torch.Tensor, scale: float) -> torch.Tensor:
+    out = torch.full_like(base, 7.0)  # garbage the kernel must overwrite everywhere
+    packed = bits.pack(mask)
+    assert switch_kernel.supports(base, tau, packed, out)
+    switch_kernel.rebuild_into(out, base, tau, packed, scale)
+    return out
+
+
+def assert_bit_identical(got: torch.Tensor, want: torch.Tensor) -> None:
+    assert got.dtype == want.dtype and got.shape == want.shape
+    width = {2: torch.int16, 4: torch.int32}[got.element_size()]
+    differ = got.view(width) != want.view(width)
+    assert not differ.any(), f"{int(differ.sum())} entries differ, first at {differ.nonzero()[0].tolist()}"
+
+
+def extreme_values(n: int, dtype: torch.dtype, generator: torch.Generator) -> torch.Tensor:
+    """Near-overflow, subnormal, ±0, ±1 and smallest-normal values of ``dtype``, shuffled, NaN-free."""
+    info = torch.finfo(dtype)
+    big = [info.max, -info.max, info.max / 2]
+    small = [info.tiny, -info.tiny, info.tiny / 4, -info.tiny / 8]  # smallest normal, and subnormals
+    specials = torch.tensor([0.0, -0.0, 1.0, -1.0, *big, *small], dtype=torch.float64).to(dtype)
+    picks = torch.randint(0, len(specials), (n,), generator=generator)
+    return specials[picks]
+
+
+def draw(kind: str, n: int, base_dtype: torch.dtype, tau_dtype: torch.dtype, seed: int):
+    g = torch.Generator().manual_seed(seed)
+    if kind == "random":
+        base = torch.randn(n, generator=g).to(base_dtype)
+        tau = (torch.randn(n, generator=g) * 0.02).to(tau_dtype)
+    elif kind == "tied":  # few distinct values: many exact ties, cancellations to ±0 and rounding half-way cases
+        base = (torch.randint(-4, 5, (n,), generator=g).float() / 8).to(base_dtype)
+        tau = (torch.randint(-4, 5, (n,), generator=g).float() / 8 + 2.0**-9).to(tau_dtype)
+        tau[::3] = -base[::3].to(tau_dtype)  # θ_base + τ* = 0 exactly: ±0 from a sum
+    else:  # extreme magnitudes of each dtype, so the float32 sum overflows, goes subnormal or cancels
+        base = extreme_values(n, base_dtype, g)
+        tau = extreme_values(n, tau_dtype, g)
+    mask = torch.rand(n, generator=g) < 0.5
+    return base, tau, mask
+
+
+@pytest.mark.parametrize("base_dtype,tau_dtype", COMBOS, ids=lambda d: str(d).removeprefix("torch."))
+@pytest.mark.parametrize("kind", ["random", "tied", "extreme"])
+@pytest.mark.parametrize("scale", SCALES)
+def test_the_kernel_writes_exactly_what_rebuild_weight_computes(base_dtype, tau_dtype, kind, scale):
+    base, tau, mask = draw(kind, 40_003, base_dtype, tau_dtype, seed=len(kind))
+    assert_bit_identical(kernel_rebuild(base, tau, mask, scale), rebuild_weight(base, tau, mask, scale=scale))
+
+
+@pytest.mark.parametrize("base_dtype,tau_dtype", COMBOS, ids=lambda d: str(d).removeprefix("torch."))
+@pytest.mark.parametrize("n", [1, 7, 9, 8 * 1024 + 5, switch_kernel.BLOCK + 3, 2 * switch_kernel.BLOCK - 1])
+def test_sizes_that_are_not_whole_bytes_or_blocks_rebuild_every_entry(base_dtype, tau_dtype, n):
+    base, tau, mask = draw("random", n, base_dtype, tau_dtype, seed=n)
+    mask[-1] = True  # the last entry reads the last, partly used mask byte
+    assert_bit_identical(kernel_rebuild(base, tau, mask, 1.25), rebuild_weight(base, tau, mask, scale=1.25))
+
+
+def test_a_masked_out_negative_zero_base_becomes_positive_zero_as_torch_makes_it():
+    base = torch.tensor([-0.0, -0.0, -0.0, 2.0], dtype=torch.bfloat16)
+    tau = torch.tensor([-1.0, -0.0, 0.0, -2.0], dtype=torch.bfloat16)
+    mask = torch.tensor([False, False, True, True])
+    want = rebuild_weight(base, tau, mask)
+    assert_bit_identical(kernel_rebuild(base, tau, mask, 1.0), want)
+    assert torch.equal(want.view(torch.int16), torch.tensor([0, 0, 0, 0], dtype=torch.int16))
+
+
+def test_a_two_dimensional_tensor_rebuilds_in_row_major_bit_order():
+    g = torch.Generator().manual_seed(3)
+    base = torch.randn(37, 13, generator=g).to(torch.bfloat16)
+    tau = torch.randn(37, 13, generator=g).to(torch.bfloat16)
+    mask = torch.rand(37, 13, generator=g) < 0.3
+    assert_bit_identical(kernel_rebuild(base, tau, mask, 1.0), rebuild_weight(base, tau, mask))
+
+
+def test_what_the_kernel_does_not_cover_is_left_to_the_torch_path():
+    base = torch.zeros(16, dtype=torch.bfloat16)
+    packed = bits.pack(torch.ones(16, dtype=torch.bool))
+    assert not switch_kernel.supports(base, torch.zeros(16, dtype=torch.float16), packed, base.clone())
+    assert not switch_kernel.supports(base, torch.zeros(16, dtype=torch.bfloat16), packed, torch.zeros(16))
+    assert not switch_kernel.supports(base.double(), torch.zeros(16, dtype=torch.float64), packed, base.double())
+    strided = torch.zeros(16, 2, dtype=torch.bfloat16)[:, 0]
+    assert not switch_kernel.supports(base, torch.zeros(16, dtype=torch.bfloat16), packed, strided)
+
+
+def test_with_mmer_fused_0_the_kernel_is_off(monkeypatch):
+    monkeypatch.setenv("MMER_FUSED", "0")
+    switch_kernel._kernel.cache_clear()
+    try:
+        assert switch_kernel._kernel() is None
+        base = torch.zeros(16, dtype=torch.bfloat16)
+        packed = bits.pack(torch.ones(16, dtype=torch.bool))
+        assert not switch_kernel.supports(base, base.clone(), packed, base.clone())
+    finally:
+        monkeypatch.delenv("MMER_FUSED")
+        switch_kernel._kernel.cache_clear()
+
+
+@pytest.mark.parametrize("variant", ["default", *sorted(VARIANTS)])
+def test_a_routers_switches_go_through_the_kernel_and_give_the_checkpoints_tensors_bit_for_bit(
+    demo_models, tmp_path_factory, monkeypatch, variant
+):
+    from mmer.route.router import Router
+
+    if variant == "default":
+        path = merged_checkpoint(demo_models, tmp_path_factory)
+    else:
+        path = variant_checkpoint(demo_models, tmp_path_factory, variant)
+    calls = []
+    real = switch_kernel.rebuild_into
+    monkeypatch.setattr(switch_kernel, "rebuild_into", lambda *a: calls.append(1) or real(*a))
+    router = Router.from_pretrained(path)
+    with mmer.load_decoupled(path) as ckpt:
+        for modality in ("audio", "vision", "audio", "vision"):
+            router.switch(modality)
+            for name, tensor in router.llm_state().items():
+                assert_bit_identical(tensor, ckpt.llm_tensor(modality, name))
+        merged = bool(ckpt.merged_slots) and not ckpt.is_single_model
+    assert bool(calls) == merged  # a single merged model has no τ* or masks: nothing for the kernel to rebuild
