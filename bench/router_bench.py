@@ -4,6 +4,7 @@
     python bench/router_bench.py                          # CPU, a small Qwen2-shaped LLM (< 3 min on 2 cores)
     python bench/router_bench.py --device cuda --preset 7b  # a 7B-shaped LLM (Llama-2-7B dims) in bf16
     python bench/router_bench.py --device cuda --device-map auto  # the LLM spread with accelerate
+    python bench/router_bench.py --preset tinyllama --repeats 3    # 1.1 B, bf16, on CPU (see bench/README.md)
 
 It writes (once, cached under bench/.cache/) a decoupled checkpoint with random weights straight in the
 format of FORMAT.md: a Qwen2-architecture base LLM of the preset's shape, τ*, a vision mask (30 % density) and
@@ -14,7 +15,12 @@ fine-tuned copies on disk; writing the checkpoint directly needs one base and on
 
 Then, in this process, on ``--device``:
 
-* ``load``       ``Router.from_pretrained``: θ_base, τ*, packed masks, components onto the device;
+* ``floor``      the memory floor of a switch: one streaming pass over the bytes a switch must move, for every
+                 merged tensor (read θ_base, τ* and the packed mask, write the live weight), on buffers of the
+                 same shapes and dtypes on the same device, with the same threads. Every row's ``× floor`` is
+                 its time over this one: how far the router is from what the memory allows;
+* ``load``       ``Router.from_pretrained``: θ_base, τ*, packed masks, components onto the device, against
+                 reading the same files from a warm page cache;
 * ``switch``     ``router.switch`` vision ↔ audio (rebuild from θ_base of every tensor whose mask differs),
                  against the alternative of reloading a rebuilt checkpoint (``from_pretrained``, the same
                  model ``mmer reconstruct`` writes);
@@ -24,8 +30,9 @@ Then, in this process, on ``--device``:
                  modality weights cached versus rebuilt per layer, against the same-length pass on text
                  weights with routing off; with the bytes each mode adds (and CUDA peak memory on a GPU).
 
-Median of ``--repeats`` timed runs after one warm-up. Prints one table and writes
-bench/results/router_bench.json and .md.
+Median of ``--repeats`` timed runs after one warm-up. ``--skip forward expansion`` leaves groups out (the
+1.1 B preset's forwards take minutes on a small CPU). Prints one table and writes bench/results/router_bench.json
+and .md (``router_bench_<device>_<preset>`` for any other device or preset).
 """
 
 from __future__ import annotations
@@ -46,6 +53,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from machine_info import cpu_name
 
 HERE = Path(__file__).resolve().parent
 CACHE = HERE / ".cache" / "router"
@@ -56,7 +64,11 @@ PRESETS: dict[str, dict[str, int]] = {
     "small": {"hidden": 512, "intermediate": 1408, "layers": 8, "heads": 8, "kv_heads": 8, "vocab": 32000},
     # Llama-2-7B / Vicuna-7B dimensions (6.7 B parameters), the paper's base LLM.
     "7b": {"hidden": 4096, "intermediate": 11008, "layers": 32, "heads": 32, "kv_heads": 32, "vocab": 32000},
+    # TinyLlama-1.1B dimensions (merge_speed.py's workload): big enough that Python overhead hides nothing.
+    "tinyllama": {"hidden": 2048, "intermediate": 5632, "layers": 22, "heads": 32, "kv_heads": 4, "vocab": 32000},
 }
+PRESET_DTYPE = {"tinyllama": "bfloat16"}  # others: float32 on CPU, bfloat16 on a GPU
+GROUPS = ("forward", "expansion")  # what --skip can leave out (load, floor and switch always run)
 DENSITY = {"vision": 0.30, "audio": 0.05}  # Fig. 4a reports image 34.1 %, audio 2.2 %
 PRIVATE_ROWS = {"vision": 2, "audio": 1}
 GB = 1e9
@@ -343,12 +355,76 @@ def peak_bytes(fn: Callable[[], Any], device: torch.device) -> int | None:
     return torch.cuda.max_memory_allocated(device) - before
 
 
+# ================================================================================================= floors
+INT_OF_SIZE = {1: torch.uint8, 2: torch.int16, 4: torch.int32, 8: torch.int64}
+
+
+class SwitchFloor:
+    """The least memory traffic a switch to a modality must cause, as one timed pass on buffers of its own.
+
+    For every merged tensor (a slot with τ*): read θ_base, τ* and the modality's packed mask, write the live
+    weight, each buffer of the slot's shape and dtype on ``device``. The pass is ``live = θ_base XOR τ*`` on the
+    bytes viewed as integers (no float conversion, so nothing but the memory limits it; torch runs it on the
+    same intra-op threads as the switch) plus a copy of the packed mask (read it, and write the same few bytes
+    to a scratch buffer: 1/16 of the traffic for bf16, 1/32 for float32). A switch cannot move fewer bytes
+    unless it skips tensors or entries whose masks agree; this synthetic checkpoint's masks are independent.
+    """
+
+    def __init__(self, slots: list[dict[str, Any]], device: torch.device) -> None:
+        from mmer.checkpoint import bits
+        from mmer.io.reader import DTYPE_NAMES
+
+        dtypes = {name: dtype for dtype, name in DTYPE_NAMES.items()}
+        self.parts: list[tuple[torch.Tensor, ...]] = []
+        for slot in slots:
+            if not slot.get("merged", True):
+                continue
+            shape, as_int = tuple(slot["shape"]), INT_OF_SIZE[dtypes[slot["dtype"]].itemsize]
+            numel = math.prod(shape)
+            # torch.ones, not empty: every page is written once here, so the timed pass never faults one in
+            base, tau, live = (torch.ones(shape, dtype=as_int, device=device) for _ in range(3))
+            mask, scratch = (torch.ones(bits.packed_size(numel), dtype=torch.uint8, device=device) for _ in range(2))
+            self.parts.append((base, tau, mask, live, scratch))
+        self.read_bytes = sum(b.nbytes + t.nbytes + m.nbytes for b, t, m, _, _ in self.parts)
+        self.write_bytes = sum(live.nbytes for _, _, _, live, _ in self.parts)
+        self.scratch_bytes = sum(s.nbytes for *_, s in self.parts)
+
+    def __call__(self) -> None:
+        for base, tau, mask, live, scratch in self.parts:
+            torch.bitwise_xor(base, tau, out=live)
+            scratch.copy_(mask)
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes a switch must move: read θ_base, τ*, mask; write the live weight."""
+        return self.read_bytes + self.write_bytes
+
+
+def read_files(directory: Path) -> Callable[[], int]:
+    """Reading every file under ``directory`` into one reused buffer: what a load from a warm page cache costs."""
+    files = sorted(p for p in directory.rglob("*") if p.is_file())
+    buffer = bytearray(1 << 26)
+    view = memoryview(buffer)
+
+    def read() -> int:
+        total = 0
+        for file in files:
+            with open(file, "rb", buffering=0) as f:
+                while n := f.readinto(view):
+                    total += n
+        return total
+
+    return read
+
+
 def machine() -> dict[str, Any]:
     info: dict[str, Any] = {
         "python": platform.python_version(),
         "torch": torch.__version__,
         "platform": platform.platform(),
+        "cpu": cpu_name(),
         "cores": os.cpu_count(),
+        "memory_gib": os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 1024**3,
         "threads": torch.get_num_threads(),
     }
     try:
@@ -378,7 +454,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         if getattr(args, key) is not None:
             shape[key] = getattr(args, key)
     path, build_s = ensure_checkpoint(shape, dtype)
-    params = sum(math.prod(s["shape"]) for s in json.loads((path / "mmer_manifest.json").read_text())["slots"])
+    slots = json.loads((path / "mmer_manifest.json").read_text())["slots"]
+    params = sum(math.prod(s["shape"]) for s in slots)
     print(
         f"router benchmark: {args.preset} ({params / 1e9:.2f} B LLM parameters, {args.dtype}) on {device}, "
         f"median of {args.repeats}; checkpoint {path.relative_to(HERE.parent)}"
@@ -389,27 +466,33 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     load_before = os.getloadavg()[0]
 
     use_cpu_time = device.type == "cpu"
+    key = "cpu_median_s" if use_cpu_time else "median_s"
+    floor: dict[str, Stats] = {}
 
     def row(
         group: str, what: str, stats: Stats, ref: Stats | None = None, note: str = "", nbytes: int | None = None
     ) -> None:
-        key = "cpu_median_s" if use_cpu_time else "median_s"
         ratio = None if ref is None or not ref[key] else stats[key] / ref[key]
+        to_floor = stats[key] / floor["switch"][key] if floor.get("switch") and floor["switch"][key] else None
         rows.append(
             {
                 "group": group,
                 "what": what,
                 "seconds": stats["median_s"],
                 "cpu_seconds": stats["cpu_median_s"],
+                "min_seconds": stats["min_s"],
                 "ratio": ratio,
+                "floor_ratio": to_floor,
+                "floor_ratio_wall": stats["median_s"] / floor["switch"]["median_s"] if floor.get("switch") else None,
                 "note": note,
                 "bytes": nbytes,
             }
         )
         r = "" if ratio is None else f"  ×{ratio:.2f}"
+        f = "" if to_floor is None else f"  {to_floor:.1f}× floor"
         print(
             f"  {group:9s} {what:56s} {stats['median_s'] * 1e3:9.1f} ms (cpu {stats['cpu_median_s'] * 1e3:9.1f})"
-            f"{r}  {note}",
+            f"{r}{f}  {note}",
             flush=True,
         )
 
@@ -418,16 +501,56 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     load_t = once(lambda: box.setdefault("router", Router.from_pretrained(path, **placement)), device)
     router = box.pop("router")
     held = router.nbytes()
-    row("load", "Router.from_pretrained", load_t, note=", ".join(f"{k} {v / GB:.2f} GB" for k, v in held.items()))
+    read = read_files(path)
+    read_t = timed(read, torch.device("cpu"), args.repeats)
+    read_bytes = read()
+
+    # ---- the memory floor, interleaved with the switch it bounds
+    floor_pass = SwitchFloor(slots, device)
+    order = iter(["audio", "vision"] * (args.repeats + 2))
+    both = timed_interleaved({"floor": floor_pass, "switch": lambda: router.switch(next(order))}, device, args.repeats)
+    floor["switch"], switch = both["floor"], both["switch"]
+    rate = floor_pass.nbytes / floor["switch"]["median_s"] / GB
+    floor_info = {
+        "read_bytes": floor_pass.read_bytes,
+        "write_bytes": floor_pass.write_bytes,
+        "scratch_bytes": floor_pass.scratch_bytes,
+        "tensors": len(floor_pass.parts),
+        "gb_per_s": rate,
+        "stats": floor["switch"],
+    }
+    floor_pass = None  # free its buffers before the models below
+    row(
+        "floor",
+        "memory floor of a switch: read θ_base, τ*, mask; write live",
+        floor["switch"],
+        note=f"{floor_info['tensors']} tensors, "
+        f"{floor_info['read_bytes'] / GB:.2f} GB read + {floor_info['write_bytes'] / GB:.2f} GB written, "
+        f"{rate:.1f} GB/s",
+        nbytes=floor_info["read_bytes"] + floor_info["write_bytes"],
+    )
+    row(
+        "load",
+        "read the checkpoint's files (warm page cache)",
+        read_t,
+        note=f"{read_bytes / GB:.2f} GB, {read_bytes / read_t['median_s'] / GB:.1f} GB/s",
+        nbytes=read_bytes,
+    )
+    row(
+        "load",
+        "Router.from_pretrained",
+        load_t,
+        read_t,
+        note="× = this / reading its files; " + ", ".join(f"{k} {v / GB:.2f} GB" for k, v in held.items()),
+    )
 
     # ---- switch latency, against reloading a rebuilt checkpoint
-    order = iter(["audio", "vision"] * (args.repeats + 2))
-    switch = timed(lambda: router.switch(next(order)), device, args.repeats)
     row(
         "switch",
         "router.switch (vision <-> audio), rebuild from θ_base",
         switch,
-        note=f"{router.last_switch_rebuilt} tensors rebuilt",
+        floor["switch"],
+        note=f"{router.last_switch_rebuilt} tensors rebuilt; × = this / the floor",
     )
     rebuilt_dir = CACHE / "out" / f"{path.name}-vision"
     shutil.rmtree(rebuilt_dir, ignore_errors=True)
@@ -446,13 +569,25 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         "alternative: from_pretrained of the rebuilt model",
         reload_t,
         switch,
-        note="× = this / router.switch",
+        note="× = this / router.switch; warm page cache",
     )
+    if "forward" in args.skip and "expansion" in args.skip:
+        return result(args, shape, params, held, floor_info, load_before, rows)
 
     # ---- routed versus plain forward (interleaved)
     v_in = vision_inputs(shape["vocab"], dtype, device)
     a_in = audio_inputs(shape["vocab"], dtype, device)
-    plain = reload()
+    if "forward" not in args.skip:
+        forward_rows(args, router, reload(), v_in, device, row)
+    if "expansion" not in args.skip:
+        expansion_rows(args, router, shape, v_in, a_in, device, row)
+    return result(args, shape, params, held, floor_info, load_before, rows)
+
+
+def forward_rows(
+    args: argparse.Namespace, router: Any, plain: Any, v_in: dict, device: torch.device, row: Any
+) -> None:
+    """Routed versus plain forward, interleaved (``plain`` is freed before returning)."""
 
     def away_and_back() -> Any:
         router.switch("audio")
@@ -481,7 +616,17 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         note="switch to audio and back (2 switches), then the forward",
     )
 
-    # ---- expansion: per-token weights, cached versus rebuilt per layer (interleaved)
+
+def expansion_rows(
+    args: argparse.Namespace,
+    router: Any,
+    shape: dict[str, int],
+    v_in: dict,
+    a_in: dict,
+    device: torch.device,
+    row: Any,
+) -> None:
+    """Expansion mode: per-token weights, cached versus rebuilt per layer, interleaved."""
     from mmer.route.weights import MEAN
 
     to_text = iter([MEAN, "vision"] * (args.repeats + 2))
@@ -532,6 +677,17 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             note=note,
             nbytes=cache_bytes,
         )
+
+
+def result(
+    args: argparse.Namespace,
+    shape: dict[str, int],
+    params: int,
+    held: dict[str, int],
+    floor: dict[str, Any],
+    load_before: float,
+    rows: list[dict[str, Any]],
+) -> dict[str, Any]:
     return {
         "benchmark": "router_bench",
         "argv": sys.argv[1:],
@@ -541,10 +697,13 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             "preset": args.preset,
             "dtype": args.dtype,
             "repeats": args.repeats,
+            "skip": args.skip,
         },
+        "commit": git_commit(),
         "shape": shape,
         "llm_parameters": params,
         "router_bytes": held,
+        "switch_floor": floor,
         "machine": machine(),
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "load_average_before": load_before,
@@ -553,35 +712,62 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     }
 
 
+def git_commit() -> str | None:
+    """The checked-out commit (with ``+dirty`` when tracked files differ from it): what the figures are for."""
+    import subprocess
+
+    try:
+        run_git = partial(subprocess.run, cwd=HERE, capture_output=True, text=True, check=True)
+        commit = run_git(["git", "rev-parse", "--short", "HEAD"]).stdout.strip()
+        dirty = run_git(["git", "status", "--porcelain", "--untracked-files=no", "--", "../mmer"]).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        return None
+    return commit + ("+dirty" if dirty else "")
+
+
 def markdown(result: dict[str, Any]) -> str:
-    s, m = result["shape"], result["machine"]
+    s, m, f = result["shape"], result["machine"], result["switch_floor"]
+    time_kind = "CPU time" if result["args"]["device"].startswith("cpu") else "wall time"
     lines = [
         f"# Router benchmark ({result['args']['preset']}, {result['args']['dtype']}, {result['args']['device']})",
         "",
         f"LLM: Qwen2 architecture, hidden {s['hidden']}, intermediate {s['intermediate']}, {s['layers']} layers, "
-        f"{s['heads']} heads, vocab {s['vocab']} ({result['llm_parameters'] / 1e9:.2f} B parameters); masks "
-        f"vision {DENSITY['vision']:.0%}, audio {DENSITY['audio']:.0%}. Median of {result['args']['repeats']} "
-        f"runs after one warm-up. Machine: {m.get('gpu', 'CPU')}, {m['cores']} cores, torch {m['torch']}, "
-        f"transformers {m.get('transformers')}; {result['date']}. 1-minute load average "
+        f"{s['heads']} heads ({s['kv_heads']} key/value), vocab {s['vocab']} "
+        f"({result['llm_parameters'] / 1e9:.2f} B parameters); masks vision {DENSITY['vision']:.0%}, audio "
+        f"{DENSITY['audio']:.0%}. Median of {result['args']['repeats']} runs after one warm-up. mmer at "
+        f"{result.get('commit') or 'an unknown commit'}. Machine: {m.get('gpu', 'no GPU')}; "
+        f"{m.get('cpu', 'CPU')}, {m['cores']} cores, {m.get('memory_gib', 0):.1f} GiB RAM; torch {m['torch']} "
+        f"({m['threads']} threads), transformers {m.get('transformers')}; {result['date']}. 1-minute load average "
         f"{result['load_average_before']:.1f} before, {result['load_average_after']:.1f} after "
         f"({m['cores']} cores): above the core count, other processes shared the CPU and times are inflated.",
         "",
-        "| group | measure | wall | CPU time | × baseline | note |",
-        "|---|---|---:|---:|---:|---|",
+        f"**Memory floor of a switch**: {f['read_bytes'] / GB:.2f} GB read (θ_base, τ* and one packed mask of the "
+        f"{f['tensors']} merged tensors) + {f['write_bytes'] / GB:.2f} GB written (the live weights) in "
+        f"{f['stats']['median_s'] * 1e3:.1f} ms ({f['gb_per_s']:.1f} GB/s), on buffers of its own on the same "
+        "device, with the same threads, interleaved with the switches it bounds. `× floor` is every row's "
+        f"{time_kind} over the floor's.",
+        "",
+        "| group | measure | wall | CPU time | × baseline | × floor | note |",
+        "|---|---|---:|---:|---:|---:|---|",
     ]
     for r in result["rows"]:
         ratio = "" if r["ratio"] is None else f"{r['ratio']:.2f}"
+        to_floor = "" if r.get("floor_ratio") is None else f"{r['floor_ratio']:.1f}"
         lines.append(
             f"| {r['group']} | {r['what']} | {r['seconds'] * 1e3:.1f} ms | {r['cpu_seconds'] * 1e3:.1f} ms "
-            f"| {ratio} | {r['note']} |"
+            f"| {ratio} | {to_floor} | {r['note']} |"
         )
+    skipped = result["args"].get("skip") or []
     lines += [
         "",
-        "Baselines (× column): `forward` rows against the plain transformers model, `expansion` rows against the "
-        "same sequence on the text weights with routing off, and the reload row against `router.switch`. Ratios "
-        "use CPU time on the CPU (the process's own work, steady when other processes share the cores) and wall "
-        "time on a GPU. CPU time counts every thread, so it exceeds wall time when torch runs in parallel.",
+        "Baselines (× baseline column): the switch against its memory floor, `Router.from_pretrained` against "
+        "reading its files from a warm page cache, the reload row against `router.switch`, `forward` rows against "
+        "the plain transformers model, `expansion` rows against the same sequence on the text weights with routing "
+        "off. Ratios use CPU time on the CPU (the process's own work, steady when other processes share the cores) "
+        "and wall time on a GPU. CPU time counts every thread, so it exceeds wall time when torch runs in parallel.",
     ]
+    if skipped:
+        lines += ["", f"Not measured in this run (`--skip`): {', '.join(skipped)}."]
     return "\n".join(lines) + "\n"
 
 
@@ -597,15 +783,22 @@ def main(argv: list[str] | None = None) -> int:
         "where the inputs and the comparison model go",
     )
     parser.add_argument("--preset", default="small", choices=sorted(PRESETS), help="LLM shape (default small)")
-    parser.add_argument("--dtype", default=None, help="float32 / bfloat16 (default: float32 on CPU, bf16 on GPU)")
+    parser.add_argument(
+        "--dtype",
+        default=None,
+        help="float32 / bfloat16 (default: bf16 for tinyllama and on a GPU, else float32)",
+    )
     parser.add_argument("--hidden", type=int, help="override the preset's hidden size")
     parser.add_argument("--intermediate", type=int, help="override the preset's MLP size")
     parser.add_argument("--layers", type=int, help="override the preset's depth")
     parser.add_argument("--repeats", type=int, default=5, help="timed runs per measure (default 5)")
     parser.add_argument("--results", type=Path, default=RESULTS, help="where the .json and .md go")
+    parser.add_argument(
+        "--skip", nargs="+", default=[], choices=GROUPS, help="leave these groups out (load, floor, switch always run)"
+    )
     args = parser.parse_args(argv)
     if args.dtype is None:
-        args.dtype = "bfloat16" if args.device.startswith("cuda") else "float32"
+        args.dtype = PRESET_DTYPE.get(args.preset, "bfloat16" if args.device.startswith("cuda") else "float32")
     started = time.perf_counter()
     result = run(args)
     result["total_seconds"] = time.perf_counter() - started
