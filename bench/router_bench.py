@@ -138,8 +138,15 @@ def meta_state(config: Any, cls_name: str) -> dict[str, torch.Tensor]:
     return dict(model.state_dict())
 
 
-def write_checkpoint(directory: Path, shape: dict[str, int], dtype: torch.dtype, seed: int = 0) -> None:
-    """A decoupled checkpoint with random weights, written tensor by tensor (FORMAT.md, format 1.0)."""
+def write_checkpoint(
+    directory: Path, shape: dict[str, int], dtype: torch.dtype, seed: int = 0, device: torch.device | None = None
+) -> None:
+    """A decoupled checkpoint with random weights, written tensor by tensor (FORMAT.md, format 1.0).
+
+    On a CUDA ``device`` the LLM's random tensors are drawn there (a 7B checkpoint in about a minute rather than
+    several on the CPU's one-threaded generator); their values then differ from a CPU build's, which no timing
+    depends on.
+    """
     from mmer.checkpoint import bits
     from mmer.checkpoint.decoupled import PRIVATE_FILE, mask_metadata
     from mmer.checkpoint.manifest import Manifest, ModalityRecord, PrivateRecord, SlotRecord, SourceRecord
@@ -148,6 +155,8 @@ def write_checkpoint(directory: Path, shape: dict[str, int], dtype: torch.dtype,
     from mmer.io.writer import PlannedTensor, ShardedWriter, StagedOutput, write_tensors
 
     g = torch.Generator().manual_seed(seed)
+    draw = device if device is not None and device.type == "cuda" else torch.device("cpu")
+    gd = g if draw.type == "cpu" else torch.Generator(device=draw).manual_seed(seed)  # a CPU build: as before
     base_cfg = text_config(shape, dtype)
     base_cfg.architectures = ["Qwen2ForCausalLM"]
     llm = meta_state(base_cfg, "Qwen2ForCausalLM")
@@ -180,11 +189,11 @@ def write_checkpoint(directory: Path, shape: dict[str, int], dtype: torch.dtype,
             if name.endswith("norm.weight"):
                 base = torch.ones(meta.shape)
             else:
-                base = torch.randn(meta.shape, generator=g) * 0.02
-            base_w.write(name, base.to(dtype))
-            tau_w.write(name, (torch.randn(meta.shape, generator=g) * 0.002).to(dtype))
+                base = torch.randn(meta.shape, generator=gd, device=draw) * 0.02
+            base_w.write(name, base.to(dtype).cpu())
+            tau_w.write(name, (torch.randn(meta.shape, generator=gd, device=draw) * 0.002).to(dtype).cpu())
             for m, density in DENSITY.items():
-                packed = bits.pack(torch.rand(meta.shape, generator=g) < density)
+                packed = bits.pack(torch.rand(meta.shape, generator=gd, device=draw) < density).cpu()
                 kept[m] += bits.popcount(packed)
                 mask_w[m].write(name, packed)
         for w in (base_w, tau_w, *mask_w.values()):
@@ -262,13 +271,13 @@ def checkpoint_dir(shape: dict[str, int], dtype: torch.dtype) -> Path:
     return CACHE / f"qwen2-{tag}-{str(dtype).removeprefix('torch.')}"
 
 
-def ensure_checkpoint(shape: dict[str, int], dtype: torch.dtype) -> tuple[Path, float]:
+def ensure_checkpoint(shape: dict[str, int], dtype: torch.dtype, device: torch.device) -> tuple[Path, float]:
     directory = checkpoint_dir(shape, dtype)
     marker = directory / "builder.json"
     if marker.is_file() and json.loads(marker.read_text()).get("version") == BUILDER_VERSION:
         return directory, 0.0
     started = time.perf_counter()
-    write_checkpoint(directory, shape, dtype)
+    write_checkpoint(directory, shape, dtype, device=device)
     return directory, time.perf_counter() - started
 
 
@@ -453,7 +462,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     for key in ("hidden", "intermediate", "layers"):
         if getattr(args, key) is not None:
             shape[key] = getattr(args, key)
-    path, build_s = ensure_checkpoint(shape, dtype)
+    path, build_s = ensure_checkpoint(shape, dtype, device)
     slots = json.loads((path / "mmer_manifest.json").read_text())["slots"]
     params = sum(math.prod(s["shape"]) for s in slots)
     print(
