@@ -27,9 +27,6 @@ import torch
 
 from mmer.merge.one_pass import BLOCK, njit, prange
 
-if njit is not None:
-    from mmer.merge.one_pass import _decode, _encode_half
-
 _CODES = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}  # how the kernel reads and writes each dtype
 
 
@@ -60,7 +57,6 @@ def rebuild_into(out: torch.Tensor, base: torch.Tensor, tau: torch.Tensor, packe
         _CODES[base.dtype],
         _CODES[tau.dtype],
         np.float32(scale),
-        scale != 1.0,
     )
 
 
@@ -80,46 +76,92 @@ def _kernel():
     return njit(parallel=True, cache=True, nogil=True)(_rebuild_kernel)
 
 
-def _widen(src, code):
-    """A block of entries as float32: a float32 block copied, a half block decoded exactly."""
+# Scalar reinterpretations between float32 and its bit pattern (LLVM bitcasts: free, and the loops stay vectorisable).
+if njit is not None:
+    from llvmlite import ir
+    from numba import types
+    from numba.extending import intrinsic
+
+    @intrinsic
+    def _f32(typingctx, u):
+        def codegen(context, builder, signature, args):
+            return builder.bitcast(args[0], ir.FloatType())
+
+        return types.float32(types.uint32), codegen
+
+    @intrinsic
+    def _u32(typingctx, f):
+        def codegen(context, builder, signature, args):
+            return builder.bitcast(args[0], ir.IntType(32))
+
+        return types.uint32(types.float32), codegen
+
+
+def _load(x, code):
+    """One stored entry as float32: float32 as is; bf16 is the high half of a float32; float16 widened with c10's
+    branch-free ``fp16_ieee_to_fp32_value`` (subnormals included), as ``one_pass._decode`` does per block."""
     if code == 0:
-        out = np.empty(src.shape[0], dtype=np.float32)
-        for j in range(src.shape[0]):
-            out[j] = src[j]
-        return out
-    return _decode(src, code == 2)
+        return np.float32(x)
+    w = np.uint32(x) << np.uint32(16)
+    if code == 1:
+        return _f32(w)
+    sign = w & np.uint32(0x80000000)
+    two_w = np.uint32(w + w)  # numba widens uint32 sums to 64 bits: wrap as C does
+    normalized = _f32(np.uint32((two_w >> np.uint32(4)) + np.uint32(0x70000000))) * np.float32(2.0**-112)
+    denormalized = _f32((two_w >> np.uint32(17)) | np.uint32(0x3F000000)) - np.float32(0.5)
+    magnitude = _u32(denormalized) if two_w < np.uint32(1 << 27) else _u32(normalized)
+    return _f32(sign | magnitude)
+
+
+def _store(out, p, value, code):
+    """Write one float32 result in the base's dtype: bf16 and float16 rounded to nearest even as torch rounds them
+    (bf16 by c10's bias trick, float16 by ``fp16_ieee_from_fp32_value``, as ``one_pass._encode_half``)."""
+    if code == 0:
+        out[p] = value
+        return
+    w = _u32(value)
+    if code == 1:
+        out[p] = np.uint16((w + np.uint32(0x7FFF) + ((w >> np.uint32(16)) & np.uint32(1))) >> np.uint32(16))
+        return
+    scaled = (abs(value) * np.float32(2.0**112)) * np.float32(2.0**-110)
+    shl1_w = np.uint32(w + w)
+    sign = w & np.uint32(0x80000000)
+    bias = max(shl1_w & np.uint32(0xFF000000), np.uint32(0x71000000))
+    scaled = _f32(np.uint32((bias >> np.uint32(1)) + np.uint32(0x07800000))) + scaled
+    b = _u32(scaled)
+    nonsign = np.uint32(((b >> np.uint32(13)) & np.uint32(0x00007C00)) + (b & np.uint32(0x00000FFF)))
+    special = np.uint32(0x7E00) if shl1_w > np.uint32(0xFF000000) else nonsign
+    out[p] = np.uint16((sign >> np.uint32(16)) | special)
+
+
+def _span(base, tau, packed, out, start, stop, base_code, tau_code, scale):
+    """Entries ``[start, stop)``; inlined with constant codes, so each dtype pair compiles to its own plain loop."""
+    for p in range(start, stop):
+        # all ones where the bit is set, else 0: τ* itself or +0.0 (torch.where's zero, never τ*·0 = −0.0)
+        keep = np.uint32(np.uint32(0) - ((np.uint32(packed[p >> 3]) >> np.uint32(p & 7)) & np.uint32(1)))
+        delta = _f32(_u32(_load(tau[p], tau_code)) & keep) * scale  # x·1.0 is x exactly: no branch for s = 1
+        _store(out, p, _load(base[p], base_code) + delta, base_code)
 
 
 if njit is not None:
-    _widen = njit(cache=True, nogil=True)(_widen)
+    _load = njit(inline="always", cache=True)(_load)
+    _store = njit(inline="always", cache=True)(_store)
+    _span = njit(inline="always", cache=True)(_span)
 
 
-def _rebuild_kernel(base, tau, packed, out, base_code, tau_code, scale, scaled):
+def _rebuild_kernel(base, tau, packed, out, base_code, tau_code, scale):
     numel = out.shape[0]
     blocks = (numel + BLOCK - 1) // BLOCK
-    zero = np.float32(0.0)
     for blk in prange(blocks):
-        start = blk * BLOCK  # a multiple of 8: each block starts on a whole mask byte
+        start = blk * BLOCK
         stop = min(start + BLOCK, numel)
-        size = stop - start
-        b = _widen(base[start:stop], base_code)
-        t = _widen(tau[start:stop], tau_code)
-        r = np.empty(size, dtype=np.float32)
-        for j in range(size):
-            p = start + j
-            d = t[j] if (packed[p >> 3] >> (p & 7)) & 1 else zero  # torch.where's +0.0, never τ*·0 (−0.0)
-            if scaled:
-                d = d * scale
-            r[j] = b[j] + d
-        if base_code == 0:
-            for j in range(size):
-                out[start + j] = r[j]
-        elif base_code == 1:  # bf16, rounded to nearest even as torch does
-            bits = r.view(np.uint32)
-            for j in range(size):
-                w = bits[j]
-                out[start + j] = np.uint16((w + np.uint32(0x7FFF) + ((w >> np.uint32(16)) & np.uint32(1))) >> 16)
-        else:  # float16
-            rounded = _encode_half(r)
-            for j in range(size):
-                out[start + j] = rounded[j]
+        if base_code == 1 and tau_code == 1:
+            _span(base, tau, packed, out, start, stop, 1, 1, scale)
+        elif base_code == 1:
+            _span(base, tau, packed, out, start, stop, 1, 0, scale)
+        elif base_code == 2 and tau_code == 2:
+            _span(base, tau, packed, out, start, stop, 2, 2, scale)
+        elif base_code == 2:
+            _span(base, tau, packed, out, start, stop, 2, 0, scale)
+        else:
+            _span(base, tau, packed, out, start, stop, 0, 0, scale)
