@@ -42,7 +42,7 @@ step() { echo; echo "=== $1 ($((SECONDS - started)) s in)"; }
 
 step "machine"
 command -v nvidia-smi >/dev/null && nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
-git log -1 --format='mmer at %h (%s)' 2>/dev/null || true
+git log -1 --format='mmer at %h (%cs)' 2>/dev/null || true
 "$PYTHON" - <<'EOF'
 import sys
 
