@@ -27,6 +27,9 @@ import torch
 
 from mmer.merge.one_pass import BLOCK, njit, prange
 
+CHUNK = 2048  # entries whose mask bits are spread at a time (a multiple of 8 that divides BLOCK)
+# byte → its 8 bits as 8 bytes of 0 or 1, little bit order (bit k of the byte is byte k of the word)
+_SPREAD = np.array([sum(((b >> k) & 1) << (8 * k) for k in range(8)) for b in range(256)], dtype=np.uint64)
 _CODES = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}  # how the kernel reads and writes each dtype
 
 
@@ -135,12 +138,24 @@ def _store(out, p, value, code):
 
 
 def _span(base, tau, packed, out, start, stop, base_code, tau_code, scale):
-    """Entries ``[start, stop)``; inlined with constant codes, so each dtype pair compiles to its own plain loop."""
-    for p in range(start, stop):
-        # all ones where the bit is set, else 0: τ* itself or +0.0 (torch.where's zero, never τ*·0 = −0.0)
-        keep = np.uint32(np.uint32(0) - ((np.uint32(packed[p >> 3]) >> np.uint32(p & 7)) & np.uint32(1)))
-        delta = _f32(_u32(_load(tau[p], tau_code)) & keep) * scale  # x·1.0 is x exactly: no branch for s = 1
-        _store(out, p, _load(base[p], base_code) + delta, base_code)
+    """Entries ``[start, stop)`` (``start`` a multiple of 8); inlined with constant codes, so each dtype pair
+    compiles to its own loop. Each chunk's mask bytes are first spread to one 0/1 byte per entry (a table
+    lookup per byte): a loop that reads bit p % 8 of byte p // 8 itself does not vectorise."""
+    ones = np.empty(CHUNK, dtype=np.uint8)
+    wide = ones.view(np.uint64)
+    for first in range(start, stop, CHUNK):
+        last = min(first + CHUNK, stop)
+        byte = first >> 3
+        for i in range((last - first + 7) >> 3):
+            wide[i] = _SPREAD[packed[byte + i]]
+        b = base[first:last]
+        t = tau[first:last]
+        o = out[first:last]
+        for j in range(last - first):
+            # all ones where the bit is set, else 0: τ* itself or +0.0 (torch.where's zero, never τ*·0 = −0.0)
+            keep = np.uint32(np.uint32(0) - np.uint32(ones[j]))
+            delta = _f32(_u32(_load(t[j], tau_code)) & keep) * scale  # x·1.0 is x exactly: no branch for s = 1
+            _store(o, j, _load(b[j], base_code) + delta, base_code)
 
 
 if njit is not None:
