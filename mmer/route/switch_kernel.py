@@ -9,7 +9,8 @@ with the same branch-free bit arithmetic, compiled once and cached on disk).
 
 It is an accelerator, not a second formula: for every entry it computes
 ``cast(float32(base) + s·where(bit, float32(τ*), +0.0))`` in the order ``rebuild_weight`` does (the select gives
-+0.0, so a masked-out −0.0 base becomes +0.0 exactly as torch's sum makes it; s multiplies only when s ≠ 1), and
++0.0, so a masked-out −0.0 base becomes +0.0 exactly as torch's sum makes it; multiplying by s = 1, which
+``rebuild_weight`` skips, changes no finite value, so the loop has no branch for it), and
 ``tests/route/test_switch_kernel.py`` checks it bit for bit against ``rebuild_weight`` on random, tied and
 extreme values. It covers CPU tensors with a bf16, float16 or float32 base and τ* in the base's dtype or
 float32; anything else, any machine without numba, and ``MMER_FUSED=0`` take the torch path, which stays the

@@ -169,20 +169,21 @@ class DeviceWeights:
     def shared_part(self, modality: str, name: str, into: torch.Tensor | None = None) -> torch.Tensor:
         """Rows ``[0, V_base)`` of the modality's tensor: θ_base + mᵢ∘τ* when merged, else θ_base.
 
-        With ``into``, a merged tensor the one-pass kernel covers (:mod:`mmer.route.switch_kernel`) is written
-        straight into its first rows from the packed bits, and that view is returned: ``modality_tensor``'s copy of
-        it onto itself is then a no-op, so no full-size temporary is made. Anything else is built by
-        ``rebuild_weight`` as before (the reference the kernel equals bit for bit).
+        A merged tensor the one-pass kernel covers (:mod:`mmer.route.switch_kernel`) is rebuilt from the packed
+        bits with no full-size temporary; with ``into``, straight into its first rows, and that view is returned
+        (``modality_tensor``'s copy of it onto itself is then a no-op). Anything else is built by
+        ``rebuild_weight`` (the reference the kernel equals bit for bit).
         """
         base = self.base_on_device(name)
         if name not in self.tau:
             return base
-        if into is not None and into.dim():
-            view = into[: base.shape[0]]
+        if base.device.type == "cpu":  # the kernel's only device: allocate nothing elsewhere
+            fresh = into is None or not into.dim()
+            out = torch.empty(base.shape, dtype=base.dtype) if fresh else into[: base.shape[0]]
             packed = self.masks[modality][name]
-            if view.shape == base.shape and switch_kernel.supports(base, self.tau[name], packed, view):
-                switch_kernel.rebuild_into(view, base, self.tau[name], packed, self.scales[modality])
-                return view
+            if out.shape == base.shape and switch_kernel.supports(base, self.tau[name], packed, out):
+                switch_kernel.rebuild_into(out, base, self.tau[name], packed, self.scales[modality])
+                return out
         return rebuild_weight(base, self.tau[name], self.mask(modality, name), scale=self.scales[modality])
 
     def text_part(self, name: str) -> torch.Tensor:
