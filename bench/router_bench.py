@@ -390,9 +390,12 @@ class SwitchFloor:
                 continue
             shape, as_int = tuple(slot["shape"]), INT_OF_SIZE[dtypes[slot["dtype"]].itemsize]
             numel = math.prod(shape)
-            # torch.ones, not empty: every page is written once here, so the timed pass never faults one in
-            base, tau, live = (torch.ones(shape, dtype=as_int, device=device) for _ in range(3))
-            mask, scratch = (torch.ones(bits.packed_size(numel), dtype=torch.uint8, device=device) for _ in range(2))
+            # Random bytes, not empty or constant buffers: every page is written here (the timed pass faults none
+            # in) and no two pages are alike (nothing a host could merge or compress makes the floor cheaper).
+            base, tau, live = (torch.empty(shape, dtype=as_int, device=device).random_() for _ in range(3))
+            mask, scratch = (
+                torch.empty(bits.packed_size(numel), dtype=torch.uint8, device=device).random_() for _ in range(2)
+            )
             self.parts.append((base, tau, mask, live, scratch))
         self.read_bytes = sum(b.nbytes + t.nbytes + m.nbytes for b, t, m, _, _ in self.parts)
         self.write_bytes = sum(live.nbytes for _, _, _, live, _ in self.parts)
@@ -473,6 +476,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     )
     rows: list[dict[str, Any]] = []
     load_before = os.getloadavg()[0]
+    args.commit = git_commit()  # at the start: the code this process imports, whatever changes during the run
 
     use_cpu_time = device.type == "cpu"
     key = "cpu_median_s" if use_cpu_time else "median_s"
@@ -724,7 +728,7 @@ def result(
             "repeats": args.repeats,
             "skip": args.skip,
         },
-        "commit": git_commit(),
+        "commit": args.commit,
         "shape": shape,
         "llm_parameters": params,
         "router_bytes": held,
