@@ -315,6 +315,7 @@ def _stats(wall: list[float], cpu: list[float]) -> Stats:
         "min_s": min(wall),
         "max_s": max(wall),
         "cpu_median_s": statistics.median(cpu),
+        "cpu_min_s": min(cpu),
     }
 
 
@@ -522,7 +523,10 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     floor_pass = SwitchFloor(slots, device)
     order = iter(["audio", "vision"] * (args.repeats + 2))
     both = timed_interleaved({"floor": floor_pass, "switch": lambda: router.switch(next(order))}, device, args.repeats)
-    floor["switch"], switch = both["floor"], both["switch"]
+    switch = both["switch"]
+    # A floor is the least the pass took: its fastest run (wall and CPU time), so a busy moment cannot lower a ratio.
+    fastest = both["floor"]
+    floor["switch"] = {**fastest, "median_s": fastest["min_s"], "cpu_median_s": fastest["cpu_min_s"]}
     rate = floor_pass.nbytes / floor["switch"]["median_s"] / GB
     floor_info = {
         "read_bytes": floor_pass.read_bytes,
@@ -535,7 +539,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     floor_pass = None  # free its buffers before the models below
     row(
         "floor",
-        "memory floor of a switch: read θ_base, τ*, mask; write live",
+        "memory floor of a switch: read θ_base, τ*, mask; write live (fastest run)",
         floor["switch"],
         note=f"{floor_info['tensors']} tensors, "
         f"{floor_info['read_bytes'] / GB:.2f} GB read + {floor_info['write_bytes'] / GB:.2f} GB written, "
@@ -772,9 +776,9 @@ def markdown(result: dict[str, Any]) -> str:
         "",
         f"**Memory floor of a switch**: {f['read_bytes'] / GB:.2f} GB read (θ_base, τ* and one packed mask of the "
         f"{f['tensors']} merged tensors) + {f['write_bytes'] / GB:.2f} GB written (the live weights) in "
-        f"{f['stats']['median_s'] * 1e3:.1f} ms ({f['gb_per_s']:.1f} GB/s), on buffers of its own on the same "
-        "device, with the same threads, interleaved with the switches it bounds. `× floor` is every row's "
-        f"{time_kind} over the floor's.",
+        f"{f['stats']['median_s'] * 1e3:.1f} ms ({f['gb_per_s']:.1f} GB/s; the fastest of its runs), on buffers of "
+        "its own on the same device, with the same threads, interleaved with the switches it bounds. `× floor` is "
+        f"every row's {time_kind} over the floor's.",
         "",
         "| group | measure | wall | CPU time | × baseline | × floor | note |",
         "|---|---|---:|---:|---:|---:|---|",
