@@ -373,34 +373,64 @@ class SwitchFloor:
     """The least memory traffic a switch to a modality must cause, as one timed pass on buffers of its own.
 
     For every merged tensor (a slot with τ*): read θ_base, τ* and the modality's packed mask, write the live
-    weight, each buffer of the slot's shape and dtype on ``device``. The pass is ``live = θ_base XOR τ*`` on the
-    bytes viewed as integers (no float conversion, so nothing but the memory limits it; torch runs it on the
-    same intra-op threads as the switch) plus a copy of the packed mask (read it, and write the same few bytes
-    to a scratch buffer: 1/16 of the traffic for bf16, 1/32 for float32). A switch cannot move fewer bytes
-    unless it skips tensors or entries whose masks agree; this synthetic checkpoint's masks are independent.
+    weight, each of the slot's size and dtype on ``device``. The pass is ``live = θ_base XOR τ*`` on the bytes
+    viewed as integers (no float conversion, so nothing but the memory limits it; torch runs it on the same
+    intra-op threads as the switch) plus a copy of the packed mask (read it, and write the same few bytes to a
+    scratch buffer: 1/16 of the traffic for bf16, 1/32 for float32). A switch cannot move fewer bytes unless it
+    skips tensors or entries whose masks agree; this synthetic checkpoint's masks are independent.
+
+    Each role (θ_base, τ*, live, mask, scratch) is a ring of at most ``RING_BYTES``, the slots laid out one after
+    the other and wrapping to its start: the same traffic as separate tensors, in memory the router does not
+    need twice (a 7B router and its floor fit an 80 GB GPU), and far larger than any cache, so no tensor finds
+    the bytes of the one before it cached.
     """
+
+    RING_BYTES = 2 << 30
 
     def __init__(self, slots: list[dict[str, Any]], device: torch.device) -> None:
         from mmer.checkpoint import bits
         from mmer.io.reader import DTYPE_NAMES
 
         dtypes = {name: dtype for dtype, name in DTYPE_NAMES.items()}
-        self.parts: list[tuple[torch.Tensor, ...]] = []
+        sizes = []  # (value bytes, packed mask bytes, the integer type of the slot's element size)
         for slot in slots:
-            if not slot.get("merged", True):
-                continue
-            shape, as_int = tuple(slot["shape"]), INT_OF_SIZE[dtypes[slot["dtype"]].itemsize]
-            numel = math.prod(shape)
-            # Random bytes, not empty or constant buffers: every page is written here (the timed pass faults none
-            # in) and no two pages are alike (nothing a host could merge or compress makes the floor cheaper).
-            base, tau, live = (torch.empty(shape, dtype=as_int, device=device).random_() for _ in range(3))
-            mask, scratch = (
-                torch.empty(bits.packed_size(numel), dtype=torch.uint8, device=device).random_() for _ in range(2)
+            if slot.get("merged", True):
+                dtype = dtypes[slot["dtype"]]
+                numel = math.prod(slot["shape"])
+                sizes.append((numel * dtype.itemsize, bits.packed_size(numel), INT_OF_SIZE[dtype.itemsize]))
+        value_ring = min(self.RING_BYTES, sum(v for v, _, _ in sizes))
+        mask_ring = min(self.RING_BYTES, sum(m for _, m, _ in sizes))
+
+        def ring(nbytes: int) -> torch.Tensor:
+            # Random bytes, not empty or constant ones: every page is written here (the timed pass faults none in)
+            # and no two pages are alike (nothing a host could merge or compress makes the floor cheaper).
+            return torch.empty(nbytes, dtype=torch.uint8, device=device).random_()
+
+        base, tau, live = ring(value_ring), ring(value_ring), ring(value_ring)
+        mask, scratch = ring(mask_ring), ring(mask_ring)
+        self.parts: list[tuple[torch.Tensor, ...]] = []
+        at_value = at_mask = 0
+        for value_bytes, mask_bytes, as_int in sizes:
+            at_value = 0 if at_value + value_bytes > value_ring else at_value
+            at_mask = 0 if at_mask + mask_bytes > mask_ring else at_mask
+            values = slice(at_value, at_value + value_bytes)
+            masks = slice(at_mask, at_mask + mask_bytes)
+            self.parts.append(
+                (
+                    base[values].view(as_int),
+                    tau[values].view(as_int),
+                    mask[masks],
+                    live[values].view(as_int),
+                    scratch[masks],
+                )
             )
-            self.parts.append((base, tau, mask, live, scratch))
+            # the next slot starts on a 64-byte boundary, as an allocator would place a tensor
+            at_value += -(-value_bytes // 64) * 64
+            at_mask += -(-mask_bytes // 64) * 64
         self.read_bytes = sum(b.nbytes + t.nbytes + m.nbytes for b, t, m, _, _ in self.parts)
         self.write_bytes = sum(live.nbytes for _, _, _, live, _ in self.parts)
         self.scratch_bytes = sum(s.nbytes for *_, s in self.parts)
+        self.held_bytes = 3 * value_ring + 2 * mask_ring
 
     def __call__(self) -> None:
         for base, tau, mask, live, scratch in self.parts:
@@ -532,6 +562,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         "read_bytes": floor_pass.read_bytes,
         "write_bytes": floor_pass.write_bytes,
         "scratch_bytes": floor_pass.scratch_bytes,
+        "held_bytes": floor_pass.held_bytes,
         "tensors": len(floor_pass.parts),
         "gb_per_s": rate,
         "stats": floor["switch"],
