@@ -95,12 +95,26 @@ def empty_model(cls: type, config: Any) -> torch.nn.Module:
     """``cls(config)`` with every parameter on the meta device: no memory, no random init."""
     from accelerate import init_empty_weights
 
-    with init_empty_weights(include_buffers=False):
+    # Parameters on the meta device hold nothing, yet transformers would still run every random initializer on
+    # them (one dispatch per tensor, most of a small model's build time); its own no-init switch skips that,
+    # and weight tying, which it also skips, is done after.
+    with init_empty_weights(include_buffers=False), _no_init_weights():
         if hasattr(cls, "_from_config"):
             model = cls._from_config(config)
         else:
             model = cls(config)
+    if hasattr(model, "tie_weights"):
+        model.tie_weights()
     return model.eval()
+
+
+def _no_init_weights() -> Any:
+    """transformers' context that turns weight initialization off (moved between its 4.x and 5.x layouts)."""
+    try:
+        from transformers.initialization import no_init_weights
+    except ImportError:
+        from transformers.modeling_utils import no_init_weights
+    return no_init_weights()
 
 
 def attach_generation_config(model: torch.nn.Module, directory: Path) -> None:
