@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import io
 import os
-import tempfile
+import uuid
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -70,25 +70,20 @@ def check_report_file(path: str | Path, written_by_mmer: Callable[[bytes], bool]
 def write_report_file(path: str | Path, data: bytes, written_by_mmer: Callable[[bytes], bool], what: str) -> Path:
     """Write ``data`` to ``path`` through a temporary sibling and a rename, after :func:`check_report_file`."""
     path = check_report_file(path, written_by_mmer, what)
+    tmp = path.parent / f".{path.name}.{uuid.uuid4().hex[:8]}.mmer-tmp"
+    flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_CLOEXEC", 0)
     try:
-        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".mmer-tmp", dir=path.parent)
+        fd = os.open(tmp, flags, 0o666)  # a new file's mode: the umask applies, nothing is widened
         try:
             with os.fdopen(fd, "wb") as f:
                 f.write(data)
-            os.chmod(tmp, 0o666 & ~_umask())
             os.replace(tmp, path)
         except BaseException:
-            Path(tmp).unlink(missing_ok=True)
+            tmp.unlink(missing_ok=True)
             raise
     except OSError as err:
         raise from_os_error(err, path, writing_output=True) from None
     return path
-
-
-def _umask() -> int:
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
 
 
 def check_png(path: str | Path) -> Path:
