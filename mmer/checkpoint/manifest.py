@@ -302,7 +302,7 @@ def _read_small(directory: Path, name: str, limit: int) -> bytes | None:
     path = directory / name
     if not os.path.lexists(path):
         return None
-    real = check_inside(directory, name, what="manifest file")  # name, not path: a relative directory joins once
+    real = check_inside(directory, path, what="manifest file")
     if not real.is_file():  # a directory, a FIFO that would block, a device: never read
         raise DecoupledFormatError(f"{path}: not a regular file", file=str(path), hint=SCHEMA_HINT)
     try:

@@ -60,11 +60,12 @@ def _within(path: Path, root: Path) -> bool:
 def check_inside(directory: str | Path, path: str | Path, *, what: str = "file") -> Path:
     """The real path of ``path``, refused unless it resolves inside ``directory`` (or its Hub cache repo folder).
 
-    ``path`` may be relative to ``directory``. Returns the resolved path, which callers should open instead of
-    ``path`` so that a link swapped in afterwards changes nothing.
+    ``path`` is named as for ``open()`` (absolute, or relative to the current directory, like ``directory``
+    itself), so ``directory / name`` is always right, a relative ``directory`` included. Returns the resolved
+    path, which callers should open instead of ``path`` so that a link swapped in afterwards changes nothing.
     """
     directory = Path(directory)
-    candidate = Path(path) if Path(path).is_absolute() else directory / path
+    candidate = Path(path)
     real = Path(os.path.realpath(candidate))
     roots = allowed_roots(directory)
     if any(_within(real, root) for root in roots) or external_links_allowed():

@@ -40,7 +40,7 @@ def load_config(directory: Path) -> Any:
 
     # transformers parses the file with plain json (no depth or number bounds) and would follow a link out of
     # the checkpoint; both are settled here first, on the same bytes it will read.
-    config_file = check_inside(directory, "config.json", what="config file")
+    config_file = check_inside(directory, directory / "config.json", what="config file")
     if not isinstance(read_json_file(config_file, what="model config", error=ConfigError), dict):
         raise ConfigError(f"{config_file}: not a JSON object", file=str(config_file), hint="re-create the checkpoint")
     try:

@@ -47,8 +47,14 @@ def umask() -> int:
 
 def test_a_plain_file_inside_the_directory_resolves_to_itself(tmp_path):
     d = model_dir(tmp_path)
-    assert check_inside(d, "config.json") == (d / "config.json").resolve()
     assert check_inside(d, d / "config.json") == (d / "config.json").resolve()
+
+
+def test_a_directory_named_relative_to_the_working_directory_is_joined_once(tmp_path, monkeypatch):
+    d = model_dir(tmp_path)
+    monkeypatch.chdir(tmp_path)
+    relative = d.relative_to(tmp_path)
+    assert check_inside(relative, relative / "config.json") == (d / "config.json").resolve()
 
 
 def test_a_link_to_another_file_inside_the_directory_is_followed(tmp_path):
@@ -56,7 +62,7 @@ def test_a_link_to_another_file_inside_the_directory_is_followed(tmp_path):
     (d / "weights").mkdir()
     (d / "weights" / "real.json").write_text("{}")
     (d / "tokenizer.json").symlink_to("weights/real.json")
-    assert check_inside(d, "tokenizer.json") == (d / "weights" / "real.json").resolve()
+    assert check_inside(d, d / "tokenizer.json") == (d / "weights" / "real.json").resolve()
 
 
 @pytest.mark.parametrize("target", ["/proc/self/environ", "/etc/shadow", "../secret.txt", "/no/such/file"])
@@ -66,7 +72,7 @@ def test_a_symlink_out_of_the_model_dir_is_refused_naming_the_link(tmp_path, tar
     link = d / "tokenizer.json"
     link.symlink_to(target)
     with pytest.raises(UnsafePathError) as info:
-        check_inside(d, "tokenizer.json", what="side file")
+        check_inside(d, d / "tokenizer.json", what="side file")
     err = info.value
     assert err.file == str(link)
     assert str(link) in err.message and "outside" in err.message
@@ -78,7 +84,7 @@ def test_a_dotdot_path_that_is_no_link_is_refused_too(tmp_path):
     d = model_dir(tmp_path)
     (tmp_path / "secret.txt").write_text("x")
     with pytest.raises(UnsafePathError):
-        check_inside(d, "../secret.txt")
+        check_inside(d, d / "../secret.txt")
 
 
 def test_a_link_through_a_linked_subdirectory_is_judged_by_where_it_lands(tmp_path):
@@ -88,7 +94,7 @@ def test_a_link_through_a_linked_subdirectory_is_judged_by_where_it_lands(tmp_pa
     (outside / "tok.json").write_text("{}")
     (d / "sub").symlink_to(outside)
     with pytest.raises(UnsafePathError):
-        check_inside(d, "sub/tok.json")
+        check_inside(d, d / "sub/tok.json")
 
 
 def test_the_directory_itself_may_be_a_link_the_user_named(tmp_path):
@@ -96,8 +102,8 @@ def test_the_directory_itself_may_be_a_link_the_user_named(tmp_path):
     named = tmp_path / "named"
     named.symlink_to(d)
     (d / "tokenizer.json").symlink_to("config.json")
-    assert check_inside(named, "config.json") == (d / "config.json").resolve()
-    assert check_inside(named, "tokenizer.json") == (d / "config.json").resolve()
+    assert check_inside(named, named / "config.json") == (d / "config.json").resolve()
+    assert check_inside(named, named / "tokenizer.json") == (d / "config.json").resolve()
 
 
 # ---------------------------------------------------------------------------------------------- Hub cache roots
@@ -116,7 +122,7 @@ def test_a_hub_snapshot_may_link_into_its_own_repo_folder(tmp_path):
     blob.write_text("{}")
     (snap / "config.json").symlink_to(os.path.relpath(blob, snap))
     assert allowed_roots(snap) == (snap.resolve(), (tmp_path / "hub" / "models--org--name").resolve())
-    assert check_inside(snap, "config.json") == blob.resolve()
+    assert check_inside(snap, snap / "config.json") == blob.resolve()
 
 
 def test_a_hub_snapshot_may_not_link_into_another_repo_of_the_cache(tmp_path):
@@ -126,7 +132,7 @@ def test_a_hub_snapshot_may_not_link_into_another_repo_of_the_cache(tmp_path):
     blob.write_text("{}")
     (snap / "config.json").symlink_to(os.path.relpath(blob, snap))
     with pytest.raises(UnsafePathError) as info:
-        check_inside(snap, "config.json")
+        check_inside(snap, snap / "config.json")
     assert info.value.file == str(snap / "config.json")
 
 
@@ -145,7 +151,7 @@ def test_the_environment_variable_lets_an_external_link_through(tmp_path, monkey
     (d / "tokenizer.json").symlink_to(tmp_path / "shared.json")
     monkeypatch.setenv(ENV_ALLOW_EXTERNAL_LINKS, "1")
     assert external_links_allowed()
-    assert check_inside(d, "tokenizer.json") == (tmp_path / "shared.json").resolve()
+    assert check_inside(d, d / "tokenizer.json") == (tmp_path / "shared.json").resolve()
 
 
 @pytest.mark.parametrize("value, allowed", [("1", True), ("true", True), ("ON", True), ("0", False), ("", False)])
