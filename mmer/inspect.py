@@ -158,7 +158,7 @@ def _pyplot() -> Any:
     except ImportError as err:
         from mmer.errors import MmerError
 
-        raise MmerError(f"drawing needs matplotlib ({err})", hint="pip install 'mmer[plot]'") from None
+        raise MmerError(f"drawing needs matplotlib ({err})", hint="pip install 'mmer-merge[plot]'") from None
     return plt
 
 
@@ -172,7 +172,7 @@ def write_heatmap(stats: MaskStats, png: str | Path) -> Path:
     except ImportError as err:  # matplotlib is an optional extra
         from mmer.errors import MmerError
 
-        raise MmerError(f"drawing the heatmap needs matplotlib ({err})", hint="pip install 'mmer[plot]'") from None
+        raise MmerError(f"drawing the heatmap needs matplotlib ({err})", hint="pip install 'mmer-merge[plot]'") from None
     import numpy as np
 
     n = len(stats.modalities)

@@ -8,6 +8,9 @@ from typing import Any
 import yaml
 
 from mmer.checkpoint.manifest import Manifest
+from mmer.version import DISTRIBUTION
+
+PROJECT_URL = f"https://pypi.org/project/{DISTRIBUTION}/"
 
 
 def write_card(directory: Path, manifest: Manifest, report: Any) -> Path:
@@ -41,7 +44,7 @@ def write_card(directory: Path, manifest: Manifest, report: Any) -> Path:
 
 # MMER decoupled checkpoint
 
-Made by [mmer](https://pypi.org/project/mmer/) {manifest.mmer_version} (format {manifest.format_version}) from the
+Made by [mmer]({PROJECT_URL}) {manifest.mmer_version} (format {manifest.format_version}) from the
 base LLM `{manifest.base.model}` and {len(manifest.modalities)} fine-tuned multimodal models. Their LLM task vectors
 were merged with `{options["method"]}` (K = {options["k"]}, α = {options["alpha"]}, trim scope
 `{options["trim_scope"]}`{dare}) into one τ*. {masks}

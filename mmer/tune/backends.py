@@ -139,7 +139,7 @@ def _run_ray(
         import ray
     except ImportError:
         raise ConfigError(
-            "backend ray needs Ray", key="backend", hint="pip install 'mmer[ray]' (or pip install ray)"
+            "backend ray needs Ray", key="backend", hint="pip install 'mmer-merge[ray]' (or pip install ray)"
         ) from None
     started = False
     if not ray.is_initialized():
