@@ -3,6 +3,11 @@
 Unknown keys are errors (mergekit silently ignores them, and a misspelt ``lamda:`` then merges with the
 default). Method and mask names stay plain strings here; ``pipeline`` checks them against the registries
 before any tensor is read, so this module stays at the bottom of the import graph.
+
+One file describes a whole merge in one of two shapes, told apart by their keys: an mmer recipe (``base``,
+``models``, ``options``) or a mergekit config (``merge_method``, ``models``), read as the mmer recipe that
+computes the same merge (``mmer.mergekit_config``). A relative model path is resolved from the directory of the
+YAML that names it, so a recipe and its models can move together and run from any working directory.
 """
 
 from __future__ import annotations
@@ -11,7 +16,7 @@ import dataclasses
 import difflib
 import math
 import re
-from collections.abc import Mapping
+from collections.abc import Collection, Mapping
 from dataclasses import dataclass, field
 from decimal import Decimal
 from pathlib import Path
@@ -19,6 +24,7 @@ from typing import Any
 
 import yaml
 
+from mmer import mergekit_config
 from mmer.errors import ConfigError
 
 MODALITY_NAME = re.compile(r"^[a-z][a-z0-9_\-]{0,63}$")
@@ -32,7 +38,7 @@ DEVICE_NAME = re.compile(r"^(cpu|mps|cuda(:[0-9]{1,3})?)$")
 _DEVICE_HINT = "use cpu, cuda (the current GPU), cuda:N (GPU number N) or mps (Apple silicon)"
 
 TRIM_SCOPES = ("global", "per-tensor")
-ZERO_SIGN_RULES = ("zero", "positive")
+ZERO_SIGN_RULES = ("zero", "positive", "majority")
 TRIM_COUNTS = ("reference", "exact")
 ELECT_ON = ("raw", "weighted")
 AGGREGATES = ("mean", "sum")
@@ -96,7 +102,9 @@ class MergeOptions:
         trim_count: ``reference`` keeps |τ| ≥ the (d − ⌊d·K⌋)-th smallest magnitude (TIES reference code);
             ``exact`` keeps the max(1, ⌊d·K⌋) largest (mergekit, PEFT).
         zero_sign: what the elected sign is where Σᵢ τᵢ is exactly 0. ``zero`` follows TIES Algorithm 1
-            (γ = sgn(0) = 0, so τ* = 0 there); ``positive`` follows mergekit (γ = +1).
+            (γ = sgn(0) = 0, so τ* = 0 there); ``positive`` follows mergekit (γ = +1); ``majority`` follows the
+            TIES authors' code, ModelCompose and FusionBench (γ = the sign most entries of the whole model elect,
+            counted in one more pass and recorded in the manifest's options as ``sign_census``).
         elect_on: TIES sign election on ``raw`` task vectors (paper, PEFT) or ``weighted`` ones (mergekit).
         aggregate: TIES disjoint ``mean`` (paper) or ``sum`` (FusionBench's default).
         dare: DARE drop rate p applied to every τᵢ before the method (0 = off); kept entries are scaled 1/(1−p).
@@ -188,12 +196,34 @@ class MergeOptions:
 
 
 @dataclass(frozen=True)
+class RecipeSource:
+    """Which file a recipe came from and in which shape, and what a translated mergekit config left to say.
+
+    Attributes:
+        file: the YAML the user named.
+        kind: ``recipe`` (mmer's own), ``mergekit`` (translated) or ``specs`` (one YAML per model).
+        notes: where a translated merge can differ from mergekit's, one sentence each.
+        output_dtype: the dtype a mergekit config asks the output to be stored in; mmer stores the base's, so it
+            is checked against the base once that is opened (``mergekit_config.check_output_dtype``).
+    """
+
+    file: str
+    kind: str
+    notes: tuple[str, ...] = ()
+    output_dtype: str | None = None
+
+
+@dataclass(frozen=True)
 class Recipe:
-    """A whole merge: the base, the fine-tuned models, and the options. Written resolved into the output."""
+    """A whole merge: the base, the fine-tuned models, and the options. Written resolved into the output.
+
+    ``source`` says where the recipe was read from; it is not part of the merge (not written, not compared).
+    """
 
     base: ModelSpec
     models: tuple[ModelSpec, ...]
     options: MergeOptions = field(default_factory=MergeOptions)
+    source: RecipeSource | None = field(default=None, compare=False, repr=False)
 
     def __post_init__(self) -> None:
         if self.base.modality is not None:
@@ -241,6 +271,13 @@ class Recipe:
 
     def to_yaml(self) -> str:
         return yaml.safe_dump(self.to_dict(), sort_keys=False)
+
+    def to_compact_yaml(self) -> str:
+        """The recipe as a user would write it: only the options that are not at their default."""
+        data = {**self.to_dict(), "options": self.options.non_defaults()}
+        if not data["options"]:
+            del data["options"]
+        return yaml.safe_dump(data, sort_keys=False, allow_unicode=True)
 
 
 # --------------------------------------------------------------------------------------------------- loading
@@ -310,13 +347,18 @@ def _type_name(t: Any) -> str:
     return " or ".join(x.__name__ for x in _as_tuple(t))
 
 
-def spec_from_dict(data: Mapping[str, Any], file: str | None = None) -> ModelSpec:
-    """Build a :class:`ModelSpec` from parsed YAML, refusing unknown keys and wrong types."""
+def spec_from_dict(data: Mapping[str, Any], file: str | None = None, relative_to: Path | None = None) -> ModelSpec:
+    """Build a :class:`ModelSpec` from parsed YAML, refusing unknown keys and wrong types.
+
+    ``relative_to`` is the directory of the YAML file: a relative ``model:`` path is resolved from there.
+    """
     _check_keys(data, _SPEC_KEYS, "model spec", file)
     if "model" not in data:
         raise ConfigError(
             "model spec has no `model` key", file=file, key="model", hint="add `model: <path or hub id>`"
         )
+    if not data["model"]:
+        raise ConfigError(f"{file or 'model spec'}: `model` is empty", file=file, key="model")
     modality = data.get("modality")
     if modality is not None:
         check_modality_name(modality, file)
@@ -329,12 +371,52 @@ def spec_from_dict(data: Mapping[str, Any], file: str | None = None) -> ModelSpe
             f"{file or 'model spec'}: weight = {weight} is out of range", file=file, key="weight", hint="weight > 0"
         )
     return ModelSpec(
-        model=data["model"],
+        model=resolve_model_path(data["model"], relative_to, file),
         revision=data.get("revision"),
         modality=modality,
         lambda_=None if lam is None else float(lam),
         weight=None if weight is None else float(weight),
     )
+
+
+def _looks_like_path(model: str) -> bool:
+    """A Hub id is ``name`` or ``org/name``; anything else (``./x``, ``a/b/c``, ``C:\\x``) can only be a path."""
+    return model.startswith((".", "/", "~")) or model.count("/") > 1 or "\\" in model or ":" in model
+
+
+def resolve_model_path(model: str, relative_to: Path | None, file: str | None = None) -> str:
+    """A ``model:`` as written in the YAML at ``relative_to``: a relative path is joined to that directory.
+
+    The result is absolute, so the recipe mmer writes into its output runs again from anywhere. A value that is
+    no directory there and reads as a Hub id (``org/name``) stays one. A relative path that exists only from the
+    working directory is refused rather than guessed at: the same file would mean another model elsewhere.
+    """
+    if relative_to is None or model.startswith("~") or Path(model).is_absolute():
+        return model
+    candidate = relative_to / model
+    if candidate.exists():
+        return str(candidate.absolute())
+    if Path(model).exists() and relative_to.absolute() != Path.cwd():
+        raise ConfigError(
+            f"{file}: model {model!r} is not in {relative_to.absolute()} (paths in a YAML are resolved from the "
+            f"directory of the file), though it exists relative to the working directory",
+            file=file,
+            key="model",
+            hint=f"write it as {str(Path(model).absolute())!r} or relative to the YAML's directory",
+        )
+    return str(candidate.absolute()) if _looks_like_path(model) else model
+
+
+def modality_for(model: str, taken: Collection[str]) -> str:
+    """A modality name for a model that has none (a mergekit config's): its directory or repository name, made
+    a valid name (see :func:`check_modality_name`) and unique among ``taken``."""
+    stem = re.sub(r"[^a-z0-9_\-]+", "_", Path(model.rstrip("/\\")).name.lower())
+    stem = re.sub(r"^[^a-z]+", "", stem)[:60].rstrip("_-") or "model"
+    name, n = stem, 1
+    while name in taken or name in RESERVED_MODALITY_NAMES:
+        n += 1
+        name = f"{stem}-{n}"
+    return name
 
 
 def check_modality_name(name: str, file: str | None = None, where: str | None = None) -> None:
@@ -518,29 +600,83 @@ def read_yaml_file(path: str | Path, what: str = "YAML file") -> Any:
 
 
 def load_spec(path: str | Path) -> ModelSpec:
-    """Read one model YAML (``model``, optional ``revision``, ``modality``, ``lambda``)."""
+    """Read one model YAML (``model``, optional ``revision``, ``modality``, ``lambda``, ``weight``)."""
     data = read_yaml_file(path, "model spec")
-    return spec_from_dict(data if data is not None else {}, file=str(path))
+    return spec_from_dict(data if data is not None else {}, file=str(path), relative_to=Path(path).parent)
 
 
-_RECIPE_KEYS = {"base": dict, "models": list, "options": dict, "mmer_version": str, "format_version": str}
+_RECIPE_KEYS = {
+    "base": (dict, str),
+    "models": list,
+    "options": dict,
+    "mmer_version": str,
+    "format_version": str,
+}
+
+
+def config_kind(data: object) -> str:
+    """What a parsed YAML is, by its keys: ``mergekit`` (``merge_method``), ``recipe`` (``base``, ``models`` or
+    ``options``; mmer's own) or ``spec`` (one model: ``model``, ``modality``...)."""
+    if mergekit_config.is_mergekit_config(data):
+        return "mergekit"
+    if isinstance(data, Mapping) and "model" not in data and any(k in data for k in _RECIPE_KEYS):
+        return "recipe"
+    return "spec"
+
+
+@dataclass(frozen=True)
+class ConfigFile:
+    """One recipe file read: its parts (the base and models may be absent: options alone are a recipe too)."""
+
+    base: ModelSpec | None
+    models: tuple[ModelSpec, ...]
+    options: MergeOptions
+    source: RecipeSource
+
+
+def read_config(path: str | Path, data: object = None) -> ConfigFile:
+    """Read a recipe file in either shape (see the module docstring); ``data``: its YAML, when already parsed."""
+    file = str(path)
+    if data is None:
+        data = read_yaml_file(path, "recipe")
+    if data is None:
+        data = {}
+    relative_to = Path(path).parent
+    if config_kind(data) == "mergekit":
+        return _from_mergekit(data, file, relative_to)
+    _check_keys(data, _RECIPE_KEYS, "recipe", file)
+    base = None
+    if "base" in data:
+        # `base: org/name` is shorthand for `base: {model: org/name}`
+        base_data = {"model": data["base"]} if isinstance(data["base"], str) else data["base"]
+        base = spec_from_dict(base_data, file, relative_to)
+    models = tuple(spec_from_dict(m, file, relative_to) for m in data.get("models", []))
+    options = options_from_dict(data.get("options", {}), file)
+    return ConfigFile(base, models, options, RecipeSource(file, "recipe"))
+
+
+def _from_mergekit(data: Mapping[str, Any], file: str, relative_to: Path) -> ConfigFile:
+    translation = mergekit_config.translate(data, file)
+    recipe = translation.recipe
+    base = spec_from_dict(recipe["base"], file, relative_to)
+    taken: list[str] = []
+    models = []
+    for entry in recipe["models"]:
+        taken.append(modality_for(entry["model"], taken))
+        models.append(spec_from_dict({**entry, "modality": taken[-1]}, file, relative_to))
+    options = options_from_dict(recipe["options"], file)
+    source = RecipeSource(file, "mergekit", translation.notes, translation.output_dtype)
+    return ConfigFile(base, tuple(models), options, source)
 
 
 def load_recipe(path: str | Path) -> tuple[ModelSpec | None, tuple[ModelSpec, ...], MergeOptions]:
-    """Read a recipe file: optional ``base`` and ``models``, and ``options``.
+    """Read a recipe file: optional ``base`` and ``models``, and ``options`` (or a mergekit config).
 
     Returns the parts rather than a :class:`Recipe` because a recipe file may hold only options, the models
     coming from the command line.
     """
-    file = str(path)
-    data = read_yaml_file(path, "recipe")
-    if data is None:
-        data = {}
-    _check_keys(data, _RECIPE_KEYS, "recipe", file)
-    base = spec_from_dict(data["base"], file) if "base" in data else None
-    models = tuple(spec_from_dict(m, file) for m in data.get("models", []))
-    options = options_from_dict(data.get("options", {}), file)
-    return base, models, options
+    config = read_config(path)
+    return config.base, config.models, config.options
 
 
 def override_options(options: MergeOptions, **changes: Any) -> MergeOptions:
@@ -557,18 +693,35 @@ def build_recipe(
 ) -> Recipe:
     """Assemble a recipe the way the command line does.
 
-    The first spec file is the base and the rest are fine-tuned models; spec files, when given, replace the
-    recipe file's models. Options come from defaults, then the recipe file, then ``option_overrides`` (the
+    One YAML that is a recipe or a mergekit config (by its keys) is the whole merge: ``mmer merge recipe.yaml``.
+    Otherwise the first spec file is the base and the rest are fine-tuned models; spec files, when given, replace
+    the recipe file's models. Options come from defaults, then the recipe file, then ``option_overrides`` (the
     flags); ``lambdas`` sets λ per modality over everything else.
     """
     base: ModelSpec | None = None
     models: tuple[ModelSpec, ...] = ()
     options = MergeOptions()
-    if recipe_file is not None:
-        base, models, options = load_recipe(recipe_file)
+    source: RecipeSource | None = None
+    config: ConfigFile | None = None
+    spec_files = list(spec_files)
+    first: Any = None
     if spec_files:
-        specs = [load_spec(f) for f in spec_files]
+        first = read_yaml_file(spec_files[0], "model spec or recipe")
+        kind = config_kind(first)
+        if kind != "spec":
+            _check_whole_recipe(spec_files, kind, recipe_file)
+            config = read_config(spec_files[0], first)
+            spec_files = []
+    if recipe_file is not None:
+        config = read_config(recipe_file)
+    if config is not None:
+        base, models, options, source = config.base, config.models, config.options, config.source
+    if spec_files:
+        head = spec_from_dict(first if first is not None else {}, str(spec_files[0]), Path(spec_files[0]).parent)
+        specs = [head, *(load_spec(f) for f in spec_files[1:])]
         base, models = specs[0], tuple(specs[1:])
+        if source is None:
+            source = RecipeSource(str(spec_files[0]), "specs")
         if base.modality is not None:
             raise ConfigError(
                 f"{spec_files[0]}: the first YAML is the base, but it names modality {base.modality!r}",
@@ -578,7 +731,7 @@ def build_recipe(
             )
     if base is None:
         raise ConfigError(
-            "no base model given", hint="pass base.yaml first, or a --recipe file with a `base:` section"
+            "no base model given", hint="pass a recipe with a `base:` (mmer merge recipe.yaml), or base.yaml first"
         )
     if option_overrides:
         try:
@@ -600,4 +753,23 @@ def build_recipe(
         models = tuple(
             dataclasses.replace(m, lambda_=lambdas[m.modality]) if m.modality in lambdas else m for m in models
         )
-    return Recipe(base, models, options)
+    return Recipe(base, models, options, source)
+
+
+def _check_whole_recipe(spec_files: list[str | Path], kind: str, recipe_file: str | Path | None) -> None:
+    """A recipe or mergekit config given as a positional file is the whole merge: nothing else may name models."""
+    what = "a mergekit config" if kind == "mergekit" else "a recipe"
+    if len(spec_files) > 1:
+        raise ConfigError(
+            f"{spec_files[0]} is {what} (the whole merge), but more YAML files follow it",
+            file=str(spec_files[0]),
+            hint=f"pass {what} alone (mmer merge {spec_files[0]} -o out/), or one spec per model: "
+            "mmer merge base.yaml vision.yaml audio.yaml",
+        )
+    if recipe_file is not None:
+        raise ConfigError(
+            f"{spec_files[0]} is {what}, and --recipe {recipe_file} is another",
+            file=str(spec_files[0]),
+            key="recipe",
+            hint="pass one of them",
+        )

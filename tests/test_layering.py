@@ -26,6 +26,7 @@ LIBRARY = ROOT / "mmer"
 
 TIERS: tuple[tuple[str, tuple[str, ...]], ...] = (
     ("0", ("mmer.errors", "mmer.version", "mmer.synthetic")),
+    ("0b", ("mmer.mergekit_config",)),  # a mergekit config as an mmer recipe mapping; read by mmer.config
     ("1", ("mmer.config", "mmer.progress", "mmer.runtime")),
     ("2", ("mmer.io", "mmer.merge")),
     ("3", ("mmer.checkpoint",)),
