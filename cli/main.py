@@ -17,6 +17,7 @@ from mmer.errors import ConfigError, MmerError
 from mmer.io.report_files import check_png
 from mmer.merge.masks import MASKS
 from mmer.merge.methods import METHOD_OPTIONS, METHODS, methods_accepting
+from mmer.mergekit_config import check_plan as check_mergekit_plan
 
 app = typer.Typer(
     name="mmer",
@@ -100,11 +101,16 @@ def _takes(option: str) -> str:
 @app.command()
 def merge(
     specs: Annotated[
-        list[Path] | None, typer.Argument(help="base.yaml first, then one YAML per fine-tuned model.")
+        list[Path] | None,
+        typer.Argument(
+            help="A recipe YAML (base, models, options) or a mergekit config; or base.yaml first, then one YAML "
+            "per fine-tuned model."
+        ),
     ] = None,
     output: Annotated[Path | None, typer.Option("--output", "-o", help="Output directory.")] = None,
     recipe: Annotated[
-        Path | None, typer.Option(help="Recipe YAML (base, models, options); flags override it.")
+        Path | None,
+        typer.Option(help="Recipe YAML (base, models, options); spec files replace its models, flags its options."),
     ] = None,
     method: Annotated[str | None, typer.Option(help=f"Merge method: {', '.join(METHODS)} (default ties).")] = None,
     mask: Annotated[
@@ -190,15 +196,28 @@ def merge(
         )
         if output is None and not dry_run:
             raise ConfigError("no output directory", key="output", hint="pass -o merged/ (or --dry-run)")
+        translated = recipe_obj.source is not None and recipe_obj.source.kind == "mergekit"
+        notes = list(recipe_obj.source.notes) if translated else []
         if dry_run:
-            report = mmer.run_merge(recipe_obj, output, dry_run=True)
+            with mmer.build_plan(recipe_obj) as plan:
+                check_mergekit_plan(recipe_obj, plan)
+                report = mmer.run_merge(plan, output, dry_run=True)
             if json_out:
-                render.print_json({"ok": True, **report.to_dict()})
+                extra = {"mergekit": {"recipe": recipe_obj.to_dict(), "notes": notes}} if translated else {}
+                render.print_json({"ok": True, **report.to_dict(), **extra})
             else:
+                if translated:
+                    render.out_console.print(
+                        f"# {recipe_obj.source.file} is a mergekit config; mmer runs it as this recipe:\n"
+                        + recipe_obj.to_compact_yaml(),
+                        markup=False,
+                        highlight=False,
+                    )
                 render.print_plan(report.plan)
-                render.print_warnings(report.warnings)
+                render.print_warnings(notes + report.warnings)
             return
         with mmer.build_plan(recipe_obj) as plan:  # opened and checked once: the estimate first, then the merge
+            check_mergekit_plan(recipe_obj, plan)
             if not json_out and not quiet:
                 render.print_estimate(plan.to_dict()["estimate"])
             with render.RichProgress(enabled=not quiet and not json_out) as progress:
@@ -208,9 +227,10 @@ def merge(
     except KeyboardInterrupt:
         raise typer.Exit(interrupted(json_out, "the partial output was removed; nothing was written")) from None
     if json_out:
-        render.print_json({"ok": True, **report.to_dict()})
+        extra = {"mergekit": {"recipe": recipe_obj.to_dict(), "notes": notes}} if translated else {}
+        render.print_json({"ok": True, **report.to_dict(), **extra})
     else:
-        render.print_warnings(report.warnings)
+        render.print_warnings(notes + report.warnings)
         render.print_merge_report(report.to_dict())
 
 
