@@ -358,7 +358,9 @@ def spec_from_dict(data: Mapping[str, Any], file: str | None = None, relative_to
             "model spec has no `model` key", file=file, key="model", hint="add `model: <path or hub id>`"
         )
     if not data["model"]:
-        raise ConfigError(f"{file or 'model spec'}: `model` is empty", file=file, key="model")
+        raise ConfigError(
+            f"{file or 'model spec'}: `model` is empty", file=file, key="model", hint="add `model: <path or hub id>`"
+        )
     modality = data.get("modality")
     if modality is not None:
         check_modality_name(modality, file)

@@ -162,7 +162,12 @@ def translate(data: Mapping[str, Any], file: str) -> Translation:
     base_ref = data.get("base_model")
     models = data["models"]
     if not isinstance(models, list) or not models:
-        raise ConfigError(f"{file}: `models` must be a non-empty list", file=file, key="models")
+        raise ConfigError(
+            f"{file}: `models` must be a non-empty list",
+            file=file,
+            key="models",
+            hint="list the models: `- model: org/name` with `parameters: {weight: 1.0}`",
+        )
     entries = [_model_entry(m, method_name, method, file) for m in models]
     if base_ref is None:
         raise ConfigError(
@@ -206,6 +211,7 @@ def translate(data: Mapping[str, Any], file: str) -> Translation:
         if method.consensus:
             options.update(
                 method="ties",
+                k=1.0,  # mmer's ties trims to K = 0.8 unless told; mergekit's trims only with a density < 1
                 elect_on="weighted",
                 zero_sign="positive",
                 aggregate="mean" if normalize else "sum",
@@ -330,7 +336,9 @@ def _reference(value: object, file: str, key: str) -> tuple[str, str | None]:
         )
     model, at, revision = value.partition("@")
     if at and (not model or not revision or "@" in revision):
-        raise ConfigError(f"{file}: {key} {value!r} is not path@revision", file=file, key=key)
+        raise ConfigError(
+            f"{file}: {key} {value!r} is not path@revision", file=file, key=key, hint="write org/name@revision"
+        )
     return model, revision or None
 
 
@@ -373,7 +381,9 @@ def _parameters(value: object, method_name: str, method: _Method, file: str, whe
     if value is None:
         return {}
     if not isinstance(value, Mapping):
-        raise ConfigError(f"{file}: {where} must be a mapping", file=file, key="parameters")
+        raise ConfigError(
+            f"{file}: {where} must be a mapping", file=file, key="parameters", hint="write `parameters: {weight: 1.0}`"
+        )
     for key, setting in value.items():
         if key not in method.parameters:
             raise ConfigError(
@@ -399,6 +409,7 @@ def _parameters(value: object, method_name: str, method: _Method, file: str, whe
                 f"got {setting!r}",
                 file=file,
                 key=str(key),
+                hint=f"write e.g. `{key}: {'true' if boolean else '0.5'}`",
             )
     return dict(value)
 
