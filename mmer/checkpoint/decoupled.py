@@ -373,20 +373,21 @@ class DecoupledCheckpoint:
         """Whether a base kept by reference was found and checked in this open (so reading it fetches nothing)."""
         return self._reference_base is not None
 
-    def base_tensor(self, name: str) -> torch.Tensor:
-        """θ_base of a canonical LLM tensor."""
+    def base_tensor(self, name: str, *, copy: bool = True) -> torch.Tensor:
+        """θ_base of a canonical LLM tensor (``copy=False``: a read-only view of the mapped file, see
+        ``CheckpointReader.get``)."""
         reader = self.base_reader()
         if self.manifest.base_storage == "copy" or self._base_layout is None:
-            return reader.get(name)
-        return reader.get(self._base_layout.to_disk(name))
+            return reader.get(name, copy=copy)
+        return reader.get(self._base_layout.to_disk(name), copy=copy)
 
     @property
     def is_single_model(self) -> bool:
         """True when the output is one merged model (mask rule ``none``) rather than base + τ* + masks."""
         return self.manifest.merged_dir is not None
 
-    def tau_star(self, name: str) -> torch.Tensor:
-        """The merged task vector τ* of a merged canonical LLM tensor."""
+    def tau_star(self, name: str, *, copy: bool = True) -> torch.Tensor:
+        """The merged task vector τ* of a merged canonical LLM tensor (``copy`` as in :meth:`base_tensor`)."""
         if self.manifest.tau_star_dir is None:
             raise DecoupledFormatError(
                 f"{self.path}: a single merged model (mask rule none) stores no τ*",
@@ -397,10 +398,10 @@ class DecoupledCheckpoint:
             reader = CheckpointReader(self.path / self.manifest.tau_star_dir)
             self._check_headers(reader, "τ*", self.merged_slots, dtypes=self.manifest.tau_star_dtype.split("/"))
             self._tau = reader
-        return self._tau.get(name)
+        return self._tau.get(name, copy=copy)
 
-    def merged_tensor(self, name: str) -> torch.Tensor:
-        """θ* of a single merged model (mask rule ``none``), canonical name."""
+    def merged_tensor(self, name: str, *, copy: bool = True) -> torch.Tensor:
+        """θ* of a single merged model (mask rule ``none``), canonical name (``copy`` as in :meth:`base_tensor`)."""
         if self.manifest.merged_dir is None:
             raise DecoupledFormatError(
                 f"{self.path}: not a single merged model", hint="use llm_tensor(modality, name)"
@@ -410,7 +411,7 @@ class DecoupledCheckpoint:
             reader = CheckpointReader(self.path / self.manifest.merged_dir)
             self._check_headers(reader, "the merged model", self.slots)
             self._tau = reader
-        return self._tau.get(name)
+        return self._tau.get(name, copy=copy)
 
     def mask_file(self, modality: str) -> MaskFile:
         if modality not in self._masks:
@@ -508,6 +509,7 @@ class DecoupledCheckpoint:
         tau: torch.Tensor,
         scales: dict[str, float],
         masks: dict[str, torch.Tensor] | None = None,
+        maxima: tuple[float, float] | None = None,
     ) -> None:
         """Refuse θ_base + sᵢ·mᵢ∘τ* that is not finite in the base dtype, by the merge's own rule.
 
@@ -528,6 +530,7 @@ class DecoupledCheckpoint:
                 file=str(self.path),
                 labels=labels,
                 masks=None if masks is None else [masks[m] for m in labels],
+                maxima=maxima,
             )
         except NonFiniteError as err:
             raise NonFiniteError(

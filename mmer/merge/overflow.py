@@ -14,13 +14,16 @@ whose bound reaches the dtype's limit is rebuilt entry by entry.
 from __future__ import annotations
 
 import math
+import os
 from collections.abc import Callable, Sequence
+from functools import lru_cache
 
 import numpy as np
 import torch
 
 from mmer.errors import NonFiniteError
 from mmer.merge.masks import rebuild_weight
+from mmer.merge.one_pass import BLOCK, njit, prange
 
 ALLOW_HINT = "or pass --allow-nonfinite to write it anyway"
 
@@ -38,21 +41,48 @@ def max_abs(tensor: torch.Tensor) -> float:
     """The largest magnitude in ``tensor`` as a Python float: inf when it holds ±inf, NaN when it holds NaN.
 
     On the CPU it is the largest bit pattern without the sign (IEEE magnitudes order as their patterns, and
-    NaN's lie above inf's), reduced by numpy on one thread: torch's threaded reductions wait for the fused
-    kernel's OpenMP threads to go idle, which costs milliseconds per chunk right after the kernel ran.
+    NaN's lie above inf's), reduced in one parallel pass by numba (the fused kernels' own threads: torch's
+    threaded reductions wait for those to go idle, which costs milliseconds per chunk right after a kernel ran),
+    or by numpy on one thread without numba. A router's load reads every byte of θ_base and τ* here, so the
+    reduction must run at memory speed and allocate nothing of the tensor's size.
     """
     if tensor.numel() == 0:
         return 0.0
     if tensor.device.type == "cpu" and tensor.dtype in _BITS:
         signed, unsigned, mask = _BITS[tensor.dtype]
-        bits = tensor.contiguous().view(signed).numpy().view(unsigned)
-        top = np.array([np.bitwise_and(bits, unsigned(mask)).max()], dtype=unsigned)
+        bits = tensor.contiguous().view(signed).reshape(-1).numpy().view(unsigned)
+        kernel = _max_bits_kernel()
+        if kernel is not None:
+            top = np.array([kernel(bits, unsigned(mask))], dtype=unsigned)
+        else:
+            top = np.array([np.bitwise_and(bits, unsigned(mask)).max()], dtype=unsigned)
         return float(torch.from_numpy(top.view(np.dtype(f"i{top.itemsize}"))).view(tensor.dtype)[0])
     low, high = torch.aminmax(tensor)
     low_f, high_f = float(low), float(high)
     if math.isnan(low_f) or math.isnan(high_f):
         return math.nan
     return max(-low_f, high_f)
+
+
+@lru_cache(maxsize=1)
+def _max_bits_kernel():
+    """The compiled reduction, or None without numba (or with ``MMER_FUSED=0``)."""
+    if njit is None or os.environ.get("MMER_FUSED", "1") == "0":
+        return None
+    return njit(parallel=True, cache=True, nogil=True)(_max_bits)
+
+
+def _max_bits(bits, mask):
+    """max(bits & mask) over a flat unsigned array, one block of ``BLOCK`` entries per parallel work item."""
+    numel = bits.shape[0]
+    blocks = (numel + BLOCK - 1) // BLOCK
+    tops = np.zeros(blocks, dtype=bits.dtype)
+    for blk in prange(blocks):
+        top = tops[blk]
+        for i in range(blk * BLOCK, min(blk * BLOCK + BLOCK, numel)):
+            top = max(top, bits[i] & mask)
+        tops[blk] = top
+    return tops.max()
 
 
 def provably_finite(base_max: float, tau_max: float, scale: float, dtype: torch.dtype) -> bool:
@@ -100,6 +130,7 @@ def check_merged(
     file: str,
     labels: Sequence[str],
     masks: Sequence[torch.Tensor] | Callable[[], Sequence[torch.Tensor]] | None = None,
+    maxima: tuple[float, float] | None = None,
 ) -> tuple[float, float]:
     """Refuse a τ* that is not finite as stored, or θ_base + sᵢ·τ* that overflows the base dtype for a
     modality's rescaler sᵢ (``scales``, one per label; ``None`` while EMR's are not known yet, then only τ* is
@@ -107,9 +138,10 @@ def check_merged(
 
     ``labels`` name the models (with where they are read from), ``file`` where θ_base is read from.
     ``masks`` (bool, one per label, or a function returning them, called only on failure) only make the
-    message name the modalities whose rebuilt weights are hit.
+    message name the modalities whose rebuilt weights are hit. ``maxima`` are max|θ_base| and max|τ*| where a
+    pass that read every entry already found them (a router's first switch), so neither is read again here.
     """
-    tau_max = max_abs(stored)
+    base_max, tau_max = (max_abs(base), max_abs(stored)) if maxima is None else maxima
     if not math.isfinite(tau_max):
         bad = ~torch.isfinite(stored)
         raise NonFiniteError(
@@ -120,7 +152,6 @@ def check_merged(
             hint="the models differ from the base by more than τ*'s dtype holds, which no fine-tune does: check "
             "the models; store τ* in float32 (--delta-dtype float32), " + ALLOW_HINT,
         )
-    base_max = max_abs(base)
     for scale in sorted(set(scales or ())):
         if provably_finite(base_max, tau_max, scale, base.dtype):
             continue

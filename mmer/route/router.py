@@ -191,6 +191,7 @@ class Router:
         for pack_name, pack_dir in named:
             router.add_extension(pack_dir, pack_name, check_base_model=check_base_model)
         router.switch(activate or (names or list(router.packs))[0])
+        weights.check_all()
         return router
 
     def add_extension(self, pack_dir: str | Path, name: str | None = None, *, check_base_model: str = "full") -> str:
@@ -384,7 +385,11 @@ class Router:
 def _allocate_live(
     layout: LiveLayout, weights: DeviceWeights, names: Sequence[str], source: str
 ) -> dict[str, torch.Tensor]:
-    """One live tensor per in-memory LLM parameter, as many rows as the largest modality needs (private rows)."""
+    """One live tensor per in-memory LLM parameter, as many rows as the largest modality needs (private rows).
+
+    Left unwritten (the first switch writes every entry a model binds, and faults the pages in as it does),
+    except the rows only some modalities have: zeroed, so no model ever sees memory mmer did not write.
+    """
     live = {}
     for param, slots in layout.params.items():
         whole = layout.whole_slot(param)
@@ -392,7 +397,12 @@ def _allocate_live(
             shapes = [weights.rows[m][whole] for m in [*names, MEAN]]
             rows = max(s[0] for s in shapes) if is_vocab_tensor(whole) else shapes[0][0] if shapes[0] else 0
             shape = (rows, *shapes[0][1:]) if shapes[0] else ()
-            live[param] = torch.zeros(shape, dtype=weights.dtypes[whole], device=weights.devices[whole])
+            tensor = torch.empty(shape, dtype=weights.dtypes[whole], device=weights.devices[whole])
+            if tensor.dim():
+                tensor[min(s[0] for s in shapes) :].zero_()
+            else:
+                tensor.zero_()
+            live[param] = tensor
             continue
         dtypes = {weights.dtypes[s] for s in slots}
         if len(dtypes) > 1:
@@ -402,7 +412,7 @@ def _allocate_live(
                 tensor=slots[0],
                 hint="the fine-tunes store their experts in mixed dtypes; re-save them in one dtype",
             )
-        live[param] = torch.zeros(layout.shapes[param], dtype=dtypes.pop(), device=weights.devices[slots[0]])
+        live[param] = torch.empty(layout.shapes[param], dtype=dtypes.pop(), device=weights.devices[slots[0]])
     return live
 
 

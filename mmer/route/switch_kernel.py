@@ -50,10 +50,16 @@ def supports(base: torch.Tensor, tau: torch.Tensor, packed: torch.Tensor, out: t
     )
 
 
-def rebuild_into(out: torch.Tensor, base: torch.Tensor, tau: torch.Tensor, packed: torch.Tensor, scale: float) -> None:
+def rebuild_into(
+    out: torch.Tensor, base: torch.Tensor, tau: torch.Tensor, packed: torch.Tensor, scale: float
+) -> tuple[float, float]:
     """Write θ_base + s·m∘τ* into ``out`` (contiguous, the base's dtype and shape), the mask given as packed bits
-    (``mmer.checkpoint.bits``: entry p is bit p % 8 of byte p // 8). Callers check :func:`supports` first."""
-    _kernel()(
+    (``mmer.checkpoint.bits``: entry p is bit p % 8 of byte p // 8). Callers check :func:`supports` first.
+
+    Returns max|θ_base| and max|τ*| over every entry (as ``mmer.merge.overflow.max_abs`` gives them: inf for ±inf,
+    NaN for NaN), gathered from the values the pass loads anyway: a router's first switch proves the load's
+    rebuilds finite with them instead of reading θ_base and τ* a second time."""
+    tops = _kernel()(
         _flat(base),
         _flat(tau),
         packed.numpy(),
@@ -62,6 +68,13 @@ def rebuild_into(out: torch.Tensor, base: torch.Tensor, tau: torch.Tensor, packe
         _CODES[tau.dtype],
         np.float32(scale),
     )
+    return _magnitude(int(tops[0]), base.dtype), _magnitude(int(tops[1]), tau.dtype)
+
+
+def _magnitude(pattern: int, dtype: torch.dtype) -> float:
+    """The float whose bit pattern (sign cleared) is ``pattern``, in ``dtype``."""
+    signed = torch.int32 if dtype == torch.float32 else torch.int16
+    return float(torch.tensor([pattern], dtype=signed).view(dtype)[0])
 
 
 def _flat(t: torch.Tensor) -> np.ndarray:
@@ -141,9 +154,12 @@ def _store(out, p, value, code):
 def _span(base, tau, packed, out, start, stop, base_code, tau_code, scale):
     """Entries ``[start, stop)`` (``start`` a multiple of 8); inlined with constant codes, so each dtype pair
     compiles to its own loop. Each chunk's mask bytes are first spread to one 0/1 byte per entry (a table
-    lookup per byte): a loop that reads bit p % 8 of byte p // 8 itself does not vectorise."""
+    lookup per byte): a loop that reads bit p % 8 of byte p // 8 itself does not vectorise. Returns the largest
+    magnitude patterns of θ_base and τ* in the span (:func:`_pattern`)."""
     ones = np.empty(CHUNK, dtype=np.uint8)
     wide = ones.view(np.uint64)
+    base_top = np.uint32(0)
+    tau_top = np.uint32(0)
     for first in range(start, stop, CHUNK):
         last = min(first + CHUNK, stop)
         byte = first >> 3
@@ -153,31 +169,50 @@ def _span(base, tau, packed, out, start, stop, base_code, tau_code, scale):
         t = tau[first:last]
         o = out[first:last]
         for j in range(last - first):
+            base_top = max(base_top, _pattern(b[j], base_code))
+            tau_top = max(tau_top, _pattern(t[j], tau_code))
             # all ones where the bit is set, else 0: τ* itself or +0.0 (torch.where's zero, never τ*·0 = −0.0)
             keep = np.uint32(np.uint32(0) - np.uint32(ones[j]))
             delta = _f32(_u32(_load(t[j], tau_code)) & keep) * scale  # x·1.0 is x exactly: no branch for s = 1
             _store(o, j, _load(b[j], base_code) + delta, base_code)
+    return base_top, tau_top
+
+
+def _pattern(x, code):
+    """A stored entry's bit pattern without its sign: magnitudes order as these (NaN's above inf's)."""
+    if code == 0:
+        return _u32(np.float32(x)) & np.uint32(0x7FFFFFFF)
+    return np.uint32(x) & np.uint32(0x7FFF)
 
 
 if njit is not None:
     _load = njit(inline="always", cache=True)(_load)
     _store = njit(inline="always", cache=True)(_store)
     _span = njit(inline="always", cache=True)(_span)
+    _pattern = njit(inline="always", cache=True)(_pattern)
 
 
 def _rebuild_kernel(base, tau, packed, out, base_code, tau_code, scale):
     numel = out.shape[0]
     blocks = (numel + BLOCK - 1) // BLOCK
+    tops = np.zeros((2, blocks), dtype=np.uint32)
     for blk in prange(blocks):
         start = blk * BLOCK
         stop = min(start + BLOCK, numel)
         if base_code == 1 and tau_code == 1:
-            _span(base, tau, packed, out, start, stop, 1, 1, scale)
+            top = _span(base, tau, packed, out, start, stop, 1, 1, scale)
         elif base_code == 1:
-            _span(base, tau, packed, out, start, stop, 1, 0, scale)
+            top = _span(base, tau, packed, out, start, stop, 1, 0, scale)
         elif base_code == 2 and tau_code == 2:
-            _span(base, tau, packed, out, start, stop, 2, 2, scale)
+            top = _span(base, tau, packed, out, start, stop, 2, 2, scale)
         elif base_code == 2:
-            _span(base, tau, packed, out, start, stop, 2, 0, scale)
+            top = _span(base, tau, packed, out, start, stop, 2, 0, scale)
         else:
-            _span(base, tau, packed, out, start, stop, 0, 0, scale)
+            top = _span(base, tau, packed, out, start, stop, 0, 0, scale)
+        tops[0, blk] = top[0]
+        tops[1, blk] = top[1]
+    result = np.zeros(2, dtype=np.uint32)
+    for blk in range(blocks):
+        result[0] = max(result[0], tops[0, blk])
+        result[1] = max(result[1], tops[1, blk])
+    return result

@@ -123,16 +123,19 @@ class DeviceWeights:
         self.single_model = ckpt.is_single_model
         self.base: dict[str, torch.Tensor] = {}
         self.tau: dict[str, torch.Tensor] = {}
+        # θ_base and τ* are only ever read: on the CPU they stay views of the mapped files (page-cache pages,
+        # shared with every other reader and never copied); elsewhere the copy to the device is the only copy.
         for name, slot in self.slots.items():
-            base = ckpt.merged_tensor(name) if self.single_model else ckpt.base_tensor(name)
+            base = ckpt.merged_tensor(name, copy=False) if self.single_model else ckpt.base_tensor(name, copy=False)
             home = self.base_device or self.devices[name]
             pin = home.type == "cpu" and self.devices[name].type == "cuda"
             self.base[name] = base.pin_memory() if pin else base.to(home)
             if slot.merged and not self.single_model:
-                self.tau[name] = ckpt.tau_star(name).to(self.devices[name])
+                self.tau[name] = ckpt.tau_star(name, copy=False).to(self.devices[name])
         self.scales = {m: ckpt.modality(m).scale for m in self.modalities}
-        for name, tau in self.tau.items():  # once per load: every switch rebuilds from these same tensors
-            ckpt.check_rebuild(name, self.base[name], tau.to(self.base[name].device), self.scales)
+        # Every rebuild from these tensors is proved finite once per load, before its first use: by the one-pass
+        # kernel's own maxima during the first switch, else (check_all, or a torch-path rebuild) by reading them.
+        self._unchecked = set(self.tau)
         self._same: dict[tuple[str, str, str], bool] = {}
         self.masks: dict[str, dict[str, torch.Tensor]] = {}
         self.shapes: dict[str, tuple[int, ...]] = {}
@@ -154,6 +157,18 @@ class DeviceWeights:
             self.rows[state] = {name: tuple(slot.shape) for name, slot in self.slots.items()}
 
     # --------------------------------------------------------------------------------------------- rebuilds
+    def check(self, name: str, maxima: tuple[float, float] | None = None) -> None:
+        """Refuse (``NonFiniteError``) a tensor that rebuilds to ±inf for any loaded modality; once per tensor."""
+        if name in self._unchecked:
+            tau = self.tau[name]
+            self.ckpt.check_rebuild(name, self.base[name], tau.to(self.base[name].device), self.scales, maxima=maxima)
+            self._unchecked.discard(name)
+
+    def check_all(self) -> None:
+        """Check every tensor no rebuild has checked yet (a router calls this before it is handed out)."""
+        for name in sorted(self._unchecked):
+            self.check(name)
+
     def mask(self, modality: str, name: str) -> torch.Tensor:
         """mᵢ of one tensor, unpacked to bool on the device."""
         return bits.unpack(self.masks[modality][name], self.shapes[name])
@@ -182,8 +197,10 @@ class DeviceWeights:
             out = torch.empty(base.shape, dtype=base.dtype) if fresh else into[: base.shape[0]]
             packed = self.masks[modality][name]
             if out.shape == base.shape and switch_kernel.supports(base, self.tau[name], packed, out):
-                switch_kernel.rebuild_into(out, base, self.tau[name], packed, self.scales[modality])
+                maxima = switch_kernel.rebuild_into(out, base, self.tau[name], packed, self.scales[modality])
+                self.check(name, maxima)
                 return out
+        self.check(name)
         return rebuild_weight(base, self.tau[name], self.mask(modality, name), scale=self.scales[modality])
 
     def text_part(self, name: str) -> torch.Tensor:
@@ -191,6 +208,7 @@ class DeviceWeights:
         base = self.base_on_device(name)
         if name not in self.tau:
             return base
+        self.check(name)
         masks = [self.mask(m, name) for m in self.modalities]
         return rebuild_mean_weight(base, self.tau[name], masks, [self.scales[m] for m in self.modalities])
 

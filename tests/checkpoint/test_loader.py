@@ -415,8 +415,7 @@ def test_a_rebuilt_tensor_that_overflows_the_base_dtype_is_refused_naming_modali
     with pytest.raises(NonFiniteError):
         reconstruct(ckpt, tmp_path / "rebuilt", ["vision"])
     assert not (tmp_path / "rebuilt").exists()
-    with pytest.raises(NonFiniteError, match=name):
-        mmer.Router.from_pretrained(ckpt, "cpu")
+    # Router.from_pretrained refuses it too: tests/route/test_switch_kernel.py (this fixture's components are stubs)
 
 
 # ----------------------------------------------------------------------------------------- private records

@@ -9,6 +9,7 @@ from route_fixtures import VARIANTS, merged_checkpoint, variant_checkpoint
 import mmer
 from mmer.checkpoint import bits
 from mmer.merge.masks import rebuild_weight
+from mmer.merge.overflow import max_abs
 from mmer.route import switch_kernel
 
 pytestmark = pytest.mark.skipif(switch_kernel._kernel() is None, reason="numba absent or MMER_FUSED=0")
@@ -81,6 +82,17 @@ def test_sizes_that_are_not_whole_bytes_or_blocks_rebuild_every_entry(base_dtype
     assert_bit_identical(kernel_rebuild(base, tau, mask, 1.25), rebuild_weight(base, tau, mask, scale=1.25))
 
 
+@pytest.mark.parametrize("base_dtype,tau_dtype", COMBOS, ids=lambda d: str(d).removeprefix("torch."))
+@pytest.mark.parametrize("kind", ["random", "extreme"])
+def test_the_kernel_reports_the_largest_magnitudes_of_base_and_tau_under_every_bit(base_dtype, tau_dtype, kind):
+    base, tau, mask = draw(kind, 3 * switch_kernel.BLOCK + 11, base_dtype, tau_dtype, seed=5)
+    mask[:] = False  # masked-out entries count too: they rebuild to θ_base under another modality's mask
+    base[-1], tau[7] = -2.0**15, float("-inf")
+    out = torch.empty_like(base)
+    maxima = switch_kernel.rebuild_into(out, base, tau, bits.pack(mask), 1.0)
+    assert maxima == (max_abs(base), max_abs(tau)) == (float(base.float().abs().max()), float("inf"))
+
+
 def test_a_masked_out_negative_zero_base_becomes_positive_zero_as_torch_makes_it():
     base = torch.tensor([-0.0, -0.0, -0.0, 2.0], dtype=torch.bfloat16)
     tau = torch.tensor([-1.0, -0.0, 0.0, -2.0], dtype=torch.bfloat16)
@@ -145,3 +157,38 @@ def test_a_routers_switches_go_through_the_kernel_and_give_the_checkpoints_tenso
                     assert_bit_identical(router.weights.shared_part(modality, name), want)
         merged = bool(ckpt.merged_slots) and not ckpt.is_single_model
     assert bool(calls) == merged  # a single merged model has no τ* or masks: nothing for the kernel to rebuild
+
+
+@pytest.mark.parametrize("first", ["vision", "audio"])
+def test_a_router_refuses_a_checkpoint_whose_weights_overflow_whichever_modality_its_first_switch_builds(
+    demo_models, tmp_path_factory, tmp_path, first
+):
+    """The load proves every rebuild finite from the maxima the first switch's pass gathers: an entry outside
+    the first modality's mask still counts, since another modality's mask (or its rescaler) may keep it."""
+    import hashlib
+    import json
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    from mmer.checkpoint.manifest import MANIFEST_NAME, MANIFEST_SHA_NAME
+    from mmer.errors import NonFiniteError
+    from mmer.route.router import Router
+
+    ckpt = tmp_path / "ckpt"
+    shutil.copytree(merged_checkpoint(demo_models, tmp_path_factory), ckpt)
+    with mmer.load_decoupled(ckpt) as opened:
+        name = next(s.name for s in opened.merged_slots if s.name.endswith("up_proj.weight"))
+        kept = opened.mask("vision", name).reshape(-1) & ~opened.mask("audio", name).reshape(-1)
+        where = int(kept.nonzero()[0])
+    tau_file = ckpt / "tau_star" / "model.safetensors"
+    tau = load_file(tau_file)
+    tau[name].reshape(-1)[where] = torch.finfo(tau[name].dtype).max
+    save_file(tau, str(tau_file), metadata={"format": "mmer-tau-star/1"})
+    manifest = json.loads((ckpt / MANIFEST_NAME).read_text())
+    manifest["modalities"]["vision"]["scale"] = 2.0
+    raw = (json.dumps(manifest, indent=2) + "\n").encode()
+    (ckpt / MANIFEST_NAME).write_bytes(raw)
+    (ckpt / MANIFEST_SHA_NAME).write_text(hashlib.sha256(raw).hexdigest() + "\n")
+    with pytest.raises(NonFiniteError, match=name):
+        Router.from_pretrained(ckpt, activate=first)
