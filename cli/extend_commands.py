@@ -38,7 +38,14 @@ Device = Annotated[str | None, typer.Option(help="auto, cpu or cuda.")]
 Precision = Annotated[str | None, typer.Option(help="auto, no, bf16 or fp16.")]
 Seed = Annotated[int | None, typer.Option(help="Seed of init, data order and RNG.")]
 CheckpointDir = Annotated[Path | None, typer.Option(help="Keep resumable checkpoints here.")]
-Resume = Annotated[bool, typer.Option(help="Continue from the latest checkpoint in --checkpoint-dir.")]
+
+
+def _resume(where: str) -> Any:
+    """--resume names the option that holds the checkpoints of the stage it is on (train's is --workdir)."""
+    return Annotated[bool, typer.Option(help=f"Continue from the latest checkpoint in {where}.")]
+
+
+Resume = _resume("--checkpoint-dir")
 SaveEvery = Annotated[int | None, typer.Option(help="Steps between checkpoints.")]
 Projector = Annotated[Path | None, typer.Option(help="An aligned projector: the pack `mmer extend align` wrote.")]
 Overwrite = Annotated[bool, typer.Option(help="Replace an existing output.")]
@@ -110,9 +117,12 @@ def stage_command(func):
     """Register ``func(..., flags: StageFlags)`` as a stage: typer sees its own parameters, then ``STAGE_OPTIONS``."""
     hints = get_type_hints(func, include_extras=True)
     own = [p.replace(annotation=hints[p.name]) for p in signature(func).parameters.values() if p.name != "flags"]
+    options = dict(STAGE_OPTIONS)
+    if "checkpoint_dir" not in hints:
+        options["resume"] = _resume("--workdir")
     shared = [
         Parameter(name, Parameter.KEYWORD_ONLY, default=getattr(StageFlags, name), annotation=annotation)
-        for name, annotation in STAGE_OPTIONS.items()
+        for name, annotation in options.items()
     ]
 
     @functools.wraps(func)
@@ -121,7 +131,7 @@ def stage_command(func):
         func(**kwargs, flags=flags)
 
     command.__signature__ = signature(func).replace(parameters=[*own, *shared])
-    command.__annotations__ = {p.name: p.annotation for p in own} | STAGE_OPTIONS
+    command.__annotations__ = {p.name: p.annotation for p in own} | options
     return extend_app.command()(command)
 
 

@@ -65,14 +65,16 @@ def _fail(err: MmerError, as_json: bool) -> None:
     raise typer.Exit(err.exit_code)
 
 
-def _check_png(png: Path | None) -> None:
-    """Refuse a --png that cannot be written before the work, not after it: a missing directory is not created
-    (as with matplotlib's own savefig, a typo in it should not silently make a new tree), and a file mmer did not
-    write is never replaced."""
+def _check_png(png: Path | None, default_name: str) -> Path | None:
+    """Where a --png goes, refused before the work, not after it: a missing directory is not created (as with
+    matplotlib's own savefig, a typo in it should not silently make a new tree), and a file mmer did not write
+    is never replaced. An existing directory receives ``default_name`` inside it, and that file is reported."""
     if png is None:
-        return
+        return None
+    if png.is_dir() and not png.is_symlink():
+        png = png / default_name
     try:
-        check_png(png)
+        return check_png(png)
     except MmerError as err:
         err.key = err.key or "png"
         raise
@@ -253,19 +255,21 @@ def compare(
     dare: Annotated[float | None, typer.Option(help="Drop rate of '+dare' variants without '=P' (0.5).")] = None,
     device: Annotated[str | None, typer.Option(help="Where the math runs: cpu, cuda...")] = None,
     json_out: Annotated[bool, typer.Option("--json", help="Print the results as JSON.")] = False,
-    png: Annotated[Path | None, typer.Option(help="Write a bar chart of errors and densities.")] = None,
+    png: Annotated[
+        Path | None, typer.Option(help="Write a bar chart of errors and densities (a directory: DIR/compare.png).")
+    ] = None,
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress bars.")] = False,
 ) -> None:
     """Compare merge methods and mask rules on the same models: how far each modality's rebuilt LLM is from its own."""
     from mmer.compare import PAPER_VARIANTS, run_compare, write_bar_chart
 
     try:
-        _check_png(png)
+        png = _check_png(png, "compare.png")
         recipe_obj = build_recipe(specs or [], recipe, None, k=k, lambda_=lambda_, dare=dare, device=device)
         with render.RichProgress(enabled=not quiet and not json_out) as progress:
             report = run_compare(recipe_obj, tuple(variant or PAPER_VARIANTS), progress=progress)
         if png is not None:
-            write_bar_chart(report, png)
+            png = write_bar_chart(report, png)
     except MmerError as err:
         _fail(err, json_out)
     except KeyboardInterrupt:
@@ -274,6 +278,7 @@ def compare(
         render.print_json({"ok": True, **report.to_dict(), "png": None if png is None else str(png)})
         return
     render.print_compare(report.to_dict())
+    render.print_warnings(report.warnings)
     if png is not None:
         render.out_console.print(f"bar chart written to {png}", markup=False)
 
@@ -284,13 +289,22 @@ def verify(
     sources: Annotated[
         bool, typer.Option("--sources", help="Also rebuild each modality and compare with its source model.")
     ] = False,
+    source: Annotated[
+        list[str] | None,
+        typer.Option(
+            "--source", help="Where a modality's source model is now: MODALITY=PATH (repeatable; implies --sources)."
+        ),
+    ] = None,
     json_out: Annotated[bool, typer.Option("--json", help="Print the report as JSON.")] = False,
 ) -> None:
     """Check every file's hash, every mask's shape and count, and optionally the rebuild against the sources."""
+    from mmer_cli.parsing import pairs
+
     from mmer.verify import verify as run_verify
 
     try:
-        report = run_verify(path, sources=sources)
+        moved = pairs(source, "--source")
+        report = run_verify(path, sources=sources or bool(moved), source_paths=moved)
     except MmerError as err:
         _fail(err, json_out)
     if json_out:
@@ -303,20 +317,26 @@ def verify(
 
 @app.command("inspect-masks")
 def inspect_masks(
-    path: Annotated[Path, typer.Argument(help="A decoupled checkpoint directory.")],
+    path: Annotated[Path, typer.Argument(help="A decoupled checkpoint directory, or its Hub id (org/name).")],
+    revision: Annotated[
+        str | None, typer.Option(help="With a Hub id for PATH: the branch, tag or commit (default main).")
+    ] = None,
     json_out: Annotated[bool, typer.Option("--json", help="Print the statistics as JSON.")] = False,
     png: Annotated[
-        Path | None, typer.Option(help="Write a heatmap (layers × modules, one panel per modality).")
+        Path | None,
+        typer.Option(
+            help="Write a heatmap (layers × modules, one panel per modality; a directory: DIR/mask_density.png)."
+        ),
     ] = None,
 ) -> None:
     """Show what each modality's mask kept: per layer, per module type, and overlaps between modalities."""
     from mmer.inspect import write_heatmap
 
     try:
-        _check_png(png)
-        stats = mmer.inspect_masks(path)
+        png = _check_png(png, "mask_density.png")
+        stats = mmer.inspect_masks(path, revision)
         if png is not None:
-            write_heatmap(stats, png)
+            png = write_heatmap(stats, png)
     except MmerError as err:
         _fail(err, json_out)
     data = stats.to_dict()
@@ -355,6 +375,7 @@ def demo(
         render.print_json({"ok": True, "merge": report.to_dict(), "masks": stats.to_dict(), "png": str(png)})
         return
     render.print_merge_report(report.to_dict())
+    render.print_warnings(report.warnings)
     render.print_mask_stats(stats.to_dict(), stats.modules, stats.rows)
     render.out_console.print(
         f"\nmodel specs: {', '.join(str(s) for s in models.specs)}\nheatmap: {png}\n"

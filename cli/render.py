@@ -11,12 +11,14 @@ import json
 import sys
 from typing import Any
 
-from rich.console import Console
+from rich.console import Console, ConsoleDimensions
 from rich.markup import escape
 from rich.progress import (
     BarColumn,
     DownloadColumn,
     Progress,
+    ProgressColumn,
+    Task,
     TaskID,
     TextColumn,
     TimeElapsedColumn,
@@ -24,24 +26,75 @@ from rich.progress import (
     TransferSpeedColumn,
 )
 from rich.table import Table
+from rich.text import Text
 
 from mmer.errors import MmerError
 from mmer.progress import ProgressSink, human_bytes
 
-err_console = Console(stderr=True)
-out_console = Console()
+# Outside a terminal (a pipe, a file, a CI log) rich assumes 80 columns and squeezes tables, cutting paths short
+# with an ellipsis; such output is read whole (grep, a log viewer), so it is as wide as its lines unless
+# COLUMNS says otherwise. Cells holding paths fold rather than truncate whatever the width.
+PIPE_WIDTH = 4096
+
+
+class _Console(Console):
+    @property
+    def size(self) -> ConsoleDimensions:
+        size = super().size
+        if self._width is None and not self.is_terminal and not self._environ.get("COLUMNS", "").isdigit():
+            return ConsoleDimensions(PIPE_WIDTH, size.height)
+        return size
+
+    @size.setter
+    def size(self, new_size: tuple[int, int]) -> None:
+        Console.size.fset(self, new_size)
+
+
+err_console = _Console(stderr=True)
+out_console = _Console()
+
+
+class _AmountColumn(ProgressColumn):
+    """Bytes as sizes (``1.2/3.4 MB``), any other unit as a count of it (``120/500 steps``)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self._bytes = DownloadColumn()
+
+    def render(self, task: Task) -> Text:
+        unit = task.fields.get("unit", "B")
+        if unit == "B":
+            return self._bytes.render(task)
+        total = "?" if task.total is None else f"{task.total:,.0f}"
+        return Text(f"{task.completed:,.0f}/{total} {unit}", style="progress.download")
+
+
+class _SpeedColumn(ProgressColumn):
+    """Bytes per second as a size, any other unit per second as a rate of it (``3.1 steps/s``)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self._bytes = TransferSpeedColumn()
+
+    def render(self, task: Task) -> Text:
+        unit = task.fields.get("unit", "B")
+        if unit == "B":
+            return self._bytes.render(task)
+        speed = task.finished_speed or task.speed
+        return Text("?" if speed is None else f"{speed:.3g} {unit}/s", style="progress.data.speed")
 
 
 class RichProgress(ProgressSink):
-    """Progress bars on stderr (so --json on stdout stays clean), sized in bytes for a meaningful ETA."""
+    """Progress bars on stderr (so --json on stdout stays clean), sized in bytes for a meaningful ETA; stages
+    counted in another unit (training steps, candidates) show counts of it, never bytes."""
 
     def __init__(self, enabled: bool = True) -> None:
         self.enabled = enabled
         self._progress = Progress(
             TextColumn("[bold]{task.description:<22}"),
             BarColumn(),
-            DownloadColumn(),
-            TransferSpeedColumn(),
+            _AmountColumn(),
+            _SpeedColumn(),
             TextColumn("ETA"),
             TimeRemainingColumn(),
             TimeElapsedColumn(),
@@ -59,9 +112,8 @@ class RichProgress(ProgressSink):
         self._progress.stop()
 
     def start(self, stage: str, total: float, unit: str = "B") -> None:
-        # Byte stages show sizes and speed; other units (steps, batches) show a plain count in the description.
-        label = stage if unit == "B" else f"{stage} ({unit})"
-        self._tasks[stage] = self._progress.add_task(label, total=max(total, 1))
+        plural = unit if unit == "B" or unit.endswith("s") else unit + "s"  # "step" counts as "12/40 steps"
+        self._tasks[stage] = self._progress.add_task(stage, total=max(total, 1), unit=plural)
 
     def advance(self, stage: str, amount: float) -> None:
         if stage in self._tasks:
@@ -100,7 +152,7 @@ def print_error(err: MmerError, as_json: bool) -> None:
 def print_plan(plan: dict[str, Any]) -> None:
     table = Table(title="merge plan", show_lines=False)
     for col in ("role", "model", "layout", "λ", "components", "private LLM tensors"):
-        table.add_column(col)
+        table.add_column(col, overflow="fold" if col in ("model", "private LLM tensors") else "ellipsis")
     base = plan["base"]
     table.add_row("base", escape(str(base["model"])), base["layout"], "", "", "")
     for m in plan["models"]:

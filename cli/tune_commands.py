@@ -8,6 +8,7 @@ from typing import Annotated, Any
 import typer
 from mmer_cli import render
 from mmer_cli.guard import interrupted
+from mmer_cli.parsing import pairs as _pairs
 from rich.markup import escape
 from rich.table import Table
 
@@ -21,18 +22,6 @@ def _fail(err: MmerError, as_json: bool) -> None:
 
 def _interrupted(as_json: bool) -> None:
     raise typer.Exit(interrupted(as_json, "the partial output was removed; nothing was written"))
-
-
-def _pairs(values: list[str] | None, flag: str) -> dict[str, str]:
-    out = {}
-    for item in values or []:
-        name, sep, value = item.partition("=")
-        if not sep or not name.strip() or not value.strip():
-            raise ConfigError(
-                f"{flag} {item!r} is not MODALITY=PATH", key=flag.lstrip("-"), hint=f"e.g. {flag} vision=/models/llava"
-            )
-        out[name.strip()] = value.strip()
-    return out
 
 
 def _floats(text: str | None, flag: str) -> list[float] | None:
@@ -49,7 +38,9 @@ def _floats(text: str | None, flag: str) -> list[float] | None:
 
 
 def add(
-    checkpoint: Annotated[Path, typer.Argument(help="The decoupled checkpoint to add to (output of mmer merge).")],
+    checkpoint: Annotated[
+        Path, typer.Argument(help="The decoupled checkpoint to add to (output of mmer merge), or its Hub id.")
+    ],
     specs: Annotated[
         list[Path], typer.Argument(help="One YAML per fine-tuned model to add, each with a new modality name.")
     ],
@@ -72,6 +63,9 @@ def add(
     dry_run: Annotated[bool, typer.Option("--dry-run", help="Decide and check everything, write nothing.")] = False,
     json_out: Annotated[bool, typer.Option("--json", help="Print a machine-readable summary on stdout.")] = False,
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress bars.")] = False,
+    revision: Annotated[
+        str | None, typer.Option(help="With a Hub id for CHECKPOINT: the branch, tag or commit (default main).")
+    ] = None,
 ) -> None:
     """Add fine-tuned models (new tasks or new modalities) to a decoupled checkpoint: re-merge all task vectors.
 
@@ -79,11 +73,12 @@ def add(
     them each old modality's reconstruction θ_base + mᵢ∘τ* stands in for it. mmer_add.json records which.
     """
     from mmer.add import add_models
+    from mmer.checkpoint.hub import checkpoint_directory
 
     try:
         with render.RichProgress(enabled=not quiet and not json_out and not dry_run) as progress:
             report = add_models(
-                checkpoint,
+                checkpoint_directory(checkpoint, revision),
                 list(specs),
                 output,
                 sources=_pairs(source, "--source"),
@@ -123,7 +118,7 @@ def _print_add(data: dict[str, Any]) -> None:
     render.out_console.print(table)
     added = Table(title="added")
     for col in ("modality", "added as", "model"):
-        added.add_column(col)
+        added.add_column(col, overflow="fold" if col == "model" else "ellipsis")
     for name, info in data["added"].items():
         added.add_row(name, info["kind"], escape(str(info["model"])))
     render.out_console.print(added)
@@ -179,14 +174,25 @@ def tune(
     check_sources: Annotated[
         bool, typer.Option("--check-sources/--no-check-sources", help="With --checkpoint: check originals' sha256.")
     ] = True,
+    overwrite: Annotated[
+        bool, typer.Option(help="Replace an earlier tune's files there (never a file mmer did not write).")
+    ] = False,
     json_out: Annotated[bool, typer.Option("--json", help="Print the results as JSON on stdout.")] = False,
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress bars.")] = False,
+    revision: Annotated[
+        str | None, typer.Option(help="With a Hub id for --checkpoint: the branch, tag or commit (default main).")
+    ] = None,
 ) -> None:
     """Search λ per modality (and K) maximising a score: a reconstruction or logit proxy, or your own function."""
+    from mmer.checkpoint.hub import checkpoint_directory
     from mmer.config import build_recipe
     from mmer.tune import DEFAULT_LAMBDAS, check_outputs, run_tune, write_outputs
 
     try:
+        if revision is not None and checkpoint is None:
+            raise ConfigError("--revision goes with --checkpoint", key="revision", hint="name the checkpoint's Hub id")
+        if checkpoint is not None:
+            checkpoint = checkpoint_directory(checkpoint, revision)
         recipe_obj = build_recipe(list(specs or []), recipe) if specs or recipe is not None else None
         probe_arg: Any = None
         if probes:
@@ -194,15 +200,17 @@ def tune(
                 probe_arg = probes[0]
             else:
                 probe_arg = _pairs(probes, "--probes")
-        check_outputs(output, write_recipe)
+        lambda_grid = _floats(lambdas, "--lambdas") or DEFAULT_LAMBDAS
+        k_grid = _floats(ks, "--ks")
+        check_outputs(output, write_recipe, overwrite)
         with render.RichProgress(enabled=not quiet and not json_out) as progress:
             report = run_tune(
                 recipe_obj,
                 checkpoint=checkpoint,
                 sources=_pairs(source, "--source"),
                 score=score,
-                lambdas=_floats(lambdas, "--lambdas") or DEFAULT_LAMBDAS,
-                ks=_floats(ks, "--ks"),
+                lambdas=lambda_grid,
+                ks=k_grid,
                 modalities=modality,
                 probes=probe_arg,
                 jobs=jobs,
@@ -213,7 +221,7 @@ def tune(
                 check_sources=check_sources,
                 progress=progress,
             )
-        written = write_outputs(report, output, write_recipe)
+        written = write_outputs(report, output, write_recipe, overwrite)
     except MmerError as err:
         _fail(err, json_out)
     except KeyboardInterrupt:

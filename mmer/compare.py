@@ -22,6 +22,7 @@ import torch
 
 from mmer.config import MergeOptions, Recipe
 from mmer.engine import find_thresholds, read_slot, tau_dtype
+from mmer.engine.trim_warnings import trim_warnings
 from mmer.errors import ConfigError
 from mmer.io.report_files import save_figure
 from mmer.merge.error import error_l1, relative_error, tau_l1
@@ -95,6 +96,7 @@ class CompareReport:
     results: list[VariantResult] = field(default_factory=list)
     seconds: float = 0.0
     peak_rss_bytes: int = 0
+    warnings: list[str] = field(default_factory=list)
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -102,6 +104,7 @@ class CompareReport:
             "variants": [r.to_dict() for r in self.results],
             "seconds": self.seconds,
             "peak_rss_bytes": self.peak_rss_bytes,
+            "warnings": self.warnings,
         }
 
 
@@ -168,7 +171,11 @@ def run_compare(
             progress.advance("compare", slot.nbytes * (1 + len(labels)))
             del base, base_dev, raw
         progress.end("compare")
-    report = CompareReport(labels)
+    report = CompareReport(labels, warnings=list(plan.warnings))
+    trims = sorted({v.threshold_key for v in resolved if v.needs_global_threshold and v.dare == 0})
+    for key in trims or [(recipe.options.k,)]:  # a zero task vector is said once, trimmed or not
+        found = trim_warnings(labels, thresholds[key] if trims else None, key[0], norm)
+        report.warnings += [w for w in found if w not in report.warnings]
     for i, variant in enumerate(resolved):
         report.results.append(
             VariantResult(

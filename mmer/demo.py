@@ -2,8 +2,9 @@
 
 ``mmer demo`` runs the whole pipeline on them with no download: a tiny Qwen2 base, a LLaVA-style vision model
 (llava-hf layout, two added vocabulary rows) and a Qwen2-Audio model (one added row), all real transformers
-classes saved with ``save_pretrained``. Their LLMs are the base plus seeded deltas that agree on a shared
-direction and conflict elsewhere, so TIES and the masks have real work to do.
+classes saved with ``save_pretrained``. Their LLMs are the base plus seeded deltas shaped like full
+fine-tunes (dense, but for the embedding rows of unused tokens) that agree on a shared direction and conflict
+elsewhere, so the trim, TIES and the masks all have real work to do.
 """
 
 from __future__ import annotations
@@ -32,6 +33,10 @@ TEXT_CONFIG = dict(
     max_position_embeddings=256,
     tie_word_embeddings=False,
 )
+
+
+# Share of the base vocabulary a demo fine-tune's training text never used (their embedding rows stay unchanged).
+UNUSED_TOKENS = 0.3
 
 
 def vision_density(name: str) -> float:
@@ -72,20 +77,31 @@ def _text_config(vocab_extra: int = 0):
 def fine_tune_deltas(
     base_state: dict[str, torch.Tensor], seed: int, density: Callable[[str], float], scale: float = 0.02
 ) -> dict[str, torch.Tensor]:
-    """Seeded stand-ins for fine-tuning: a direction every model shares plus a sparse model-specific part.
+    """Seeded stand-ins for a full fine-tune: every entry moves, except the embedding rows of unused tokens.
 
-    ``density(name)`` says how much of each tensor the model-specific part touches, so each demo modality
-    leaves its own footprint across layers and modules for ``inspect-masks`` to show.
+    As in a real full fine-tune, τᵢ is dense (every weight gets gradient, so almost no entry of τᵢ is exactly
+    zero) and the embedding rows of tokens the training text never used stay exactly as they were; a fixed
+    share of the base vocabulary (:data:`UNUSED_TOKENS`, drawn per model) plays them. So TIES' global top-K
+    (TIES §3) has entries to trim and the default K = 0.8 trims: the untouched rows are far less than 1 − K of
+    the model. The delta is a direction every model shares, a small dense drift of its own, and a larger sparse
+    part where its task lives: ``density(name)`` says how much of each tensor that part touches, so each demo
+    modality leaves its own footprint across layers and modules for ``inspect-masks`` to show.
     """
+    from mmer.io.layouts import module_type
+
     shared = torch.Generator().manual_seed(1234)
     own = torch.Generator().manual_seed(seed)
     deltas = {}
     for name in sorted(base_state):
         t = base_state[name]
-        common = torch.randn(t.shape, generator=shared) * scale * (torch.rand(t.shape, generator=shared) < 0.3)
+        common = torch.randn(t.shape, generator=shared) * scale * 0.25
+        drift = torch.randn(t.shape, generator=own) * scale * 0.1
         specific = torch.randn(t.shape, generator=own) * scale * 2.0
         keep = torch.rand(t.shape, generator=own) < density(name)
-        deltas[name] = common + specific * keep
+        delta = common + drift + specific * keep
+        if module_type(name) == "embed":  # input rows of tokens no training text used get no gradient
+            delta[torch.rand(t.shape[0], generator=own) < UNUSED_TOKENS] = 0.0
+        deltas[name] = delta
     return deltas
 
 

@@ -18,6 +18,7 @@ from mmer.checkpoint.finish import finish_checkpoint
 from mmer.checkpoint.manifest import Manifest, ModalityRecord, SlotRecord
 from mmer.config import ModelSpec, Recipe
 from mmer.engine import SlotStats, find_thresholds, merge_slots, tau_dtype
+from mmer.engine.trim_warnings import trim_warnings
 from mmer.io.hashing import hash_files
 from mmer.io.reader import DTYPE_NAMES, copy_side_files
 from mmer.io.writer import PlannedTensor, ShardedWriter, StagedOutput, pass_through
@@ -174,19 +175,12 @@ def execute_plan(
                 stats.scales.get(m.label, 1.0),
             )
         )
-        if stats.delta_l1[m.label] == 0.0:
-            report.warnings.append(
-                f"{m.label}: its LLM equals the base (all-zero task vector): nothing of it was merged; "
-                "frozen-LLM models (BLIP-2, Video-LLaMA) need no merge"
-            )
-        elif model_thresholds[i] == 0.0:
-            # Seen on real full fine-tunes: the rows of a large vocabulary that no training text used stay
-            # exactly unchanged, so more than 1 − K of τᵢ is 0 and a global top-K keeps every moved entry.
-            report.warnings.append(
-                f"{m.label}: the global trim threshold is 0: more than {1 - plan.variant.k:.0%} of its task "
-                "vector is exactly zero (e.g. untouched embedding rows), so trimming removed nothing; "
-                "--trim-scope per-tensor trims each tensor by K instead"
-            )
+    report.warnings += trim_warnings(
+        [m.label for m in plan.models],
+        thresholds.get(plan.variant.threshold_key) if plan.variant.dare == 0 else None,
+        plan.variant.k,
+        stats.delta_l1,
+    )
     return manifest
 
 

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import math
 import os
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -23,7 +24,7 @@ import torch
 from mmer.checkpoint import bits
 from mmer.checkpoint.decoupled import DecoupledCheckpoint, check_source_files
 from mmer.checkpoint.manifest import MANIFEST_NAME, MANIFEST_SHA_NAME, Manifest, read_manifest
-from mmer.errors import MmerError, ModelNotFoundError
+from mmer.errors import ConfigError, MmerError, ModelNotFoundError
 from mmer.io.hashing import file_sha256
 from mmer.io.paths import check_inside
 from mmer.io.reader import CheckpointReader
@@ -74,9 +75,16 @@ class VerifyReport:
         }
 
 
-def verify(path: str | Path, sources: bool = False) -> VerifyReport:
-    """Verify ``path``; problems are collected (not raised) so one run reports all of them."""
+def verify(
+    path: str | Path, sources: bool = False, source_paths: Mapping[str, str | Path] | None = None
+) -> VerifyReport:
+    """Verify ``path``; problems are collected (not raised) so one run reports all of them.
+
+    ``source_paths``: with ``sources``, where a modality's source model is now when it moved since the merge
+    (as ``mmer add --source``); it is still checked against the sha256 the manifest recorded for it.
+    """
     path = Path(path)
+    source_paths = dict(source_paths or {})
     report = VerifyReport(str(path))
     found: list[MmerError] = []
     try:
@@ -87,6 +95,13 @@ def verify(path: str | Path, sources: bool = False) -> VerifyReport:
     report.problems += [err.message for err in found]
     if manifest is None:
         return report
+    for name in source_paths:  # a usage error, not a finding about the checkpoint
+        if name not in manifest.modalities:
+            raise ConfigError(
+                f"--source given for modality {name!r}, which {path} does not have",
+                key="source",
+                hint=f"its modalities are: {', '.join(manifest.modalities)}",
+            )
     _check_files(path, manifest, report)
     try:
         with DecoupledCheckpoint(path, manifest) as ckpt:
@@ -98,7 +113,8 @@ def verify(path: str | Path, sources: bool = False) -> VerifyReport:
             _check_masks(ckpt, report)
             if sources:
                 for modality in ckpt.modalities:
-                    report.reconstruction[modality] = _reconstruction(ckpt, modality, report)
+                    moved = source_paths.get(modality)
+                    report.reconstruction[modality] = _reconstruction(ckpt, modality, report, moved)
     except MmerError as err:
         report.problems.append(err.message)
     return report
@@ -195,11 +211,16 @@ def _base_at_hand(ckpt: DecoupledCheckpoint) -> bool:
     return ckpt.manifest.base_storage == "copy" or ckpt.reference_base_checked
 
 
-def _reconstruction(ckpt: DecoupledCheckpoint, modality: str, report: VerifyReport) -> Reconstruction:
+def _reconstruction(
+    ckpt: DecoupledCheckpoint, modality: str, report: VerifyReport, moved: str | Path | None = None
+) -> Reconstruction:
     """Relative ℓ1 distance of θ̂ᵢ from θᵢ over the shared rows, and exactness of the private rows."""
     record = ckpt.modality(modality)
     source = record.source
-    resolved = resolve_model(source.model, source.commit if source.commit else None)
+    if moved is not None:  # where the caller says it is now: its files must still hash as recorded
+        resolved = resolve_model(str(moved))
+    else:
+        resolved = resolve_model(source.model, source.commit if source.commit else None)
     reader = CheckpointReader(resolved.path)
     checked = check_source_files(source, resolved.path)  # only recorded plain names, only inside the source
     differences = checked.problems if checked.recorded else None

@@ -318,12 +318,13 @@ def test_mmer_tune_prints_a_table_and_writes_json_png_and_recipe(tune_setup, tmp
         "vision",
         "-o",
         out,
+        "--overwrite",  # the first run's files are there: replaced only when asked
         "--json",
     )
     assert data.exit_code == 0, data
     assert data.json()["best"]["lambda"] == {"vision": 0.6} and data.json()["files"]["json"] == str(out / "tune.json")
 
-    bad = cli("tune", *specs, "--score", "nope:fn", "-o", out, "--json")
+    bad = cli("tune", *specs, "--score", "nope:fn", "-o", tmp_path / "new", "--json")
     assert bad.exit_code == 2 and bad.json()["key"] == "score"
     worse = cli("tune", *specs, "--lambdas", "0.5,x", "-o", out)
     assert worse.exit_code == 2 and "comma-separated" in worse.stderr

@@ -74,7 +74,7 @@ from mmer.tune.scores import (
     make_scorer,
     write_references,
 )
-from mmer.tune.search import DEFAULT_KS, DEFAULT_LAMBDAS, choose, grid
+from mmer.tune.search import DEFAULT_KS, DEFAULT_LAMBDAS, choose, flat_axes, grid
 from mmer.tune.sweep import sweep
 
 __all__ = [
@@ -212,6 +212,6 @@ def run_tune(
     report = choose(results, scorer, tuned, lambdas, ks, options.k, current, spec_recipe)
     report.tau_star_reused = reuse[1] if reuse is not None and reuse[1] in ks else None
     report.backend, report.jobs = backend, jobs
-    report.warnings = list(plan.warnings)
+    report.warnings = [*plan.warnings, *prepared.warnings, *flat_axes(report, prepared.untrimmed)]
     report.seconds = time.perf_counter() - started
     return report

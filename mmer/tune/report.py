@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Any
 
 from mmer.config import Recipe
+from mmer.errors import OutputExistsError
 from mmer.io.report_files import check_png, check_report_file, save_figure, text_written_by, write_report_file
 from mmer.tune.errors import refused
 from mmer.version import __version__
@@ -149,20 +150,37 @@ def write_plot(report: TuneReport, png: str | Path) -> Path:
         plt.close(fig)
 
 
-def check_outputs(output: str | Path, recipe: str | Path | None = None) -> None:
-    """Before the search: the report files may be written, and replace only what an earlier tune wrote there."""
+def check_outputs(output: str | Path, recipe: str | Path | None = None, overwrite: bool = False) -> None:
+    """Before the search: the report files may be written, and replace only what an earlier tune wrote there.
+
+    As for every mmer output (``mmer.io.outputs.check_target``), an existing one is replaced only with
+    ``overwrite``: a second tune into the same directory must not silently discard the first one's results.
+    """
     output = Path(output)
     if os.path.lexists(output) and (output.is_symlink() or not output.is_dir()):
         raise refused(output, "is not a directory", key="output", hint="choose another -o")
+    files = [output / "tune.json", output / "tune.png"] if output.is_dir() else []
     if output.is_dir():
         check_report_file(output / "tune.json", tune_report_written_by_mmer, "tune report")
         check_png(output / "tune.png")
     if recipe is not None:
         check_report_file(recipe, TUNED_RECIPE_SIGNATURE, "tuned recipe")
+        files.append(Path(recipe))
+    existing = [f for f in files if os.path.lexists(f)]
+    if existing and not overwrite:
+        raise OutputExistsError(
+            f"{existing[0]}: already exists (an earlier mmer tune wrote it)",
+            file=str(existing[0]),
+            key="recipe" if existing[0] == (Path(recipe) if recipe is not None else None) else "output",
+            hint="choose another output path or pass --overwrite to replace it",
+        )
 
 
-def write_outputs(report: TuneReport, output: str | Path, recipe: str | Path | None = None) -> dict[str, Path | None]:
+def write_outputs(
+    report: TuneReport, output: str | Path, recipe: str | Path | None = None, overwrite: bool = False
+) -> dict[str, Path | None]:
     """tune.json and tune.png in ``output`` (created if need be) and, when asked, the tuned recipe."""
+    check_outputs(output, recipe, overwrite)
     output = Path(output)
     try:
         output.mkdir(parents=True, exist_ok=True)

@@ -76,3 +76,37 @@ def choose(
         current_lambdas={m: current.get(m) for m in tuned},
         recipe=recipe,
     )
+
+
+def flat_axes(report: TuneReport, untrimmed: bool = False) -> list[str]:
+    """A sentence for each grid axis along which no score moved: its choice then says nothing about the models.
+
+    Ties go to the recipe's current value (see :func:`choose`), so a flat axis silently keeps it; on synthetic
+    or untouched inputs (a trim threshold of 0 makes every K merge the same τ*) the user must hear that.
+    ``untrimmed``: some model's trim threshold was 0 at some K below 1, the usual reason K changes nothing.
+    """
+    by = {(r.modality, r.k, r.lambda_): r.score for r in report.results}
+    out = []
+    for axis, flag, values, others in (
+        ("K", "--ks", report.ks, report.lambdas),
+        ("λ", "--lambdas", report.lambdas, report.ks),
+    ):
+        if len(values) < 2:
+            continue
+        flat = [
+            m
+            for m in report.modalities
+            if all(len({by[(m, v, o) if axis == "K" else (m, o, v)] for v in values}) == 1 for o in others)
+        ]
+        if flat:
+            grid = ", ".join(f"{v:g}" for v in values)
+            out.append(
+                f"{flag}: every {axis} of the grid ({grid}) scored the same for {', '.join(flat)}, so the choice "
+                f"of {axis} there is only the tie-break (the value closest to the recipe's)"
+                + (
+                    "; a trim threshold of 0 (see above) makes every K merge the same τ*"
+                    if axis == "K" and untrimmed
+                    else ""
+                )
+            )
+    return out

@@ -12,6 +12,7 @@ from typing import Any
 import torch
 
 from mmer.engine import find_thresholds, read_slot, tau_dtype
+from mmer.engine.trim_warnings import trim_warnings
 from mmer.io.reader import CheckpointReader
 from mmer.io.writer import PlannedTensor, ShardedWriter
 from mmer.merge.error import error_l1, relative_error, tau_l1
@@ -27,6 +28,8 @@ from mmer.tune.scores import Scorer
 class Sweep:
     inputs: dict[tuple[str, float], CandidateInputs]
     recon: list[dict[str, Any]]
+    warnings: list[str]
+    untrimmed: bool  # some model's global trim threshold was 0 at some K < 1: that K trimmed nothing
 
 
 def sweep(
@@ -145,4 +148,11 @@ def sweep(
                     "details": {"rel_l1": rel, "density": kept[(m, k, lam)] / total if total else 0.0},
                 }
             )
-    return Sweep(inputs, results)
+    warnings = []
+    for k in ks:  # the trim warnings a merge at each K would give (DARE's own zeros are not the models')
+        context = f"K={k:g}: " if len(ks) > 1 else ""
+        trimmed = per_model[k] if variants[k].dare == 0 else None
+        found = trim_warnings(labels, trimmed, k, norm if recon else None, context)
+        warnings += [w for w in found if w not in warnings]  # an all-zero τᵢ is said once, not per K
+    untrimmed = any(k < 1 and per_model[k] and 0.0 in per_model[k] for k in ks)
+    return Sweep(inputs, results, warnings, untrimmed)
