@@ -14,7 +14,9 @@ from mmer.errors import ConfigError, MmerError
 
 
 def reconstruct(
-    path: Annotated[Path, typer.Argument(help="A decoupled checkpoint directory (the output of `mmer merge`).")],
+    path: Annotated[
+        Path, typer.Argument(help="A decoupled checkpoint directory (the output of `mmer merge`), or its Hub id.")
+    ],
     output: Annotated[Path, typer.Option("--output", "-o", help="Where the rebuilt model(s) go.")],
     modality: Annotated[
         list[str] | None, typer.Option("--modality", "-m", help="Modality to rebuild (repeatable).")
@@ -26,6 +28,9 @@ def reconstruct(
     ] = False,
     json_out: Annotated[bool, typer.Option("--json", help="Print a machine-readable summary on stdout.")] = False,
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress bars.")] = False,
+    revision: Annotated[
+        str | None, typer.Option(help="With a Hub id for PATH: the branch, tag or commit (default main).")
+    ] = None,
 ) -> None:
     """Rebuild θ_base + mᵢ∘τ* as a standalone checkpoint in the source model's own layout, loadable unchanged.
 
@@ -48,6 +53,7 @@ def reconstruct(
                 overwrite=overwrite,
                 shard_size=parse_size(shard_size),
                 progress=progress,
+                revision=revision,
             )
     except MmerError as err:
         render.print_error(err, json_out)

@@ -89,10 +89,14 @@ class MaskStats:
         }
 
 
-def inspect_masks(path: str | Path) -> MaskStats:
-    """Count, on packed bits, how much of τ* each modality keeps per layer, per module, and jointly."""
+def inspect_masks(path: str | Path, revision: str | None = None) -> MaskStats:
+    """Count, on packed bits, how much of τ* each modality keeps per layer, per module, and jointly.
+
+    ``path`` is a checkpoint directory or a Hub id (at ``revision``), as for :func:`mmer.load_decoupled`.
+    """
     path = Path(path)
-    with load_decoupled(path) as ckpt:  # the one validated way in: sidecar, schema, files inside the checkpoint
+    # the one validated way in: sidecar, schema, files inside the checkpoint
+    with load_decoupled(path, revision) as ckpt:
         return _inspect(ckpt)
 
 
@@ -172,7 +176,9 @@ def write_heatmap(stats: MaskStats, png: str | Path) -> Path:
     except ImportError as err:  # matplotlib is an optional extra
         from mmer.errors import MmerError
 
-        raise MmerError(f"drawing the heatmap needs matplotlib ({err})", hint="pip install 'mmer-merge[plot]'") from None
+        raise MmerError(
+            f"drawing the heatmap needs matplotlib ({err})", hint="pip install 'mmer-merge[plot]'"
+        ) from None
     import numpy as np
 
     n = len(stats.modalities)

@@ -13,7 +13,7 @@ from __future__ import annotations
 import json
 import math
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -652,9 +652,17 @@ class DecoupledCheckpoint:
         self.close()
 
 
-def load_decoupled(path: str | Path) -> DecoupledCheckpoint:
-    """Open a decoupled checkpoint written by ``mmer merge`` (its manifest checked first, see ``open``)."""
-    return DecoupledCheckpoint.open(path)
+def load_decoupled(
+    path: str | Path, revision: str | None = None, *, modalities: Sequence[str] | None = None
+) -> DecoupledCheckpoint:
+    """Open a decoupled checkpoint written by ``mmer merge`` (its manifest checked first, see ``open``).
+
+    ``path`` is a directory or a Hub id (``org/name``, at ``revision``): a Hub checkpoint is fetched into the
+    Hugging Face cache, only the files a reader of ``modalities`` needs (all by default); offline, from the cache.
+    """
+    from mmer.checkpoint.hub import checkpoint_directory
+
+    return DecoupledCheckpoint.open(checkpoint_directory(path, revision, modalities))
 
 
 def _local_snapshot(src: SourceRecord) -> Path:

@@ -63,8 +63,12 @@ class ReconstructReport:
         }
 
 
-def _open(checkpoint: str | Path | DecoupledCheckpoint) -> DecoupledCheckpoint:
-    return checkpoint if isinstance(checkpoint, DecoupledCheckpoint) else load_decoupled(checkpoint)
+def _open(
+    checkpoint: str | Path | DecoupledCheckpoint, revision: str | None, modalities: Sequence[str] | None
+) -> DecoupledCheckpoint:
+    if isinstance(checkpoint, DecoupledCheckpoint):
+        return checkpoint
+    return load_decoupled(checkpoint, revision, modalities=modalities)
 
 
 def reconstruct_modality(
@@ -75,10 +79,18 @@ def reconstruct_modality(
     overwrite: bool = False,
     shard_size: int = DEFAULT_SHARD_SIZE,
     progress: ProgressSink | None = None,
+    revision: str | None = None,
 ) -> ReconstructReport:
     """Write ``modality``'s rebuilt model to ``output`` (a model directory ``from_pretrained`` can load)."""
     return reconstruct(
-        checkpoint, output, [modality], subdirs=False, overwrite=overwrite, shard_size=shard_size, progress=progress
+        checkpoint,
+        output,
+        [modality],
+        subdirs=False,
+        overwrite=overwrite,
+        shard_size=shard_size,
+        progress=progress,
+        revision=revision,
     )
 
 
@@ -91,20 +103,23 @@ def reconstruct(
     overwrite: bool = False,
     shard_size: int = DEFAULT_SHARD_SIZE,
     progress: ProgressSink | None = None,
+    revision: str | None = None,
 ) -> ReconstructReport:
     """Rebuild ``modalities`` (all by default) into ``output/<modality>/``, or into ``output`` itself.
 
     Args:
-        checkpoint: a decoupled checkpoint directory (or an open one).
+        checkpoint: a decoupled checkpoint directory, its Hub id (only the files of ``modalities`` are
+            fetched), or an open checkpoint.
         output: where to write; appears only when every model is complete.
         modalities: which models to rebuild; ``None`` means every modality of the checkpoint.
         subdirs: one subdirectory per modality; ``False`` needs exactly one modality and writes it to ``output``.
         overwrite: replace an existing ``output``.
         shard_size: maximum bytes per safetensors shard.
         progress: receives one stage per modality, sized in bytes.
+        revision: with a Hub id, the branch, tag or commit (``main`` by default).
     """
     started = time.perf_counter()
-    ckpt = _open(checkpoint)
+    ckpt = _open(checkpoint, revision, modalities)
     try:
         return _reconstruct(ckpt, output, modalities, subdirs, overwrite, shard_size, progress, started)
     finally:

@@ -127,11 +127,13 @@ class Router:
         activate: str | None = None,
         packs: Mapping[str, str | Path] | Sequence[str | Path] | None = None,
         check_base_model: str = "full",
+        revision: str | None = None,
     ) -> Router:
         """Open a decoupled checkpoint and build every modality's model on ``device``.
 
         Args:
-            path: the output directory of ``mmer merge``.
+            path: the output directory of ``mmer merge``, or its Hub id (``org/name``; only the files of the
+                loaded modalities are fetched, from the local cache alone when ``HF_HUB_OFFLINE=1``).
             device: where the live LLM, τ*, masks and components go (``"cuda"``, ``"cuda:1"``, ``"cpu"``, the
                 default); give ``device_map`` instead to spread the LLM over several devices.
             modalities: which modalities to load (all by default); also the masks m̄ averages in expansion mode.
@@ -147,6 +149,7 @@ class Router:
                 directories routed by the modality their manifests record (see :meth:`add_extension`).
             check_base_model: how each pack's recorded base is checked against θ_base (``full``: sha256 of
                 every tensor; ``shapes``; ``none``).
+            revision: with a Hub id, the branch, tag or commit to load (``main`` by default).
         """
         if device is not None and device_map is not None:
             raise ConfigError(
@@ -158,7 +161,7 @@ class Router:
         check_device(device)
         if base_device is not None:
             check_device(torch.device(base_device))
-        ckpt = load_decoupled(path)
+        ckpt = load_decoupled(path, revision, modalities=modalities)
         names = list(ckpt.modalities if modalities is None else modalities)
         if not names and not packs:
             raise RoutingInputError(
