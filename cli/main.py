@@ -285,7 +285,7 @@ def compare(
 
 @app.command()
 def verify(
-    path: Annotated[Path, typer.Argument(help="A decoupled checkpoint directory.")],
+    path: Annotated[Path, typer.Argument(help="A decoupled checkpoint directory, or its Hub id (org/name).")],
     sources: Annotated[
         bool, typer.Option("--sources", help="Also rebuild each modality and compare with its source model.")
     ] = False,
@@ -296,6 +296,9 @@ def verify(
         ),
     ] = None,
     json_out: Annotated[bool, typer.Option("--json", help="Print the report as JSON.")] = False,
+    revision: Annotated[
+        str | None, typer.Option(help="With a Hub id for PATH: the branch, tag or commit (default main).")
+    ] = None,
 ) -> None:
     """Check every file's hash, every mask's shape and count, and optionally the rebuild against the sources."""
     from mmer_cli.parsing import pairs
@@ -304,7 +307,7 @@ def verify(
 
     try:
         moved = pairs(source, "--source")
-        report = run_verify(path, sources=sources or bool(moved), source_paths=moved)
+        report = run_verify(path, sources=sources or bool(moved), source_paths=moved, revision=revision)
     except MmerError as err:
         _fail(err, json_out)
     if json_out:

@@ -23,6 +23,7 @@ import torch
 
 from mmer.checkpoint import bits
 from mmer.checkpoint.decoupled import DecoupledCheckpoint, check_source_files
+from mmer.checkpoint.hub import checkpoint_directory
 from mmer.checkpoint.manifest import MANIFEST_NAME, MANIFEST_SHA_NAME, Manifest, read_manifest
 from mmer.errors import ConfigError, MmerError, ModelNotFoundError
 from mmer.io.hashing import file_sha256
@@ -76,14 +77,19 @@ class VerifyReport:
 
 
 def verify(
-    path: str | Path, sources: bool = False, source_paths: Mapping[str, str | Path] | None = None
+    path: str | Path,
+    sources: bool = False,
+    source_paths: Mapping[str, str | Path] | None = None,
+    revision: str | None = None,
 ) -> VerifyReport:
     """Verify ``path``; problems are collected (not raised) so one run reports all of them.
 
+    ``path`` is a checkpoint directory or a Hub id (at ``revision``): every file its manifest names is fetched
+    into the Hugging Face cache (offline, only looked for there) and checked there.
     ``source_paths``: with ``sources``, where a modality's source model is now when it moved since the merge
     (as ``mmer add --source``); it is still checked against the sha256 the manifest recorded for it.
     """
-    path = Path(path)
+    path = checkpoint_directory(path, revision)
     source_paths = dict(source_paths or {})
     report = VerifyReport(str(path))
     found: list[MmerError] = []

@@ -181,6 +181,10 @@ def test_every_command_that_reads_a_checkpoint_takes_a_hub_id_and_a_revision(dem
     assert result.exit_code == 0, result
     assert (tmp_path / "rebuilt" / "config.json").is_file()
 
+    result = cli("verify", REPO, "--revision", "v1", "--json")
+    assert result.exit_code == 0, result
+    assert result.json()["ok"] is True and result.json()["files_checked"] == len(Manifest.read(merged).files)
+
     spec = tmp_path / "video.yaml"
     spec.write_text(f"model: {demo_models.audio}\nmodality: video\n")
     result = cli("add", REPO, spec, "--revision", "v1", "-o", tmp_path / "added", "--dry-run", "--json")
