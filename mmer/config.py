@@ -386,6 +386,14 @@ def _looks_like_path(model: str) -> bool:
     return model.startswith((".", "/", "~")) or model.count("/") > 1 or "\\" in model or ":" in model
 
 
+def _exists(path: Path) -> bool:
+    """Whether ``path`` exists; a name the OS cannot even look up (too long, a NUL byte) does not."""
+    try:
+        return path.exists()
+    except (OSError, ValueError):
+        return False
+
+
 def resolve_model_path(model: str, relative_to: Path | None, file: str | None = None) -> str:
     """A ``model:`` as written in the YAML at ``relative_to``: a relative path is joined to that directory.
 
@@ -395,18 +403,21 @@ def resolve_model_path(model: str, relative_to: Path | None, file: str | None = 
     """
     if relative_to is None or model.startswith("~") or Path(model).is_absolute():
         return model
+    # the YAML's directory as the OS reaches it (``a/../b`` through a link is not ``b``); the model part as written,
+    # so a model directory that is a link (into a Hub cache, onto shared storage) keeps the name the user gave it
+    relative_to = relative_to.resolve()
     candidate = relative_to / model
-    if candidate.exists():
-        return str(candidate.absolute())
-    if Path(model).exists() and relative_to.absolute() != Path.cwd():
+    if _exists(candidate):
+        return str(candidate)
+    if _exists(Path(model)) and relative_to != Path.cwd().resolve():
         raise ConfigError(
-            f"{file}: model {model!r} is not in {relative_to.absolute()} (paths in a YAML are resolved from the "
+            f"{file}: model {model!r} is not in {relative_to} (paths in a YAML are resolved from the "
             f"directory of the file), though it exists relative to the working directory",
             file=file,
             key="model",
             hint=f"write it as {str(Path(model).absolute())!r} or relative to the YAML's directory",
         )
-    return str(candidate.absolute()) if _looks_like_path(model) else model
+    return str(candidate) if _looks_like_path(model) else model
 
 
 def modality_for(model: str, taken: Collection[str]) -> str:

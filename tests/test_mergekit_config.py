@@ -336,7 +336,7 @@ def test_dry_run_prints_the_equivalent_mmer_recipe_and_that_recipe_runs(mergekit
     printed = result.stdout.split("recipe:\n", 1)[1].split("\n\n", 1)[0]
     recipe = yaml.safe_load(printed)
     assert recipe["options"]["mask"] == "none" and recipe["options"]["trim_scope"] == "per-tensor"
-    assert recipe["base"]["model"] == str((tmp_path / "models" / "base").absolute())
+    assert recipe["base"]["model"] == str(tmp_path.resolve() / "models" / "base")
     saved = tmp_path / "saved" / "recipe.yaml"
     saved.parent.mkdir()
     saved.write_text(printed, encoding="utf-8")
