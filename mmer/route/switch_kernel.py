@@ -16,11 +16,16 @@ extreme values. It covers CPU tensors with a bf16, float16 or float32 base and �
 float32; anything else, any machine without numba, and ``MMER_FUSED=0`` take the torch path, which stays the
 reference. NaN inputs are outside its contract (a checkpoint that rebuilds to a non-finite weight is refused at
 load unless it was merged with ``--allow-nonfinite``): a NaN comes out a NaN, not necessarily torch's pattern.
+
+Expansion mode's text weights θ_base + m̄∘τ* (``mmer.route.weights.rebuild_mean_weight``) have a kernel of their
+own in the same style, reading every modality's packed mask: a switch to them costs a switch, not a torch
+rebuild with a float32 temporary per mask.
 """
 
 from __future__ import annotations
 
 import os
+from collections.abc import Sequence
 from functools import lru_cache
 
 import numpy as np
@@ -71,6 +76,29 @@ def rebuild_into(
     return _magnitude(int(tops[0]), base.dtype), _magnitude(int(tops[1]), tau.dtype)
 
 
+def supports_mean(base: torch.Tensor, tau: torch.Tensor, packed: Sequence[torch.Tensor], out: torch.Tensor) -> bool:
+    """:func:`supports` for the text weights θ_base + m̄∘τ*: every modality's packed mask fits, at least one."""
+    return bool(packed) and all(supports(base, tau, p, out) for p in packed)
+
+
+def rebuild_mean_into(
+    out: torch.Tensor, base: torch.Tensor, tau: torch.Tensor, packed: Sequence[torch.Tensor], scales: Sequence[float]
+) -> None:
+    """Write θ_base + m̄∘τ* with m̄ = (Σᵢ sᵢ·mᵢ)/n into ``out``: ``mmer.route.weights.rebuild_mean_weight`` bit for
+    bit (the same float32 sum of the rescalers in modality order, the division by n, then τ*'s product and the
+    base's sum, each rounded once), from the packed masks. Callers check :func:`supports_mean` first."""
+    stacked = torch.stack([p.reshape(-1) for p in packed]).numpy()
+    _mean_kernel()(
+        _flat(base),
+        _flat(tau),
+        stacked,
+        np.asarray(scales, dtype=np.float32),
+        _flat(out),
+        _CODES[base.dtype],
+        _CODES[tau.dtype],
+    )
+
+
 def _magnitude(pattern: int, dtype: torch.dtype) -> float:
     """The float whose bit pattern (sign cleared) is ``pattern``, in ``dtype``."""
     signed = torch.int32 if dtype == torch.float32 else torch.int16
@@ -91,6 +119,14 @@ def _kernel():
     if njit is None or os.environ.get("MMER_FUSED", "1") == "0":
         return None
     return njit(parallel=True, cache=True, nogil=True)(_rebuild_kernel)
+
+
+@lru_cache(maxsize=1)
+def _mean_kernel():
+    """The compiled text-weight kernel, or None where :func:`_kernel` is None."""
+    if _kernel() is None:
+        return None
+    return njit(parallel=True, cache=True, nogil=True)(_rebuild_mean_kernel)
 
 
 # Scalar reinterpretations between float32 and its bit pattern (LLVM bitcasts: free, and the loops stay vectorisable).
@@ -185,11 +221,60 @@ def _pattern(x, code):
     return np.uint32(x) & np.uint32(0x7FFF)
 
 
+def _mean_span(base, tau, packed, scales, out, start, stop, base_code, tau_code):
+    """:func:`_span` for the text weights: each entry's Σᵢ sᵢ·bitᵢ in float32 (in modality order; a clear bit
+    adds ±0, which changes no sum that starts at +0), divided by n, times τ*, plus θ_base."""
+    n = packed.shape[0]
+    count = np.float32(n)
+    ones = np.empty((n, CHUNK), dtype=np.uint8)
+    wide = ones.view(np.uint64)
+    weight = np.empty(CHUNK, dtype=np.float32)
+    for first in range(start, stop, CHUNK):
+        last = min(first + CHUNK, stop)
+        byte = first >> 3
+        for m in range(n):
+            for i in range((last - first + 7) >> 3):
+                wide[m, i] = _SPREAD[packed[m, byte + i]]
+        for j in range(last - first):
+            weight[j] = np.float32(0.0)
+        for m in range(n):
+            scale = scales[m]
+            for j in range(last - first):
+                # s where the bit is set, else +0.0: the bitwise select keeps the loop branch-free
+                keep = np.uint32(np.uint32(0) - np.uint32(ones[m, j]))
+                weight[j] = weight[j] + _f32(_u32(scale) & keep)
+        b = base[first:last]
+        t = tau[first:last]
+        o = out[first:last]
+        for j in range(last - first):
+            mean = weight[j] / count
+            _store(o, j, _load(b[j], base_code) + mean * _load(t[j], tau_code), base_code)
+
+
+def _rebuild_mean_kernel(base, tau, packed, scales, out, base_code, tau_code):
+    numel = out.shape[0]
+    blocks = (numel + BLOCK - 1) // BLOCK
+    for blk in prange(blocks):
+        start = blk * BLOCK
+        stop = min(start + BLOCK, numel)
+        if base_code == 1 and tau_code == 1:
+            _mean_span(base, tau, packed, scales, out, start, stop, 1, 1)
+        elif base_code == 1:
+            _mean_span(base, tau, packed, scales, out, start, stop, 1, 0)
+        elif base_code == 2 and tau_code == 2:
+            _mean_span(base, tau, packed, scales, out, start, stop, 2, 2)
+        elif base_code == 2:
+            _mean_span(base, tau, packed, scales, out, start, stop, 2, 0)
+        else:
+            _mean_span(base, tau, packed, scales, out, start, stop, 0, 0)
+
+
 if njit is not None:
     _load = njit(inline="always", cache=True)(_load)
     _store = njit(inline="always", cache=True)(_store)
     _span = njit(inline="always", cache=True)(_span)
     _pattern = njit(inline="always", cache=True)(_pattern)
+    _mean_span = njit(inline="always", cache=True)(_mean_span)
 
 
 def _rebuild_kernel(base, tau, packed, out, base_code, tau_code, scale):

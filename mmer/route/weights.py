@@ -203,14 +203,22 @@ class DeviceWeights:
         self.check(name)
         return rebuild_weight(base, self.tau[name], self.mask(modality, name), scale=self.scales[modality])
 
-    def text_part(self, name: str) -> torch.Tensor:
-        """θ_base + m̄∘τ* (expansion mode's text weights), or θ_base for a tensor that was not merged."""
+    def text_part(self, name: str, into: torch.Tensor | None = None) -> torch.Tensor:
+        """θ_base + m̄∘τ* (expansion mode's text weights), or θ_base for a tensor that was not merged; with
+        ``into``, written by the one-pass kernel straight into its first rows where it covers the tensor."""
         base = self.base_on_device(name)
         if name not in self.tau:
             return base
         self.check(name)
+        scales = [self.scales[m] for m in self.modalities]
+        if base.device.type == "cpu":
+            out = torch.empty(base.shape, dtype=base.dtype) if into is None else into[: base.shape[0]]
+            packed = [self.masks[m][name] for m in self.modalities]
+            if out.shape == base.shape and switch_kernel.supports_mean(base, self.tau[name], packed, out):
+                switch_kernel.rebuild_mean_into(out, base, self.tau[name], packed, scales)
+                return out
         masks = [self.mask(m, name) for m in self.modalities]
-        return rebuild_mean_weight(base, self.tau[name], masks, [self.scales[m] for m in self.modalities])
+        return rebuild_mean_weight(base, self.tau[name], masks, scales)
 
     def full(self, modality: str, name: str, into: torch.Tensor | None = None) -> torch.Tensor:
         """The modality's whole LLM tensor, as ``DecoupledCheckpoint.llm_tensor`` builds it (FORMAT.md), or
@@ -230,8 +238,9 @@ class DeviceWeights:
             target[: base.shape[0]].copy_(base)
             return
         if modality == MEAN:
-            text = self.text_part(name)
-            target[: text.shape[0]].copy_(text)
+            text = self.text_part(name, into=target if target.dim() else None)
+            if text.data_ptr() != target.data_ptr():
+                target[: text.shape[0]].copy_(text)
             return
         self.full(modality, name, into=target)
 

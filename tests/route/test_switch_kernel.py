@@ -11,6 +11,7 @@ from mmer.checkpoint import bits
 from mmer.merge.masks import rebuild_weight
 from mmer.merge.overflow import max_abs
 from mmer.route import switch_kernel
+from mmer.route.weights import rebuild_mean_weight
 
 pytestmark = pytest.mark.skipif(switch_kernel._kernel() is None, reason="numba absent or MMER_FUSED=0")
 
@@ -87,10 +88,26 @@ def test_sizes_that_are_not_whole_bytes_or_blocks_rebuild_every_entry(base_dtype
 def test_the_kernel_reports_the_largest_magnitudes_of_base_and_tau_under_every_bit(base_dtype, tau_dtype, kind):
     base, tau, mask = draw(kind, 3 * switch_kernel.BLOCK + 11, base_dtype, tau_dtype, seed=5)
     mask[:] = False  # masked-out entries count too: they rebuild to θ_base under another modality's mask
-    base[-1], tau[7] = -2.0**15, float("-inf")
+    base[-1], tau[7] = -(2.0**15), float("-inf")
     out = torch.empty_like(base)
     maxima = switch_kernel.rebuild_into(out, base, tau, bits.pack(mask), 1.0)
     assert maxima == (max_abs(base), max_abs(tau)) == (float(base.float().abs().max()), float("inf"))
+
+
+@pytest.mark.parametrize("base_dtype,tau_dtype", COMBOS, ids=lambda d: str(d).removeprefix("torch."))
+@pytest.mark.parametrize("kind", ["random", "tied", "extreme"])
+@pytest.mark.parametrize(
+    "scales", [(1.0,), (1.0, 1.0), (1.0, 1.0, 1.0), (1.37, 0.5), (0.9, -0.75, 1.1)], ids=lambda s: str(list(s))
+)
+def test_the_text_weight_kernel_writes_exactly_what_rebuild_mean_weight_computes(base_dtype, tau_dtype, kind, scales):
+    base, tau, _ = draw(kind, 3 * 8 * 1024 + 13, base_dtype, tau_dtype, seed=len(scales))
+    g = torch.Generator().manual_seed(11)
+    masks = [torch.rand(base.shape, generator=g) < density for density in (0.3, 0.05, 0.6)[: len(scales)]]
+    out = torch.full_like(base, 7.0)  # garbage the kernel must overwrite everywhere
+    packed = [bits.pack(m) for m in masks]
+    assert switch_kernel.supports_mean(base, tau, packed, out)
+    switch_kernel.rebuild_mean_into(out, base, tau, packed, scales)
+    assert_bit_identical(out, rebuild_mean_weight(base, tau, masks, scales))
 
 
 def test_a_masked_out_negative_zero_base_becomes_positive_zero_as_torch_makes_it():
