@@ -132,7 +132,11 @@ def merge(
         str | None, typer.Option(help="global (paper) or per-tensor." + _takes("trim_scope"))
     ] = None,
     zero_sign: Annotated[
-        str | None, typer.Option(help="Elected sign where Σ τ = 0: zero (paper) or positive." + _takes("zero_sign"))
+        str | None,
+        typer.Option(
+            help="Elected sign where Σ τ = 0: zero (TIES paper), positive (mergekit) or majority (TIES/FusionBench "
+            "code: the model-wide majority sign, one more pass)." + _takes("zero_sign")
+        ),
     ] = None,
     trim_count: Annotated[
         str | None,

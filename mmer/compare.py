@@ -7,7 +7,8 @@ would give it, and the difference is taken in float32 as (θ̂ᵢ − θ_base) �
 
 Reads are shared: the task vectors of a slot are read once for all variants. Passes: two for the global trim
 thresholds (all variants at once, see ``merge.trim``), one for EMR's rescalers when an EMR variant is asked
-for (the rescaler is a whole-model ratio, needed before any error can be measured), and one for the errors.
+for (the rescaler is a whole-model ratio, needed before any error can be measured), one for the sign census when a
+TIES variant gives zero sums the majority sign (``zero_sign: majority``), and one for the errors.
 """
 
 from __future__ import annotations
@@ -21,7 +22,7 @@ from typing import Any
 import torch
 
 from mmer.config import MergeOptions, Recipe
-from mmer.engine import find_thresholds, read_slot, tau_dtype
+from mmer.engine import count_majority, find_thresholds, read_slot, tau_dtype
 from mmer.engine.trim_warnings import trim_warnings
 from mmer.errors import ConfigError
 from mmer.io.report_files import save_figure
@@ -33,7 +34,8 @@ from mmer.plan import build_plan, check_registries, resolve_variant
 from mmer.progress import NULL_PROGRESS, ProgressSink
 from mmer.runtime import peak_rss_bytes
 
-# The MMER paper's comparison (Tables 1-2): NaiveMC, TA, TIES, each with DARE, then the mask methods.
+# The MMER paper's comparison (Tables 1-2): NaiveMC, TA, TIES, each with DARE, then the mask methods, then Table 5's
+# ablations of MMER's mask (each of Eq. 3's two tests alone, on the same TIES τ*).
 PAPER_VARIANTS = (
     "average/none",
     "task_arithmetic/none",
@@ -44,6 +46,8 @@ PAPER_VARIANTS = (
     "task_arithmetic/tall",
     "emr/emr",
     "ties/mmer",
+    "ties/sign_only",
+    "ties/magnitude_only",
 )
 # Options the recipe and flags set for every variant at once: each applies to some variants, not to all. DARE is
 # set per variant (``+dare``) and weights belong to the models, so those must apply to every variant.
@@ -80,6 +84,7 @@ class VariantResult:
     rel_l1: dict[str, float]
     density: dict[str, float]
     scale: dict[str, float]
+    recorded: dict[str, Any] = field(default_factory=dict)  # what the merge counted (zero_sign majority's census)
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -87,6 +92,7 @@ class VariantResult:
             "modalities": {
                 m: {"rel_l1": self.rel_l1[m], "density": self.density[m], "scale": self.scale[m]} for m in self.rel_l1
             },
+            **self.recorded,
         }
 
 
@@ -127,6 +133,7 @@ def run_compare(
     device = torch.device(recipe.options.device)
     with plan:
         thresholds = find_thresholds(plan, resolved, progress)
+        resolved = count_majority(plan, resolved, thresholds, progress)
 
         def slot_result(variant: Variant, name: str, raw: list[torch.Tensor], dtype: torch.dtype):
             key = thresholds.get(variant.threshold_key) if variant.needs_global_threshold else None
@@ -183,6 +190,7 @@ def run_compare(
                 {label: relative_error(error[i][label], norm[label]) for label in labels},
                 {label: kept[i][label] / plan.merged_numel if plan.merged_numel else 0.0 for label in labels},
                 scales[i],
+                variant.recorded(),
             )
         )
     report.seconds = time.perf_counter() - started

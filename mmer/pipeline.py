@@ -17,7 +17,7 @@ from mmer.checkpoint.decoupled import BASE_DIR, COMPONENTS_DIR, MASKS_DIR, TAU_S
 from mmer.checkpoint.finish import finish_checkpoint
 from mmer.checkpoint.manifest import Manifest, ModalityRecord, SlotRecord
 from mmer.config import ModelSpec, Recipe
-from mmer.engine import SlotStats, find_thresholds, merge_slots, tau_dtype
+from mmer.engine import SlotStats, count_majority, find_thresholds, merge_slots, tau_dtype
 from mmer.engine.trim_warnings import trim_warnings
 from mmer.io.hashing import hash_files
 from mmer.io.reader import DTYPE_NAMES, copy_side_files
@@ -149,6 +149,11 @@ def execute_plan(
     t = time.perf_counter()
     thresholds = find_thresholds(plan, [plan.variant], progress)
     report.seconds["thresholds"] = time.perf_counter() - t
+    if plan.variant.needs_census:  # zero_sign majority: the variant carries its census from here on, recorded
+        t = time.perf_counter()
+        (plan.variant,) = count_majority(plan, [plan.variant], thresholds, progress)
+        report.plan.setdefault("options", {}).update(plan.variant.recorded())
+        report.seconds["sign_census"] = time.perf_counter() - t
     t = time.perf_counter()
     stats = merge_slots(plan, staging, thresholds, progress)
     report.seconds["merge"] = time.perf_counter() - t
@@ -234,7 +239,7 @@ def build_manifest(
             weight=1.0 if m.spec.weight is None else m.spec.weight,
         )
     tau_dtypes = sorted({DTYPE_NAMES[tau_dtype(plan, s.dtype)] for s in plan.merged_slots})
-    resolved = {**options.to_dict(), "alpha": plan.variant.alpha}
+    resolved = {**options.to_dict(), "alpha": plan.variant.alpha, **plan.variant.recorded()}
     base_copied = options.base_storage == "copy" and not single_model
     return Manifest(
         mmer_version=__version__,

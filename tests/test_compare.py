@@ -21,6 +21,8 @@ from mmer.errors import ConfigError
         ("ties+dare/none", "ties", "none", 0.5),
         ("task_arithmetic+dare=0.3/tall", "task_arithmetic", "tall", 0.3),
         ("emr", "emr", "mmer", 0.0),
+        ("ties/sign_only", "ties", "sign_only", 0.0),
+        ("ties+dare/magnitude_only", "ties", "magnitude_only", 0.5),
     ],
 )
 def test_a_variant_string_names_method_dare_and_mask(text, method, mask, dare):
@@ -37,13 +39,14 @@ def test_a_malformed_variant_is_refused(text):
 def test_compare_errors_equal_those_of_the_written_checkpoints(tiny_models, tmp_path):
     models = {"vision": tiny_models["vision_dir"], "audio": tiny_models["audio_dir"]}
     recipe = recipe_for(tiny_models["base_dir"], models)
-    variants = ("ties/mmer", "average+dare=0.3/none", "emr/emr", "task_arithmetic/tall")
+    variants = ("ties/mmer", "average+dare=0.3/none", "emr/emr", "task_arithmetic/tall", "ties/magnitude_only")
     report = run_compare(recipe, variants)
     assert [r.label for r in report.results] == [
         "ties/mmer",
         "average+dare0.3/none",
         "emr/emr",
         "task_arithmetic/tall",
+        "ties/magnitude_only",
     ]
     for text, result in zip(variants, report.results, strict=True):
         out = tmp_path / text.replace("/", "_").replace("=", "")
@@ -62,6 +65,12 @@ def test_compare_errors_equal_those_of_the_written_checkpoints(tiny_models, tmp_
                     assert result.scale[modality] == pytest.approx(ckpt.modality(modality).scale)
 
 
+def test_the_default_set_is_the_paper_s_tables_2_and_5() -> None:
+    assert {"ties/mmer", "ties/sign_only", "ties/magnitude_only", "emr/emr", "task_arithmetic/tall"} <= set(
+        PAPER_VARIANTS
+    )
+
+
 def test_mmer_rebuilds_each_modality_closer_than_the_single_model_baselines(tiny_models, tmp_path):
     recipe = recipe_for(
         tiny_models["base_dir"], {"vision": tiny_models["vision_dir"], "audio": tiny_models["audio_dir"]}
@@ -72,6 +81,12 @@ def test_mmer_rebuilds_each_modality_closer_than_the_single_model_baselines(tiny
         for baseline in ("average/none", "task_arithmetic/none", "ties/none"):
             assert by_label["ties/mmer"].rel_l1[modality] < by_label[baseline].rel_l1[modality]
         assert by_label["average/none"].density[modality] == 1.0
+    # MMER Table 5: each half of Eq. 3 alone keeps entries the whole rule drops, and each such entry moves the
+    # weight further from θᵢ in ℓ1 (λ ≤ 1): an agreeing τᵢ below half of τ*, or one pointing against it
+    for ablation in ("ties/sign_only", "ties/magnitude_only"):
+        for modality in ("vision", "audio"):
+            assert by_label[ablation].density[modality] > by_label["ties/mmer"].density[modality]
+            assert by_label[ablation].rel_l1[modality] > by_label["ties/mmer"].rel_l1[modality]
     png = write_bar_chart(report, tmp_path / "bars.png")
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 

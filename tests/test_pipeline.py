@@ -213,6 +213,8 @@ CHUNK_CASES = [
     {"dare": 0.3},
     {"trim_scope": "per-tensor"},
     {"k": 0.3, "trim_count": "exact", "zero_sign": "positive", "aggregate": "sum"},
+    {"zero_sign": "majority", "mask": "sign_only"},
+    {"zero_sign": "majority", "dare": 0.3, "mask": "magnitude_only"},
 ]
 
 
@@ -249,7 +251,16 @@ def test_a_global_threshold_of_zero_is_reported_because_the_trim_then_removes_no
     assert not any("trim threshold" in w for w in per_tensor.warnings)
 
 
-FUSED_CASES = [{}, {"zero_sign": "positive"}, {"k": 1.0}, {"delta_dtype": "float32"}, {"alpha": 0.8, "lambda_": 1.3}]
+FUSED_CASES = [
+    {},
+    {"zero_sign": "positive"},
+    {"k": 1.0},
+    {"delta_dtype": "float32"},
+    {"alpha": 0.8, "lambda_": 1.3},
+    {"zero_sign": "majority"},
+    {"mask": "sign_only"},
+    {"mask": "magnitude_only", "lambda_": 0.5},
+]
 
 
 @pytest.mark.parametrize("options", FUSED_CASES, ids=lambda o: ",".join(f"{k}={v}" for k, v in o.items()) or "default")
@@ -539,7 +550,7 @@ def test_hub_ids_resolve_offline_and_the_output_records_their_commits(tiny_model
     base, models, _ = mmer.load_recipe(tmp_path / "out" / "mmer_recipe.yaml")
     assert base.revision == commit and models[0].revision == "2" * 40
     card = (tmp_path / "out" / "README.md").read_text()
-    assert "base_model: org/tiny-base" in card
+    assert "- org/tiny-base\n- org/tiny-vision\n" in card  # base_model: every merged model, by Hub id
 
 
 def test_an_unknown_hub_id_offline_is_refused_with_a_hint(tiny_models, tmp_path, hf_cache):

@@ -20,6 +20,7 @@ from mmer.checkpoint.manifest import MANIFEST_NAME, ModalityRecord
 from mmer.config import ModelSpec, options_from_dict
 from mmer.errors import ConfigError
 from mmer.io.resolve import HUB_PATTERNS
+from mmer.merge.slot import RECORDED_KEYS
 
 
 def pinned_spec(name: str, record: ModalityRecord) -> ModelSpec:
@@ -49,8 +50,10 @@ def base_read_spec(ckpt: DecoupledCheckpoint) -> ModelSpec:
 
 
 def checkpoint_options(ckpt: DecoupledCheckpoint, **overrides: Any):
-    """The merge options the checkpoint was made with (from its manifest), with ``overrides`` applied."""
-    options = options_from_dict(ckpt.manifest.options, file=str(ckpt.path / MANIFEST_NAME))
+    """The merge options the checkpoint was made with (from its manifest), with ``overrides`` applied; what the
+    merge counted beside them (the sign census) is left out: a new merge counts its own."""
+    settings = {k: v for k, v in ckpt.manifest.options.items() if k not in RECORDED_KEYS}
+    options = options_from_dict(settings, file=str(ckpt.path / MANIFEST_NAME))
     changes = {k: v for k, v in overrides.items() if v is not None}
     return replace(options, **changes) if changes else options
 

@@ -16,7 +16,9 @@ from mmer.merge.overflow import check_merged
 from mmer.plan import MergePlan
 
 if TYPE_CHECKING:
+    from mmer.merge.methods import SignCensus
     from mmer.merge.one_pass import FusedResult
+    from mmer.merge.slot import Variant
 
 
 def fused_kernel(plan: MergePlan, slot_name: str, device: torch.device, store_dtype: torch.dtype | None = None) -> Any:
@@ -49,6 +51,27 @@ def count_fused(plan: MergePlan, slot_name: str, span: tuple[int, int], keys: li
         for i, finder in enumerate(finders[key]):
             finder.add_counted(counted.numel, counted.below[i], counted.inside[i], counted.candidates[i])
     return True
+
+
+def census_fused(
+    plan: MergePlan,
+    slot_name: str,
+    span: tuple[int, int],
+    variant: Variant,
+    thresholds: list[float | None] | None,
+    device: torch.device,
+) -> SignCensus | None:
+    """One chunk's elected-sign census through the kernel, or None where it cannot count exactly what the eager
+    engine would (a variant or inputs it does not take, or a τᵢ that is not finite): the eager path then counts."""
+    if fused_kernel(plan, slot_name, device) is None:
+        return None
+    from mmer.merge import one_pass
+
+    if not one_pass.counts_signs(variant) or one_pass._census_kernel() is None:
+        return None
+    base, thetas = chunk_views(plan, slot_name, span)
+    census, l1 = one_pass.census_chunk(base, thetas, thresholds if variant.uses_trim else None)
+    return census if all(math.isfinite(v) for v in l1) else None
 
 
 def merge_fused(

@@ -9,6 +9,9 @@ MMER (arXiv 2505.17110) §3.2; TALL-masks (arXiv 2405.07813) §3; EMR-Merging (a
 - ``emr`` (EMR-Merging): mᵢ = [τᵢ·τ* > 0] (sign agreement only), paired with a per-modality rescaler
   sᵢ = Σₙ mean|τᵢ,ₙ| / Σₙ mean|mᵢ,ₙ∘τ*ₙ| over tensors n, so θ̂ᵢ = θ_base + sᵢ·mᵢ∘τ*. Defined on EMR's own
   unified vector only, and tuning-free (no λ).
+- ``sign_only`` and ``magnitude_only``: MMER's Table 5 ablations, each one of Eq. 3's two tests alone:
+  mᵢ = [sgn(τᵢ) = sgn(τ*)] (directional congruence) and mᵢ = [|τᵢ| ≥ λᵢ·0.5·|τ*|] (dominant significance,
+  whatever the signs). Defined on any method's τ*, as the ablation runs them on TIES'.
 - ``none``: no masks; the output is the one merged model θ_base + τ* (the papers' single-model baselines).
 
 Each rule declares what it takes (λ, ``mask_source``) and which methods it pairs with; the plan refuses a
@@ -145,6 +148,43 @@ def mmer_mask(
     sign_star, abs_star = precomputed if precomputed is not None else _mmer_precompute(tau_star)
     u = tau_i * sign_star
     return (u > 0) & (u >= (lam * 0.5) * abs_star)
+
+
+@register_mask(
+    "sign_only",
+    summary="MMER Table 5 ablation: Eq. 3's sign test alone, sgn(τᵢ) = sgn(τ*)",
+    precompute=_mmer_precompute,
+    accepts=("mask_source",),
+    why_not={"lambda": "the sign test alone has no magnitude for λ to scale (magnitude_only is the other half)"},
+)
+def sign_only_mask(
+    tau_i: torch.Tensor,
+    tau_star: torch.Tensor,
+    lam: float,
+    precomputed: tuple[torch.Tensor, torch.Tensor] | None = None,
+) -> torch.Tensor:
+    """[sgn(τᵢ) = sgn(τ*)] where τ* ≠ 0: τᵢ·sgn(τ*) > 0, exact where the product τᵢ·τ* could underflow to 0."""
+    sign_star = precomputed[0] if precomputed is not None else torch.sign(tau_star)
+    return tau_i * sign_star > 0
+
+
+@register_mask(
+    "magnitude_only",
+    summary="MMER Table 5 ablation: Eq. 3's magnitude test alone, |τᵢ| ≥ λ·0.5·|τ*| whatever the signs",
+    default_lambda=0.9,
+    precompute=_mmer_precompute,
+    accepts=("lambda", "mask_source"),
+)
+def magnitude_only_mask(
+    tau_i: torch.Tensor,
+    tau_star: torch.Tensor,
+    lam: float,
+    precomputed: tuple[torch.Tensor, torch.Tensor] | None = None,
+) -> torch.Tensor:
+    """[|τᵢ| ≥ λ·0.5·|τ*|] where τ* ≠ 0 (the module's convention); unlike ``mmer`` it keeps an entry whose τᵢ
+    points against τ*, and at λ = 0 every entry where τ* ≠ 0."""
+    abs_star = precomputed[1] if precomputed is not None else tau_star.abs()
+    return (abs_star > 0) & (tau_i.abs() >= (lam * 0.5) * abs_star)
 
 
 @register_mask(

@@ -9,7 +9,9 @@ them. Symbols are the papers' (τ, γ, α): TIES-Merging (arXiv 2306.01708) §3,
 
 Where libraries disagree on TIES the choice is a named argument: ``elect_on`` (``raw``: γ from Σ τᵢ as in the
 TIES paper and PEFT; ``weighted``: γ from Σ wᵢτᵢ as in mergekit), ``aggregate`` (``mean``: disjoint mean, the
-paper's; ``sum``: disjoint sum, FusionBench's default), and ``zero_sign`` (what γ is where the sum is exactly 0).
+paper's; ``sum``: disjoint sum, FusionBench's default), and ``zero_sign`` (what γ is where the sum is exactly 0:
+``zero`` as TIES Algorithm 1 writes it, ``positive`` as mergekit, ``majority`` as the TIES authors' code,
+ModelCompose's and FusionBench's ``resolve_zero_signs(..., "majority")``).
 """
 
 from __future__ import annotations
@@ -26,6 +28,9 @@ DARE_OPTIONS = ("dare", "dare_seed")
 TIES_OPTIONS = ("zero_sign", "elect_on", "aggregate")
 ARGUMENTS = ("weights", "alpha", *TIES_OPTIONS)
 METHOD_OPTIONS = ("alpha", "weights", *TRIM_OPTIONS, *DARE_OPTIONS, *TIES_OPTIONS)
+# Arguments that no recipe sets: the engine counts them over the whole model first, and hands each to a method
+# that takes the option it resolves (``majority``: the sign ``zero_sign="majority"`` gives where Σ τᵢ = 0).
+DERIVED_ARGUMENTS = {"majority": "zero_sign"}
 
 
 @dataclass(frozen=True)
@@ -34,11 +39,14 @@ class MergeMethod:
 
     Attributes:
         name: the registry name used in recipes, on the command line and in manifests.
-        fn: ``fn(taus, **arguments) -> tau_star`` over float32 tensors; takes exactly the ``ARGUMENTS`` it accepts.
+        fn: ``fn(taus, **arguments) -> tau_star`` over float32 tensors; takes exactly the ``ARGUMENTS`` it accepts
+            (and the ``DERIVED_ARGUMENTS`` of those).
         summary: one line for ``--help`` and the model card.
         accepts: the ``METHOD_OPTIONS`` this method reads; a recipe that sets any other is refused.
         default_alpha: α used when the recipe does not set one.
         why_not: why a refused option does not apply, where that needs more than "the method does not read it".
+        elects: for a method that elects signs (it takes ``zero_sign``), ``elects(taus, weights=, elect_on=)`` gives
+            its γ before the zero-sign rule, so the engine can count the model-wide majority sign first.
     """
 
     name: str
@@ -47,6 +55,7 @@ class MergeMethod:
     accepts: frozenset[str]
     default_alpha: float = 1.0
     why_not: Mapping[str, str] = field(default_factory=dict)
+    elects: Callable[..., torch.Tensor] | None = None
 
     @property
     def uses_trim(self) -> bool:
@@ -64,7 +73,9 @@ class MergeMethod:
 
     def merge(self, taus: Sequence[torch.Tensor] | torch.Tensor, **options: object) -> torch.Tensor:
         """τ* from the options the method takes; the engine passes every option and each method gets its own."""
-        return self.fn(taus, **{name: options[name] for name in ARGUMENTS if name in self.accepts and name in options})
+        taken = [name for name in ARGUMENTS if name in self.accepts]
+        taken += [name for name, option in DERIVED_ARGUMENTS.items() if option in self.accepts]
+        return self.fn(taus, **{name: options[name] for name in taken if name in options})
 
 
 _REFUSALS = {
@@ -85,6 +96,7 @@ def register_method(
     accepts: Sequence[str],
     default_alpha: float = 1.0,
     why_not: Mapping[str, str] | None = None,
+    elects: Callable[..., torch.Tensor] | None = None,
 ) -> Callable[[Callable[..., torch.Tensor]], Callable[..., torch.Tensor]]:
     """Register ``fn`` under ``name``; a second registration of a name is a bug, not an override."""
     unknown = set(accepts) - set(METHOD_OPTIONS)
@@ -92,11 +104,15 @@ def register_method(
         raise ValueError(f"merge method {name!r} accepts unknown options {sorted(unknown)}")
     if "k" in accepts and not set(TRIM_OPTIONS) <= set(accepts):
         raise ValueError(f"merge method {name!r} trims, so it takes every one of {TRIM_OPTIONS}")
+    if ("zero_sign" in accepts) != (elects is not None):
+        raise ValueError(f"merge method {name!r}: a method takes zero_sign exactly when it declares how it elects")
 
     def decorate(fn: Callable[..., torch.Tensor]) -> Callable[..., torch.Tensor]:
         if name in METHODS:
             raise KeyError(f"merge method {name!r} is already registered")
-        METHODS[name] = MergeMethod(name, fn, summary, frozenset(accepts), default_alpha, dict(why_not or {}))
+        METHODS[name] = MergeMethod(
+            name, fn, summary, frozenset(accepts), default_alpha, dict(why_not or {}), elects=elects
+        )
         return fn
 
     return decorate
@@ -121,22 +137,82 @@ def _weights(taus: Sequence[torch.Tensor], weights: Sequence[float] | None) -> t
     return w.reshape(-1, *([1] * stacked_dims))
 
 
-def elect_sign(taus: Sequence[torch.Tensor], zero_sign: str = "zero") -> torch.Tensor:
+def elect_sign(taus: Sequence[torch.Tensor], zero_sign: str = "zero", majority: int | None = None) -> torch.Tensor:
     """γ = sgn(Σᵢ τᵢ): the sign with the larger total mass wins (TIES step 2).
 
-    Where the sum is exactly 0, ``zero`` keeps γ = 0 (TIES Algorithm 1: no entry agrees, τ* = 0) and
-    ``positive`` sets γ = +1 (mergekit's convention).
+    Where the sum is exactly 0, ``zero`` keeps γ = 0 (TIES Algorithm 1: no entry agrees, τ* = 0), ``positive``
+    sets γ = +1 (mergekit's convention) and ``majority`` sets γ = ``majority``, the model-wide majority sign
+    (see :class:`SignCensus`; the TIES authors' code, ModelCompose and FusionBench).
     """
-    return _elect(as_stack(taus), zero_sign)
+    return _resolve_zeros(torch.sign(as_stack(taus).sum(0)), zero_sign, majority)
 
 
-def _elect(stacked: torch.Tensor, zero_sign: str) -> torch.Tensor:
-    gamma = torch.sign(stacked.sum(0))
+def tie_sign(zero_sign: str, majority: int | None = None) -> float:
+    """The γ a ``zero_sign`` rule gives where Σᵢ τᵢ is exactly 0: the one place the rules are defined."""
+    if zero_sign == "zero":
+        return 0.0
     if zero_sign == "positive":
-        gamma = torch.where(gamma == 0, torch.ones_like(gamma), gamma)
-    elif zero_sign != "zero":
-        raise ValueError(f"unknown zero_sign rule {zero_sign!r}")
-    return gamma
+        return 1.0
+    if zero_sign == "majority":
+        if majority not in (-1, 1):
+            raise ValueError(
+                "zero_sign 'majority' needs the model-wide majority sign, counted over every merged entry first "
+                f"(mmer.engine.count_majority); got {majority!r}"
+            )
+        return float(majority)
+    raise ValueError(f"unknown zero_sign rule {zero_sign!r}")
+
+
+def _resolve_zeros(gamma: torch.Tensor, zero_sign: str, majority: int | None) -> torch.Tensor:
+    tie = tie_sign(zero_sign, majority)
+    if tie == 0.0:
+        return gamma
+    return torch.where(gamma == 0, torch.full_like(gamma, tie), gamma)
+
+
+@dataclass(frozen=True)
+class SignCensus:
+    """How many merged entries, over the whole model, elect γ = +1 and γ = −1 before any zero-sign rule.
+
+    ``zero_sign="majority"`` gives every entry whose Σᵢ τᵢ is exactly 0 the sign most entries elected: the TIES
+    authors' ``resolve_zero_signs(sign_to_mult, "majority")``, which ModelCompose (the code MMER builds on) and
+    FusionBench's TIES call, takes ``sgn(Σ sign_to_mult)`` over the model flattened into one vector. Counted here
+    exactly in integers; their float32 sum of ±1 agrees unless the counts are within its rounding of a tie, which
+    needs over 2²⁴ entries.
+    """
+
+    positive: int = 0
+    negative: int = 0
+
+    @property
+    def majority(self) -> int:
+        """+1 when more entries elect +1 than −1, else −1. A tied count leaves the reference code's γ at 0 there,
+        and its disjoint merge keeps τᵢ < 0 where γ is not positive (``where(γ > 0, τ > 0, τ < 0)``): −1 in
+        effect, so −1 here too, bit for bit."""
+        return 1 if self.positive > self.negative else -1
+
+    def __add__(self, other: SignCensus) -> SignCensus:
+        return SignCensus(self.positive + other.positive, self.negative + other.negative)
+
+    @classmethod
+    def of(cls, gamma: torch.Tensor) -> SignCensus:
+        """The census of elected signs ``gamma`` (NaN, where a sum is not a number, counts as neither)."""
+        return cls(int(torch.count_nonzero(gamma > 0)), int(torch.count_nonzero(gamma < 0)))
+
+    def to_dict(self) -> dict[str, int]:
+        return {"positive": self.positive, "negative": self.negative, "majority_sign": self.majority}
+
+
+def ties_signs(
+    taus: Sequence[torch.Tensor] | torch.Tensor, *, weights: Sequence[float] | None = None, elect_on: str = "raw"
+) -> torch.Tensor:
+    """TIES' γ before the zero-sign rule: sgn(Σ τᵢ), or sgn(Σ wᵢτᵢ) when electing on weighted task vectors."""
+    stacked = as_stack(taus)
+    if elect_on == "weighted" and weights is not None:
+        return torch.sign((stacked * _weights(list(stacked), weights)).sum(0))
+    if elect_on in ("raw", "weighted"):
+        return torch.sign(stacked.sum(0))
+    raise ValueError(f"unknown elect_on {elect_on!r}")
 
 
 def disjoint_mean(
@@ -217,6 +293,7 @@ def task_arithmetic(
 @register_method(
     "ties",
     accepts=METHOD_OPTIONS,
+    elects=ties_signs,
     summary="TIES-Merging: trim to top-K, elect sign by mass, disjoint mean",
 )
 def ties(
@@ -227,15 +304,14 @@ def ties(
     zero_sign: str = "zero",
     elect_on: str = "raw",
     aggregate: str = "mean",
+    majority: int | None = None,
 ) -> torch.Tensor:
-    """τ* = α · disjoint_mean(τ, γ) with γ = sgn(Σ τᵢ), over already-trimmed τᵢ (TIES-Merging §3, Algorithm 1)."""
+    """τ* = α · disjoint_mean(τ, γ) with γ = sgn(Σ τᵢ), over already-trimmed τᵢ (TIES-Merging §3, Algorithm 1).
+
+    ``majority`` is the model-wide majority sign that ``zero_sign="majority"`` needs (:class:`SignCensus`).
+    """
     stacked = as_stack(taus)
-    if elect_on == "weighted" and weights is not None:
-        gamma = _elect(stacked * _weights(taus, weights), zero_sign)
-    elif elect_on in ("raw", "weighted"):
-        gamma = _elect(stacked, zero_sign)
-    else:
-        raise ValueError(f"unknown elect_on {elect_on!r}")
+    gamma = _resolve_zeros(ties_signs(stacked, weights=weights, elect_on=elect_on), zero_sign, majority)
     tau_star = _disjoint(stacked, gamma, weights, aggregate)
     return tau_star * alpha if alpha != 1.0 else tau_star
 

@@ -6,8 +6,9 @@ buffers: about sixty passes through memory per entry, which on two cores is memo
 time in registers, compiled by numba, so the merge costs little more than its reads and writes.
 
 It is an accelerator, not a second engine: it covers exactly one configuration (TIES with unweighted models,
-``aggregate="mean"``, global or no trim, MMER masks on the trimmed task vectors, bf16 inputs, τ* stored in bf16
-or float32) and must reproduce the eager engine bit for bit; ``tests/merge/test_one_pass.py`` checks it against
+``aggregate="mean"``, global or no trim, any zero-sign rule, MMER masks or either half of them (Table 5's
+ablations) on the trimmed task vectors, bf16 or float16 inputs, τ* stored in their dtype or float32) and must
+reproduce the eager engine bit for bit; ``tests/merge/test_one_pass.py`` checks it against
 ``merge_slot`` on random, tied, zero and extreme values. Everything else, and any machine without numba, takes
 the eager path. Every float operation is float32 in the same order as torch's: the per-model sum is
 sequential over models, trimmed entries are +0.0, and the bf16 cast rounds to nearest even as torch does.
@@ -22,6 +23,8 @@ from functools import lru_cache
 
 import numpy as np
 import torch
+
+from mmer.merge.methods import SignCensus, tie_sign
 
 try:  # numba compiles the kernel; without it (or with MMER_FUSED=0) every chunk takes the eager path
     from numba import njit, prange
@@ -56,18 +59,18 @@ def reads(input_dtypes: Sequence[torch.dtype], device: torch.device) -> bool:
     )
 
 
-# What the kernel implements, declared against the registries: its method and mask rule, and for every option
-# that method or rule takes, which values of a variant it computes exactly. An option the registries add to
-# ``ties`` or ``mmer`` has no entry here until the kernel implements it, so such variants take the eager path.
+# What the kernel implements, declared against the registries: its method and mask rules, and for every option
+# that method or a rule takes, which values of a variant it computes exactly. An option the registries add to
+# ``ties`` or these rules has no entry here until the kernel implements it, so such variants take the eager path.
 KERNEL_METHOD = "ties"
-KERNEL_MASK = "mmer"
+KERNEL_MASKS = {"mmer": 0, "sign_only": 1, "magnitude_only": 2}  # rule → the kernel's code for its test
 KERNEL_COVERS = {
     "alpha": lambda v: True,
     "weights": lambda v: v.weights is None,
     "k": lambda v: True,
     "trim_scope": lambda v: not v.uses_trim or v.trim_scope == "global",
     "trim_count": lambda v: True,  # the count rule only moves the global threshold, found before the kernel runs
-    "zero_sign": lambda v: v.zero_sign in ("zero", "positive"),
+    "zero_sign": lambda v: v.zero_sign != "majority" or v.census is not None,  # majority: once counted
     "elect_on": lambda v: v.elect_on == "raw" or v.weights is None,  # without weights both elect on Σ τᵢ
     "aggregate": lambda v: v.aggregate == "mean",
     "dare": lambda v: v.dare <= 0,
@@ -80,7 +83,7 @@ KERNEL_COVERS = {
 def supports(variant, input_dtypes: Sequence[torch.dtype], store_dtype: torch.dtype, device: torch.device) -> bool:
     """Whether the fused kernel computes exactly what ``merge_slot`` would for this variant and these dtypes:
     its method and mask rule, and every option they declare (``accepts``) at a value the kernel covers."""
-    if variant.method != KERNEL_METHOD or variant.mask != KERNEL_MASK:
+    if variant.method != KERNEL_METHOD or variant.mask not in KERNEL_MASKS:
         return False
     options = variant.merge_method.accepts | variant.rule.accepts
     return (
@@ -123,7 +126,8 @@ def merge_chunk(
         lamhalf,
         np.float32(variant.alpha),
         variant.alpha != 1.0,
-        variant.zero_sign == "positive",
+        np.float32(tie_sign(variant.zero_sign, variant.majority)),
+        KERNEL_MASKS[variant.mask],
         base.dtype == torch.float16,
         _STORE_CODES[store_dtype],
         stored_f,
@@ -198,13 +202,13 @@ def _kernel():
 
 
 def _merge_kernel(
-    base, thetas, thr, trim, lamhalf, alpha, scale, zero_positive, half, store, stored_f, stored_u, packed, l1
+    base, thetas, thr, trim, lamhalf, alpha, scale, tie, rule, half, store, stored_f, stored_u, packed, l1
 ):
     n, numel = thetas.shape
     blocks = (numel + BLOCK - 1) // BLOCK
     zero = np.float32(0.0)
     one = np.float32(1.0)
-    tie = one if zero_positive else zero  # γ where Σ τᵢ = 0: mergekit's +1, or TIES' 0
+    # tie: γ where Σ τᵢ = 0 (methods.tie_sign); rule: KERNEL_MASKS' code, 0 = both tests, 1 = sign, 2 = magnitude
     for blk in prange(blocks):
         start = blk * BLOCK
         stop = min(start + BLOCK, numel)
@@ -266,8 +270,14 @@ def _merge_kernel(
             for first in range(0, size, 8):
                 byte = np.uint8(0)
                 for k in range(min(8, size - first)):
-                    u = tr[i, first + k] * sign[first + k]
-                    kept = (u > zero) & (u >= lam * magnitude[first + k])
+                    x = tr[i, first + k]
+                    u = x * sign[first + k]
+                    if rule == 0:
+                        kept = (u > zero) & (u >= lam * magnitude[first + k])
+                    elif rule == 1:
+                        kept = u > zero
+                    else:
+                        kept = (magnitude[first + k] > zero) & (abs(x) >= lam * magnitude[first + k])
                     byte |= np.uint8(kept) << np.uint8(k)
                 packed[i, (start + first) >> 3] = byte
 
@@ -375,3 +385,70 @@ def _count_kernel(base, thetas, half, lo, hi, below, inside, l1, out, offsets, f
                 below[blk, i] = under
                 inside[blk, i] = within
                 l1[blk, i] = acc
+
+
+# ---------------------------------------------------------------------------------------------- sign census
+def counts_signs(variant) -> bool:
+    """Whether :func:`census_chunk` counts exactly what ``slot.count_signs`` would for this variant: TIES electing
+    on Σ τᵢ (unweighted, or on raw sums), over task vectors trimmed at global thresholds or not at all, no DARE."""
+    return (
+        variant.method == KERNEL_METHOD
+        and KERNEL_COVERS["elect_on"](variant)
+        and KERNEL_COVERS["trim_scope"](variant)
+        and variant.dare <= 0
+    )
+
+
+def census_chunk(
+    base: torch.Tensor, thetas: Sequence[torch.Tensor], thresholds: Sequence[float | None] | None
+) -> tuple[SignCensus, list[float]]:
+    """The elected signs' census of one flat half-precision chunk (γ = sgn(Σ trimmed τᵢ), summed in the merge
+    kernel's order), and each model's Σ|τᵢ| so the caller can tell a non-finite τᵢ (then the eager path counts)."""
+    kernel = _census_kernel()
+    n, numel = len(thetas), base.numel()
+    thr = np.zeros(n, dtype=np.float32)
+    if thresholds is not None:
+        thr[:] = [t if t is not None else 0.0 for t in thresholds]
+    blocks = (numel + BLOCK - 1) // BLOCK
+    counts = np.zeros((blocks, 2), dtype=np.int64)
+    l1 = np.zeros((blocks, n), dtype=np.float64)
+    kernel(_u16(base), _stack_u16(thetas), thr, thresholds is not None, base.dtype == torch.float16, counts, l1)
+    totals = counts.sum(axis=0)
+    return SignCensus(int(totals[0]), int(totals[1])), [float(v) for v in l1.sum(axis=0)]
+
+
+@lru_cache(maxsize=1)
+def _census_kernel():
+    if njit is None or os.environ.get("MMER_FUSED", "1") == "0":
+        return None
+    return njit(parallel=True, cache=True, nogil=True)(_sign_count_kernel)
+
+
+def _sign_count_kernel(base, thetas, thr, trim, half, counts, l1):
+    n, numel = thetas.shape
+    blocks = (numel + BLOCK - 1) // BLOCK
+    zero = np.float32(0.0)
+    for blk in prange(blocks):
+        start = blk * BLOCK
+        stop = min(start + BLOCK, numel)
+        size = stop - start
+        b = _decode(base[start:stop], half)
+        sums = np.empty(size, dtype=np.float32)
+        for i in range(n):
+            th = _decode(thetas[i, start:stop], half)
+            acc = 0.0
+            for j in range(size):
+                t = th[j] - b[j]
+                acc += abs(t)
+                if trim and not (abs(t) >= thr[i]):
+                    t = zero
+                # model 0 starts the sum as the merge kernel's s = tr[0] does; then sequential over models
+                sums[j] = t if i == 0 else sums[j] + t
+            l1[blk, i] = acc
+        positive = 0
+        negative = 0
+        for j in range(size):
+            positive += sums[j] > zero
+            negative += sums[j] < zero
+        counts[blk, 0] = positive
+        counts[blk, 1] = negative

@@ -13,8 +13,10 @@ import torch
 
 from mmer.merge.dare import dare
 from mmer.merge.masks import MASKS, MaskRule
-from mmer.merge.methods import METHODS, MergeMethod
+from mmer.merge.methods import METHODS, MergeMethod, SignCensus
 from mmer.merge.trim import tensor_threshold, trim
+
+RECORDED_KEYS = ("sign_census",)  # what ``Variant.recorded`` adds to a manifest's options: counted, never set
 
 
 @dataclass(frozen=True)
@@ -22,6 +24,8 @@ class Variant:
     """Everything that decides how a slot is merged and masked, resolved (no ``None`` defaults left).
 
     Built by the pipeline from a recipe's options; kept here so the math does not depend on the config layer.
+    ``census`` is the one thing counted rather than set: the model-wide sign census that ``zero_sign="majority"``
+    needs, filled in by the engine's census pass (``mmer.engine.count_majority``) before any slot is merged.
     """
 
     method: str
@@ -38,6 +42,7 @@ class Variant:
     dare_seed: int
     lambdas: tuple[float | None, ...]
     weights: tuple[float, ...] | None = None
+    census: SignCensus | None = None
 
     @property
     def merge_method(self) -> MergeMethod:
@@ -73,6 +78,29 @@ class Variant:
         if self.dare > 0 or (self.uses_trim and self.trim_scope != "global"):
             return False
         return not self.rule.rescaled
+
+    @property
+    def needs_census(self) -> bool:
+        """Whether the method elects signs and gives a zero sum the model-wide majority sign, which must be
+        counted over every merged entry before the first slot is merged."""
+        return self.zero_sign == "majority" and self.merge_method.elects is not None
+
+    @property
+    def majority(self) -> int | None:
+        return self.census.majority if self.census is not None else None
+
+    @property
+    def census_key(self) -> tuple:
+        """Variants with equal keys elect the same signs everywhere, so they share one census: the same method on
+        the same DARE'd and trimmed task vectors, electing on the same sums (the mask rule does not enter)."""
+        trim = (self.k, self.trim_scope, self.trim_count) if self.uses_trim else None
+        weighted = self.elect_on == "weighted" and self.weights is not None
+        return (self.method, trim, self.dare, self.dare_seed if self.dare > 0 else 0, weighted)
+
+    def recorded(self) -> dict[str, object]:
+        """What the merge counted rather than was told, for the manifest's and the report's options: the sign
+        census under ``zero_sign="majority"``, nothing otherwise."""
+        return {"sign_census": self.census.to_dict()} if self.census is not None else {}
 
     @property
     def threshold_key(self) -> tuple[float, str, float, int]:
@@ -140,6 +168,18 @@ def _trim_each(taus: Sequence[torch.Tensor] | torch.Tensor, thresholds: Sequence
     return [trim(t, thr) for t, thr in zip(taus, thresholds, strict=True)]
 
 
+def count_signs(
+    raw_taus: Sequence[torch.Tensor], variant: Variant, name: str, thresholds: Sequence[float | None] | None = None
+) -> SignCensus:
+    """The census of one slot's elected signs before the zero-sign rule, from the very task vectors
+    :func:`merge_slot` elects on (DARE'd, then trimmed), so the majority it adds up to is the merge's own."""
+    trimmed = trim_taus(apply_dare(raw_taus, variant, name), variant, thresholds)
+    elects = variant.merge_method.elects
+    if elects is None:
+        raise ValueError(f"merge method {variant.method!r} elects no signs to count")
+    return SignCensus.of(elects(trimmed, weights=variant.weights, elect_on=variant.elect_on))
+
+
 def merge_slot(
     raw_taus: Sequence[torch.Tensor],
     variant: Variant,
@@ -157,6 +197,7 @@ def merge_slot(
         zero_sign=variant.zero_sign,
         elect_on=variant.elect_on,
         aggregate=variant.aggregate,
+        majority=variant.majority,
     )
     stored = tau_star.to(store_dtype)
     rule = variant.rule

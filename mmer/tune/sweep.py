@@ -11,7 +11,7 @@ from typing import Any
 
 import torch
 
-from mmer.engine import find_thresholds, read_slot, tau_dtype
+from mmer.engine import count_majority, find_thresholds, read_slot, tau_dtype
 from mmer.engine.trim_warnings import trim_warnings
 from mmer.io.reader import CheckpointReader
 from mmer.io.writer import PlannedTensor, ShardedWriter
@@ -49,6 +49,7 @@ def sweep(
     device = torch.device(options.device)
     variants = {k: resolve_variant(replace(plan.recipe, options=replace(options, k=k))) for k in ks}
     thresholds = find_thresholds(plan, list(variants.values()), progress)
+    variants = dict(zip(variants, count_majority(plan, list(variants.values()), thresholds, progress), strict=True))
     per_model = {k: thresholds.get(v.threshold_key) if v.needs_global_threshold else None for k, v in variants.items()}
     reuse_k = reuse[1] if reuse is not None and reuse[1] in ks else None
     tau_dirs = {reuse_k: reuse[0]} if reuse_k is not None else {}  # type: ignore[index]

@@ -103,6 +103,57 @@ def test_the_mask_registry_holds_mmer() -> None:
     assert MASKS["mmer"].fn is mmer_mask
 
 
+# -------------------------------------------------------------------------- Table 5's ablations, golden
+
+# One entry per case of Eq. 3 (λ = 0.5: the magnitude bar λ·0.5·|τ*| is 1 for |τ*| = 4 and 2 for |τ*| = 8):
+#                  conflict  below   at    above  τ*=0  τ*=0  at(−)  below(−) τᵢ=0  big conflict
+_ABLATION_STAR = [4.0, 4.0, 4.0, 4.0, 0.0, 0.0, -8.0, -8.0, 4.0, -4.0]
+_ABLATION_TAU = [-2.0, 0.5, 1.0, 6.0, 0.0, 1.0, -2.0, -1.5, 0.0, 3.0]
+
+
+def test_the_sign_only_ablation_keeps_every_entry_whose_sign_agrees_with_tau_star() -> None:
+    """MMER Table 5, Eq. 3's first test alone: [sgn(τᵢ) = sgn(τ*)], still 0 where τ* = 0 or τᵢ = 0."""
+    expected = [False, True, True, True, False, False, True, True, False, False]
+    assert MASKS["sign_only"].fn(_t(_ABLATION_TAU), _t(_ABLATION_STAR), 0.5).tolist() == expected
+
+
+def test_the_sign_only_ablation_is_exact_where_the_product_of_tiny_values_underflows() -> None:
+    # 1e-30 · 1e-30 underflows to 0 in float32, but the signs still agree
+    assert MASKS["sign_only"].fn(_t([1e-30, -1e-30]), _t([1e-30, -1e-30]), 0.0).tolist() == [True, True]
+
+
+@pytest.mark.parametrize(
+    ("lam", "expected"),
+    [
+        # |τᵢ| ≥ λ·0.5·|τ*| whatever the signs: the conflicting −2 and 3 are kept (mmer drops them), τ* = 0 is not
+        (0.5, [True, False, True, True, False, False, True, False, False, True]),
+        # λ = 1: bars 2 and 4; the conflicting −2 is exactly at its bar (inclusive) and 3 above it: both kept
+        (1.0, [True, False, False, True, False, False, False, False, False, True]),
+        # λ = 0: every entry where τ* ≠ 0, even a trimmed τᵢ = 0
+        (0.0, [True, True, True, True, False, False, True, True, True, True]),
+    ],
+)
+def test_the_magnitude_only_ablation_keeps_every_entry_large_enough_whatever_its_sign(lam, expected) -> None:
+    """MMER Table 5, Eq. 3's second test alone: [|τᵢ| ≥ λ·0.5·|τ*|], 0 where τ* = 0 (this module's convention)."""
+    assert MASKS["magnitude_only"].fn(_t(_ABLATION_TAU), _t(_ABLATION_STAR), lam).tolist() == expected
+
+
+@pytest.mark.parametrize("lam", [0.3, 0.9, 1.4])
+def test_mmer_s_mask_is_exactly_both_ablations_at_once(lam: float) -> None:
+    g = torch.Generator().manual_seed(4)
+    tau_i, tau_star = torch.randn(2, 5000, generator=g).round(decimals=1)  # many ties and exact zeros
+    both = MASKS["sign_only"].fn(tau_i, tau_star, lam) & MASKS["magnitude_only"].fn(tau_i, tau_star, lam)
+    assert torch.equal(both, mmer_mask(tau_i, tau_star, lam))
+
+
+def test_the_ablations_take_what_their_half_of_eq_3_reads_and_pair_with_any_method() -> None:
+    assert MASKS["sign_only"].accepts == {"mask_source"} and MASKS["sign_only"].default_lambda is None
+    assert MASKS["magnitude_only"].accepts == {"lambda", "mask_source"}
+    assert MASKS["magnitude_only"].default_lambda == MASKS["mmer"].default_lambda
+    assert MASKS["sign_only"].pairs_with is None and MASKS["magnitude_only"].pairs_with is None
+    assert not MASKS["sign_only"].rescaled and not MASKS["magnitude_only"].rescaled
+
+
 # ---------------------------------------------------------------------------------------- rebuild_weight
 
 _DTYPES = [torch.float32, torch.bfloat16, torch.float16]

@@ -12,7 +12,8 @@ from collections.abc import Iterator
 import pytest
 import torch
 
-from mmer.merge.methods import METHODS, disjoint_mean, elect_sign, register_method, ties
+from mmer.config import ZERO_SIGN_RULES
+from mmer.merge.methods import METHODS, SignCensus, disjoint_mean, elect_sign, register_method, tie_sign, ties
 
 
 def _t(values: list[float]) -> torch.Tensor:
@@ -82,9 +83,52 @@ def test_elect_sign_where_the_sum_is_exactly_zero_follows_the_zero_sign_rule(
     assert torch.equal(elect_sign(taus, zero_sign), _t(expected))
 
 
+@pytest.mark.parametrize(("majority", "expected"), [(-1, [1.0, -1.0, -1.0, -1.0, 1.0]), (1, [1.0] * 5)])
+def test_elect_sign_gives_a_zero_sum_the_majority_sign_it_is_handed(majority: int, expected: list[float]) -> None:
+    taus = [_t([3.0, -1.0, 0.0, 2.0, 1.0]), _t([-1.0, -1.0, 0.0, -2.0, 0.0]), _t([-1.0, 2.0, 0.0, 0.0, 0.0])]
+    assert torch.equal(elect_sign(taus, "majority", majority), _t(expected))
+
+
+def test_the_majority_rule_refuses_to_elect_before_the_majority_is_counted() -> None:
+    with pytest.raises(ValueError, match="needs the model-wide majority sign"):
+        elect_sign([_t([1.0]), _t([-1.0])], "majority")
+    with pytest.raises(ValueError, match="needs the model-wide majority sign"):
+        ties([_t([1.0]), _t([-1.0])], zero_sign="majority", majority=0)
+
+
 def test_elect_sign_refuses_an_unknown_zero_sign_rule() -> None:
     with pytest.raises(ValueError, match="unknown zero_sign rule 'negative'"):
         elect_sign([_t([0.0])], "negative")
+
+
+def test_tie_sign_is_the_one_place_each_zero_sign_rule_is_defined() -> None:
+    assert [tie_sign(rule, 1) for rule in ZERO_SIGN_RULES] == [0.0, 1.0, 1.0]
+    assert tie_sign("majority", -1) == -1.0
+
+
+@pytest.mark.parametrize(
+    ("gamma", "positive", "negative", "majority"),
+    [
+        ([1.0, -1.0, -1.0, 0.0, 0.0], 1, 2, -1),
+        ([1.0, 1.0, -1.0, 0.0], 2, 1, 1),
+        # a tied count: the reference code keeps γ = 0 and its disjoint merge then keeps the negative τᵢ, so −1
+        ([1.0, -1.0, 0.0], 1, 1, -1),
+        ([0.0, 0.0], 0, 0, -1),
+        ([float("nan"), 1.0], 1, 0, 1),  # a sum that is not a number elects neither sign
+    ],
+)
+def test_a_sign_census_counts_elected_signs_and_names_the_majority(gamma, positive, negative, majority) -> None:
+    census = SignCensus.of(_t(gamma))
+    assert (census.positive, census.negative, census.majority) == (positive, negative, majority)
+    assert census.to_dict() == {"positive": positive, "negative": negative, "majority_sign": majority}
+
+
+def test_censuses_of_parts_add_up_to_the_census_of_the_whole() -> None:
+    parts = [_t([1.0, -1.0, 0.0]), _t([-1.0, -1.0]), _t([1.0])]
+    total = SignCensus()
+    for part in parts:
+        total = total + SignCensus.of(part)
+    assert total == SignCensus.of(torch.cat(parts)) == SignCensus(2, 3)
 
 
 # ------------------------------------------------------------------------------------------ disjoint_mean
@@ -132,12 +176,15 @@ _TAU_3 = [-1.0, -2.0, 0.0, 0.0, -1.0, 0.0]
         # γ = +1 where Σ = 0: entry 2 keeps 0.5, entry 3 has nobody non-zero, entry 5 keeps τ₂ = 1
         (1.0, "positive", [2.0, -2.0, 0.5, 0.0, 3.0, 1.0]),
         (0.5, "positive", [1.0, -1.0, 0.25, 0.0, 1.5, 0.5]),
+        # majority −1 where Σ = 0: entry 2 keeps −0.5, entry 3 has nobody non-zero, entry 5 keeps τ₁ = −1
+        (1.0, "majority", [2.0, -2.0, -0.5, 0.0, 3.0, -1.0]),
     ],
 )
 def test_ties_merges_three_models_by_sign_election_and_disjoint_mean_scaled_by_alpha(
     alpha: float, zero_sign: str, expected: list[float]
 ) -> None:
-    out = ties([_t(_TAU_1), _t(_TAU_2), _t(_TAU_3)], alpha=alpha, zero_sign=zero_sign)
+    majority = -1 if zero_sign == "majority" else None
+    out = ties([_t(_TAU_1), _t(_TAU_2), _t(_TAU_3)], alpha=alpha, zero_sign=zero_sign, majority=majority)
     assert torch.equal(out, _t(expected))
 
 

@@ -13,7 +13,8 @@ import torch
 
 from mmer.checkpoint import bits
 from mmer.merge import one_pass
-from mmer.merge.slot import Variant, merge_slot
+from mmer.merge.methods import SignCensus
+from mmer.merge.slot import Variant, count_signs, merge_slot
 from mmer.merge.trim import rank_to_threshold
 
 pytest.importorskip("numba")
@@ -88,6 +89,14 @@ CASES = [
     ("gaussian", {"k": 0.3, "lambdas": (0.0, 1.0, 1.7)}),
     ("sparse", {"alpha": 0.7, "lambdas": (0.5, None, 1.2)}),
     ("quantised", {"k": 0.6, "trim_count": "exact"}),
+    # zero_sign majority, once counted: quantised deltas make many exact Σ = 0 among non-zero τᵢ
+    ("quantised", {"zero_sign": "majority", "census": SignCensus(positive=1, negative=9)}),
+    ("quantised", {"zero_sign": "majority", "census": SignCensus(positive=9, negative=1), "k": 1.0}),
+    # Table 5's ablations: each half of MMER's mask
+    ("quantised", {"mask": "sign_only"}),
+    ("gaussian", {"mask": "magnitude_only", "lambdas": (0.0, 0.9, 1.7)}),
+    ("extreme", {"mask": "magnitude_only"}),
+    ("extreme", {"mask": "sign_only", "k": 1.0}),
 ]
 
 
@@ -112,6 +121,41 @@ def test_the_fused_kernel_equals_the_eager_engine_bit_for_bit(kind, overrides, n
     assert got.ones == ones
     expected_l1 = [float(t.abs().double().sum()) for t in taus]
     assert got.l1 == pytest.approx(expected_l1, rel=1e-9)
+
+
+def test_the_majority_rule_changes_the_merge_on_tied_inputs() -> None:
+    """Not vacuous: on the quantised inputs the two majorities give different τ* and masks."""
+    base, thetas = inputs("quantised", 4096)
+    results = [
+        one_pass.merge_chunk(base, thetas, variant(zero_sign="majority", census=c), None, torch.bfloat16)
+        for c in (SignCensus(1, 9), SignCensus(9, 1))
+    ]
+    assert not torch.equal(results[0].stored.view(torch.int16), results[1].stored.view(torch.int16))
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
+@pytest.mark.parametrize("kind", ["gaussian", "quantised", "sparse", "extreme"])
+@pytest.mark.parametrize("k", [0.8, 0.3, 1.0])
+@pytest.mark.parametrize("numel", [13, 3 * one_pass.BLOCK + 9], ids=["tiny-ragged", "multi-block"])
+def test_the_sign_census_kernel_counts_what_the_eager_engine_elects(kind, k, numel, dtype):
+    v = variant(zero_sign="majority", k=k)
+    base, thetas = inputs(kind, numel, seed=3, dtype=dtype)
+    thresholds = global_thresholds(base, thetas, k) if v.uses_trim else None
+    taus = torch.stack([t.float() - base.float() for t in thetas])
+    assert one_pass.counts_signs(v)
+    got, l1 = one_pass.census_chunk(base, thetas, thresholds)
+    assert got == count_signs(taus, v, "w", thresholds)
+    assert got.positive + got.negative > 0
+    assert l1 == pytest.approx([float(t.abs().double().sum()) for t in taus], rel=1e-9)
+
+
+@pytest.mark.parametrize(
+    "change",
+    [{"dare": 0.1}, {"trim_scope": "per-tensor"}, {"weights": (1.0, 2.0, 1.0), "elect_on": "weighted"}],
+)
+def test_the_census_kernel_leaves_dare_per_tensor_trims_and_weighted_elections_to_the_eager_engine(change):
+    assert not one_pass.counts_signs(variant(zero_sign="majority", **change))
+    assert one_pass.counts_signs(variant(zero_sign="majority", weights=(1.0, 2.0, 1.0)))  # raw election
 
 
 @pytest.mark.parametrize(

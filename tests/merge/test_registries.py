@@ -14,7 +14,7 @@ from mmer.config import MergeOptions, ModelSpec, Recipe
 from mmer.errors import ConfigError
 from mmer.merge import one_pass
 from mmer.merge.masks import MASK_OPTIONS, MASKS
-from mmer.merge.methods import METHOD_OPTIONS, METHODS, register_method
+from mmer.merge.methods import METHOD_OPTIONS, METHODS, SignCensus, register_method
 from mmer.plan import check_registries, resolve_variant
 
 
@@ -71,7 +71,17 @@ def test_a_method_declaring_an_unknown_option_or_half_a_trim_is_refused_at_regis
         register_method("test-bogus-option", accepts=("alpha", "temperature"), summary="x")
     with pytest.raises(ValueError, match="trims"):
         register_method("test-half-trim", accepts=("k",), summary="x")
-    assert "test-bogus-option" not in METHODS and "test-half-trim" not in METHODS
+    with pytest.raises(ValueError, match="declares how it elects"):
+        register_method("test-zero-sign", accepts=("zero_sign",), summary="x")
+    assert not {"test-bogus-option", "test-half-trim", "test-zero-sign"} & set(METHODS)
+
+
+def test_a_method_is_handed_the_majority_sign_only_when_it_takes_zero_sign() -> None:
+    taus = [torch.tensor([1.0, -2.0]), torch.tensor([3.0, 2.0])]
+    options = {"alpha": 1.0, "zero_sign": "majority", "majority": -1, "aggregate": "sum"}
+    assert torch.equal(METHODS["average"].merge(taus, alpha=1.0, majority=-1), torch.tensor([2.0, 0.0]))
+    # ties: Σ = 0 in the second entry elects the majority sign −1, and the agreeing −2 is summed
+    assert torch.equal(METHODS["ties"].merge(taus, **options), torch.tensor([4.0, -2.0]))
 
 
 def test_a_method_is_handed_only_the_options_it_declares() -> None:
@@ -98,6 +108,8 @@ def test_a_method_is_handed_only_the_options_it_declares() -> None:
         ({"method": "emr", "mask": "emr", "dare_seed": 3}, "dare_seed", "method emr"),
         ({"mask": "none", "lambda_": 0.5}, "lambda", "mask rule none"),
         ({"method": "emr", "mask": "emr", "lambda_": 0.5}, "lambda", "mask rule emr"),
+        ({"mask": "sign_only", "lambda_": 0.5}, "lambda", "mask rule sign_only"),
+        ({"method": "average", "zero_sign": "majority"}, "zero_sign", "method average"),
         ({"mask": "tall", "mask_source": "raw"}, "mask_source", "mask rule tall"),
         ({"mask": "none", "mask_source": "raw"}, "mask_source", "mask rule none"),
     ],
@@ -114,7 +126,7 @@ def test_an_option_that_does_not_apply_to_the_method_or_mask_rule_is_refused_nam
 def test_the_refusal_names_the_methods_that_do_take_the_option() -> None:
     assert _refusal(method="average", aggregate="sum").hint.endswith("a method that takes it: ties")
     assert _refusal(method="emr", mask="emr", dare=0.2).hint.endswith("average, task_arithmetic, ties")
-    assert _refusal(mask="none", lambda_=0.5).hint.endswith("a mask rule that takes it: mmer, tall")
+    assert _refusal(mask="none", lambda_=0.5).hint.endswith("a mask rule that takes it: magnitude_only, mmer, tall")
 
 
 def test_per_model_weights_count_as_set_options() -> None:
@@ -192,7 +204,7 @@ def kernel_present(monkeypatch):
 
 
 def test_the_kernel_declares_a_value_rule_for_every_option_its_method_and_mask_rule_take() -> None:
-    taken = METHODS[one_pass.KERNEL_METHOD].accepts | MASKS[one_pass.KERNEL_MASK].accepts
+    taken = METHODS[one_pass.KERNEL_METHOD].accepts.union(*(MASKS[m].accepts for m in one_pass.KERNEL_MASKS))
     assert taken <= set(one_pass.KERNEL_COVERS)
 
 
@@ -209,6 +221,15 @@ def test_the_kernel_covers_the_default_variant_and_falls_back_on_any_value_it_do
     assert _supports(trim_scope="per-tensor", k=1.0)  # nothing to trim
     assert not _supports(method="average")
     assert not _supports(mask="tall")
+    assert _supports(mask="sign_only") and _supports(mask="magnitude_only")  # Table 5's ablations
+
+
+@pytest.mark.usefixtures("kernel_present")
+def test_the_kernel_takes_the_majority_rule_once_the_census_is_counted() -> None:
+    variant = resolve_variant(_recipe(zero_sign="majority"))
+    assert not one_pass.supports(variant, [torch.bfloat16] * 2, torch.bfloat16, torch.device("cpu"))
+    counted = replace(variant, census=SignCensus(positive=5, negative=7))
+    assert one_pass.supports(counted, [torch.bfloat16] * 2, torch.bfloat16, torch.device("cpu"))
 
 
 @pytest.mark.usefixtures("kernel_present")

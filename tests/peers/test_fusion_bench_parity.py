@@ -103,7 +103,8 @@ def test_ties_with_the_papers_semantics_equals_fusion_bench_ties_merging(
     One difference on purpose: where Σ τᵢ is exactly 0, FusionBench's ``resolve_zero_signs`` sets γ to the
     majority sign of the whole model, while mmer's default ``zero_sign=zero`` keeps γ = 0 (TIES Algorithm 1) so τ*
     is 0 there. It cannot matter with continuous deltas, nor with these inputs: the sum is 0 only where every
-    trimmed τᵢ is 0, and then no entry agrees with either sign and both give 0.
+    trimmed τᵢ is 0, and then no entry agrees with either sign and both give 0. ``zero_sign=majority`` follows
+    FusionBench there too; the tied models below show it.
     """
     pytest.importorskip("fusion_bench")
     from fusion_bench.method.ties_merging.ties_merging_utils import ties_merging
@@ -205,3 +206,80 @@ def test_emr_unified_vector_masks_and_rescalers_equal_fusion_bench_emr_merge(dya
                 # EMRTaskModulator.apply: θ += τ_uni ⊙ mask · rescaler
                 expected = base[name] + unified[name] * masks[name][i] * rescalers[i]
                 assert torch.equal(ckpt.llm_tensor(modality, name), expected), (modality, name)
+
+
+# ================================================================================================ majority
+
+TIED_SCALE = 2.0**-10
+
+
+@pytest.fixture(scope="module")
+def tied_models(tmp_path_factory: pytest.TempPathFactory) -> dict[str, object]:
+    """Every task vector entry is −2, −1, 0, 1 or 2 (× 2⁻¹⁰), negative more often than positive: many entries
+    whose sum over the three models is exactly 0 with non-zero terms (1 + 1 − 2, 2 − 2 + 0), and a model-wide
+    majority of −1, which neither mmer's ``zero`` (γ = 0) nor mergekit's ``positive`` (γ = +1) gives."""
+    pytest.importorskip("fusion_bench")
+    root = tmp_path_factory.mktemp("fusion-bench-tied")
+    shapes = canonical_shapes(vocab=VOCAB)
+    g = torch.Generator().manual_seed(31)
+    base = {n: torch.randint(-512, 513, s, generator=g).float() * TIED_SCALE for n, s in shapes.items()}
+    values = torch.tensor([-2.0, -1.0, 0.0, 1.0, 2.0])
+    weights = torch.tensor([0.25, 0.25, 0.2, 0.15, 0.15])
+    finetunes = []
+    for _ in range(N_MODELS):
+        ft = {}
+        for n, s in shapes.items():
+            tau = values[torch.multinomial(weights, torch.Size(s).numel(), True, generator=g)].reshape(s) * TIED_SCALE
+            ft[n] = base[n] + tau
+            assert torch.equal(ft[n] - base[n], tau)  # exact
+        finetunes.append(ft)
+    config = {**TINY_LLAMA, "vocab_size": VOCAB}
+    base_dir = write_model(root / "base", base, config=config, extra_files=())
+    dirs = [write_model(root / f"ft{i}", ft, config=config, extra_files=()) for i, ft in enumerate(finetunes)]
+    return {"base": base, "finetunes": finetunes, "base_dir": base_dir, "dirs": dirs}
+
+
+@pytest.mark.peer
+@pytest.mark.parametrize("k", [0.8, 0.5, 0.2])
+@pytest.mark.parametrize(("merge_func", "aggregate"), [("dis-mean", "mean"), ("dis-sum", "sum")])
+def test_ties_with_the_majority_zero_sign_equals_fusion_bench_ties_merging_where_sums_cancel(
+    tied_models, tmp_path, k, merge_func, aggregate
+):
+    """FusionBench's ``resolve_sign``: γ = sgn(Σ trimmed τᵢ), then every γ = 0 becomes sgn(Σ γ) over the whole
+    flattened model. mmer counts that census in a pass of its own, streaming one tensor at a time, and must give
+    the same τ* bit for bit, and the same majority, recorded in the manifest."""
+    pytest.importorskip("fusion_bench")
+    from fusion_bench.method.ties_merging.ties_merging_utils import ties_merging, topk_values_mask
+
+    flat = _flat_inputs(tied_models)
+    theirs = ties_merging(flat["tv"].clone(), reset_thresh=k, merge_func=merge_func)
+    trimmed, *_ = topk_values_mask(flat["tv"].clone(), K=k)
+    elected = torch.sign(trimmed.sum(0))
+    assert int((elected == 0).sum()) > int((trimmed == 0).all(0).sum())  # sums that cancel non-zero terms
+    majority = int(torch.sign(elected.sum()))
+    assert majority == -1
+    out = _run_mmer(tied_models, tmp_path / "out", method="ties", k=k, aggregate=aggregate, zero_sign="majority")
+    ours = _flat_tau_star(out, tied_models["base"])
+    assert torch.equal(ours, theirs)
+    census = json.loads((out / "mmer_manifest.json").read_text())["options"]["sign_census"]
+    assert census == {"positive": int((elected > 0).sum()), "negative": int((elected < 0).sum()), "majority_sign": -1}
+    zero = _run_mmer(tied_models, tmp_path / "zero", method="ties", k=k, aggregate=aggregate)
+    assert not torch.equal(_flat_tau_star(zero, tied_models["base"]), theirs)  # the rule decides real entries
+
+
+@pytest.mark.peer
+@pytest.mark.parametrize("merge_func", ["dis-mean", "dis-sum"])
+def test_a_tied_census_gives_what_fusion_bench_s_disjoint_merge_gives(merge_func):
+    """Equally many + and − elections leave FusionBench's γ at 0 where the sum cancels, and its disjoint merge
+    keeps the negative τᵢ there (``where(γ > 0, τ > 0, τ < 0)``): mmer's majority is −1 then, the same bytes."""
+    pytest.importorskip("fusion_bench")
+    from fusion_bench.method.ties_merging.ties_merging_utils import disjoint_merge, resolve_sign
+
+    from mmer.merge.methods import SignCensus, ties, ties_signs
+
+    tv = torch.tensor([[2.0, -1.0, 3.0, -1.0, 0.0], [-2.0, 1.0, 0.0, -2.0, 0.0], [0.0, 0.0, -1.0, 0.0, 0.0]])
+    census = SignCensus.of(ties_signs(tv))
+    assert (census.positive, census.negative) == (1, 1)
+    theirs = disjoint_merge(tv, merge_func, resolve_sign(tv))
+    ours = ties(tv, zero_sign="majority", majority=census.majority, aggregate=merge_func.split("-")[1])
+    assert torch.equal(ours, theirs)
