@@ -404,6 +404,42 @@ def evaluate(
     _finish(summary, json_out, [line + ("" if pack is None else f" with {pack}")])
 
 
+@extend_app.command()
+def demo(
+    workdir: Annotated[
+        Path | None,
+        typer.Option(help="Where to write the tiny MoE model, data, recipe and pack (default: a temp dir)."),
+    ] = None,
+    json_out: JsonOut = False,
+    quiet: Quiet = False,
+) -> None:
+    """Build a tiny Mixtral and data for a made-up modality, run align, probe and train on them, evaluate the pack."""
+    import tempfile
+
+    from mmer.extend.demo import run_extend_demo
+
+    root = workdir if workdir is not None else Path(tempfile.mkdtemp(prefix="mmer-extend-demo-"))
+    if not json_out and not quiet:
+        render.err_console.print(f"building a tiny Mixtral and its data in {root} ...", markup=False)
+    summary = _run(json_out, quiet, lambda progress: run_extend_demo(root, progress))
+    files, held_out, text = summary["files"], summary["held_out"], summary["text"]
+    root = Path(summary["pack"]).parent
+    lines = [
+        *_report_lines(summary["reports"]),
+        f"extended layers {summary['layers']} (new experts copied from {summary['sources']})",
+        f"held-out samples of the new modality: loss {held_out['loss']:.4f}, accuracy {held_out['accuracy']:.1%}",
+        f"text alone (forgetting): loss {text['base']['loss']:.4f} on the base, {text['pack']['loss']:.4f} with "
+        "the pack",
+        f"extension pack written to {summary['pack']}",
+        "",
+        "next:",
+        f"  mmer extend inspect {summary['pack']}",
+        f"  mmer extend eval {files['base']} {files['held_out']} --pack {summary['pack']}",
+        f"  mmer extend train {files['base']} {files['train']} --recipe {files['recipe']} -o {root / 'pack2'}",
+    ]
+    _finish(summary, json_out, lines)
+
+
 def register(app: typer.Typer) -> None:
     """Add this module's commands to ``app``."""
     app.add_typer(extend_app, name="extend")

@@ -9,7 +9,6 @@ elsewhere, so the trim, TIES and the masks all have real work to do.
 
 from __future__ import annotations
 
-import os
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -17,9 +16,7 @@ from pathlib import Path
 import torch
 import yaml
 
-from mmer.errors import OutputExistsError
-from mmer.io.outputs import is_mmer_output, read_marker, write_marker
-from mmer.io.writer import output_os_error
+from mmer.io.workdir import DEMO_KIND, claim_workdir
 
 # Not mmer.synthetic.TINY_LLAMA, on purpose: LLaVA and Qwen2-Audio wrap a Qwen2 LLM here, and four layers of
 # width 64 leave inspect-masks a per-layer footprint worth showing.
@@ -118,39 +115,7 @@ def _apply(model, base_state: dict[str, torch.Tensor], seed: int, density: Calla
             target[: base.shape[0]].copy_(base + deltas[name])
 
 
-DEMO_KIND = "demo-workdir"
-
-
-def claim_workdir(root: str | Path) -> Path:
-    """Make ``root`` the demo's work directory: a new or empty one is marked as the demo's, a marked one reused.
-
-    Anything else (a non-empty directory the demo did not make, a file, a link) is refused: the demo writes
-    ``base/``, ``vision/``, ``audio/``, ``merged/`` and more there and must not touch a user's files.
-    """
-    root = Path(os.path.abspath(os.path.expanduser(root)))
-    marker = read_marker(root)
-    if marker is not None and marker.get("kind") == DEMO_KIND and not root.is_symlink():
-        return root
-    if root.is_symlink() or (os.path.lexists(root) and not root.is_dir()):
-        raise OutputExistsError(
-            f"{root}: is {'a symbolic link' if root.is_symlink() else 'a file'}, not a demo work directory",
-            file=str(root),
-            hint="give --workdir a new or empty directory, or leave it out to use a temporary one",
-        )
-    try:
-        root.mkdir(parents=True, exist_ok=True)
-        if any(root.iterdir()):
-            what = "another mmer output" if marker is not None or is_mmer_output(root) else "files of its own"
-            raise OutputExistsError(
-                f"{root}: is not empty and not a previous demo work directory (it holds {what}); the demo would "
-                "write base/, vision/, audio/, merged/ and specs into it",
-                file=str(root),
-                hint="give --workdir a new or empty directory, or leave it out to use a temporary one",
-            )
-        write_marker(root, DEMO_KIND)
-    except OSError as err:
-        raise output_os_error(err, root) from None
-    return root
+__all__ = ["DEMO_KIND", "DemoModels", "build_demo_models", "claim_workdir", "fine_tune_deltas"]  # claim_workdir: io's
 
 
 def build_demo_models(root: str | Path, seed: int = 0) -> DemoModels:

@@ -113,7 +113,7 @@ def digit_data(tokenizer: CharTokenizer, images: torch.Tensor, digits: torch.Ten
 def digit_accuracy(model: MoExtendModel, data: ExtendData) -> float:
     """Share of images whose most likely answer token is the right digit."""
     with torch.no_grad():
-        logits = model(data.input_ids, data.attention_mask, data.features)
+        logits = model(data.input_ids, data.attention_mask, data.features).logits
     answer_position = data.input_ids.shape[1] - 3  # predicts the digit at position -2
     predicted = logits[:, answer_position].argmax(-1)
     return float((predicted == data.labels[:, -2]).float().mean())
@@ -233,8 +233,8 @@ def main() -> None:
     )
     reloaded = load_extension_pack(load_base(workdir / "base"), pack)
     assert torch.equal(
-        reloaded(test_questions.input_ids, None, test_questions.features),
-        aligned(test_questions.input_ids, None, test_questions.features),
+        reloaded(test_questions.input_ids, None, test_questions.features).logits,
+        aligned(test_questions.input_ids, None, test_questions.features).logits,
     ), "the pack must reproduce the trained model"
     rows = {
         "MoExtend": {

@@ -15,7 +15,7 @@ base and gives back a ready model computing exactly what the trained one did::
     from mmer.extend import load_data, run_moextend, load_extension_pack
     result = run_moextend(base_lm, load_data("train.safetensors"), "pack/")
     model = load_extension_pack(base_lm_again, "pack/")
-    logits = model(input_ids, attention_mask, features)
+    logits = model(input_ids, attention_mask, features).logits   # a transformers ModelOutput
 """
 
 from mmer.extend.block import ExtendedMoeBlock, route

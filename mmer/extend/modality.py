@@ -8,12 +8,15 @@ order (the authors' ``<imgpad>`` scheme, LLaVA's too). Text-only data (a task ex
 
 from __future__ import annotations
 
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import nn
 
 from mmer.errors import ConfigError
+
+if TYPE_CHECKING:
+    from transformers.utils import ModelOutput
 
 
 class Projector(nn.Module):
@@ -41,7 +44,9 @@ def parameter_count(module: nn.Module | None) -> int:
 class MoExtendModel(nn.Module):
     """A transformers MoE causal LM (``lm``, possibly extended in place) plus the modality's projector.
 
-    Calling it returns next-token logits; ``features`` fill the ``placeholder_id`` positions.
+    Calling it returns what the LM's own forward returns, a transformers ``ModelOutput`` (``.logits``, and
+    ``.loss`` when ``labels`` are given), as a modality's transformers model does under the router, so code
+    written for one runs on the other; ``features`` fill the ``placeholder_id`` positions.
     """
 
     def __init__(self, lm: nn.Module, projector: Projector | None = None, placeholder_id: int | None = None) -> None:
@@ -81,11 +86,18 @@ class MoExtendModel(nn.Module):
         input_ids: torch.Tensor,
         attention_mask: torch.Tensor | None = None,
         features: torch.Tensor | None = None,
-    ) -> torch.Tensor:
-        """Logits [batch, length, vocab]."""
+        labels: torch.Tensor | None = None,
+    ) -> ModelOutput:
+        """The LM's output for the spliced embeddings: ``.logits`` [batch, length, vocab], and with ``labels``
+        (``-100`` where no loss is taken, e.g. the placeholders) transformers' shifted next-token ``.loss``."""
         embeds = self.embed(input_ids, features)
-        out = self.lm(inputs_embeds=embeds, attention_mask=attention_mask, use_cache=False, output_router_logits=False)
-        return out.logits
+        return self.lm(
+            inputs_embeds=embeds,
+            attention_mask=attention_mask,
+            labels=labels,
+            use_cache=False,
+            output_router_logits=False,
+        )
 
     @torch.no_grad()
     def generate(self, input_ids: torch.Tensor, features: torch.Tensor | None = None, **kwargs: Any) -> torch.Tensor:

@@ -154,7 +154,7 @@ def train(
                     )
                     tap.clear()
                     with accelerator.autocast():
-                        logits = model(batch["input_ids"], batch["attention_mask"], batch.get("features"))
+                        logits = model(batch["input_ids"], batch["attention_mask"], batch.get("features")).logits
                         loss_lm = lm_loss(logits, batch["labels"])
                         loss = loss_lm
                         if options.aux_loss_coef > 0:
@@ -194,7 +194,7 @@ def evaluate(model: MoExtendModel, data: ExtendData, batch_size: int = 8) -> dic
     loss_sum, correct, count = 0.0, 0, 0
     try:
         for batch in data.in_order(batch_size, device):
-            logits = model(batch["input_ids"], batch["attention_mask"], batch.get("features"))[:, :-1].float()
+            logits = model(batch["input_ids"], batch["attention_mask"], batch.get("features")).logits[:, :-1].float()
             labels = batch["labels"][:, 1:]
             valid = labels != IGNORE_INDEX
             if not bool(valid.any()):

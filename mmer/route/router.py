@@ -304,7 +304,8 @@ class Router:
         """Switch to ``modality`` and return its model (valid until the next switch).
 
         A modality's is its transformers model; a pack's is its ``mmer.extend.MoExtendModel``, called as
-        ``model(input_ids, attention_mask, features)`` and returning logits.
+        ``model(input_ids, attention_mask, features)`` and returning a transformers ``ModelOutput`` (``.logits``),
+        as a modality's model does.
         """
         self.switch(modality)
         if modality in self.packs:

@@ -53,7 +53,7 @@ FLAG = re.compile(r"(?<![\w-])--[a-z][a-z0-9-]*")
 def test_the_walk_finds_every_command_group_and_subcommand():
     names = {" ".join(p) for p in PATHS}
     assert {"merge", "compare", "verify", "inspect-masks", "reconstruct", "add", "tune", "demo"} <= names
-    assert {"extend", "extend align", "extend train"} <= names
+    assert {"extend", "extend align", "extend train", "extend demo"} <= names
 
 
 @pytest.mark.parametrize("path", PATHS, ids=IDS)

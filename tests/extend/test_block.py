@@ -165,7 +165,7 @@ def test_gradients_reach_only_the_new_tensors_and_the_trainable_count_is_exact(f
     extend_model(model, {layer: [0] for layer in layers}, ExtendOptions(layers="all"))
     trainable = set_trainable(model, "finetune")
     ids = torch.randint(4, 40, (2, 9), generator=torch.Generator().manual_seed(0))
-    model(ids).float().pow(2).mean().backward()
+    model(ids).logits.float().pow(2).mean().backward()
     for name, param in model.named_parameters():
         if name in trainable:
             continue

@@ -106,8 +106,8 @@ def test_the_trained_pack_and_the_aligned_projector_load_onto_the_base(stages, i
     data = make_data(n=4)
     batch = data.batch(torch.arange(4))
     with torch.no_grad():
-        out = model(batch["input_ids"], batch["attention_mask"], batch["features"])
-        ref = aligned(batch["input_ids"], batch["attention_mask"], batch["features"])
+        out = model(batch["input_ids"], batch["attention_mask"], batch["features"]).logits
+        ref = aligned(batch["input_ids"], batch["attention_mask"], batch["features"]).logits
     assert out.shape == ref.shape and not torch.equal(out, ref)
 
 

@@ -59,7 +59,7 @@ def packs(tmp_path_factory):
 def logits(model, data):
     batch = data.batch(torch.arange(len(data)))
     with torch.no_grad():
-        return model(batch["input_ids"], batch["attention_mask"], batch.get("features"))
+        return model(batch["input_ids"], batch["attention_mask"], batch.get("features")).logits
 
 
 @pytest.mark.parametrize("family", FAMILY_NAMES)
@@ -190,5 +190,5 @@ def test_the_loaded_model_generates_greedily_from_spliced_features(packs):
     ids = prompt
     with torch.no_grad():
         for _ in range(3):
-            ids = torch.cat([ids, model(ids, None, features)[:, -1].argmax(-1, keepdim=True)], dim=1)
+            ids = torch.cat([ids, model(ids, None, features).logits[:, -1].argmax(-1, keepdim=True)], dim=1)
     assert torch.equal(generated, ids[:, 6:])
