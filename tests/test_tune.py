@@ -88,8 +88,9 @@ def test_the_reconstruction_proxy_scores_every_candidate_exactly_as_compare_meas
         {"k": 0.5, "dare": 0.3, "trim_scope": "per-tensor"},
         {"k": 0.5, "mask_source": "raw"},
         {"method": "task_arithmetic", "mask": "tall"},
+        {"k": 0.5, "zero_sign": "majority", "mask": "magnitude_only"},
     ],
-    ids=["ties-global", "dare-per-tensor", "raw-mask-source", "tall"],
+    ids=["ties-global", "dare-per-tensor", "raw-mask-source", "tall", "majority-magnitude-only"],
 )
 def test_a_candidate_rebuilds_exactly_what_a_merge_with_its_lambda_and_k_writes(tune_setup, tmp_path, options):
     RECORDED.clear()

@@ -130,3 +130,28 @@ def test_compare_counts_each_electing_variant_s_census_as_a_merge_would(tmp_path
         assert ckpt.modality("audio").density == pytest.approx(
             by_label["ties/sign_only"]["modalities"]["audio"]["density"]
         )
+
+
+def test_adding_a_model_recounts_the_census_over_every_task_vector(tmp_path):
+    """The census belongs to one set of task vectors: ``mmer add`` counts it again with the new one, and ends where
+    a merge of all three from scratch ends (the new model flips the majority here)."""
+    from mmer.config import ModelSpec
+
+    models = golden_models(tmp_path, -1.0)
+    recipe = recipe_for(models["base"], models["models"], zero_sign="majority", k=1.0)
+    mmer.run_merge(recipe, tmp_path / "two")
+    with mmer.load_decoupled(tmp_path / "two") as ckpt:
+        point = {s.name: ckpt.base_tensor(s.name).float() for s in ckpt.slots}
+    point[DECIDER].view(-1)[3:8] += 0.25  # five more + elections: 6 positive against 3 negative
+    write_model(tmp_path / "point", {n: t.to(torch.bfloat16) for n, t in point.items()})
+    mmer.add_models(tmp_path / "two", [ModelSpec(str(tmp_path / "point"), modality="point")], tmp_path / "three")
+    scratch = recipe_for(
+        models["base"], {**models["models"], "point": tmp_path / "point"}, zero_sign="majority", k=1.0
+    )
+    mmer.run_merge(scratch, tmp_path / "scratch")
+    with mmer.load_decoupled(tmp_path / "three") as added, mmer.load_decoupled(tmp_path / "scratch") as fresh:
+        assert added.manifest.options["sign_census"] == {"positive": 6, "negative": 3, "majority_sign": 1}
+        assert fresh.manifest.options["sign_census"] == added.manifest.options["sign_census"]
+        assert added.tau_star(TIED).float().reshape(-1)[0].item() == 0.5
+        for slot in fresh.slots:
+            assert torch.equal(added.tau_star(slot.name), fresh.tau_star(slot.name)), slot.name
