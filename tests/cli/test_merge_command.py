@@ -239,6 +239,22 @@ def test_rerunning_the_written_recipe_gives_bit_identical_tau_star_and_masks(mer
     assert (again / "mmer_recipe.yaml").read_text() == (merged.path / "mmer_recipe.yaml").read_text()
 
 
+def test_zero_sign_majority_records_its_census_and_a_rerun_of_the_recipe_counts_it_again(demo_models, tmp_path):
+    out, again = tmp_path / "out", tmp_path / "again"
+    result = cli("merge", *demo_models.specs, "-o", out, "--json", "--zero-sign", "majority", "--mask", "sign_only")
+
+    assert result.exit_code == 0, result
+    census = json.loads((out / "mmer_manifest.json").read_text(encoding="utf-8"))["options"]["sign_census"]
+    assert census["positive"] + census["negative"] > 0 and census["majority_sign"] in (-1, 1)
+    assert result.json()["plan"]["options"]["sign_census"] == census
+    recipe = yaml.safe_load((out / "mmer_recipe.yaml").read_text(encoding="utf-8"))
+    assert recipe["options"]["zero_sign"] == "majority" and "sign_census" not in recipe["options"]
+    assert cli("merge", "--recipe", out / "mmer_recipe.yaml", "-o", again, "--quiet").exit_code == 0
+    for part in ("tau_star", "masks"):
+        assert sha256_tree(out / part) == sha256_tree(again / part), part
+    assert json.loads((again / "mmer_manifest.json").read_text(encoding="utf-8"))["options"]["sign_census"] == census
+
+
 def test_model_yamls_on_the_command_line_replace_the_models_of_a_recipe_file(demo_models, merged, tmp_path):
     recipe_file = write_yaml(tmp_path / "options.yaml", {"options": {"k": 0.6}})
     result = cli("merge", *demo_models.specs, "--recipe", recipe_file, "--dry-run", "--json")
