@@ -9,7 +9,7 @@ a switch on the CPU reads the packed bits directly (:mod:`mmer.route.switch_kern
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -45,6 +45,27 @@ def rebuild_mean_weight(
         weighted += mask if scale == 1.0 else mask * scale
     mean_mask = weighted / len(masks)
     return (base.float() + mean_mask * tau_star.float()).to(base.dtype)
+
+
+REBUILD_CHUNK = 1 << 24  # entries per slice of a torch-path rebuild (a multiple of 8: whole mask bytes)
+
+
+def _in_chunks(
+    out: torch.Tensor,
+    base: torch.Tensor,
+    tau: torch.Tensor,
+    packed: Sequence[torch.Tensor],
+    rebuild: Callable[[torch.Tensor, torch.Tensor, list[torch.Tensor]], torch.Tensor],
+) -> None:
+    """``out`` = ``rebuild(θ_base, τ*, masks)`` one slice of entries at a time, each slice's masks unpacked from
+    its own bytes: the arithmetic is per entry, so the slices give the whole tensor's result bit for bit, and
+    the temporaries (the unpacked bits, float32 copies, the sum) stay a slice's size."""
+    flat_out, flat_base, flat_tau = out.reshape(-1), base.reshape(-1), tau.reshape(-1)
+    numel = flat_out.numel()
+    for start in range(0, numel, REBUILD_CHUNK):
+        stop = min(start + REBUILD_CHUNK, numel)
+        masks = [bits.unpack(p[start // 8 : (stop + 7) // 8], (stop - start,)) for p in packed]
+        flat_out[start:stop] = rebuild(flat_base[start:stop], flat_tau[start:stop], masks)
 
 
 @dataclass(frozen=True)
@@ -184,41 +205,56 @@ class DeviceWeights:
     def shared_part(self, modality: str, name: str, into: torch.Tensor | None = None) -> torch.Tensor:
         """Rows ``[0, V_base)`` of the modality's tensor: θ_base + mᵢ∘τ* when merged, else θ_base.
 
-        A merged tensor the one-pass kernel covers (:mod:`mmer.route.switch_kernel`) is rebuilt from the packed
-        bits with no full-size temporary; with ``into``, straight into its first rows, and that view is returned
-        (``modality_tensor``'s copy of it onto itself is then a no-op). Anything else is built by
-        ``rebuild_weight`` (the reference the kernel equals bit for bit).
+        A merged tensor is rebuilt from the packed bits with no full-size temporary: by the one-pass kernel
+        (:mod:`mmer.route.switch_kernel`) where it covers the tensor, else ``rebuild_weight`` (the reference the
+        kernel equals bit for bit) over slices of :data:`REBUILD_CHUNK` entries, so a GPU's switch never holds
+        the unpacked mask or a float32 copy of a whole tensor. With ``into``, the result is written straight
+        into its first rows and that view is returned (``modality_tensor``'s copy of it onto itself is then a
+        no-op).
         """
         base = self.base_on_device(name)
         if name not in self.tau:
             return base
-        if base.device.type == "cpu":  # the kernel's only device: allocate nothing elsewhere
-            fresh = into is None or not into.dim()
-            out = torch.empty(base.shape, dtype=base.dtype) if fresh else into[: base.shape[0]]
-            packed = self.masks[modality][name]
-            if out.shape == base.shape and switch_kernel.supports(base, self.tau[name], packed, out):
-                maxima = switch_kernel.rebuild_into(out, base, self.tau[name], packed, self.scales[modality])
-                self.check(name, maxima)
-                return out
+        tau, packed, scale = self.tau[name], self.masks[modality][name], self.scales[modality]
+        out = self._output(base, into)
+        if out is None:
+            self.check(name)
+            return rebuild_weight(base, tau, self.mask(modality, name), scale=scale)
+        if switch_kernel.supports(base, tau, packed, out):
+            self.check(name, switch_kernel.rebuild_into(out, base, tau, packed, scale))
+            return out
         self.check(name)
-        return rebuild_weight(base, self.tau[name], self.mask(modality, name), scale=self.scales[modality])
+        _in_chunks(out, base, tau, [packed], lambda b, t, masks: rebuild_weight(b, t, masks[0], scale=scale))
+        return out
 
     def text_part(self, name: str, into: torch.Tensor | None = None) -> torch.Tensor:
-        """θ_base + m̄∘τ* (expansion mode's text weights), or θ_base for a tensor that was not merged; with
-        ``into``, written by the one-pass kernel straight into its first rows where it covers the tensor."""
+        """θ_base + m̄∘τ* (expansion mode's text weights), or θ_base for a tensor that was not merged; built as
+        :meth:`shared_part` builds a modality's (one pass on the CPU, slices elsewhere)."""
         base = self.base_on_device(name)
         if name not in self.tau:
             return base
         self.check(name)
+        tau = self.tau[name]
         scales = [self.scales[m] for m in self.modalities]
-        if base.device.type == "cpu":
-            out = torch.empty(base.shape, dtype=base.dtype) if into is None else into[: base.shape[0]]
-            packed = [self.masks[m][name] for m in self.modalities]
-            if out.shape == base.shape and switch_kernel.supports_mean(base, self.tau[name], packed, out):
-                switch_kernel.rebuild_mean_into(out, base, self.tau[name], packed, scales)
-                return out
-        masks = [self.mask(m, name) for m in self.modalities]
-        return rebuild_mean_weight(base, self.tau[name], masks, scales)
+        packed = [self.masks[m][name] for m in self.modalities]
+        out = self._output(base, into)
+        if out is None:
+            return rebuild_mean_weight(base, tau, [self.mask(m, name) for m in self.modalities], scales)
+        if switch_kernel.supports_mean(base, tau, packed, out):
+            switch_kernel.rebuild_mean_into(out, base, tau, packed, scales)
+            return out
+        _in_chunks(out, base, tau, packed, lambda b, t, masks: rebuild_mean_weight(b, t, masks, scales))
+        return out
+
+    @staticmethod
+    def _output(base: torch.Tensor, into: torch.Tensor | None) -> torch.Tensor | None:
+        """Where a rebuild of ``base``'s rows goes: the first rows of ``into`` or a new tensor; None when
+        ``into`` cannot take a flat write (a strided slice of a fused parameter), which the caller copies into."""
+        if into is None or not into.dim():
+            return torch.empty(base.shape, dtype=base.dtype, device=base.device)
+        out = into[: base.shape[0]]
+        ok = out.shape == base.shape and out.is_contiguous() and out.dtype == base.dtype and out.device == base.device
+        return out if ok else None
 
     def full(self, modality: str, name: str, into: torch.Tensor | None = None) -> torch.Tensor:
         """The modality's whole LLM tensor, as ``DecoupledCheckpoint.llm_tensor`` builds it (FORMAT.md), or
