@@ -26,7 +26,7 @@ def finish_checkpoint(
     A writer's own record files (``add``'s history) must already be in ``staging``: the manifest covers them.
     """
     (staging / RECIPE_NAME).write_text(recipe_yaml, encoding="utf-8")
-    card = write_card(staging, manifest, report)
+    card = write_card(staging, manifest, report, recipe_yaml)
     if card_section:
         with open(card, "a", encoding="utf-8") as f:
             f.write(card_section)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import math
 import os
+import re
 import struct
 from dataclasses import dataclass
 from pathlib import Path
@@ -31,6 +32,8 @@ MAX_HEADER_BYTES = 100 * 1024 * 1024  # the safetensors spec's own cap against J
 SIDE_FILE_SUFFIXES = (".json", ".txt", ".model", ".jinja", ".tiktoken")
 NEVER_SIDE_FILE_SUFFIXES = (".safetensors", ".bin", ".py")
 MAX_SIDE_FILE_BYTES = 512 * 1024 * 1024  # tokenizer.json of a large vocabulary is tens of MB
+# A model's licence travels with its weights: LICENSE, LICENCE.txt, COPYING, NOTICE, LICENSE-APACHE...
+LICENCE_FILE = re.compile(r"(?i)(LICEN[CS]E|COPYING|NOTICE)([._-][\w.-]*)?")
 
 SAFETENSORS_DTYPES: dict[str, torch.dtype] = {
     "F64": torch.float64,
@@ -405,7 +408,7 @@ def is_side_file(name: str) -> bool:
     suffix = Path(name).suffix
     if suffix in NEVER_SIDE_FILE_SUFFIXES:
         return False
-    return suffix in SIDE_FILE_SUFFIXES or name.startswith("tokenizer")
+    return suffix in SIDE_FILE_SUFFIXES or name.startswith("tokenizer") or bool(LICENCE_FILE.fullmatch(name))
 
 
 def side_files(directory: str | Path, root: str | Path | None = None) -> dict[str, Path]:
