@@ -150,6 +150,13 @@ def merge(
         float | None, typer.Option(help="DARE drop rate p applied before the method (0 = off)." + _takes("dare"))
     ] = None,
     dare_seed: Annotated[int | None, typer.Option(help="Seed of DARE's random masks.")] = None,
+    common_space: Annotated[
+        float | None,
+        typer.Option(help="Share of each matrix's rank in Iso-CTS's common subspace (0.8)." + _takes("common_space")),
+    ] = None,
+    iterations: Annotated[
+        int | None, typer.Option(help="WUDI's Adam steps per weight matrix (400)." + _takes("iterations"))
+    ] = None,
     mask_source: Annotated[
         str | None, typer.Option(help="Compare τ* with the trimmed (paper) or raw τᵢ." + _takes("mask_source"))
     ] = None,
@@ -191,6 +198,8 @@ def merge(
             aggregate=aggregate,
             dare=dare,
             dare_seed=dare_seed,
+            common_space=common_space,
+            iterations=iterations,
             mask_source=mask_source,
             vocab_policy=vocab_policy,
             delta_dtype=delta_dtype,

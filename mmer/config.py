@@ -109,6 +109,8 @@ class MergeOptions:
         aggregate: TIES disjoint ``mean`` (paper) or ``sum`` (FusionBench's default).
         dare: DARE drop rate p applied to every τᵢ before the method (0 = off); kept entries are scaled 1/(1−p).
         dare_seed: seed of DARE's random masks (with the model position and tensor name).
+        common_space: Iso-CTS's fraction of each matrix's rank given to the common subspace (paper: 0.8).
+        iterations: WUDI's Adam steps per weight matrix (FusionBench's configuration: 400).
         mask_source: compare τ* with the ``trimmed`` τᵢ (the paper's notation) or the ``raw`` untrimmed τᵢ.
         vocab_policy: ``shared-rows`` merges rows [0, V_base) of embeddings/lm_head and keeps rows beyond the
             base as the model's private rows; ``strict`` refuses any vocabulary difference; ``exclude`` keeps
@@ -134,6 +136,8 @@ class MergeOptions:
     aggregate: str = "mean"
     dare: float = 0.0
     dare_seed: int = 0
+    common_space: float = 0.8
+    iterations: int = 400
     mask_source: str = "trimmed"
     vocab_policy: str = "shared-rows"
     delta_dtype: str = "base"
@@ -152,6 +156,18 @@ class MergeOptions:
             _check_lambda(self.lambda_, "lambda")
         if not (0.0 <= self.dare < 1.0) or math.isnan(self.dare):
             raise ConfigError(f"dare = {self.dare} is out of range", key="dare", hint="the drop rate p is in [0, 1)")
+        if not (0.0 <= self.common_space <= 1.0) or math.isnan(self.common_space):
+            raise ConfigError(
+                f"common_space = {self.common_space} is out of range",
+                key="common_space",
+                hint="the common subspace's share of each matrix's rank is in [0, 1] (paper: 0.8)",
+            )
+        if isinstance(self.iterations, bool) or not (1 <= self.iterations <= 100_000):
+            raise ConfigError(
+                f"iterations = {self.iterations} is out of range",
+                key="iterations",
+                hint="WUDI's Adam steps per weight matrix: an integer from 1 to 100000 (FusionBench: 400)",
+            )
         for name, allowed in (
             ("trim_scope", TRIM_SCOPES),
             ("trim_count", TRIM_COUNTS),
@@ -295,6 +311,8 @@ _OPTION_TYPES: dict[str, type | tuple[type, ...]] = {
     "aggregate": str,
     "dare": (int, float),
     "dare_seed": int,
+    "common_space": (int, float),
+    "iterations": int,
     "zero_sign": str,
     "mask_source": str,
     "vocab_policy": str,

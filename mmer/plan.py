@@ -342,6 +342,8 @@ def resolve_variant(recipe: Recipe) -> Variant:
         mask_source=options.mask_source,
         dare=options.dare,
         dare_seed=options.dare_seed,
+        common_space=options.common_space,
+        iterations=options.iterations,
         lambdas=tuple(
             recipe.lambda_for(m.modality, default_lambda) if default_lambda is not None else None  # type: ignore[arg-type]
             for m in recipe.models

@@ -1,5 +1,6 @@
 """The math: pure functions on tensors. Imports torch and mmer.errors only."""
 
+from mmer.merge import subspace  # noqa: F401,I001  (registers TSV-M, Iso-C, Iso-CTS and WUDI beside the others)
 from mmer.merge.masks import MASKS, MaskRule, mmer_mask, rebuild_weight, register_mask
 from mmer.merge.methods import METHODS, MergeMethod, disjoint_mean, elect_sign, register_method, ties
 from mmer.merge.task_vectors import check_finite, task_vector

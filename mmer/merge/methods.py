@@ -26,8 +26,9 @@ import torch
 TRIM_OPTIONS = ("k", "trim_scope", "trim_count")
 DARE_OPTIONS = ("dare", "dare_seed")
 TIES_OPTIONS = ("zero_sign", "elect_on", "aggregate")
-ARGUMENTS = ("weights", "alpha", *TIES_OPTIONS)
-METHOD_OPTIONS = ("alpha", "weights", *TRIM_OPTIONS, *DARE_OPTIONS, *TIES_OPTIONS)
+SUBSPACE_OPTIONS = ("common_space", "iterations")  # Iso-CTS's common fraction, WUDI's optimiser steps
+ARGUMENTS = ("weights", "alpha", *TIES_OPTIONS, *SUBSPACE_OPTIONS)
+METHOD_OPTIONS = ("alpha", "weights", *TRIM_OPTIONS, *DARE_OPTIONS, *TIES_OPTIONS, *SUBSPACE_OPTIONS)
 # Arguments that no recipe sets: the engine counts them over the whole model first, and hands each to a method
 # that takes the option it resolves (``majority``: the sign ``zero_sign="majority"`` gives where Σ τᵢ = 0).
 DERIVED_ARGUMENTS = {"majority": "zero_sign"}
@@ -47,6 +48,8 @@ class MergeMethod:
         why_not: why a refused option does not apply, where that needs more than "the method does not read it".
         elects: for a method that elects signs (it takes ``zero_sign``), ``elects(taus, weights=, elect_on=)`` gives
             its γ before the zero-sign rule, so the engine can count the model-wide majority sign first.
+        elementwise: whether τ* at an entry depends only on the τᵢ at that entry, so a tensor may be merged in
+            flat chunks; False for a method that works on each weight matrix whole (its singular vectors).
     """
 
     name: str
@@ -56,6 +59,7 @@ class MergeMethod:
     default_alpha: float = 1.0
     why_not: Mapping[str, str] = field(default_factory=dict)
     elects: Callable[..., torch.Tensor] | None = None
+    elementwise: bool = True
 
     @property
     def uses_trim(self) -> bool:
@@ -82,6 +86,7 @@ _REFUSALS = {
     TRIM_OPTIONS: "the method does not trim its task vectors",
     DARE_OPTIONS: "the method takes no DARE",
     TIES_OPTIONS: "it chooses how TIES elects signs or merges the agreeing entries, which the method does not do",
+    SUBSPACE_OPTIONS: "only the method that names it reads it (common_space: iso_cts; iterations: wudi)",
     ("weights",): "the method takes no per-model weights",
     ("alpha",): "the method has no α",
 }
@@ -97,6 +102,7 @@ def register_method(
     default_alpha: float = 1.0,
     why_not: Mapping[str, str] | None = None,
     elects: Callable[..., torch.Tensor] | None = None,
+    elementwise: bool = True,
 ) -> Callable[[Callable[..., torch.Tensor]], Callable[..., torch.Tensor]]:
     """Register ``fn`` under ``name``; a second registration of a name is a bug, not an override."""
     unknown = set(accepts) - set(METHOD_OPTIONS)
@@ -111,7 +117,14 @@ def register_method(
         if name in METHODS:
             raise KeyError(f"merge method {name!r} is already registered")
         METHODS[name] = MergeMethod(
-            name, fn, summary, frozenset(accepts), default_alpha, dict(why_not or {}), elects=elects
+            name,
+            fn,
+            summary,
+            frozenset(accepts),
+            default_alpha,
+            dict(why_not or {}),
+            elects=elects,
+            elementwise=elementwise,
         )
         return fn
 
@@ -292,7 +305,7 @@ def task_arithmetic(
 
 @register_method(
     "ties",
-    accepts=METHOD_OPTIONS,
+    accepts=("alpha", "weights", *TRIM_OPTIONS, *DARE_OPTIONS, *TIES_OPTIONS),
     elects=ties_signs,
     summary="TIES-Merging: trim to top-K, elect sign by mass, disjoint mean",
 )

@@ -75,6 +75,8 @@ KERNEL_COVERS = {
     "aggregate": lambda v: v.aggregate == "mean",
     "dare": lambda v: v.dare <= 0,
     "dare_seed": lambda v: True,  # read only by DARE, which the kernel never runs
+    "common_space": lambda v: True,  # read only by subspace methods, which the kernel never runs
+    "iterations": lambda v: True,
     "lambda": lambda v: True,
     "mask_source": lambda v: v.mask_source == "trimmed",
 }

@@ -43,6 +43,8 @@ class Variant:
     lambdas: tuple[float | None, ...]
     weights: tuple[float, ...] | None = None
     census: SignCensus | None = None
+    common_space: float = 0.8
+    iterations: int = 400
 
     @property
     def merge_method(self) -> MergeMethod:
@@ -73,9 +75,10 @@ class Variant:
         Then a slot can be merged in flat chunks with results identical bit for bit to the whole tensor:
         small chunks keep the working set in cache and let freed buffers be reused instead of faulting fresh
         pages for every operation. DARE draws its random mask per whole tensor, a per-tensor trim ranks the
-        whole tensor and EMR's rescaler averages it, so those variants take whole slots.
+        whole tensor, EMR's rescaler averages it and a subspace method (TSV-M, Iso, WUDI) decomposes it, so
+        those variants take whole slots.
         """
-        if self.dare > 0 or (self.uses_trim and self.trim_scope != "global"):
+        if self.dare > 0 or (self.uses_trim and self.trim_scope != "global") or not self.merge_method.elementwise:
             return False
         return not self.rule.rescaled
 
@@ -198,6 +201,8 @@ def merge_slot(
         elect_on=variant.elect_on,
         aggregate=variant.aggregate,
         majority=variant.majority,
+        common_space=variant.common_space,
+        iterations=variant.iterations,
     )
     stored = tau_star.to(store_dtype)
     rule = variant.rule

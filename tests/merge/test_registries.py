@@ -14,7 +14,7 @@ from mmer.config import MergeOptions, ModelSpec, Recipe
 from mmer.errors import ConfigError
 from mmer.merge import one_pass
 from mmer.merge.masks import MASK_OPTIONS, MASKS
-from mmer.merge.methods import METHOD_OPTIONS, METHODS, SignCensus, register_method
+from mmer.merge.methods import METHOD_OPTIONS, METHODS, SUBSPACE_OPTIONS, SignCensus, register_method
 from mmer.plan import check_registries, resolve_variant
 
 
@@ -42,8 +42,10 @@ def test_every_method_and_mask_rule_declares_only_known_options() -> None:
         assert rule.accepts <= set(MASK_OPTIONS), rule.name
 
 
-def test_ties_takes_every_method_option_and_the_averaging_methods_take_weights_and_dare_only() -> None:
-    assert METHODS["ties"].accepts == set(METHOD_OPTIONS)
+def test_ties_takes_every_method_option_but_the_subspace_methods_and_the_averaging_methods_take_weights_and_dare_only() -> (
+    None
+):
+    assert METHODS["ties"].accepts == set(METHOD_OPTIONS) - set(SUBSPACE_OPTIONS)
     for name in ("average", "task_arithmetic"):
         assert METHODS[name].accepts == {"alpha", "weights", "dare", "dare_seed"}
         assert not METHODS[name].uses_trim
