@@ -148,8 +148,12 @@ def test_inspect_masks_png_into_a_missing_directory_is_one_error(tmp_path):
     assert f"directory {tmp_path / 'no'} does not exist" in text
 
 
-def test_a_png_onto_a_directory_is_refused(tmp_path):
-    assert one_json_failure(cli("inspect-masks", tmp_path, "--png", tmp_path, "--json"), 2)["key"] == "png"
+def test_a_png_into_a_directory_never_replaces_a_file_mmer_did_not_write_there(tmp_path):
+    # A directory receives DIR/mask_density.png (tests/cli/test_small_fixes.py); a user's file of that name stays.
+    (tmp_path / "plots").mkdir()
+    (tmp_path / "plots" / "mask_density.png").write_bytes(b"mine")
+    assert one_json_failure(cli("inspect-masks", tmp_path, "--png", tmp_path / "plots", "--json"), 2)["key"] == "png"
+    assert (tmp_path / "plots" / "mask_density.png").read_bytes() == b"mine"
 
 
 def test_a_yaml_alias_bomb_through_the_cli_is_refused_at_once(specs, tmp_path):
