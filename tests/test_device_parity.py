@@ -83,8 +83,14 @@ def bf16_models(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
 
 @pytest.mark.parametrize(
     "options",
-    [{}, {"trim_scope": "per-tensor"}, {"method": "emr", "mask": "emr"}, {"dare": 0.3, "dare_seed": 7}],
-    ids=["defaults", "per-tensor-trim", "emr", "dare"],
+    [
+        {},
+        {"trim_scope": "per-tensor"},
+        {"method": "emr", "mask": "emr"},
+        {"dare": 0.3, "dare_seed": 7},
+        {"zero_sign": "majority", "mask": "magnitude_only"},
+    ],
+    ids=["defaults", "per-tensor-trim", "emr", "dare", "majority-census-magnitude-only"],
 )
 def test_a_cuda_merge_writes_the_bytes_of_the_cpu_merge(tiny_models, tmp_path, options):
     cpu = merge_on("cpu", tiny_models, tmp_path / "cpu", **options)
