@@ -282,6 +282,15 @@ def print_verify(report: dict[str, Any]) -> None:
             f"(max |Δ| {r['max_abs']:.3g}); private rows {'equal' if r['private_rows_equal'] else 'DIFFER'}",
             highlight=False,
         )
+        if "buckets" in r:  # where every source tensor went (--json lists each one)
+            counts = ", ".join(f"{n} {bucket}" for bucket, n in r["buckets"].items())
+            dropped = [f"{k} ({t['reason']})" for k, t in r["tensors"].items() if t["bucket"] == "dropped"]
+            out_console.print(
+                f"{modality}: {len(r['tensors'])} source tensors accounted for: {counts}"
+                + (f"; dropped: {', '.join(dropped)}" if dropped else ""),
+                highlight=False,
+                markup=False,
+            )
     status = "[green]ok[/]" if report["ok"] else f"[red]{len(report['problems'])} problem(s)[/]"
     counts = f"{report['files_checked']} files, {report['masks_checked']} masks checked"
     out_console.print(f"{escape(report['path'])}: {status} ({counts})")

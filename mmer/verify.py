@@ -22,6 +22,7 @@ from typing import Any
 import torch
 
 from mmer.checkpoint import bits
+from mmer.checkpoint.accounting import Placement, account_for, bucket_counts
 from mmer.checkpoint.decoupled import DecoupledCheckpoint, check_source_files
 from mmer.checkpoint.hub import checkpoint_directory
 from mmer.checkpoint.manifest import MANIFEST_NAME, MANIFEST_SHA_NAME, Manifest, read_manifest
@@ -41,6 +42,8 @@ class Reconstruction:
     max_abs: float
     private_rows_equal: bool
     source_hashes_match: bool | None
+    # Where each source tensor went (mmer.checkpoint.accounting): nothing the source holds goes unaccounted.
+    tensors: dict[str, Placement] = field(default_factory=dict)
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -48,6 +51,8 @@ class Reconstruction:
             "max_abs": self.max_abs,
             "private_rows_equal": self.private_rows_equal,
             "source_hashes_match": self.source_hashes_match,
+            "buckets": bucket_counts(self.tensors),
+            "tensors": {key: placement.to_dict() for key, placement in self.tensors.items()},
         }
 
 
@@ -237,6 +242,9 @@ def _reconstruction(
         )
     elif differences is None:
         report.notes.append(f"{modality}: no sha256 was recorded for its source (hash_inputs off); not checked")
+    placements, unaccounted = account_for(ckpt, modality, reader.tensors)
+    report.problems += unaccounted
+    _check_components(ckpt, modality, reader, placements, report)
     error = norm = max_abs = 0.0
     private_equal = True
     for slot in ckpt.slots:
@@ -261,4 +269,27 @@ def _reconstruction(
     reader.close()
     if not private_equal:
         report.problems.append(f"{modality}: private vocabulary rows differ from the source")
-    return Reconstruction(relative_error(error, norm), max_abs, private_equal, hashes_match)
+    return Reconstruction(relative_error(error, norm), max_abs, private_equal, hashes_match, placements)
+
+
+def _check_components(
+    ckpt: DecoupledCheckpoint,
+    modality: str,
+    source: CheckpointReader,
+    placements: dict[str, Placement],
+    report: VerifyReport,
+) -> None:
+    """Every tensor in the component bucket is stored exactly as the source holds it."""
+    names = [key for key, placement in placements.items() if placement.bucket == "component"]
+    components = ckpt.component_reader(modality) if names else None
+    for name in names:
+        stored = components.get(name, copy=False) if components is not None else None
+        if stored is None or not _same_bytes(stored, source.get(name, copy=False)):
+            report.problems.append(f"{modality}: component {name!r} differs from the source's")
+
+
+def _same_bytes(a: torch.Tensor, b: torch.Tensor) -> bool:
+    """Bit for bit (a NaN equals itself), as a copied tensor must be."""
+    if a.dtype != b.dtype or a.shape != b.shape:
+        return False
+    return torch.equal(a.reshape(-1).view(torch.uint8), b.reshape(-1).view(torch.uint8))
