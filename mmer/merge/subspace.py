@@ -178,6 +178,8 @@ def wudi(
         merged = torch.nn.Parameter(torch.sum(tvs, dim=0))
         optimizer = torch.optim.Adam([merged], lr=WUDI_LEARNING_RATE, weight_decay=0)
         norms = torch.square(torch.norm(tvs.reshape(tvs.shape[0], -1), p=2, dim=-1))
+        # A task that left this matrix untouched interferes with nothing: its term is 0, not the authors' 0/0.
+        norms = torch.where(norms == 0, torch.ones_like(norms), norms)
         for _ in range(iterations):
             disturbing = merged.unsqueeze(0) - tvs
             product = torch.matmul(disturbing, tvs.transpose(1, 2))

@@ -72,6 +72,12 @@ def test_wudi_moves_towards_each_tasks_own_projection_when_tasks_interfere():
 
 
 @pytest.mark.parametrize("method", ["tsv_m", "iso_c", "iso_cts", "wudi"])
+def test_a_task_that_left_a_matrix_untouched_gives_a_finite_merge(method):
+    taus = [diag(3.0, 1.0, 0.5, 0.25), torch.zeros(4, 4)]
+    assert torch.isfinite(METHODS[method].merge(taus, iterations=5)).all()  # each method takes what it reads
+
+
+@pytest.mark.parametrize("method", ["tsv_m", "iso_c", "iso_cts", "wudi"])
 def test_a_tensor_that_is_not_a_matrix_is_averaged(method):
     norms = [torch.tensor([1.0, 2.0, 3.0]), torch.tensor([3.0, 2.0, 1.0])]
     torch.testing.assert_close(METHODS[method].merge(norms), torch.tensor([2.0, 2.0, 2.0]))
