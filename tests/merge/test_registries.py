@@ -42,9 +42,7 @@ def test_every_method_and_mask_rule_declares_only_known_options() -> None:
         assert rule.accepts <= set(MASK_OPTIONS), rule.name
 
 
-def test_ties_takes_every_method_option_but_the_subspace_methods_and_the_averaging_methods_take_weights_and_dare_only() -> (
-    None
-):
+def test_ties_takes_every_option_but_the_subspace_ones_and_the_averaging_methods_take_weights_and_dare() -> None:
     assert METHODS["ties"].accepts == set(METHOD_OPTIONS) - set(SUBSPACE_OPTIONS)
     for name in ("average", "task_arithmetic"):
         assert METHODS[name].accepts == {"alpha", "weights", "dare", "dare_seed"}
