@@ -20,7 +20,8 @@ base and gives back a ready model computing exactly what the trained one did::
 
 from mmer.extend.block import ExtendedMoeBlock, route
 from mmer.extend.calibration import Calibration
-from mmer.extend.data import ExtendData, load_data, save_data
+from mmer.extend.data import ExtendData, ExtendDataset, load_data, save_data
+from mmer.extend.datasets import ShardedData, TorchData, save_shards
 from mmer.extend.extension import (
     expected_new_parameter_count,
     extend_model,
@@ -61,6 +62,7 @@ __all__ = [
     "PACK_MANIFEST",
     "Calibration",
     "ExtendData",
+    "ExtendDataset",
     "ExtendOptions",
     "ExtendedMoeBlock",
     "ExtensionPlan",
@@ -73,6 +75,8 @@ __all__ = [
     "ProjectorOptions",
     "RoutingCounts",
     "RoutingTap",
+    "ShardedData",
+    "TorchData",
     "TrainOptions",
     "TrainReport",
     "align",
@@ -102,6 +106,7 @@ __all__ = [
     "run_moextend",
     "run_probe",
     "save_data",
+    "save_shards",
     "select_layers",
     "set_trainable",
     "source_experts",

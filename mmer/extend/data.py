@@ -17,14 +17,23 @@ tensor                 shape / dtype                meaning
 
 Metadata: ``format`` = ``mmer-extend-data/1`` and, with features, ``placeholder_id``.
 
-Batches come in a fixed order per (seed, epoch), so a resumed run sees exactly the batches it would have.
+Every data set the stages read is an :class:`ExtendDataset`, a map-style ``torch.utils.data.Dataset`` whose
+``__getitems__`` returns a whole collated micro-batch, so the training loop reads it through a standard
+``DataLoader`` (workers included). :class:`ExtendData` holds one file in memory; a directory of such files is
+read lazily shard by shard and a torch ``Dataset`` of samples, with features from a frozen encoder computed
+on the fly, plugs in too (:mod:`mmer.extend.datasets`), so memory need not grow with the data.
+
+Batches come in a fixed order per (seed, epoch), whatever the data set's kind (:class:`BatchPlan`), and each
+process of a data-parallel run takes a fixed share of every micro-batch, so a resumed run, and a run on more
+processes with the same global batch, sees exactly the samples it would have.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 from safetensors.torch import load_file, save_file
@@ -37,9 +46,226 @@ DATA_FORMAT = "mmer-extend-data/1"
 TOKEN_TENSORS = ("input_ids", "labels", "attention_mask", "routing_mask")
 
 
+def epoch_order(samples: int, seed: int, epoch: int) -> torch.Tensor:
+    """The sample order of one epoch: a permutation fixed by (seed, epoch), the same for every kind of data."""
+    return torch.randperm(samples, generator=torch.Generator().manual_seed(seed * 1_000_003 + epoch))
+
+
+# Padding of token tensors of different lengths (shards padded to other lengths, samples of a torch Dataset):
+# right-padding that no loss, attention or routing count sees.
+PAD_VALUES = {"input_ids": 0, "labels": IGNORE_INDEX, "attention_mask": 0, "routing_mask": 0}
+
+
+def collate(samples: Sequence[dict[str, torch.Tensor]], source: str = "<memory>") -> dict[str, torch.Tensor]:
+    """Stack per-sample tensors into a batch; token tensors of unequal length are right-padded (``PAD_VALUES``)."""
+    if not samples:
+        raise ConfigError(f"{source}: an empty batch", file=source)
+    keys = set(samples[0])
+    for i, sample in enumerate(samples):
+        if set(sample) != keys:
+            raise ConfigError(
+                f"{source}: sample {i} has tensors {sorted(sample)}, the first has {sorted(keys)}",
+                file=source,
+                hint="every sample of a data set carries the same tensors",
+            )
+    out: dict[str, torch.Tensor] = {}
+    for key in sorted(keys):
+        values = [torch.as_tensor(s[key]) for s in samples]
+        if key in PAD_VALUES and len({v.shape[-1] for v in values}) > 1:
+            length = max(v.shape[-1] for v in values)
+            values = [
+                torch.nn.functional.pad(v, (0, length - v.shape[-1]), value=PAD_VALUES[key]) for v in values
+            ]
+        out[key] = torch.stack(values)
+    return out
+
+
+class ExtendDataset(torch.utils.data.Dataset):
+    """What the three stages read: a sized, indexable data set of samples that fetches whole micro-batches.
+
+    Subclasses implement ``__len__`` and :meth:`fetch` (a collated CPU batch of the given sample indices, in
+    that order); :meth:`to_device` is where a batch reaches the training device, and where a frozen encoder,
+    if any, turns raw inputs into features. ``placeholder_id`` and ``source`` (a name for messages) are
+    attributes.
+    """
+
+    placeholder_id: int | None = None
+    source: str = "<memory>"
+
+    def __len__(self) -> int:
+        raise NotImplementedError
+
+    def fetch(self, index: Sequence[int] | torch.Tensor) -> dict[str, torch.Tensor]:
+        raise NotImplementedError
+
+    @property
+    def has_features(self) -> bool:
+        """Whether batches carry (or :meth:`to_device` produces) features for a projector."""
+        return self.feature_dim is not None
+
+    @property
+    def feature_dim(self) -> int | None:
+        return None
+
+    # -- the torch Dataset protocol: DataLoader calls __getitems__ with a batch sampler's index list
+    def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
+        return {k: v[0] for k, v in self.fetch([int(i)]).items()}
+
+    def __getitems__(self, index: Sequence[int]) -> dict[str, torch.Tensor]:
+        return self.fetch(index)
+
+    def to_device(self, batch: dict[str, torch.Tensor], device: torch.device | str) -> dict[str, torch.Tensor]:
+        return {k: v.to(device) for k, v in batch.items()}
+
+    def batch(self, index: Sequence[int] | torch.Tensor, device: torch.device | str = "cpu") -> dict[str, Any]:
+        return self.to_device(self.fetch(index), device)
+
+    def subset(self, index: torch.Tensor) -> ExtendDataset:
+        """The samples at ``index`` (in that order), as a data set of the same kind where it can be."""
+        return SubsetData(self, index)
+
+    def split(self, fraction: float, seed: int, samples: int | None = None) -> tuple[ExtendDataset, ExtendDataset]:
+        """(rest, held-out): ``min(samples, round(fraction·N))`` samples held out (at least one, never all).
+
+        The held-out set is a seeded random choice, both sets keep file order, and they are disjoint.
+        """
+        n = len(self)
+        if n < 2:
+            raise ConfigError(f"{self.source}: {n} sample(s) cannot be split into training and statistics sets")
+        held = round(n * fraction)
+        if samples is not None:
+            held = min(held, samples)
+        held = min(n - 1, max(1, held))
+        order = torch.randperm(n, generator=torch.Generator().manual_seed(seed))
+        return self.subset(order[held:].sort().values), self.subset(order[:held].sort().values)
+
+    def sample(self, samples: int, seed: int) -> ExtendDataset:
+        """At most ``samples`` of the samples (a seeded random choice in file order); all of them if fewer."""
+        if len(self) <= samples:
+            return self
+        order = torch.randperm(len(self), generator=torch.Generator().manual_seed(seed))
+        return self.subset(order[:samples].sort().values)
+
+    def batches_per_epoch(self, batch_size: int) -> int:
+        return -(-len(self) // batch_size)
+
+    def epoch_order(self, seed: int, epoch: int) -> torch.Tensor:
+        """The sample order of one epoch: a permutation fixed by (seed, epoch)."""
+        return epoch_order(len(self), seed, epoch)
+
+    def micro_batch(
+        self, step: int, batch_size: int, seed: int, device: torch.device | str = "cpu"
+    ) -> dict[str, torch.Tensor]:
+        """Micro-batch number ``step`` of the endless shuffled stream (epochs follow each other)."""
+        return self.batch(BatchPlan(len(self), batch_size, seed).global_indices(step), device)
+
+    def in_order(
+        self, batch_size: int, device: torch.device | str = "cpu", rank: int = 0, world: int = 1
+    ) -> Iterator[dict[str, torch.Tensor]]:
+        """Every sample once, in file order (evaluation, statistics); with ``world`` > 1 only this rank's
+        contiguous share (the shares of all ranks cover every sample once)."""
+        first, last = rank_share(len(self), rank, world)
+        for start in range(first, last, batch_size):
+            yield self.batch(torch.arange(start, min(start + batch_size, last)), device)
+
+
+def rank_share(samples: int, rank: int, world: int) -> tuple[int, int]:
+    """[first, last) of ``samples`` items that process ``rank`` of ``world`` takes (contiguous, sizes differ by ≤1)."""
+    per, extra = divmod(samples, world)
+    first = rank * per + min(rank, extra)
+    return first, first + per + (1 if rank < extra else 0)
+
+
+@dataclass(frozen=True)
+class BatchPlan:
+    """Which samples micro-batch ``i`` holds, for the whole run and for one process of it.
+
+    The global micro-batch ``i`` is the same as one process would train on (``batch_size`` samples of the
+    (seed, epoch) permutation); process ``rank`` of ``world`` takes its contiguous share. A share can be empty
+    (the last micro-batch of an epoch may be shorter than the number of processes): that process then runs
+    the global batch's first sample with no weight (``is_real`` is false), so every process takes part in
+    every gradient exchange.
+    """
+
+    samples: int
+    batch_size: int
+    seed: int
+    rank: int = 0
+    world: int = 1
+
+    @property
+    def per_epoch(self) -> int:
+        return -(-self.samples // self.batch_size)
+
+    def global_indices(self, micro: int) -> torch.Tensor:
+        epoch, position = divmod(micro, self.per_epoch)
+        order = _cached_order(self.samples, self.seed, epoch)
+        return order[position * self.batch_size : (position + 1) * self.batch_size]
+
+    def share(self, micro: int) -> tuple[torch.Tensor, bool]:
+        """(indices this process runs, whether they carry weight)."""
+        indices = self.global_indices(micro)
+        first, last = rank_share(len(indices), self.rank, self.world)
+        if first == last:
+            return indices[:1], False
+        return indices[first:last], True
+
+
+_ORDER_CACHE: dict[tuple[int, int, int], torch.Tensor] = {}
+
+
+def _cached_order(samples: int, seed: int, epoch: int) -> torch.Tensor:
+    """One epoch's permutation, computed once (the last one is kept: the loop walks epochs in order)."""
+    key = (samples, seed, epoch)
+    if key not in _ORDER_CACHE:
+        _ORDER_CACHE.clear()
+        _ORDER_CACHE[key] = epoch_order(samples, seed, epoch)
+    return _ORDER_CACHE[key]
+
+
+class MicroBatchSampler(torch.utils.data.Sampler[list[int]]):
+    """A DataLoader batch sampler: this process's share of micro-batches ``first`` .. ``last - 1`` of ``plan``."""
+
+    def __init__(self, plan: BatchPlan, first: int, last: int) -> None:
+        self.plan, self.first, self.last = plan, first, last
+
+    def __len__(self) -> int:
+        return max(0, self.last - self.first)
+
+    def __iter__(self) -> Iterator[list[int]]:
+        for micro in range(self.first, self.last):
+            yield self.plan.share(micro)[0].tolist()
+
+
+class SubsetData(ExtendDataset):
+    """The samples ``index`` of another data set (held-out statistics sets of lazily read data)."""
+
+    def __init__(self, base: ExtendDataset, index: torch.Tensor) -> None:
+        self.base = base
+        self.index = torch.as_tensor(index, dtype=torch.long)
+        self.placeholder_id = base.placeholder_id
+        self.source = base.source
+
+    def __len__(self) -> int:
+        return len(self.index)
+
+    @property
+    def feature_dim(self) -> int | None:
+        return self.base.feature_dim
+
+    def fetch(self, index: Sequence[int] | torch.Tensor) -> dict[str, torch.Tensor]:
+        return self.base.fetch(self.index[torch.as_tensor(index, dtype=torch.long)].tolist())
+
+    def to_device(self, batch: dict[str, torch.Tensor], device: torch.device | str) -> dict[str, torch.Tensor]:
+        return self.base.to_device(batch, device)
+
+    def subset(self, index: torch.Tensor) -> ExtendDataset:
+        return SubsetData(self.base, self.index[torch.as_tensor(index, dtype=torch.long)])
+
+
 @dataclass
-class ExtendData:
-    """A data set held in memory (see the module docstring for the tensors)."""
+class ExtendData(ExtendDataset):
+    """A data set held in memory: the whole of one data file (see the module docstring for the tensors)."""
 
     input_ids: torch.Tensor
     labels: torch.Tensor | None = None
@@ -104,6 +330,10 @@ class ExtendData:
     def feature_dim(self) -> int | None:
         return None if self.features is None else int(self.features.shape[-1])
 
+    # A dataclass's generated __eq__ would compare tensors; data sets compare by identity.
+    __eq__ = object.__eq__
+    __hash__ = object.__hash__
+
     def subset(self, index: torch.Tensor) -> ExtendData:
         def pick(t: torch.Tensor | None) -> torch.Tensor | None:
             return None if t is None else t[index]
@@ -118,16 +348,8 @@ class ExtendData:
             self.source,
         )
 
-    def split(self, fraction: float, seed: int) -> tuple[ExtendData, ExtendData]:
-        """(rest, held-out) with ``fraction`` of the samples held out (at least one, never all), disjoint."""
-        n = len(self)
-        if n < 2:
-            raise ConfigError(f"{self.source}: {n} sample(s) cannot be split into training and statistics sets")
-        held = min(n - 1, max(1, round(n * fraction)))
-        order = torch.randperm(n, generator=torch.Generator().manual_seed(seed))
-        return self.subset(order[held:].sort().values), self.subset(order[:held].sort().values)
-
-    def batch(self, index: torch.Tensor, device: torch.device | str = "cpu") -> dict[str, torch.Tensor]:
+    def fetch(self, index: Sequence[int] | torch.Tensor) -> dict[str, torch.Tensor]:
+        index = torch.as_tensor(index, dtype=torch.long)
         out = {
             "input_ids": self.input_ids[index],
             "labels": self.labels[index],
@@ -137,28 +359,7 @@ class ExtendData:
             out["features"] = self.features[index]
         if self.routing_mask is not None:
             out["routing_mask"] = self.routing_mask[index]
-        return {k: v.to(device) for k, v in out.items()}
-
-    def batches_per_epoch(self, batch_size: int) -> int:
-        return -(-len(self) // batch_size)
-
-    def epoch_order(self, seed: int, epoch: int) -> torch.Tensor:
-        """The sample order of one epoch: a permutation fixed by (seed, epoch)."""
-        return torch.randperm(len(self), generator=torch.Generator().manual_seed(seed * 1_000_003 + epoch))
-
-    def micro_batch(
-        self, step: int, batch_size: int, seed: int, device: torch.device | str = "cpu"
-    ) -> dict[str, torch.Tensor]:
-        """Micro-batch number ``step`` of the endless shuffled stream (epochs follow each other)."""
-        per_epoch = self.batches_per_epoch(batch_size)
-        epoch, position = divmod(step, per_epoch)
-        order = self.epoch_order(seed, epoch)
-        return self.batch(order[position * batch_size : (position + 1) * batch_size], device)
-
-    def in_order(self, batch_size: int, device: torch.device | str = "cpu") -> Iterator[dict[str, torch.Tensor]]:
-        """Every sample once, in file order (evaluation, statistics)."""
-        for start in range(0, len(self), batch_size):
-            yield self.batch(torch.arange(start, min(start + batch_size, len(self))), device)
+        return out
 
 
 def save_data(path: str | Path, data: ExtendData) -> Path:
@@ -177,11 +378,8 @@ def save_data(path: str | Path, data: ExtendData) -> Path:
     return path
 
 
-def load_data(path: str | Path) -> ExtendData:
-    """Read a data file, checking names, dtypes and shapes before using it."""
-    path = Path(path)
-    if not path.is_file():
-        raise ConfigError(f"{path}: no such data file", file=str(path), hint="write one with mmer.extend.save_data")
+def check_data_header(path: Path) -> tuple[dict[str, Any], int | None]:
+    """A data file's tensor infos and placeholder id, checked (format, names, dtypes) from the header alone."""
     infos, metadata = read_safetensors_header(path)
     if metadata.get("format") != DATA_FORMAT:
         raise CheckpointFormatError(
@@ -200,18 +398,48 @@ def load_data(path: str | Path) -> ExtendData:
             raise ConfigError(f"{path}: {name} must hold integers, not {info.dtype}", file=str(path), tensor=name)
     if "input_ids" not in infos:
         raise ConfigError(f"{path}: has no input_ids", file=str(path), tensor="input_ids")
-    tensors = load_file(str(path))
     placeholder = metadata.get("placeholder_id")
     try:
         placeholder_id = None if placeholder is None else int(placeholder)
     except ValueError:
         raise ConfigError(f"{path}: placeholder_id {placeholder!r} is not an integer", file=str(path)) from None
+    return infos, placeholder_id
+
+
+def data_from_tensors(tensors: dict[str, torch.Tensor], placeholder_id: int | None, source: str) -> ExtendData:
+    """An :class:`ExtendData` from a data file's tensors (token tensors as int64), checked."""
+
+    def tokens(name: str) -> torch.Tensor | None:
+        return None if name not in tensors else tensors[name].long()
+
     return ExtendData(
-        tensors["input_ids"].long(),
-        None if "labels" not in tensors else tensors["labels"].long(),
-        None if "attention_mask" not in tensors else tensors["attention_mask"].long(),
+        tokens("input_ids"),
+        tokens("labels"),
+        tokens("attention_mask"),
         tensors.get("features"),
-        None if "routing_mask" not in tensors else tensors["routing_mask"].long(),
+        tokens("routing_mask"),
         placeholder_id,
-        str(path),
+        source,
     )
+
+
+def load_data(path: str | Path) -> ExtendDataset:
+    """Read a data file into memory, or open a directory of data files (shards) to be read lazily.
+
+    A directory's ``*.safetensors`` files, in name order, are the shards of one data set
+    (:class:`mmer.extend.datasets.ShardedData`; write them with :func:`mmer.extend.datasets.save_shards`).
+    Names, dtypes and shapes are checked before any tensor is used.
+    """
+    path = Path(path)
+    if path.is_dir():
+        from mmer.extend.datasets import ShardedData
+
+        return ShardedData.open(path)
+    if not path.is_file():
+        raise ConfigError(
+            f"{path}: no such data file or directory",
+            file=str(path),
+            hint="write one with mmer.extend.save_data (or shards with mmer.extend.save_shards)",
+        )
+    _, placeholder_id = check_data_header(path)
+    return data_from_tensors(load_file(str(path)), placeholder_id, str(path))

@@ -26,6 +26,7 @@ ROUTER_INITS = ("copy", "zero", "mean")
 CALIBRATIONS = ("additive_mlp", "multiplicative_mlp", "additive_vector", "multiplicative_vector", "none")
 NEW_PARAM_DTYPES = ("float32", "base")
 AUX_SCALES = ("layer", "max")
+ROUTING_TOKENS = ("all", "prompt")
 PROJECTOR_KINDS = ("mlp2x_gelu", "linear")
 
 
@@ -56,7 +57,8 @@ class TrainOptions:
         steps: optimiser steps; ``None`` runs ``epochs`` over the data instead.
         epochs: passes over the data when ``steps`` is ``None`` (paper: 1 for align and finetune).
         learning_rate: AdamW peak learning rate (paper: 1e-3 align, 2e-5 finetune; code: 1e-3 probe).
-        batch_size: samples per micro-batch.
+        batch_size: samples per micro-batch: the *global* micro-batch, which the processes of a data-parallel
+            launch share (so a run on n processes trains what one process does with the same value).
         grad_accum: micro-batches per optimiser step.
         warmup_ratio: linear warm-up share of the steps before the cosine decay (paper: 0.03).
         weight_decay: AdamW weight decay (paper: 0).
@@ -68,6 +70,10 @@ class TrainOptions:
         log_every: steps between loss notes to the progress sink (0: never).
         save_every: steps between resumable checkpoints (0: only when asked with a checkpoint directory at the end).
         keep_checkpoints: how many step checkpoints to keep.
+        gradient_checkpointing: recompute each decoder layer's activations in the backward pass instead of
+            keeping them (transformers' ``gradient_checkpointing_enable``): less memory, about one more forward
+            per step, the same gradients. May differ between a run and its resumption.
+        num_workers: DataLoader worker processes reading batches (0: read in the training process).
     """
 
     steps: int | None = None
@@ -85,6 +91,8 @@ class TrainOptions:
     log_every: int = 10
     save_every: int = 0
     keep_checkpoints: int = 2
+    gradient_checkpointing: bool = False
+    num_workers: int = 0
 
     def __post_init__(self) -> None:
         owner = "train"
@@ -97,7 +105,7 @@ class TrainOptions:
         for name in ("batch_size", "grad_accum", "keep_checkpoints"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"{name} = {getattr(self, name)} is out of range", key=name, hint=f"{name} ≥ 1")
-        for name in ("log_every", "save_every"):
+        for name in ("log_every", "save_every", "num_workers"):
             if getattr(self, name) < 0:
                 raise ConfigError(f"{name} = {getattr(self, name)} is out of range", key=name, hint=f"{name} ≥ 0")
         if not 0.0 <= self.warmup_ratio < 1.0:
@@ -123,15 +131,24 @@ class ProbeOptions:
     Attributes:
         fraction: share p of the MoE layers that get experts, the top ⌊p·L⌋ by routing change (paper: 0.5).
             At least one layer is always chosen.
-        stats_fraction: share of the data held out as the statistics set S_e when no separate set is given.
-            The paper holds out 10k of 665k samples; the authors' code forgot to remove them from training
-            (their bug 7), mmer keeps the two sets disjoint.
+        stats_samples: size of the statistics set S_e (paper: 10k samples). Held out of the data when no
+            separate set is given, but never more than ``stats_fraction`` of it; a separate set larger than this
+            is sampled down (seeded) to this many.
+        stats_fraction: the largest share of the data held out as S_e when no separate set is given, so that
+            small data keeps most of its samples for training (ours; 10 %: the paper's 10k of 665k samples are
+            1.5 %). The authors' code forgot to remove S_e from the training data (their bug 7); mmer keeps the
+            two sets disjoint.
+        routing_tokens: which tokens the routing statistics count: ``all`` real tokens (the paper's text), or
+            only the ``prompt``, the real tokens without a label (the authors' code counts the first user turn,
+            the image included). A data set's own ``routing_mask`` narrows either.
         ddof: degrees of freedom of the standard deviation d_j (the code's pandas ``.std()``: 1). Any value
             gives the same ranking.
     """
 
     fraction: float = 0.5
+    stats_samples: int = 10_000
     stats_fraction: float = 0.1
+    routing_tokens: str = "all"
     ddof: int = 1
 
     def __post_init__(self) -> None:
@@ -141,6 +158,11 @@ class ProbeOptions:
             raise ConfigError(
                 f"stats_fraction = {self.stats_fraction} is out of range", key="stats_fraction", hint="in (0, 1)"
             )
+        if self.stats_samples < 1:
+            raise ConfigError(
+                f"stats_samples = {self.stats_samples} is out of range", key="stats_samples", hint="≥ 1"
+            )
+        _one_of("selection", "routing_tokens", self.routing_tokens, ROUTING_TOKENS)
         if self.ddof not in (0, 1):
             raise ConfigError(f"ddof = {self.ddof} must be 0 or 1", key="ddof")
 
@@ -290,13 +312,15 @@ _INT_FIELDS = {
     "log_every",
     "save_every",
     "keep_checkpoints",
+    "num_workers",
+    "stats_samples",
     "ddof",
     "experts_per_layer",
     "source_expert",
     "calibration_hidden",
     "in_features",
 }
-_BOOL_FIELDS = {"train_projector"}
+_BOOL_FIELDS = {"train_projector", "gradient_checkpointing"}
 
 
 def _check_value(section: str, name: str, value: Any, file: str | None) -> Any:

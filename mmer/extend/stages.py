@@ -19,20 +19,21 @@ import torch
 from torch import nn
 
 from mmer.errors import ConfigError
-from mmer.extend.data import ExtendData
+from mmer.extend.data import ExtendDataset
+from mmer.extend.distributed import barrier, ensure_process_group, is_main_process
 from mmer.extend.extension import expected_new_parameter_count, extend_model, set_trainable
 from mmer.extend.families import block_shape, moe_block, moe_layer_indices
 from mmer.extend.modality import MoExtendModel, Projector
 from mmer.extend.options import ExtendOptions, MoExtendRecipe, ProjectorOptions, TrainOptions
 from mmer.extend.pack import check_output, write_pack
-from mmer.extend.probe import ProbeResult, model_device, run_probe
-from mmer.extend.routing import RoutingCounts, collect_routing_counts
+from mmer.extend.probe import ProbeResult, count_routing, run_probe
+from mmer.extend.routing import RoutingCounts
 from mmer.extend.selection import source_experts
 from mmer.extend.training import TrainReport, train
 from mmer.progress import NULL_PROGRESS, ProgressSink
 
 
-def build_projector(lm: nn.Module, data: ExtendData, options: ProjectorOptions, seed: int) -> Projector:
+def build_projector(lm: nn.Module, data: ExtendDataset, options: ProjectorOptions, seed: int) -> Projector:
     """A freshly initialised float32 projector (seeded) from the data's feature width to the LM's hidden size."""
     in_features = options.in_features or data.feature_dim
     if in_features is None:
@@ -57,7 +58,7 @@ def build_projector(lm: nn.Module, data: ExtendData, options: ProjectorOptions, 
 
 def align(
     base_lm: nn.Module,
-    data: ExtendData,
+    data: ExtendDataset,
     *,
     projector_options: ProjectorOptions | None = None,
     options: TrainOptions | None = None,
@@ -115,10 +116,14 @@ def plan_extension(
     model: MoExtendModel,
     options: ExtendOptions,
     probe: ProbeResult | None = None,
-    stats_data: ExtendData | None = None,
+    stats_data: ExtendDataset | None = None,
     batch_size: int = 8,
+    routing_tokens: str = "all",
 ) -> ExtensionPlan:
-    """Layers (the probe's choice, all MoE layers or the given list) and the source experts of their new experts."""
+    """Layers (the probe's choice, all MoE layers or the given list) and the source experts of their new experts.
+
+    Without a probe, the source experts are the most used on ``stats_data`` (counting ``routing_tokens``).
+    """
     lm = model.lm
     moe = moe_layer_indices(lm)
     if options.layers == "extender":
@@ -149,7 +154,7 @@ def plan_extension(
         else:
             if stats_data is None:
                 raise ConfigError("choosing source experts needs data to count routing on", key="source")
-            counts = collect_routing_counts(model, stats_data.in_order(batch_size, model_device(model)))
+            counts = count_routing(model, stats_data, batch_size, routing_tokens, "source-expert statistics")
             statistics = "base"
     sources = source_experts(counts, layers, options.experts_per_layer, num_experts, options.source_expert)
     return ExtensionPlan(sources, method, statistics, probe, counts if probe is None else None)
@@ -157,7 +162,7 @@ def plan_extension(
 
 def finetune(
     model: MoExtendModel,
-    data: ExtendData,
+    data: ExtendDataset,
     plan: ExtensionPlan,
     recipe: MoExtendRecipe,
     *,
@@ -208,13 +213,13 @@ class MoExtendResult:
 
 def run_moextend(
     base_lm: nn.Module,
-    data: ExtendData,
+    data: ExtendDataset,
     output: str | Path,
     recipe: MoExtendRecipe | None = None,
     *,
     projector_model: MoExtendModel | None = None,
     probe: ProbeResult | None = None,
-    stats_data: ExtendData | None = None,
+    stats_data: ExtendDataset | None = None,
     workdir: str | Path | None = None,
     resume: bool = False,
     overwrite: bool = False,
@@ -229,6 +234,7 @@ def run_moextend(
     recipe = recipe or MoExtendRecipe()
     progress = progress or NULL_PROGRESS
     check_output(output, overwrite)
+    ensure_process_group()
     reports: dict[str, TrainReport] = {}
 
     def stage_dir(name: str) -> Path | None:
@@ -236,7 +242,7 @@ def run_moextend(
 
     if projector_model is not None:
         model = projector_model
-    elif data.features is not None:
+    elif data.has_features:
         model, reports["align"] = align(
             base_lm,
             data,
@@ -259,19 +265,30 @@ def run_moextend(
             resume=resume,
             progress=progress,
         )
-    plan = plan_extension(model, recipe.extend, probe, stats_data or data, recipe.finetune.batch_size)
+    counted = stats_data or data
+    plan = plan_extension(
+        model,
+        recipe.extend,
+        probe,
+        counted.sample(recipe.selection.stats_samples, recipe.finetune.seed),
+        recipe.finetune.batch_size,
+        recipe.selection.routing_tokens,
+    )
     progress.note(f"extending layers {plan.layers} (sources {plan.sources})")
     reports["finetune"] = finetune(
         model, data, plan, recipe, checkpoint_dir=stage_dir("finetune"), resume=resume, progress=progress
     )
-    pack = write_pack(
-        model,
-        output,
-        modality=recipe.extend.modality,
-        extend_options=recipe.extend,
-        selection=plan.to_dict(),
-        training={name: r.to_dict() for name, r in reports.items()},
-        recipe=recipe.to_dict(),
-        overwrite=overwrite,
-    )
+    pack = Path(output)
+    if is_main_process():  # every process holds the same model; one writes it
+        pack = write_pack(
+            model,
+            output,
+            modality=recipe.extend.modality,
+            extend_options=recipe.extend,
+            selection=plan.to_dict(),
+            training={name: r.to_dict() for name, r in reports.items()},
+            recipe=recipe.to_dict(),
+            overwrite=overwrite,
+        )
+    barrier()
     return MoExtendResult(model, pack, plan, reports)

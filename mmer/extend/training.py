@@ -1,4 +1,4 @@
-"""One training loop for all three stages: accelerate for device and mixed precision, resumable, seeded.
+"""One training loop for all three stages: accelerate for devices, processes and mixed precision; resumable.
 
 Only the parameters handed in are given to the optimiser (everything else has ``requires_grad`` off), so the
 frozen model cannot move. The order of micro-batches is a pure function of (seed, step), the learning rate of
@@ -6,10 +6,17 @@ the step number (linear warm-up, then cosine to 0, the paper's schedule), and a 
 tensors, AdamW's moments, torch's RNG state and the loss history. A run resumed from step s is therefore bit
 for bit the run that was never interrupted. Checkpoints are plain safetensors + JSON (no pickle) written
 atomically; loading one refuses a checkpoint made with other options or other trainable tensors.
+
+Launched on several processes (``accelerate launch``, ``torchrun``), the same loop is data-parallel through
+accelerate's DDP: ``batch_size`` stays the *global* micro-batch, each process runs its fixed share
+(:class:`mmer.extend.data.BatchPlan`, read through a ``DataLoader``), the losses are the global batch's
+(:mod:`mmer.extend.distributed`), and only the main process writes checkpoints. The result is the
+one-process run's up to float rounding, and a run may resume on another number of processes.
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import math
@@ -26,7 +33,8 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from mmer.errors import CheckpointFormatError, ConfigError
-from mmer.extend.data import ExtendData
+from mmer.extend.data import BatchPlan, ExtendDataset, MicroBatchSampler
+from mmer.extend.distributed import global_balancing_loss, global_lm_loss
 from mmer.extend.losses import IGNORE_INDEX, lm_loss, load_balancing_loss
 from mmer.extend.modality import MoExtendModel
 from mmer.extend.options import TrainOptions
@@ -39,7 +47,7 @@ from mmer.progress import NULL_PROGRESS, ProgressSink
 
 STATE_FORMAT = "mmer-extend-train-state/1"
 # Options that may differ between the interrupted run and its resumption without changing the result.
-BOOKKEEPING_OPTIONS = ("log_every", "save_every", "keep_checkpoints")
+BOOKKEEPING_OPTIONS = ("log_every", "save_every", "keep_checkpoints", "gradient_checkpointing", "num_workers")
 
 
 @dataclass
@@ -56,6 +64,7 @@ class TrainReport:
     lm_losses: list[float] = field(default_factory=list)
     aux_losses: list[float] = field(default_factory=list)
     resumed_from: int | None = None
+    processes: int = 1
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self) | {"final_loss": self.losses[-1] if self.losses else None}
@@ -70,7 +79,7 @@ def learning_rate_at(step: int, total: int, options: TrainOptions) -> float:
     return options.learning_rate * 0.5 * (1.0 + math.cos(math.pi * progress))
 
 
-def total_steps(options: TrainOptions, data: ExtendData) -> int:
+def total_steps(options: TrainOptions, data: ExtendDataset) -> int:
     if options.steps is not None:
         return options.steps
     micro = math.ceil(options.epochs * data.batches_per_epoch(options.batch_size))
@@ -79,9 +88,14 @@ def total_steps(options: TrainOptions, data: ExtendData) -> int:
 
 def make_accelerator(options: TrainOptions) -> Any:
     """An ``accelerate.Accelerator`` for these options (re-initialising accelerate's process-wide state when an
-    earlier stage asked for another precision)."""
+    earlier stage asked for another precision; a launcher's process group is kept).
+
+    Under a multi-process launch it is accelerate's DDP. DDP looks for unused parameters: a new expert that
+    no token of a process's share chose gets no gradient there, and that must not stall the exchange.
+    """
     from accelerate import Accelerator
     from accelerate.state import AcceleratorState
+    from accelerate.utils import DistributedDataParallelKwargs, DistributedType
 
     cpu = options.device == "cpu" or (options.device == "auto" and not torch.cuda.is_available())
     if options.device == "cuda" and not torch.cuda.is_available():
@@ -89,17 +103,25 @@ def make_accelerator(options: TrainOptions) -> Any:
     precision = options.mixed_precision
     if precision == "auto":
         precision = "bf16" if not cpu and torch.cuda.is_bf16_supported() else "no"
+    handlers = [DistributedDataParallelKwargs(find_unused_parameters=True)]
     try:
-        accelerator = Accelerator(cpu=cpu, mixed_precision=precision)
+        accelerator = Accelerator(cpu=cpu, mixed_precision=precision, kwargs_handlers=handlers)
     except ValueError as err:
         if "already been initialized" not in str(err):
             raise
-        AcceleratorState._reset_state(reset_partial_state=True)
-        accelerator = Accelerator(cpu=cpu, mixed_precision=precision)
-    if accelerator.num_processes > 1:
+        AcceleratorState._reset_state(reset_partial_state=not torch.distributed.is_initialized())
+        accelerator = Accelerator(cpu=cpu, mixed_precision=precision, kwargs_handlers=handlers)
+    if accelerator.distributed_type not in (
+        DistributedType.NO,
+        DistributedType.MULTI_CPU,
+        DistributedType.MULTI_GPU,
+    ):
         raise ConfigError(
-            f"{accelerator.num_processes} processes: MoExtend training runs in one process",
-            hint="launch it without torchrun/accelerate launch (one GPU)",
+            f"accelerate is configured for {accelerator.distributed_type.value}: MoExtend trains data-parallel "
+            "(DDP) only",
+            key="distributed_type",
+            hint="launch with a multi-GPU (DDP) accelerate config; see docs/moextend.md §5 for models that do not "
+            "fit one GPU",
         )
     return accelerator
 
@@ -107,7 +129,7 @@ def make_accelerator(options: TrainOptions) -> Any:
 def train(
     model: MoExtendModel,
     trainable: Mapping[str, nn.Parameter],
-    data: ExtendData,
+    data: ExtendDataset,
     options: TrainOptions,
     *,
     stage: str,
@@ -124,13 +146,20 @@ def train(
     names = list(trainable)
     params = [trainable[n] for n in names]
     accelerator = make_accelerator(options)
+    rank, world = accelerator.process_index, accelerator.num_processes
+    if not accelerator.is_main_process:
+        progress = NULL_PROGRESS
     model.to(accelerator.device)
     optimizer = torch.optim.AdamW(params, lr=options.learning_rate, weight_decay=options.weight_decay)
-    optimizer = accelerator.prepare(optimizer)
+    if world > 1:
+        runner, optimizer = accelerator.prepare(model, optimizer)
+    else:
+        runner, optimizer = model, accelerator.prepare(optimizer)
     total = total_steps(options, data)
     report = TrainReport(
         stage, total, sum(p.numel() for p in params), 0.0, str(accelerator.device), accelerator.mixed_precision
     )
+    report.processes = world
     start = 0
     torch.manual_seed(options.seed)
     if checkpoint_dir is not None and resume:
@@ -139,6 +168,16 @@ def train(
             start = load_checkpoint(found, stage, options, trainable, optimizer, report, accelerator)
             report.resumed_from = start
     top_k = layer_top_k(model.lm)
+    plan = BatchPlan(len(data), options.batch_size, options.seed, rank, world)
+    loader = torch.utils.data.DataLoader(
+        data,
+        batch_sampler=MicroBatchSampler(plan, start * options.grad_accum, total * options.grad_accum),
+        collate_fn=_collated,
+        num_workers=options.num_workers,
+    )
+    batches = iter(loader)
+    if options.gradient_checkpointing:
+        model.lm.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     model.train()
     progress.start(stage, total, unit="step")
     progress.advance(stage, start)
@@ -149,20 +188,33 @@ def train(
                     group["lr"] = learning_rate_at(step, total, options)
                 lm_sum = aux_sum = 0.0
                 for micro in range(options.grad_accum):
-                    batch = data.micro_batch(
-                        step * options.grad_accum + micro, options.batch_size, options.seed, accelerator.device
-                    )
-                    tap.clear()
-                    with accelerator.autocast():
-                        logits = model(batch["input_ids"], batch["attention_mask"], batch.get("features")).logits
-                        loss_lm = lm_loss(logits, batch["labels"])
-                        loss = loss_lm
-                        if options.aux_loss_coef > 0:
-                            aux = load_balancing_loss(tap.logits, top_k, batch["attention_mask"], aux_scale)
-                            loss = loss + options.aux_loss_coef * aux
-                            aux_sum += float(aux.detach())
-                    accelerator.backward(loss / options.grad_accum)
-                    lm_sum += float(loss_lm.detach())
+                    index = step * options.grad_accum + micro
+                    batch = data.to_device(next(batches), accelerator.device)
+                    last = micro == options.grad_accum - 1
+                    with contextlib.nullcontext() if world == 1 or last else accelerator.no_sync(runner):
+                        tap.clear()
+                        with accelerator.autocast():
+                            logits = runner(batch["input_ids"], batch["attention_mask"], batch.get("features")).logits
+                            if world == 1:
+                                loss_lm = lm_loss(logits, batch["labels"])
+                                lm_value = float(loss_lm.detach())
+                            else:
+                                real = plan.share(index)[1]
+                                labels = batch["labels"] if real else torch.full_like(batch["labels"], IGNORE_INDEX)
+                                loss_lm, lm_value = global_lm_loss(logits, labels, world)
+                            loss = loss_lm
+                            if options.aux_loss_coef > 0:
+                                mask = batch["attention_mask"]
+                                if world == 1:
+                                    aux = load_balancing_loss(tap.logits, top_k, mask, aux_scale)
+                                    aux_value = float(aux.detach())
+                                else:
+                                    weight = mask if real else torch.zeros_like(mask)
+                                    aux, aux_value = global_balancing_loss(tap.logits, top_k, weight, aux_scale, world)
+                                loss = loss + options.aux_loss_coef * aux
+                                aux_sum += aux_value
+                        accelerator.backward(loss / options.grad_accum)
+                    lm_sum += lm_value
                 if options.max_grad_norm > 0:
                     accelerator.clip_grad_norm_(params, options.max_grad_norm)
                 optimizer.step()
@@ -177,16 +229,29 @@ def train(
                 if checkpoint_dir is not None and (
                     (options.save_every and done % options.save_every == 0) or done == total
                 ):
-                    save_checkpoint(checkpoint_dir, done, stage, options, trainable, optimizer, report, accelerator)
+                    if accelerator.is_main_process:
+                        save_checkpoint(
+                            checkpoint_dir, done, stage, options, trainable, optimizer, report, accelerator
+                        )
+                    accelerator.wait_for_everyone()
     finally:
         progress.end(stage)
+        if options.gradient_checkpointing:
+            model.lm.gradient_checkpointing_disable()
+        if world > 1:
+            accelerator.unwrap_model(runner, keep_fp32_wrapper=False)  # puts back the forward accelerate wrapped
         model.eval()
     report.seconds = time.perf_counter() - started
     return report
 
 
+def _collated(batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """The DataLoader's collate_fn: the data set's ``__getitems__`` already returns a collated micro-batch."""
+    return batch
+
+
 @torch.no_grad()
-def evaluate(model: MoExtendModel, data: ExtendData, batch_size: int = 8) -> dict[str, float]:
+def evaluate(model: MoExtendModel, data: ExtendDataset, batch_size: int = 8) -> dict[str, float]:
     """Token-weighted mean next-token loss and accuracy over every labelled token of ``data`` (in file order)."""
     device = next(model.parameters()).device
     was_training = model.training
