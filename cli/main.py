@@ -157,6 +157,10 @@ def merge(
     iterations: Annotated[
         int | None, typer.Option(help="WUDI's Adam steps per weight matrix (400)." + _takes("iterations"))
     ] = None,
+    rank_fraction: Annotated[
+        float | None,
+        typer.Option(help="CART's kept share of each matrix's rank per task (0.1)." + _takes("rank_fraction")),
+    ] = None,
     mask_source: Annotated[
         str | None, typer.Option(help="Compare τ* with the trimmed (paper) or raw τᵢ." + _takes("mask_source"))
     ] = None,
@@ -200,6 +204,7 @@ def merge(
             dare_seed=dare_seed,
             common_space=common_space,
             iterations=iterations,
+            rank_fraction=rank_fraction,
             mask_source=mask_source,
             vocab_policy=vocab_policy,
             delta_dtype=delta_dtype,

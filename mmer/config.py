@@ -111,6 +111,7 @@ class MergeOptions:
         dare_seed: seed of DARE's random masks (with the model position and tensor name).
         common_space: Iso-CTS's fraction of each matrix's rank given to the common subspace (paper: 0.8).
         iterations: WUDI's Adam steps per weight matrix (FusionBench's configuration: 400).
+        rank_fraction: CART's share of each matrix's rank kept for each task's deviation from the mean (0.1).
         mask_source: compare τ* with the ``trimmed`` τᵢ (the paper's notation) or the ``raw`` untrimmed τᵢ.
         vocab_policy: ``shared-rows`` merges rows [0, V_base) of embeddings/lm_head and keeps rows beyond the
             base as the model's private rows; ``strict`` refuses any vocabulary difference; ``exclude`` keeps
@@ -138,6 +139,7 @@ class MergeOptions:
     dare_seed: int = 0
     common_space: float = 0.8
     iterations: int = 400
+    rank_fraction: float = 0.1
     mask_source: str = "trimmed"
     vocab_policy: str = "shared-rows"
     delta_dtype: str = "base"
@@ -161,6 +163,12 @@ class MergeOptions:
                 f"common_space = {self.common_space} is out of range",
                 key="common_space",
                 hint="the common subspace's share of each matrix's rank is in [0, 1] (paper: 0.8)",
+            )
+        if not (0.0 < self.rank_fraction <= 1.0) or math.isnan(self.rank_fraction):
+            raise ConfigError(
+                f"rank_fraction = {self.rank_fraction} is out of range",
+                key="rank_fraction",
+                hint="CART's kept share of each matrix's rank is in (0, 1] (default 0.1)",
             )
         if isinstance(self.iterations, bool) or not (1 <= self.iterations <= 100_000):
             raise ConfigError(
@@ -313,6 +321,7 @@ _OPTION_TYPES: dict[str, type | tuple[type, ...]] = {
     "dare_seed": int,
     "common_space": (int, float),
     "iterations": int,
+    "rank_fraction": (int, float),
     "zero_sign": str,
     "mask_source": str,
     "vocab_policy": str,

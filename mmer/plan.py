@@ -344,6 +344,7 @@ def resolve_variant(recipe: Recipe) -> Variant:
         dare_seed=options.dare_seed,
         common_space=options.common_space,
         iterations=options.iterations,
+        rank_fraction=options.rank_fraction,
         lambdas=tuple(
             recipe.lambda_for(m.modality, default_lambda) if default_lambda is not None else None  # type: ignore[arg-type]
             for m in recipe.models

@@ -26,7 +26,7 @@ import torch
 TRIM_OPTIONS = ("k", "trim_scope", "trim_count")
 DARE_OPTIONS = ("dare", "dare_seed")
 TIES_OPTIONS = ("zero_sign", "elect_on", "aggregate")
-SUBSPACE_OPTIONS = ("common_space", "iterations")  # Iso-CTS's common fraction, WUDI's optimiser steps
+SUBSPACE_OPTIONS = ("common_space", "iterations", "rank_fraction")  # Iso-CTS, WUDI and CART read one each
 ARGUMENTS = ("weights", "alpha", *TIES_OPTIONS, *SUBSPACE_OPTIONS)
 METHOD_OPTIONS = ("alpha", "weights", *TRIM_OPTIONS, *DARE_OPTIONS, *TIES_OPTIONS, *SUBSPACE_OPTIONS)
 # Arguments that no recipe sets: the engine counts them over the whole model first, and hands each to a method
@@ -86,7 +86,8 @@ _REFUSALS = {
     TRIM_OPTIONS: "the method does not trim its task vectors",
     DARE_OPTIONS: "the method takes no DARE",
     TIES_OPTIONS: "it chooses how TIES elects signs or merges the agreeing entries, which the method does not do",
-    SUBSPACE_OPTIONS: "only the method that names it reads it (common_space: iso_cts; iterations: wudi)",
+    SUBSPACE_OPTIONS: "only the method that names it reads it (common_space: iso_cts; iterations: wudi; "
+    "rank_fraction: cart)",
     ("weights",): "the method takes no per-model weights",
     ("alpha",): "the method has no α",
 }

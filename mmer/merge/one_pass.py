@@ -77,6 +77,7 @@ KERNEL_COVERS = {
     "dare_seed": lambda v: True,  # read only by DARE, which the kernel never runs
     "common_space": lambda v: True,  # read only by subspace methods, which the kernel never runs
     "iterations": lambda v: True,
+    "rank_fraction": lambda v: True,
     "lambda": lambda v: True,
     "mask_source": lambda v: v.mask_source == "trimmed",
 }

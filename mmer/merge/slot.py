@@ -45,6 +45,7 @@ class Variant:
     census: SignCensus | None = None
     common_space: float = 0.8
     iterations: int = 400
+    rank_fraction: float = 0.1
 
     @property
     def merge_method(self) -> MergeMethod:
@@ -203,6 +204,7 @@ def merge_slot(
         majority=variant.majority,
         common_space=variant.common_space,
         iterations=variant.iterations,
+        rank_fraction=variant.rank_fraction,
     )
     stored = tau_star.to(store_dtype)
     rule = variant.rule

@@ -10,6 +10,8 @@ linear map and merge the task vectors' subspaces:
   (a flat spectrum: no direction of one task drowns the others).
 - **Iso-CTS** (§3.2): Iso-C on a common subspace (the top ``common_space`` fraction of the sum's directions) plus
   each task's own top directions outside it, orthonormalised as in TSV-M, with a flat spectrum.
+- **CART** (Revisiting weight averaging, arXiv 2412.12153 §4): the average of the task vectors plus λ times the
+  sum of each task's low-rank deviation from that average (its top ``rank_fraction`` of singular directions).
 - **WUDI** (arXiv 2503.08099 §3): τ* minimises Σᵢ ‖(τ* − τᵢ) τᵢᵀ‖² / ‖τᵢ‖² by Adam from Σᵢ τᵢ, a data-free
   stand-in for each task's inputs (they lie near the span of its task vector's rows).
 
@@ -17,7 +19,8 @@ Each takes the float32 task vectors of one tensor slot and returns τ*, like eve
 that is not a matrix (norms, biases) is averaged, as the authors' code and FusionBench do. The arithmetic
 follows FusionBench's implementations step for step (``tests/peers`` checks each against it), float32
 throughout, on the task vectors' device; LAPACK's SVD can differ in the last bits between machines and thread
-counts, so these methods are deterministic on one machine, not across BLAS builds.
+counts, so these methods are deterministic on one machine, not across BLAS builds. CART has no implementation
+in FusionBench; it is checked against the paper's formula on hand-computed cases.
 """
 
 from __future__ import annotations
@@ -32,6 +35,7 @@ from mmer.merge.methods import as_stack, register_method
 ISO_COMMON_SPACE = 0.8  # Iso-CTS: fraction of the directions given to the common subspace
 WUDI_ITERATIONS = 400  # FusionBench's configuration (the paper's code: 300)
 WUDI_LEARNING_RATE = 1e-5
+CART_RANK_FRACTION = 0.1  # share of each matrix's rank kept per task's centred deviation (the paper sweeps it)
 
 
 def _sum(stacked: torch.Tensor) -> torch.Tensor:
@@ -156,6 +160,31 @@ def iso_cts(
     flat = torch.ones_like(space_s) * space_s.mean()
     merged = torch.linalg.multi_dot((_orthonormal(space_u), torch.diag(flat), _orthonormal(space_vh)))
     return _scaled(merged, alpha)
+
+
+@register_method(
+    "cart",
+    accepts=("alpha", "rank_fraction"),
+    elementwise=False,
+    summary="CART: the mean task vector plus α · each task's low-rank deviation from it, per weight matrix",
+)
+def cart(
+    taus: Sequence[torch.Tensor] | torch.Tensor, *, alpha: float = 1.0, rank_fraction: float = CART_RANK_FRACTION
+) -> torch.Tensor:
+    """τ* = τ̄ + α · Σᵢ SVD_r(τᵢ − τ̄), τ̄ the mean task vector and SVD_r the best rank-r approximation with
+    r = max(1, round(rank_fraction · min(rows, cols))). In weights: θ* = θ_avg + α Σᵢ SVD_r(θᵢ − θ_avg), the
+    paper's Eq. 5, with α its λ (α → 0 is plain weight averaging). The mean for a tensor that is not a matrix."""
+    stacked = as_stack(taus)
+    n = stacked.shape[0]
+    mean = _sum(stacked) / n
+    if stacked.dim() != 3:
+        return mean
+    rank = max(1, round(rank_fraction * min(stacked.shape[1:])))
+    deviations = stacked.new_zeros(stacked.shape[1:])
+    for i in range(n):
+        u, s, vh = torch.linalg.svd(stacked[i] - mean, full_matrices=False)
+        deviations += (u[:, :rank] * s[:rank]) @ vh[:rank, :]
+    return mean + alpha * deviations
 
 
 @register_method(

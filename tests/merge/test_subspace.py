@@ -58,6 +58,22 @@ def test_iso_cts_gives_every_direction_it_keeps_the_same_singular_value():
     torch.testing.assert_close(values, torch.full_like(values, float(values.mean())), rtol=1e-5, atol=1e-5)
 
 
+def test_cart_adds_each_tasks_top_deviation_from_the_mean():
+    """τ̄ = diag(2, 1.5, 0); deviations (4, −1.5, 0), (−2, 3, 0), (−2, −1.5, 0) keep their largest direction
+    each at rank 1 (0.3 of 3): (4, 0, 0) + (0, 3, 0) + (−2, 0, 0) = (2, 3, 0); τ* = τ̄ + α·that."""
+    taus = [diag(6, 0, 0), diag(0, 4.5, 0), diag(0, 0, 0)]
+    got = METHODS["cart"].merge(taus, alpha=0.5, rank_fraction=0.3)
+    torch.testing.assert_close(got, diag(3.0, 3.0, 0.0), rtol=0, atol=1e-6)
+
+
+def test_cart_at_full_rank_is_the_mean_task_vector_whatever_alpha():
+    """The centred deviations sum to 0, so keeping all of them adds nothing: weight averaging."""
+    g = torch.Generator().manual_seed(5)
+    taus = [torch.randn(5, 4, generator=g) for _ in range(3)]
+    got = METHODS["cart"].merge(taus, alpha=1.7, rank_fraction=1.0)
+    torch.testing.assert_close(got, torch.stack(taus).mean(0), rtol=1e-5, atol=1e-5)
+
+
 def test_wudi_leaves_the_sum_of_non_interfering_tasks_where_it_starts():
     """(τ* − τᵢ)τᵢᵀ = τⱼτᵢᵀ = 0 when the tasks' rows are orthogonal: the loss is 0 at Σ τᵢ, so Adam stays there."""
     torch.testing.assert_close(subspace.wudi(ORTHOGONAL, iterations=25), diag(3.0, 1.0, 2.0, 0.5), rtol=0, atol=0)
@@ -71,19 +87,19 @@ def test_wudi_moves_towards_each_tasks_own_projection_when_tasks_interfere():
     assert loss(subspace.wudi(taus, iterations=200)) < start
 
 
-@pytest.mark.parametrize("method", ["tsv_m", "iso_c", "iso_cts", "wudi"])
+@pytest.mark.parametrize("method", ["tsv_m", "iso_c", "iso_cts", "cart", "wudi"])
 def test_a_task_that_left_a_matrix_untouched_gives_a_finite_merge(method):
     taus = [diag(3.0, 1.0, 0.5, 0.25), torch.zeros(4, 4)]
     assert torch.isfinite(METHODS[method].merge(taus, iterations=5)).all()  # each method takes what it reads
 
 
-@pytest.mark.parametrize("method", ["tsv_m", "iso_c", "iso_cts", "wudi"])
+@pytest.mark.parametrize("method", ["tsv_m", "iso_c", "iso_cts", "cart", "wudi"])
 def test_a_tensor_that_is_not_a_matrix_is_averaged(method):
     norms = [torch.tensor([1.0, 2.0, 3.0]), torch.tensor([3.0, 2.0, 1.0])]
     torch.testing.assert_close(METHODS[method].merge(norms), torch.tensor([2.0, 2.0, 2.0]))
 
 
-@pytest.mark.parametrize("method", ["tsv_m", "iso_c", "iso_cts", "wudi"])
+@pytest.mark.parametrize("method", ["tsv_m", "iso_c", "iso_cts", "cart", "wudi"])
 def test_subspace_methods_are_registered_as_whole_tensor_methods_without_trim_or_dare(method):
     registered = METHODS[method]
     assert not registered.elementwise and not registered.uses_trim
@@ -113,12 +129,13 @@ def test_common_space_out_of_range_is_refused(value):
     assert info.value.key == "common_space"
 
 
-def test_a_subspace_merge_streams_whole_slots_and_masks_on_top(demo_models, tmp_path):
+@pytest.mark.parametrize("method", ["iso_cts", "cart"])
+def test_a_subspace_merge_streams_whole_slots_and_masks_on_top(demo_models, tmp_path, method):
     """Through the whole pipeline: τ* of a slot is the method applied to the slot's task vectors, and the MMER
     masks are computed against that τ* (the question mmer compare can ask: do masks help a stronger merge?)."""
     from mmer.config import build_recipe
 
-    recipe = build_recipe(list(demo_models.specs), method="iso_cts", mask="mmer")
+    recipe = build_recipe(list(demo_models.specs), method=method, mask="mmer")
     out = tmp_path / "out"
     mmer.run_merge(recipe, out)
     with mmer.load_decoupled(out) as ckpt:
@@ -131,6 +148,6 @@ def test_a_subspace_merge_streams_whole_slots_and_masks_on_top(demo_models, tmp_
             with CheckpointReader(spec.model) as reader:
                 name = next(n for n in reader.tensors if n.endswith(slot.name.removeprefix("model.")))
                 taus.append(reader.get(name).float()[: base.shape[0]] - base)
-        want = subspace.iso_cts(taus).to(ckpt.tau_star(slot.name).dtype)
+        want = METHODS[method].merge(taus).to(ckpt.tau_star(slot.name).dtype)
         torch.testing.assert_close(ckpt.tau_star(slot.name), want, rtol=0, atol=0)
         assert ckpt.mask("vision", slot.name).any()
