@@ -109,12 +109,13 @@ def detect_layout(keys: list[str] | set[str], source: str) -> Layout:
         if any(k.startswith(marker) for k in keys)
     ]
     if not found:
-        sample = ", ".join(sorted(keys)[:5])
+        why, hint = _why_no_decoder(keys)
         raise LayoutError(
             f"{source}: no LLM decoder layers found (looked for model.layers.N, language_model.model.layers.N, "
-            f"model.language_model.layers.N, model.text_model.layers.N; first names: {sample})",
+            f"model.language_model.layers.N, model.text_model.layers.N): {why}; first names: "
+            + ", ".join(sorted(keys)[:5]),
             file=source,
-            hint="mmer reads Llama/Qwen-style decoders; is this a LoRA adapter or a frozen-LLM model?",
+            hint=hint,
         )
     if len(found) > 1:
         raise LayoutError(
@@ -124,6 +125,36 @@ def detect_layout(keys: list[str] | set[str], source: str) -> Layout:
             hint="the checkpoint mixes layouts; re-save it with one transformers version",
         )
     return found[0]
+
+
+_ENCODER = re.compile(r"(^|\.)encoder\.")
+_DECODER_STACK = re.compile(r"^(.*?\bdecoder\.(?:layers|layer|block)\.)\d+\.")
+_ANY_STACK = re.compile(r"^(.*?\b(?:layers|layer|block|blocks|h)\.)\d+\.")
+_NO_LLM_HINT = "mmer merges decoder-only LLMs fine-tuned from one plain causal-LM base; this family cannot be merged"
+
+
+def _why_no_decoder(keys: list[str] | set[str]) -> tuple[str, str]:
+    """Why a checkpoint with no decoder where a layout keeps one cannot be merged, read off its names
+    (docs/layouts.md §2): an encoder-decoder, layer stacks under prefixes no layout reads, or no stack at all."""
+    if any(".lora_A." in k or ".lora_B." in k for k in keys):
+        return "a LoRA adapter (lora_A/lora_B weights)", "merge the LoRA adapter into its model first"
+    decoder = sorted({m.group(1) for k in keys if (m := _DECODER_STACK.match(k))})
+    if decoder and any(_ENCODER.search(k) for k in keys):
+        return (
+            f"an encoder-decoder model (decoder layers under {', '.join(decoder[:3])}), whose text decoder "
+            "cross-attends to an encoder a causal-LM base does not have",
+            _NO_LLM_HINT,
+        )
+    stacks = sorted({m.group(1) for k in keys if (m := _ANY_STACK.match(k))})
+    if stacks:
+        return (
+            f"its layer stacks are under {', '.join(stacks[:4])}, which is not a decoder layout mmer reads "
+            "(docs/layouts.md §1)",
+            "mmer reads Llama/Qwen-style decoders (not a LoRA adapter or a frozen LLM); if one stack is such an LLM, "
+            "save the model that holds it on its own (e.g. an omni model's thinker) and merge that",
+        )
+    hint = "mmer reads Llama/Qwen-style decoders; is this a LoRA adapter or a frozen-LLM model?"
+    return "no stack of numbered layers at all", hint
 
 
 def layer_index(canonical: str) -> int | None:
