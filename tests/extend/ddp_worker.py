@@ -1,0 +1,41 @@
+"""Run MoExtend's three stages on the tiny fixtures, in however many processes this was launched with.
+
+``tests/extend/test_distributed.py`` launches it on 2 CPU processes (``accelerate launch --cpu``) and compares
+the pack with a one-process run of :func:`run` on the same global batch. Arguments: OUTPUT WORKDIR.
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).parent))
+
+import torch  # noqa: E402
+from tiny_moe import build_lm, make_data, quick  # noqa: E402
+
+from mmer.extend import ExtendOptions, MoExtendRecipe, ProbeOptions, run_moextend  # noqa: E402
+
+SAMPLES = 25  # the last micro-batch of an epoch is 1 sample for align (batch 8) and finetune (batch 6)
+
+
+def recipe() -> MoExtendRecipe:
+    return MoExtendRecipe(
+        align=quick(steps=4, batch_size=8),
+        probe=quick(steps=3, batch_size=8, save_every=1, learning_rate=0.2),
+        finetune=quick(steps=3, batch_size=6, grad_accum=2, warmup_ratio=0.3, save_every=2),
+        selection=ProbeOptions(fraction=0.5),
+        # A copied router row ties with its source up to the router matmul's rounding, which depends on the
+        # batch shape a process runs (docs/moextend.md §5); the mean row has no such tie.
+        extend=ExtendOptions(router_init="mean"),
+    )
+
+
+def run(output: Path, workdir: Path | None = None):
+    return run_moextend(build_lm(), make_data(SAMPLES), output, recipe(), workdir=workdir)
+
+
+if __name__ == "__main__":
+    torch.set_num_threads(1)
+    result = run(Path(sys.argv[1]), Path(sys.argv[2]))
+    print("processes", result.reports["finetune"].processes, "layers", result.plan.layers, flush=True)
