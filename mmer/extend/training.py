@@ -177,7 +177,7 @@ def train(
     )
     batches = iter(loader)
     if options.gradient_checkpointing:
-        model.lm.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        checkpointing(model.lm, True)
     model.train()
     progress.start(stage, total, unit="step")
     progress.advance(stage, start)
@@ -237,12 +237,23 @@ def train(
     finally:
         progress.end(stage)
         if options.gradient_checkpointing:
-            model.lm.gradient_checkpointing_disable()
+            checkpointing(model.lm, False)
         if world > 1:
             accelerator.unwrap_model(runner, keep_fp32_wrapper=False)  # puts back the forward accelerate wrapped
         model.eval()
     report.seconds = time.perf_counter() - started
     return report
+
+
+def checkpointing(lm: nn.Module, enable: bool) -> None:
+    """Switch transformers' activation (gradient) checkpointing on or off, non-reentrant: frozen inputs that need
+    no gradient still give the trainable tensors inside a layer theirs. (transformers 5 renamed the methods.)"""
+    if enable and hasattr(lm, "activation_checkpointing_enable"):
+        lm.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+    elif enable:
+        lm.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    else:
+        (getattr(lm, "activation_checkpointing_disable", None) or lm.gradient_checkpointing_disable)()
 
 
 def _collated(batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
