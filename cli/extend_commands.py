@@ -27,7 +27,13 @@ extend_app = typer.Typer(
 )
 
 Base = Annotated[Path, typer.Argument(help="The base MoE causal LM (a local transformers directory).")]
-Data = Annotated[Path, typer.Argument(help="Training data: a safetensors file written by mmer.extend.save_data.")]
+Data = Annotated[
+    Path,
+    typer.Argument(
+        help="Training data: a safetensors file written by mmer.extend.save_data, or a directory of such files "
+        "(shards, read lazily; mmer.extend.save_shards)."
+    ),
+]
 Recipe = Annotated[
     Path | None, typer.Option(help="MoExtend recipe YAML (align, probe, finetune, selection, extend...).")
 ]
@@ -38,6 +44,13 @@ Device = Annotated[str | None, typer.Option(help="auto, cpu or cuda.")]
 Precision = Annotated[str | None, typer.Option(help="auto, no, bf16 or fp16.")]
 Seed = Annotated[int | None, typer.Option(help="Seed of init, data order and RNG.")]
 CheckpointDir = Annotated[Path | None, typer.Option(help="Keep resumable checkpoints here.")]
+GradientCheckpointing = Annotated[
+    bool, typer.Option(help="Recompute activations in the backward pass (less memory, same result).")
+]
+StatsSamples = Annotated[int | None, typer.Option(help="Size of the statistics set S_e (paper: 10,000).")]
+RoutingTokens = Annotated[
+    str | None, typer.Option(help="Tokens the routing statistics count: all, or prompt (the authors' code).")
+]
 
 
 def _resume(where: str) -> Any:
@@ -70,6 +83,7 @@ class StageFlags:
     mixed_precision: str | None = None
     seed: int | None = None
     save_every: int | None = None
+    gradient_checkpointing: bool = False
     resume: bool = False
     overwrite: bool = False
     json_out: bool = False
@@ -89,6 +103,7 @@ class StageFlags:
             "mixed_precision": self.mixed_precision,
             "seed": self.seed,
             "save_every": self.save_every,
+            "gradient_checkpointing": self.gradient_checkpointing or None,
         }
         changes = {k: v for k, v in options.items() if v is not None}
         if not changes:
@@ -106,6 +121,7 @@ STAGE_OPTIONS = {
     "mixed_precision": Precision,
     "seed": Seed,
     "save_every": SaveEvery,
+    "gradient_checkpointing": GradientCheckpointing,
     "resume": Resume,
     "overwrite": Overwrite,
     "json_out": JsonOut,
@@ -133,6 +149,14 @@ def stage_command(func):
     command.__signature__ = signature(func).replace(parameters=[*own, *shared])
     command.__annotations__ = {p.name: p.annotation for p in own} | options
     return extend_app.command()(command)
+
+
+def _selection(rec, **flags: Any):
+    """The recipe's selection options with the flags given (None: not given) applied."""
+    from mmer.extend.options import replace_options
+
+    changes = {k: v for k, v in flags.items() if v is not None}
+    return replace_options(rec.selection, "selection", changes) if changes else rec.selection
 
 
 def _aligned(base: Path, projector: Path | None):
@@ -195,6 +219,7 @@ def align(
     """Stage a: train the new modality's projector with the whole LLM frozen; writes a projector-only pack."""
     from mmer.extend import align as align_stage
     from mmer.extend import load_base, load_data, write_pack
+    from mmer.extend.distributed import barrier, is_main_process
     from mmer.extend.pack import check_output
 
     def work(progress):
@@ -209,15 +234,17 @@ def align(
             resume=flags.resume,
             progress=progress,
         )
-        write_pack(
-            model,
-            output,
-            modality=rec.extend.modality,
-            training={"align": report.to_dict()},
-            recipe=rec.to_dict(),
-            overwrite=flags.overwrite,
-            protect=[base, data, checkpoint_dir],
-        )
+        if is_main_process():  # under a multi-process launch, one process writes
+            write_pack(
+                model,
+                output,
+                modality=rec.extend.modality,
+                training={"align": report.to_dict()},
+                recipe=rec.to_dict(),
+                overwrite=flags.overwrite,
+                protect=[base, data, checkpoint_dir],
+            )
+        barrier()
         return report.to_dict()
 
     report = _run(flags.json_out, flags.quiet, work)
@@ -238,21 +265,20 @@ def probe(
         Path | None, typer.Option(help="Statistics set S_e (default: a held-out share of DATA).")
     ] = None,
     fraction: Annotated[float | None, typer.Option(help="Share p of the MoE layers to extend (0.5).")] = None,
+    stats_samples: StatsSamples = None,
+    routing_tokens: RoutingTokens = None,
     checkpoint_dir: CheckpointDir = None,
     *,
     flags: StageFlags,
 ) -> None:
     """Stage b: tune only the routers, score each layer by its change of routing (d_j), pick the top p."""
     from mmer.extend import MoExtendModel, load_data, run_probe
-    from mmer.extend.options import replace_options
 
     def work(progress):
         if output.exists() and not flags.overwrite:
             raise OutputExistsError(f"{output}: already exists", file=str(output), hint="pass --overwrite")
         rec = flags.recipe_for("probe")
-        selection = (
-            rec.selection if fraction is None else replace_options(rec.selection, "selection", {"fraction": fraction})
-        )
+        selection = _selection(rec, fraction=fraction, stats_samples=stats_samples, routing_tokens=routing_tokens)
         model, lm = _aligned(base, projector)
         result = run_probe(
             model or MoExtendModel(lm),
@@ -303,6 +329,8 @@ def train(
     ] = None,
     projector: Projector = None,
     stats_data: Annotated[Path | None, typer.Option(help="Statistics set S_e for the probe.")] = None,
+    stats_samples: StatsSamples = None,
+    routing_tokens: RoutingTokens = None,
     modality: Annotated[str | None, typer.Option(help="Name of the new modality (vision).")] = None,
     workdir: Annotated[Path | None, typer.Option(help="Keep every stage's resumable checkpoints here.")] = None,
     *,
@@ -320,6 +348,9 @@ def train(
         changes = {k: v for k, v in changes.items() if v is not None}
         if changes:
             rec = dataclasses.replace(rec, extend=replace_options(rec.extend, "extend", changes))
+        rec = dataclasses.replace(
+            rec, selection=_selection(rec, stats_samples=stats_samples, routing_tokens=routing_tokens)
+        )
         model, lm = _aligned(base, projector)
         result = run_moextend(
             lm,

@@ -190,3 +190,50 @@ def test_a_projector_option_that_is_a_full_pack_is_refused(stages, inputs, tmp_p
         *FAST,
     )
     assert result.exit_code == 2 and "not a projector pack" in result.stderr
+
+
+def test_train_reads_a_directory_of_shards_with_the_paper_options_from_flags(inputs, tmp_path):
+    from mmer.extend import save_shards
+
+    data = make_data(20, features=False)  # a task extension: no projector to align
+    labels = data.labels.clone()
+    labels[:, :5] = -100  # a 5-token prompt
+    data.labels = labels
+    shards = save_shards(tmp_path / "shards", data, samples_per_shard=6)
+    probe = cli(
+        "extend",
+        "probe",
+        inputs["base"],
+        shards,
+        "-o",
+        tmp_path / "probe.json",
+        *FAST,
+        "--stats-samples",
+        "3",
+        "--routing-tokens",
+        "prompt",
+        "--json",
+    )
+    assert probe.exit_code == 0, probe
+    result = json.loads((tmp_path / "probe.json").read_text())
+    assert result["before"]["tokens"] == 2 * 5  # stats_fraction caps 20 samples at 2; 5 prompt tokens each
+    train = cli(
+        "extend",
+        "train",
+        inputs["base"],
+        shards,
+        "-o",
+        tmp_path / "pack",
+        "--layers",
+        "1",
+        "--stats-samples",
+        "4",
+        "--gradient-checkpointing",
+        *FAST,
+        "--json",
+    )
+    assert train.exit_code == 0, train
+    recipe = read_pack_manifest(tmp_path / "pack")["recipe"]
+    assert recipe["selection"]["stats_samples"] == 4 and recipe["finetune"]["gradient_checkpointing"] is True
+    bad = cli("extend", "probe", inputs["base"], shards, "-o", tmp_path / "p2.json", *FAST, "--routing-tokens", "x")
+    assert bad.exit_code == 2 and "routing_tokens" in bad.stdout + bad.stderr
