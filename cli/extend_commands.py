@@ -177,6 +177,10 @@ def _aligned(base: Path, projector: Path | None):
 
 
 def _finish(summary: dict[str, Any], as_json: bool, lines: list[str]) -> None:
+    from mmer.extend.distributed import is_main_process
+
+    if not is_main_process():  # under a multi-process launch, one process reports
+        return
     if as_json:
         render.print_json({"ok": True, **summary})
         return

@@ -188,6 +188,8 @@ def run_probe(
     data, stats_data = statistics_set(data, stats_data, options, train_options.seed)
     batch = train_options.batch_size
     model.to(make_accelerator(train_options).device)  # S_e is counted where the probe trains
+    if not is_main_process():  # one process reports for all
+        progress = NULL_PROGRESS
     tokens = options.routing_tokens
     progress.note(f"probe: routing statistics of κ on {len(stats_data)} samples ({tokens} tokens)")
     before = count_routing(model, stats_data, batch, tokens, "statistics set S_e")

@@ -235,6 +235,8 @@ def run_moextend(
     progress = progress or NULL_PROGRESS
     check_output(output, overwrite)
     ensure_process_group()
+    if not is_main_process():  # one process reports for all
+        progress = NULL_PROGRESS
     reports: dict[str, TrainReport] = {}
 
     def stage_dir(name: str) -> Path | None:

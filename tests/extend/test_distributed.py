@@ -21,6 +21,7 @@ from safetensors.torch import load_file
 from tiny_moe import (
     build_lm,
     make_data,
+    quick,
     single_thread,  # noqa: F401  (autouse: one thread per module)
 )
 
@@ -121,3 +122,33 @@ def test_on_one_process_the_global_losses_are_the_losses_of_the_batch():
             aux, aux_value = global_balancing_loss(tap.logits, top_k, batch["attention_mask"], scale, world=1)
             expected = load_balancing_loss(tap.logits, top_k, batch["attention_mask"], scale)
             assert float(aux) == pytest.approx(float(expected), rel=1e-6) and aux_value == pytest.approx(float(aux))
+
+
+@pytest.mark.parametrize("kind", ["FSDP", "DEEPSPEED", "MEGATRON_LM"])
+def test_a_sharded_launch_is_refused_before_anything_trains_naming_the_engine(kind, monkeypatch):
+    import accelerate
+    from accelerate.utils import DistributedType
+
+    from mmer.errors import ConfigError
+    from mmer.extend.training import make_accelerator
+
+    class Sharded:
+        distributed_type = DistributedType[kind]
+
+        def __init__(self, **kwargs):
+            pass
+
+    monkeypatch.setattr(accelerate, "Accelerator", Sharded)
+    with pytest.raises(ConfigError, match=DistributedType[kind].value) as info:
+        make_accelerator(quick())
+    assert "docs/moextend.md §5" in info.value.hint
+
+
+def test_the_example_accelerate_config_is_a_multi_gpu_ddp_config_accelerate_reads():
+    from accelerate.commands.config.config_args import ClusterConfig
+    from accelerate.utils import DistributedType
+
+    path = Path(__file__).parents[2] / "examples" / "moextend" / "accelerate_ddp.yaml"
+    config = ClusterConfig.from_yaml_file(str(path))
+    assert config.distributed_type == DistributedType.MULTI_GPU and config.mixed_precision == "bf16"
+    assert "-m mmer_cli.main" in path.read_text()
