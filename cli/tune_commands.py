@@ -155,6 +155,10 @@ def tune(
     ks: Annotated[
         str | None, typer.Option("--ks", help="K grid, e.g. 0.6,0.8,1.0 (default: the recipe's K only).")
     ] = None,
+    alphas: Annotated[
+        str | None,
+        typer.Option("--alphas", help="α grid (the scale on τ*), e.g. 0.8,1.0,1.2 (default: the recipe's α only)."),
+    ] = None,
     modality: Annotated[
         list[str] | None, typer.Option("--modality", help="Tune only this modality (repeatable; default all).")
     ] = None,
@@ -183,7 +187,7 @@ def tune(
         str | None, typer.Option(help="With a Hub id for --checkpoint: the branch, tag or commit (default main).")
     ] = None,
 ) -> None:
-    """Search λ per modality (and K) maximising a score: a reconstruction or logit proxy, or your own function."""
+    """Search λ per modality (and K, α) maximising a score: a reconstruction or logit proxy, or your own function."""
     from mmer.checkpoint.hub import checkpoint_directory
     from mmer.config import build_recipe
     from mmer.tune import DEFAULT_LAMBDAS, check_outputs, run_tune, write_outputs
@@ -202,6 +206,7 @@ def tune(
                 probe_arg = _pairs(probes, "--probes")
         lambda_grid = _floats(lambdas, "--lambdas") or DEFAULT_LAMBDAS
         k_grid = _floats(ks, "--ks")
+        alpha_grid = _floats(alphas, "--alphas")
         check_outputs(output, write_recipe, overwrite)
         with render.RichProgress(enabled=not quiet and not json_out) as progress:
             report = run_tune(
@@ -211,6 +216,7 @@ def tune(
                 score=score,
                 lambdas=lambda_grid,
                 ks=k_grid,
+                alphas=alpha_grid,
                 modalities=modality,
                 probes=probe_arg,
                 jobs=jobs,
@@ -238,25 +244,29 @@ def _print_tune(data: dict[str, Any], files: dict[str, str | None]) -> None:
     table = Table(title=f"score by λ: {escape(data['description'])} (higher is better; ★ chosen)")
     table.add_column("modality")
     table.add_column("K", justify="right")
+    table.add_column("α", justify="right")
     for lam in data["grid"]["lambda"]:
         table.add_column(f"λ={lam:g}", justify="right")
-    cells: dict[tuple[str, float, float], float] = {
-        (r["modality"], r["k"], r["lambda"]): r["score"] for r in data["results"]
+    cells: dict[tuple[str, float, float, float], float] = {
+        (r["modality"], r["k"], r["alpha"], r["lambda"]): r["score"] for r in data["results"]
     }
     for modality in data["modalities"]:
         for k in data["grid"]["k"]:
-            row = []
-            for lam in data["grid"]["lambda"]:
-                value = f"{cells[(modality, k, lam)]:.5g}"
-                if k == best["k"] and lam == best["lambda"][modality]:
-                    value = f"[bold]{value} ★[/]"
-                row.append(value)
-            table.add_row(modality, f"{k:g}", *row)
+            for alpha in data["grid"]["alpha"]:
+                row = []
+                for lam in data["grid"]["lambda"]:
+                    value = f"{cells[(modality, k, alpha, lam)]:.5g}"
+                    if (k, alpha) == (best["k"], best["alpha"]) and lam == best["lambda"][modality]:
+                        value = f"[bold]{value} ★[/]"
+                    row.append(value)
+                table.add_row(modality, f"{k:g}", f"{alpha:g}", *row)
     render.out_console.print(table)
     chosen = ", ".join(f"{m}={v:g}" for m, v in best["lambda"].items())
     current = ", ".join(f"{m}={'default' if v is None else f'{v:g}'}" for m, v in data["current"]["lambda"].items())
     render.out_console.print(
-        f"chosen: K={best['k']:g}, λ: {chosen}   (was K={data['current']['k']:g}, λ: {current})", highlight=False
+        f"chosen: K={best['k']:g}, α={best['alpha']:g}, λ: {chosen}   "
+        f"(was K={data['current']['k']:g}, α={data['current']['alpha']:g}, λ: {current})",
+        highlight=False,
     )
     reused = data["tau_star_reused_for_k"]
     render.out_console.print(

@@ -37,6 +37,11 @@ def synthetic(candidate: Candidate) -> dict[str, float]:
     return {"score": -distance, "distance": distance}
 
 
+def alpha_peak(candidate: Candidate) -> float:
+    """Peaks at α = 0.7 and λ = TARGETS[modality]: what a validation score that prefers a damped τ* looks like."""
+    return -((candidate.alpha - 0.7) ** 2) - (candidate.lambda_ - TARGETS[candidate.modality]) ** 2
+
+
 def constant(candidate: Candidate) -> int:
     return 1
 
@@ -111,7 +116,7 @@ def test_a_checkpoint_is_tuned_with_its_own_tau_star_for_its_own_k(tune_setup):
     from_checkpoint = run_tune(checkpoint=tune_setup.merged, score="recon", lambdas=(0.5, 1.0), ks=(0.5, 0.8))
     from_recipe = run_tune(tune_setup.recipe, score="recon", lambdas=(0.5, 1.0), ks=(0.5, 0.8))
 
-    assert from_checkpoint.tau_star_reused == 0.8 and from_recipe.tau_star_reused is None
+    assert from_checkpoint.tau_star_reused == (0.8, 1.0) and from_recipe.tau_star_reused is None  # (K, α)
     assert [r.score for r in from_checkpoint.results] == [r.score for r in from_recipe.results]
     assert from_checkpoint.tuned_recipe().models[0].model == str(tune_setup.models["vision"].resolve())
 
@@ -228,9 +233,11 @@ def test_the_chosen_values_are_written_as_json_a_plot_and_a_recipe_mmer_merge_ac
     data = json.loads(report.write_json(tmp_path / "tune.json").read_text())
     assert data["best"] == {
         "k": 0.5,
+        "alpha": 1.0,
         "lambda": {"vision": 0.6, "audio": 1.2},
         "score": {"vision": 0.0, "audio": 0.0},
         "k_scores": {"0.5": 0.0, "0.8": pytest.approx(-0.09)},
+        "alpha_scores": {"1": 0.0},
     }
     assert len(data["results"]) == 8 and data["higher_is_better"] is True
     assert write_plot(report, tmp_path / "tune.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
@@ -329,3 +336,29 @@ def test_mmer_tune_prints_a_table_and_writes_json_png_and_recipe(tune_setup, tmp
     assert bad.exit_code == 2 and bad.json()["key"] == "score"
     worse = cli("tune", *specs, "--lambdas", "0.5,x", "-o", out)
     assert worse.exit_code == 2 and "comma-separated" in worse.stderr
+
+
+# ---------------------------------------------------------------------------------------------------- α
+def test_alpha_is_searched_with_k_and_the_tuned_recipe_merges_with_the_chosen_alpha(tune_setup, tmp_path):
+    report = run_tune(tune_setup.recipe, score=alpha_peak, lambdas=(0.6, 1.2), ks=(0.8,), alphas=(0.7, 1.0, 1.3))
+    assert (report.best_k, report.best_alpha) == (0.8, 0.7)
+    assert report.best_lambdas == {"vision": 0.6, "audio": 1.2}
+    assert sorted({r.alpha for r in report.results}) == [0.7, 1.0, 1.3] and len(report.results) == 2 * 3 * 2
+    assert report.alpha_scores == {0.7: 0.0, 1.0: pytest.approx(-0.09), 1.3: pytest.approx(-0.36)}
+    _, _, options = load_recipe(report.write_recipe(tmp_path / "tuned.yaml"))
+    assert (options.k, options.alpha) == (0.8, 0.7)
+
+
+def test_each_alpha_merges_its_own_tau_star_so_the_recon_proxy_moves_with_it(tune_setup):
+    """α scales τ*, and the masks compare each τᵢ with that τ*: every α is a merge of its own, and at λ = 1 the
+    reconstruction proxy prefers the α whose τ* is closest to the task vectors it masks."""
+    report = run_tune(tune_setup.recipe, score="recon", lambdas=(1.0,), ks=(0.8,), alphas=(0.25, 1.0, 4.0))
+    scores = report.alpha_scores
+    assert len(set(scores.values())) == 3  # no axis is flat
+    assert report.best_alpha == 1.0 and scores[1.0] > scores[0.25] and scores[1.0] > scores[4.0]
+
+
+def test_an_alpha_grid_out_of_range_is_refused(tune_setup):
+    with pytest.raises(ConfigError, match="alphas") as err:
+        run_tune(tune_setup.recipe, score="recon", alphas=(0.0, 1.0))
+    assert err.value.key == "alphas"

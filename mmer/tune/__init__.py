@@ -110,6 +110,7 @@ def run_tune(
     score: str | Callable[[Candidate], Any] = "recon",
     lambdas: Sequence[float] = DEFAULT_LAMBDAS,
     ks: Sequence[float] | None = None,
+    alphas: Sequence[float] | None = None,
     modalities: Sequence[str] | None = None,
     probes: str | Path | Mapping[str, str | Path] | None = None,
     jobs: int = 1,
@@ -120,7 +121,8 @@ def run_tune(
     check_sources: bool = True,
     progress: ProgressSink | None = None,
 ) -> TuneReport:
-    """Search λ for each modality (and K over ``ks``) maximising ``score``; see the module docstring.
+    """Search λ for each modality (and K over ``ks``, α over ``alphas``) maximising ``score``; see the module
+    docstring.
 
     Args:
         recipe: the merge to tune (base, models, options), as for ``mmer merge``. Or, instead:
@@ -131,6 +133,7 @@ def run_tune(
             :class:`Candidate` and returning a number (or a mapping with ``score``); higher is better.
         lambdas: the λ grid, tried for every tuned modality.
         ks: the K grid (default: only the recipe's K, i.e. no K search).
+        alphas: the α grid, the scale on τ* (default: only the recipe's α); every (K, α) pair is one merge.
         modalities: which modalities to tune (default: all); the others keep their λ.
         probes: for ``logits``: one probe file for every modality, or a file per modality.
         jobs: workers for per-candidate scores.
@@ -175,6 +178,21 @@ def run_tune(
         raise ConfigError(
             f"method {options.method} does not trim: K has no effect", key="ks", hint="tune K with method ties"
         )
+    method = METHODS[options.method]
+    alpha_now = options.alpha if options.alpha is not None else method.default_alpha
+    alphas = grid(
+        alphas if alphas is not None else [alpha_now],
+        "alphas",
+        lambda v: math.isfinite(v) and v > 0,
+        "α scales τ*: a finite number > 0",
+    )
+    if alphas != [alpha_now] and "alpha" not in method.accepts:
+        raise ConfigError(
+            f"method {options.method} has no α: the α grid has no effect",
+            key="alphas",
+            hint=f"tune α with one of {', '.join(sorted(m for m, d in METHODS.items() if 'alpha' in d.accepts))}",
+        )
+    points = [(k, a) for k in ks for a in alphas]
     names = [m.modality for m in read_recipe.models]
     tuned = list(modalities or names)
     for name in tuned:
@@ -192,10 +210,16 @@ def run_tune(
         Path(workdir).mkdir(parents=True, exist_ok=True)
     scratch = Path(tempfile.mkdtemp(prefix="mmer-tune-", dir=None if workdir is None else str(workdir)))
     try:
-        prepared = sweep(plan, ks, lambdas, tuned, scorer, reuse, scratch, progress)
+        reused = None if reuse is None else (reuse[0], (reuse[1], alpha_now))
+        prepared = sweep(plan, points, lambdas, tuned, scorer, reused, scratch, progress)
         current = {m: plan.lambda_for(m) for m in names}
         candidates = (
-            [Candidate(m, lam, k, prepared.inputs[(m, k)]) for m in tuned for k in ks for lam in lambdas]
+            [
+                Candidate(m, lam, k, a, prepared.inputs[(m, (k, a))])
+                for m in tuned
+                for k, a in points
+                for lam in lambdas
+            ]
             if scorer.per_candidate
             else []
         )
@@ -209,8 +233,8 @@ def run_tune(
     finally:
         plan.close()
         shutil.rmtree(scratch, ignore_errors=True)
-    report = choose(results, scorer, tuned, lambdas, ks, options.k, current, spec_recipe)
-    report.tau_star_reused = reuse[1] if reuse is not None and reuse[1] in ks else None
+    report = choose(results, scorer, tuned, lambdas, points, (options.k, alpha_now), current, spec_recipe)
+    report.tau_star_reused = reused[1] if reused is not None and reused[1] in points else None
     report.backend, report.jobs = backend, jobs
     report.warnings = [*plan.warnings, *prepared.warnings, *flat_axes(report, prepared.untrimmed)]
     report.seconds = time.perf_counter() - started

@@ -86,7 +86,7 @@ def run_candidates(
     finally:
         progress.end(stage)
     return [
-        {"modality": c.modality, "k": c.k, "lambda": c.lambda_, **r}  # type: ignore[dict-item]
+        {"modality": c.modality, "k": c.k, "alpha": c.alpha, "lambda": c.lambda_, **r}  # type: ignore[dict-item]
         for c, r in zip(candidates, out, strict=True)
     ]
 

@@ -22,16 +22,18 @@ from mmer.merge.slot import Variant, mask_source
 from mmer.merge.task_vectors import task_vector
 from mmer.plan import Slot, SourceModel, open_source
 
+Point = tuple[float, float]  # (K, α): the merge options that change τ*; λ only changes the masks
+
 
 @dataclass(frozen=True)
 class CandidateInputs:
-    """Everything a worker needs to rebuild one modality at any λ of one K: paths and small values only."""
+    """Everything a worker needs to rebuild one modality at any λ of one (K, α): paths and small values only."""
 
     base_dir: str
     model_dir: str
     modality: str
     index: int  # the model's position in the merge (DARE's seeds depend on it)
-    tau_dir: str  # τ* of this K: the checkpoint's tau_star/ or a scratch copy
+    tau_dir: str  # τ* of this (K, α): the checkpoint's tau_star/ or a scratch copy
     threshold: float | None  # the model's global trim threshold at this K
     variant: Variant
     slots: tuple[Slot, ...]
@@ -41,18 +43,20 @@ class CandidateInputs:
 
 @dataclass(frozen=True)
 class Candidate:
-    """One modality at one (λ, K): what a score function receives.
+    """One modality at one (λ, K, α): what a score function receives.
 
     Attributes:
         modality: the modality's name.
         lambda_: the candidate λ of its mask.
         k: the candidate K of the trim (τ* is this K's).
+        alpha: the candidate α scaling τ* (the masks compare each τᵢ with this τ*).
         inputs: where the weights are read from (internal; picklable, so candidates travel to workers).
     """
 
     modality: str
     lambda_: float
     k: float
+    alpha: float
     inputs: CandidateInputs
 
     @property
@@ -67,7 +71,7 @@ class Candidate:
 
     def state_dict(self, device: str | torch.device | None = None) -> dict[str, torch.Tensor]:
         """The rebuilt LLM, θ_base + mᵢ∘τ* with mᵢ at this λ (private vocabulary rows appended), by canonical
-        name, in the base's dtype: exactly what ``mmer merge`` with this λ and K would rebuild."""
+        name, in the base's dtype: exactly what ``mmer merge`` with this λ, K and α would rebuild."""
         device = torch.device(device or self.inputs.device)
         base, model, tau = self._open()
         private = {p.name: p for p in self.inputs.private}
@@ -176,4 +180,4 @@ class Candidate:
         return Path(directory)
 
     def __repr__(self) -> str:
-        return f"Candidate({self.modality}, λ={self.lambda_:g}, K={self.k:g})"
+        return f"Candidate({self.modality}, λ={self.lambda_:g}, K={self.k:g}, α={self.alpha:g})"

@@ -34,11 +34,13 @@ class TuneResult:
     score: float
     details: dict[str, Any] = field(default_factory=dict)
     seconds: float = 0.0
+    alpha: float = 1.0
 
     def to_dict(self) -> dict[str, Any]:
         return {
             "modality": self.modality,
             "k": self.k,
+            "alpha": self.alpha,
             "lambda": self.lambda_,
             "score": self.score,
             "details": self.details,
@@ -55,30 +57,49 @@ class TuneReport:
     modalities: list[str]
     lambdas: list[float]
     ks: list[float]
+    alphas: list[float]
     results: list[TuneResult]
     best_k: float
+    best_alpha: float
     best_lambdas: dict[str, float]
     best_scores: dict[str, float]
-    k_scores: dict[float, float]
+    point_scores: dict[tuple[float, float], float]  # (K, α) → the mean over modalities of their best λ's score
     current_k: float
+    current_alpha: float
     current_lambdas: dict[str, float | None]
     recipe: Recipe
-    tau_star_reused: float | None = None
+    tau_star_reused: tuple[float, float] | None = None  # the (K, α) whose τ* was read from the checkpoint
     backend: str = "serial"
     jobs: int = 1
     seconds: float = 0.0
     warnings: list[str] = field(default_factory=list)
 
-    def table(self, modality: str, k: float) -> dict[float, TuneResult]:
-        return {r.lambda_: r for r in self.results if r.modality == modality and r.k == k}
+    @property
+    def k_scores(self) -> dict[float, float]:
+        """K → its points' mean best score at the chosen α."""
+        return {k: s for (k, a), s in self.point_scores.items() if a == self.best_alpha}
+
+    @property
+    def alpha_scores(self) -> dict[float, float]:
+        """α → its points' mean best score at the chosen K."""
+        return {a: s for (k, a), s in self.point_scores.items() if k == self.best_k}
+
+    def table(self, modality: str, k: float, alpha: float | None = None) -> dict[float, TuneResult]:
+        """λ → the result of one modality at one K (and α: the chosen one by default)."""
+        alpha = self.best_alpha if alpha is None else alpha
+        return {r.lambda_: r for r in self.results if r.modality == modality and r.k == k and r.alpha == alpha}
 
     def tuned_recipe(self) -> Recipe:
-        """The input recipe with the chosen K and each tuned modality's chosen λ: ``mmer merge --recipe`` it."""
+        """The input recipe with the chosen K (and α, when α was searched) and each tuned modality's chosen λ:
+        ``mmer merge`` it."""
         models = tuple(
             replace(m, lambda_=self.best_lambdas[m.modality]) if m.modality in self.best_lambdas else m
             for m in self.recipe.models
         )
-        return Recipe(self.recipe.base, models, replace(self.recipe.options, k=self.best_k))
+        options = replace(self.recipe.options, k=self.best_k)
+        if len(self.alphas) > 1 or self.best_alpha != self.current_alpha:
+            options = replace(options, alpha=self.best_alpha)
+        return Recipe(self.recipe.base, models, options)
 
     def write_recipe(self, path: str | Path) -> Path:
         path = Path(path)
@@ -99,15 +120,18 @@ class TuneReport:
             "description": self.description,
             "higher_is_better": True,
             "modalities": self.modalities,
-            "grid": {"lambda": self.lambdas, "k": self.ks},
+            "grid": {"lambda": self.lambdas, "k": self.ks, "alpha": self.alphas},
             "best": {
                 "k": self.best_k,
+                "alpha": self.best_alpha,
                 "lambda": self.best_lambdas,
                 "score": self.best_scores,
                 "k_scores": {f"{k:g}": v for k, v in self.k_scores.items()},
+                "alpha_scores": {f"{a:g}": v for a, v in self.alpha_scores.items()},
             },
-            "current": {"k": self.current_k, "lambda": self.current_lambdas},
-            "tau_star_reused_for_k": self.tau_star_reused,
+            "current": {"k": self.current_k, "alpha": self.current_alpha, "lambda": self.current_lambdas},
+            "tau_star_reused_for_k": None if self.tau_star_reused is None else self.tau_star_reused[0],
+            "tau_star_reused_for_alpha": None if self.tau_star_reused is None else self.tau_star_reused[1],
             "results": [r.to_dict() for r in self.results],
             "tuned_recipe": self.tuned_recipe().to_dict(),
             "backend": self.backend,
@@ -118,16 +142,17 @@ class TuneReport:
 
 
 def write_plot(report: TuneReport, png: str | Path) -> Path:
-    """Score vs λ, one panel per modality, one line per K; the chosen (λ, K) is starred."""
+    """Score vs λ, one panel per modality, one line per (K, α); the chosen (λ, K, α) is starred."""
     from mmer.inspect import _pyplot
 
     plt = _pyplot()
     n = len(report.modalities)
     fig, axes = plt.subplots(1, n, figsize=(4.2 * n, 3.6), constrained_layout=True, squeeze=False)
     for ax, modality in zip(axes[0], report.modalities, strict=True):
-        for k in report.ks:
-            rows = sorted(report.table(modality, k).values(), key=lambda r: r.lambda_)
-            ax.plot([r.lambda_ for r in rows], [r.score for r in rows], marker="o", label=f"K = {k:g}")
+        for k, alpha in report.point_scores:
+            rows = sorted(report.table(modality, k, alpha).values(), key=lambda r: r.lambda_)
+            label = f"K = {k:g}" + (f", α = {alpha:g}" if len(report.alphas) > 1 else "")
+            ax.plot([r.lambda_ for r in rows], [r.score for r in rows], marker="o", label=label)
         best = report.table(modality, report.best_k).get(report.best_lambdas[modality])
         if best is not None:
             ax.plot(

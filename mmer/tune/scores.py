@@ -211,7 +211,7 @@ def logit_agreement(candidate: Candidate, reference_file: str) -> tuple[float, d
 def write_references(
     tuned: list[str],
     probes: str | Path | Mapping[str, str | Path] | None,
-    inputs: Mapping[tuple[str, float], CandidateInputs],
+    inputs: Mapping[tuple[str, tuple[float, float]], CandidateInputs],
     scratch: Path,
     progress: ProgressSink,
 ) -> tuple[tuple[str, str], ...]:
@@ -228,7 +228,7 @@ def write_references(
                     hint=f"pass --probes {name}=FILE, or one file for every modality",
                 )
             inputs = next(v for (m, _), v in inputs.items() if m == name)
-            candidate = Candidate(name, 0.0, 0.0, inputs)
+            candidate = Candidate(name, 0.0, 0.0, 0.0, inputs)
             file = scratch / f"reference_{name}.safetensors"
             _reference_logits(candidate, load_probes(files[name], candidate.source_dir), file)  # type: ignore[arg-type]
             out.append((name, str(file)))

@@ -1,5 +1,5 @@
-"""The grids searched and the choice made from their scores: each modality's best λ at every K, and the K
-whose bests are best on average (docs/method.md §7).
+"""The grids searched and the choice made from their scores: each modality's best λ at every (K, α), and the
+(K, α) whose bests are best on average (docs/method.md §7).
 """
 
 from __future__ import annotations
@@ -9,6 +9,7 @@ from typing import Any
 
 from mmer.config import Recipe
 from mmer.errors import ConfigError
+from mmer.tune.candidates import Point
 from mmer.tune.report import TuneReport, TuneResult
 from mmer.tune.scores import BUILTIN_SCORES, Scorer
 
@@ -39,40 +40,57 @@ def choose(
     scorer: Scorer,
     tuned: list[str],
     lambdas: list[float],
-    ks: list[float],
-    current_k: float,
+    points: list[Point],
+    current_point: Point,
     current: dict[str, float | None],
     recipe: Recipe,
 ) -> TuneReport:
-    """Per (modality, K) the best λ; K by the mean over modalities of those bests. Ties go to the value closest
-    to the recipe's current one (then the smaller), so a flat score leaves the recipe as it was."""
+    """Per (modality, K, α) the best λ; (K, α) by the mean over modalities of those bests. Ties go to the value
+    closest to the recipe's current one (K first, then α; then the smaller), so a flat score leaves the recipe
+    as it was."""
     results = [
-        TuneResult(r["modality"], r["k"], r["lambda"], r["score"], r.get("details", {}), r.get("seconds", 0.0))
+        TuneResult(
+            r["modality"],
+            r["k"],
+            r["lambda"],
+            r["score"],
+            r.get("details", {}),
+            r.get("seconds", 0.0),
+            alpha=r.get("alpha", current_point[1]),
+        )
         for r in rows
     ]
-    by = {(r.modality, r.k, r.lambda_): r for r in results}
+    by = {(r.modality, (r.k, r.alpha), r.lambda_): r for r in results}
 
-    def best_lambda(m: str, k: float) -> float:
+    def best_lambda(m: str, point: Point) -> float:
         now = current.get(m)
         return max(
-            lambdas, key=lambda lam: (by[(m, k, lam)].score, -abs(lam - (now if now is not None else lam)), -lam)
+            lambdas,
+            key=lambda lam: (by[(m, point, lam)].score, -abs(lam - (now if now is not None else lam)), -lam),
         )
 
-    k_scores = {k: sum(by[(m, k, best_lambda(m, k))].score for m in tuned) / len(tuned) for k in ks}
-    best_k = max(ks, key=lambda k: (k_scores[k], -abs(k - current_k), -k))
-    best = {m: best_lambda(m, best_k) for m in tuned}
+    point_scores = {p: sum(by[(m, p, best_lambda(m, p))].score for m in tuned) / len(tuned) for p in points}
+    current_k, current_alpha = current_point
+    best_point = max(
+        points,
+        key=lambda p: (point_scores[p], -abs(p[0] - current_k), -abs(p[1] - current_alpha), -p[0], -p[1]),
+    )
+    best = {m: best_lambda(m, best_point) for m in tuned}
     return TuneReport(
         score=scorer.name,
         description=BUILTIN_SCORES.get(scorer.name, f"{scorer.name} (the caller's score)"),
         modalities=tuned,
         lambdas=lambdas,
-        ks=ks,
+        ks=sorted({k for k, _ in points}),
+        alphas=sorted({a for _, a in points}),
         results=results,
-        best_k=best_k,
+        best_k=best_point[0],
+        best_alpha=best_point[1],
         best_lambdas=best,
-        best_scores={m: by[(m, best_k, best[m])].score for m in tuned},
-        k_scores=k_scores,
+        best_scores={m: by[(m, best_point, best[m])].score for m in tuned},
+        point_scores=point_scores,
         current_k=current_k,
+        current_alpha=current_alpha,
         current_lambdas={m: current.get(m) for m in tuned},
         recipe=recipe,
     )
@@ -85,18 +103,22 @@ def flat_axes(report: TuneReport, untrimmed: bool = False) -> list[str]:
     or untouched inputs (a trim threshold of 0 makes every K merge the same τ*) the user must hear that.
     ``untrimmed``: some model's trim threshold was 0 at some K below 1, the usual reason K changes nothing.
     """
-    by = {(r.modality, r.k, r.lambda_): r.score for r in report.results}
+    by = {(r.modality, r.k, r.alpha, r.lambda_): r.score for r in report.results}
+    axes = {"K": ("--ks", report.ks), "α": ("--alphas", report.alphas), "λ": ("--lambdas", report.lambdas)}
     out = []
-    for axis, flag, values, others in (
-        ("K", "--ks", report.ks, report.lambdas),
-        ("λ", "--lambdas", report.lambdas, report.ks),
-    ):
+    for axis, (flag, values) in axes.items():
         if len(values) < 2:
             continue
+        others = [v for name, (_, v) in axes.items() if name != axis]
+
+        def score(m: str, value: float, rest: tuple[float, float], axis: str = axis) -> float | None:
+            k, a, lam = (value, *rest) if axis == "K" else (rest[0], value, rest[1]) if axis == "α" else (*rest, value)
+            return by.get((m, k, a, lam))
+
         flat = [
             m
             for m in report.modalities
-            if all(len({by[(m, v, o) if axis == "K" else (m, o, v)] for v in values}) == 1 for o in others)
+            if all(len({score(m, v, (o1, o2)) for v in values}) == 1 for o1 in others[0] for o2 in others[1])
         ]
         if flat:
             grid = ", ".join(f"{v:g}" for v in values)
