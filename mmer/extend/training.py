@@ -240,6 +240,9 @@ def train(
             checkpointing(model.lm, False)
         if world > 1:
             accelerator.unwrap_model(runner, keep_fp32_wrapper=False)  # puts back the forward accelerate wrapped
+            # Drop the DDP wrapper (and with it its gradient hooks): the next stage trains other tensors.
+            accelerator.free_memory()
+            del runner
         model.eval()
     report.seconds = time.perf_counter() - started
     return report
