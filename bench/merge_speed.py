@@ -4,15 +4,20 @@ Workload (issue "Performance"): a TinyLlama-shaped Llama (hidden 2048, 22 layers
 32000, bf16, sharded safetensors) as the base, plus three fine-tunes = base + small seeded Gaussian deltas.
 Built once, deterministically, under bench/.cache/ (about 8.8 GB); no download.
 
+``--workload realistic`` builds the same shapes with fine-tunes whose deltas look like real ones instead
+(bench/workloads.py: a large share of entries exactly unchanged in bf16, heavy-tailed moves quantised to the
+weights' own bf16 steps so thresholds sit in blocks of ties, untouched embedding rows).
+
 Measured in fresh subprocesses, median of --repeats runs each, wall time and peak RSS of the child:
   floor        read every input tensor, one elementwise pass (sum of the deltas), write one model
   mmer-global  mmer merge (TIES K=0.8 global trim + MMER masks + decoupled write)
   mmer-tensor  the same with per-tensor trim
-  mergekit     mergekit-yaml TIES (density 0.2, weight 1, normalize, bfloat16) from its own venv, if present
+  mergekit     mergekit-yaml TIES (density 0.2, or --k; weight 1, normalize, bfloat16) from its own venv, if present
 
 Usage:
   python bench/merge_speed.py                       # full workload (needs ~20 GB free disk)
   python bench/merge_speed.py --small               # a 4-layer, hidden-512 version for CI (seconds)
+  python bench/merge_speed.py --small --workload realistic --k 0.2   # real-looking deltas, K = 0.2
   python bench/merge_speed.py --mergekit-python /path/to/venv/bin/python   # where mergekit is installed
   python bench/merge_speed.py --device cuda         # run mmer's math on a GPU
   python bench/merge_speed.py --check-floor-ratio 6 # exit 1 if mmer-global is slower than 6x the floor
@@ -141,11 +146,11 @@ CHILD = {
     "mmer": """
         import sys, mmer
         from pathlib import Path
-        scope, device, dirs, out = sys.argv[1], sys.argv[2], sys.argv[3:-1], Path(sys.argv[-1])
+        scope, device, k, dirs, out = sys.argv[1], sys.argv[2], float(sys.argv[3]), sys.argv[4:-1], Path(sys.argv[-1])
         recipe = mmer.Recipe(
             mmer.ModelSpec(dirs[0]),
             tuple(mmer.ModelSpec(d, modality=f"m{i}") for i, d in enumerate(dirs[1:])),
-            mmer.MergeOptions(trim_scope=scope, device=device, hash_inputs=False),
+            mmer.MergeOptions(trim_scope=scope, device=device, k=k, hash_inputs=False),
         )
         report = mmer.run_merge(recipe, out, overwrite=True)
         print("MMER_SECONDS", report.seconds)
@@ -172,8 +177,8 @@ def measure(cmd: list[str]) -> dict:
     return result
 
 
-def mergekit_config(dirs: list[Path], path: Path) -> Path:
-    models = [{"model": str(d), "parameters": {"density": 0.2, "weight": 1.0}} for d in dirs[1:]]
+def mergekit_config(dirs: list[Path], path: Path, density: float = 0.2) -> Path:
+    models = [{"model": str(d), "parameters": {"density": density, "weight": 1.0}} for d in dirs[1:]]
     config = {
         "merge_method": "ties",
         "base_model": str(dirs[0]),
@@ -211,6 +216,15 @@ def main() -> int:
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--mergekit-repeats", type=int, default=None, help="runs of mergekit (default: --repeats)")
     ap.add_argument("--device", default="cpu")
+    ap.add_argument(
+        "--workload",
+        choices=("gaussian", "realistic"),
+        default="gaussian",
+        help="fine-tunes as base + dense Gaussian noise, or with deltas shaped like real ones (bench/workloads.py)",
+    )
+    ap.add_argument(
+        "--k", type=float, default=None, help="kept share: mmer's K and mergekit's density (default: 0.8 and 0.2)"
+    )
     ap.add_argument("--mergekit-python", default=None, help="python of a venv with mergekit (default: search)")
     ap.add_argument("--skip-mergekit", action="store_true")
     ap.add_argument("--only", nargs="*", default=None, help="subset of: floor mmer-global mmer-tensor mergekit")
@@ -221,8 +235,22 @@ def main() -> int:
     cfg = SMALL if args.small else FULL
     machine_at_start = machine()
     tag = "small" if args.small else "tinyllama"
+    workload = {"family": "gaussian"}
+    if args.workload == "realistic":
+        tag += "-realistic"
     t = time.perf_counter()
-    dirs = build(args.cache / f"speed-{tag}", cfg)
+    if args.workload == "realistic":
+        from workloads import build_realistic, describe
+
+        from mmer.synthetic import llama_shapes
+
+        dirs = build_realistic(args.cache / f"speed-{tag}", llama(cfg), llama_shapes(llama(cfg)))
+        workload = describe(dirs)
+    else:
+        dirs = build(args.cache / f"speed-{tag}", cfg)
+    if args.k is not None:
+        tag += f"-k{args.k:g}"
+    k, density = (0.8, 0.2) if args.k is None else (args.k, args.k)
     print(f"workload ready in {time.perf_counter() - t:.0f} s: {dirs[0].parent}", flush=True)
     work = args.cache / f"speed-{tag}-out"
     mk_python = args.mergekit_python
@@ -239,6 +267,7 @@ def main() -> int:
             textwrap.dedent(CHILD["mmer"]),
             "global",
             args.device,
+            str(k),
             *map(str, dirs),
             str(work / "g"),
         ],
@@ -248,12 +277,13 @@ def main() -> int:
             textwrap.dedent(CHILD["mmer"]),
             "per-tensor",
             args.device,
+            str(k),
             *map(str, dirs),
             str(work / "t"),
         ],
     }
     if mk_python and not args.skip_mergekit:
-        config = mergekit_config(dirs, args.cache / f"mergekit-{tag}.yml")
+        config = mergekit_config(dirs, args.cache / f"mergekit-{tag}.yml", density=density)
         mk = str(Path(mk_python).parent / "mergekit-yaml")
         runs["mergekit"] = [mk, str(config), str(work / "mk"), "--allow-crimes", "--lazy-unpickle"]
     if args.only:
@@ -278,7 +308,7 @@ def main() -> int:
     print(table)
     RESULTS.mkdir(exist_ok=True)
     payload = {
-        "workload": {"tag": tag, **cfg, "fine_tunes": 3, "dtype": "bfloat16"},
+        "workload": {"tag": tag, **cfg, "fine_tunes": 3, "dtype": "bfloat16", "k": k, "density": density, **workload},
         "machine": machine_at_start,
         "results": results,
     }

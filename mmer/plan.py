@@ -19,12 +19,14 @@ import mmer.runtime as runtime
 from mmer.checkpoint.manifest import PrivateRecord, SourceRecord
 from mmer.config import ModelSpec, Recipe, check_device_available
 from mmer.errors import CheckpointFormatError, ConfigError, IncompatibleBaseError, LayoutError
+from mmer.io.hashing import CHUNK_BYTES as HASH_CHUNK_BYTES
 from mmer.io.layouts import Layout, canonical_order, detect_layout, is_buffer_name, is_vocab_tensor
 from mmer.io.reader import DTYPE_NAMES, CheckpointReader, Sized, TensorInfo, read_json
 from mmer.io.resolve import ResolvedModel, resolve_model
 from mmer.merge.masks import MASK_OPTIONS, MASKS
 from mmer.merge.methods import METHOD_OPTIONS, METHODS, methods_accepting
 from mmer.merge.slot import Variant
+from mmer.merge.trim import TENSOR_SAMPLE_ENTRIES, search_bytes, trims_each_tensor_first
 
 # Config fields that fix the LLM's architecture: a mismatch means another base, whatever the shapes say.
 STRUCTURAL_KEYS = (
@@ -525,8 +527,20 @@ def estimate_memory(plan: MergePlan) -> MemoryEstimate:
     # and their memory-mapped file pages (2·(n+1)·itemsize), then float32 working copies: n task vectors, n
     # trimmed, and TIES' stacked copy, signs and selection (≈3n), plus τ*, its stored cast and temporaries.
     per_element = 4 * (6 * n + 6)
+    if plan.variant.dare > 0:  # DARE's draws, keep masks and dropped copies of every τᵢ, on whole slots
+        per_element += 4 * 3 * n
     mapped = 2 * (n + 1) * largest.dtype.itemsize
     working = largest.numel
-    if torch.device(plan.recipe.options.device).type == "cpu" and plan.variant.elementwise:
+    variant, options = plan.variant, plan.recipe.options
+    per_tensor_first = trims_each_tensor_first(variant, options.allow_nonfinite)
+    if torch.device(options.device).type == "cpu" and (variant.elementwise or per_tensor_first):
         working = min(working, runtime.CPU_CHUNK)  # merged in chunks: float32 copies of one chunk only
-    return MemoryEstimate(read_bytes, out_bytes, working * per_element + largest.numel * mapped, largest.name)
+    peak = working * per_element + largest.numel * mapped
+    # The trim's own search (mmer.merge.trim): a global one's sample and window candidates, or its histograms
+    # (DARE, or a window that missed); a per-tensor one found in chunks holds one tensor's worth.
+    if variant.needs_global_threshold:
+        peak += 3 * (1 << 16) * 8 * n + (search_bytes(plan.merged_numel, n) if variant.dare <= 0 else 0)
+    elif per_tensor_first:
+        peak += 3 * (1 << 16) * 8 * n + search_bytes(largest.numel, n, TENSOR_SAMPLE_ENTRIES)
+    peak += 2 * HASH_CHUNK_BYTES  # the outputs are hashed into the manifest a chunk at a time (two alive at once)
+    return MemoryEstimate(read_bytes, out_bytes, peak, largest.name)

@@ -21,36 +21,25 @@ if TYPE_CHECKING:
     from mmer.merge.slot import Variant
 
 
-def fused_kernel(plan: MergePlan, slot_name: str, device: torch.device, store_dtype: torch.dtype | None = None) -> Any:
+def fused_kernel(
+    plan: MergePlan,
+    slot_name: str,
+    device: torch.device,
+    store_dtype: torch.dtype | None = None,
+    variant: Variant | None = None,
+) -> Any:
     """``merge.one_pass`` when its kernels compute exactly what the eager engine would for this slot, else None:
-    the threshold pass (no ``store_dtype``) needs only inputs it reads, the merge also the variant and τ*'s dtype."""
-    if store_dtype is not None and (plan.variant.rule.single_model_output or not plan.variant.elementwise):
+    the threshold pass (no ``store_dtype``) needs only inputs it reads, the merge also the variant (the plan's
+    unless given) and τ*'s dtype."""
+    variant = variant or plan.variant
+    if store_dtype is not None and (variant.rule.single_model_output or not variant.elementwise):
         return None
     from mmer.merge import one_pass  # imported on first use: it loads numba
 
     dtypes = [plan.base.llm[slot_name].dtype] + [m.llm[slot_name].dtype for m in plan.models]
     if store_dtype is None:
         return one_pass if one_pass.reads(dtypes, device) else None
-    return one_pass if one_pass.supports(plan.variant, dtypes, store_dtype, device) else None
-
-
-def count_fused(plan: MergePlan, slot_name: str, span: tuple[int, int], keys: list, finders: dict) -> bool:
-    """One chunk's counts for every window, without materialising τᵢ; False when a τᵢ is not finite (the eager
-    path then refuses it by name, or counts it as the eager engine does)."""
-    from mmer.merge import one_pass
-
-    base, thetas = chunk_views(plan, slot_name, span)
-    counts = []
-    for key in keys:
-        windows = [f.window for f in finders[key]]
-        counted = one_pass.window_chunk(base, thetas, [w[0] for w in windows], [w[1] for w in windows])
-        if not all(math.isfinite(v) for v in counted.l1):
-            return False
-        counts.append(counted)
-    for key, counted in zip(keys, counts, strict=True):
-        for i, finder in enumerate(finders[key]):
-            finder.add_counted(counted.numel, counted.below[i], counted.inside[i], counted.candidates[i])
-    return True
+    return one_pass if one_pass.supports(variant, dtypes, store_dtype, device) else None
 
 
 def census_fused(
@@ -80,14 +69,15 @@ def merge_fused(
     span: tuple[int, int],
     thresholds: list[float | None] | None,
     store_dtype: torch.dtype,
+    variant: Variant | None = None,
 ) -> FusedResult | None:
-    """One chunk through the fused kernel, its merged weights checked; None (nothing to write) when a τᵢ is not
-    finite: the eager path then runs the chunk, and refuses it naming the tensor or merges it with NaN/inf as
-    the eager engine defines."""
+    """One chunk through the fused kernel (the plan's variant unless given), its merged weights checked; None
+    (nothing to write) when a τᵢ is not finite: the eager path then runs the chunk, and refuses it naming the
+    tensor or merges it with NaN/inf as the eager engine defines."""
     from mmer.merge import one_pass
 
     base, thetas = chunk_views(plan, slot_name, span)
-    result = one_pass.merge_chunk(base, thetas, plan.variant, thresholds, store_dtype)
+    result = one_pass.merge_chunk(base, thetas, variant or plan.variant, thresholds, store_dtype)
     if not all(math.isfinite(v) for v in result.l1):
         return None
     if not plan.recipe.options.allow_nonfinite:  # the fused variant's mask (mmer) has no rescaler: sᵢ = 1

@@ -4,7 +4,7 @@ written as it goes (base copy, τ*, one mask file per modality, private rows; or
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -15,14 +15,14 @@ from mmer.checkpoint.decoupled import BASE_DIR, COMPONENTS_DIR, MASKS_DIR, PRIVA
 from mmer.checkpoint.manifest import MAX_SCALE
 from mmer.engine.kernels import fused_kernel, merge_fused
 from mmer.engine.slots import model_sources, read_slot, release_inputs, slot_spans, tau_dtype
-from mmer.engine.thresholds import Thresholds
+from mmer.engine.thresholds import Thresholds, tensor_thresholds
 from mmer.errors import NonFiniteError
 from mmer.io.reader import CheckpointReader
 from mmer.io.writer import PlannedTensor, ShardedWriter, pass_through
 from mmer.merge.masks import rebuild_weight
 from mmer.merge.overflow import check_merged, provably_finite
 from mmer.merge.slot import merge_slot
-from mmer.merge.trim import count_true
+from mmer.merge.trim import count_true, trims_each_tensor_first
 from mmer.plan import MergePlan
 from mmer.progress import ProgressSink
 from mmer.version import __version__
@@ -49,6 +49,10 @@ def merge_slots(plan: MergePlan, staging: Path, thresholds: Thresholds, progress
     variant = plan.variant
     device = torch.device(options.device)
     model_thresholds = thresholds.get(variant.threshold_key) if variant.needs_global_threshold else None
+    # A per-tensor trim whose thresholds are found just before each slot merges like a global one, in chunks and
+    # through the fused kernel (exactly: a tensor's threshold compares as the global ones do).
+    per_tensor = trims_each_tensor_first(variant, options.allow_nonfinite)
+    chunk_variant = replace(variant, trim_scope="global") if per_tensor else variant
     merged = plan.merged_slots
     shard = options.shard_size
     single_model = variant.rule.single_model_output
@@ -114,16 +118,23 @@ def merge_slots(plan: MergePlan, staging: Path, thresholds: Thresholds, progress
             _write_private(plan, slot.name, private_writers)
             store_dtype = tau_dtype(plan, slot.dtype)
             ones = [0] * len(labels)
-            kernel = fused_kernel(plan, slot.name, device, store_dtype)
-            for span in slot_spans(slot.numel, device, variant.elementwise):
+            slot_thresholds = model_thresholds
+            if per_tensor:
+                slot_thresholds = tensor_thresholds(plan, slot, device, variant.k, variant.trim_count)
+            kernel = fused_kernel(plan, slot.name, device, store_dtype, chunk_variant)
+            for span in slot_spans(slot.numel, device, chunk_variant.elementwise):
                 start, stop = span or (0, slot.numel)
-                chunk = merge_fused(plan, slot.name, (start, stop), model_thresholds, store_dtype) if kernel else None
+                chunk = (
+                    merge_fused(plan, slot.name, (start, stop), slot_thresholds, store_dtype, chunk_variant)
+                    if kernel
+                    else None
+                )
                 if chunk is not None:
                     _write_fused(chunk, plan, slot.name, start, writers_by_role, stats, ones)
                 else:
                     l1: list[float] = []
                     base, raw = read_slot(plan, slot.name, device, span, l1=l1)
-                    result = merge_slot(raw, variant, slot.name, store_dtype, model_thresholds)
+                    result = merge_slot(raw, chunk_variant, slot.name, store_dtype, slot_thresholds)
                     for label, norm in zip(labels, l1, strict=True):
                         stats.delta_l1[label] += norm
                     base = base.to(device)

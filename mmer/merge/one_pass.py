@@ -55,7 +55,6 @@ def reads(input_dtypes: Sequence[torch.dtype], device: torch.device) -> bool:
         and len(set(input_dtypes)) == 1
         and input_dtypes[0] in HALF_DTYPES
         and _kernel() is not None
-        and _window_kernel() is not None
     )
 
 
@@ -283,111 +282,6 @@ def _merge_kernel(
                         kept = (magnitude[first + k] > zero) & (abs(x) >= lam * magnitude[first + k])
                     byte |= np.uint8(kept) << np.uint8(k)
                 packed[i, (start + first) >> 3] = byte
-
-
-# ------------------------------------------------------------------------------------------ threshold pass
-@dataclass
-class WindowCounts:
-    """One chunk's contribution to each model's ``WindowedThreshold``: entries below and inside the window,
-    the inside magnitudes' bit patterns (only when the window spans more than one value), and Σ|τᵢ|."""
-
-    numel: int
-    below: list[int]
-    inside: list[int]
-    candidates: list[torch.Tensor | None]
-    l1: list[float]
-
-
-def window_chunk(
-    base: torch.Tensor, thetas: Sequence[torch.Tensor], lo: Sequence[int], hi: Sequence[int]
-) -> WindowCounts:
-    """Count one flat half-precision chunk's task-vector magnitudes against each model's window ``[lo, hi]``
-    (bit patterns), exactly as ``WindowedThreshold.add`` would, in one pass that never materialises τᵢ."""
-    kernel = _window_kernel()
-    n, numel = len(thetas), base.numel()
-    theta_u = _stack_u16(thetas)
-    lo_a = np.asarray(lo, dtype=np.int32)
-    hi_a = np.asarray(hi, dtype=np.int32)
-    blocks = (numel + BLOCK - 1) // BLOCK
-    below = np.zeros((blocks, n), dtype=np.int64)
-    inside = np.zeros((blocks, n), dtype=np.int64)
-    l1 = np.zeros((blocks, n), dtype=np.float64)
-    collect = bool((lo_a != hi_a).any())
-    kernel(
-        _u16(base),
-        theta_u,
-        base.dtype == torch.float16,
-        lo_a,
-        hi_a,
-        below,
-        inside,
-        l1,
-        np.zeros((0,), np.int32),
-        np.zeros((0, 0), np.int64),
-        False,
-    )
-    candidates: list[torch.Tensor | None] = [None] * n
-    if collect:
-        offsets = np.zeros((blocks, n), dtype=np.int64)
-        offsets[1:] = np.cumsum(inside, axis=0)[:-1]
-        totals = inside.sum(axis=0)
-        flat = np.empty(int(totals.sum()), dtype=np.int32)
-        starts = np.concatenate([[0], np.cumsum(totals)[:-1]])
-        half = base.dtype == torch.float16
-        kernel(_u16(base), theta_u, half, lo_a, hi_a, below, inside, l1, flat, offsets + starts, True)
-        candidates = [
-            torch.from_numpy(flat[starts[i] : starts[i] + totals[i]]) if lo_a[i] != hi_a[i] else None for i in range(n)
-        ]
-    return WindowCounts(
-        numel,
-        [int(v) for v in below.sum(axis=0)],
-        [int(v) for v in inside.sum(axis=0)],
-        candidates,
-        [float(v) for v in l1.sum(axis=0)],
-    )
-
-
-@lru_cache(maxsize=1)
-def _window_kernel():
-    if njit is None or os.environ.get("MMER_FUSED", "1") == "0":
-        return None
-    return njit(parallel=True, cache=True, nogil=True)(_count_kernel)
-
-
-def _count_kernel(base, thetas, half, lo, hi, below, inside, l1, out, offsets, fill):
-    n, numel = thetas.shape
-    blocks = (numel + BLOCK - 1) // BLOCK
-    mask = np.int32(0x7FFFFFFF)
-    for blk in prange(blocks):
-        start = blk * BLOCK
-        stop = min(start + BLOCK, numel)
-        b = _decode(base[start:stop], half)
-        tau = np.empty(stop - start, dtype=np.float32)
-        for i in range(n):
-            th = _decode(thetas[i, start:stop], half)
-            for j in range(stop - start):
-                tau[j] = th[j] - b[j]
-            mags = tau.view(np.int32)
-            if fill:
-                at = offsets[blk, i]
-                for j in range(stop - start):
-                    m = mags[j] & mask
-                    if m >= lo[i] and m <= hi[i]:
-                        out[at] = m
-                        at += 1
-            else:
-                acc = 0.0
-                under = 0
-                within = 0
-                low, high = lo[i], hi[i]
-                for j in range(stop - start):  # branch-free counts: magnitudes fall either side at random
-                    acc += abs(tau[j])
-                    m = mags[j] & mask
-                    under += m < low
-                    within += (m >= low) & (m <= high)
-                below[blk, i] = under
-                inside[blk, i] = within
-                l1[blk, i] = acc
 
 
 # ---------------------------------------------------------------------------------------------- sign census
