@@ -324,3 +324,58 @@ def test_count_true_counts_like_sum_for_contiguous_and_strided_masks(shape):
     assert count_true(mask) == int(mask.sum())
     if mask.dim() == 2:
         assert count_true(mask.t()) == int(mask.sum())  # not contiguous: the torch path
+
+
+# ------------------------------------------------------------------------------------ degenerate thresholds
+def _finder_with_window(tensors: list[torch.Tensor], k: float, lo: float, hi: float) -> WindowedThreshold:
+    finder = WindowedThreshold(sum(t.numel() for t in tensors), k)
+    finder.open_window()
+    finder._lo, finder._hi = (int(torch.tensor([v]).view(torch.int32)) for v in (lo, hi))
+    for t in tensors:
+        finder.add(t)
+    return finder
+
+
+def test_a_threshold_of_zero_is_found_from_the_counted_zeros_when_the_window_sits_above_zero():
+    g = torch.Generator().manual_seed(1)
+    tau = torch.randn(10000, generator=g) * (torch.rand(10000, generator=g) < 0.6)  # 40 % exactly unchanged
+    finder = _finder_with_window([tau[:3000], tau[3000:]], 0.8, 0.5, 0.6)  # a sample that overshot
+    assert not finder.needs_second_pass
+    assert finder.value == 0.0 == _kth([tau], 0.8)
+
+
+@pytest.mark.parametrize("k", [0.1, 0.3, 0.6, 0.9])
+def test_a_threshold_one_tie_block_beyond_the_window_is_found_in_the_same_pass(k):
+    g = torch.Generator().manual_seed(2)
+    tau = torch.randint(-4, 5, (20000,), generator=g).float() * 2.0**-10  # five magnitudes: wide tie blocks
+    expected = _kth([tau], k)
+    # the window is the single tied value next to the right one (a sample that misjudged the block's extent)
+    for neighbour in (expected - 2.0**-10, expected + 2.0**-10):
+        if 0 <= neighbour <= 4 * 2.0**-10:
+            finder = _finder_with_window([tau], k, neighbour, neighbour)
+            assert not finder.needs_second_pass, neighbour
+            assert finder.value == expected
+
+
+def test_a_window_two_tie_blocks_off_still_falls_back_rather_than_guess():
+    tau = torch.tensor([1.0] * 100 + [2.0] * 100 + [3.0] * 100 + [4.0] * 100)
+    finder = _finder_with_window([tau], 0.9, 4.0, 4.0)  # the k-th is 1.0; the window knows 3.0 and 4.0 only
+    assert finder.needs_second_pass
+
+
+def test_the_histogram_search_skips_pass_two_when_the_kth_value_is_its_bins_round_value():
+    g = torch.Generator().manual_seed(3)
+    tau = (torch.randn(5000, generator=g) * 0.01).to(torch.bfloat16).float()  # bf16 values: low 16 bits zero
+    search = GlobalThreshold(tau.numel(), 0.3)
+    search.add_pass1(tau)
+    assert not search.needs_pass2
+    assert search.value == _kth([tau], 0.3)
+
+
+def test_the_histogram_search_needs_pass_two_when_the_bin_holds_finer_values_below_the_kth():
+    tau = torch.tensor([1.0, 1.0 + 2.0**-20, 1.0 + 2.0**-19, 1.0 + 2.0**-18] * 10)
+    search = GlobalThreshold(tau.numel(), 0.5)  # rank 20: the bin of 1.0 holds four values, ten of them round
+    search.add_pass1(tau)
+    assert search.needs_pass2
+    search.add_pass2(tau)
+    assert search.value == _kth([tau], 0.5)
