@@ -114,6 +114,7 @@ def _write_workload(root: Path) -> int:
     return 4 * sum(t.numel() * 2 for t in stored.values())
 
 
+@pytest.mark.slow  # four merges of ~100 MB each, plus warm-ups: about a minute on two cores
 def test_every_search_path_stays_within_the_dry_run_estimate_far_below_the_inputs_size(tmp_path):
     input_bytes = _write_workload(tmp_path)
     env = {**os.environ, "PYTHONPATH": str(ROOT / "tests")}
