@@ -1,0 +1,280 @@
+"""Tiny models of every multimodal family the installed transformers ships, built from one shared text config.
+
+Each family's own config class is instantiated with its defaults and then shrunk: every sub-config's size fields
+become tiny (``SMALL``), and the LLM's text config (found by transformers' ``get_text_config``) takes the shared
+``TEXT`` dimensions. The LLM inside a model is found through transformers' own structure (``get_decoder`` and
+``get_output_embeddings``), never by name, so the test's view of "the LLM" is independent of mmer's name-based
+layouts (``mmer/io/layouts.py``) that it checks.
+
+The base is the plain causal LM of the same text config: the class transformers registers for the text
+config's ``model_type``, or for the longest ``_``-prefix of it that has one (``qwen2_vl_text`` → ``qwen2``),
+accepted only when its tensors are the family's LLM tensors, name for name and shape for shape.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+# The mappings whose families are multimodal LMs: image/video-text-to-text, multimodal LM (audio and omni LLMs
+# included), speech-to-text. Missing names (another transformers version) are skipped.
+MAPPINGS = (
+    "MODEL_FOR_IMAGE_TEXT_TO_TEXT_MAPPING_NAMES",
+    "MODEL_FOR_MULTIMODAL_LM_MAPPING_NAMES",
+    "MODEL_FOR_AUDIO_TEXT_TO_TEXT_MAPPING_NAMES",
+    "MODEL_FOR_SPEECH_SEQ_2_SEQ_MAPPING_NAMES",
+)
+BASE_VOCAB = 256
+TEXT = dict(
+    hidden_size=32,
+    intermediate_size=64,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    head_dim=8,
+    max_position_embeddings=256,
+    moe_intermediate_size=32,
+    shared_expert_intermediate_size=32,
+    num_experts=4,
+    num_local_experts=4,
+    num_experts_per_tok=2,
+)
+# Every other sub-config (vision/audio towers, projectors): the smallest sizes that still build.
+SMALL = dict(
+    hidden_size=16,
+    intermediate_size=32,
+    num_hidden_layers=1,
+    num_attention_heads=2,
+    num_key_value_heads=2,
+    head_dim=8,
+    depth=1,
+    embed_dim=16,
+    num_heads=2,
+    d_model=16,
+    encoder_layers=1,
+    decoder_layers=1,
+    encoder_attention_heads=2,
+    decoder_attention_heads=2,
+    encoder_ffn_dim=32,
+    decoder_ffn_dim=32,
+    num_layers=1,
+    projection_dim=16,
+    out_hidden_size=TEXT["hidden_size"],
+    ffn_dim=32,
+    vocab_size=BASE_VOCAB,
+)
+MAX_PARAMETERS = 2_000_000  # above this after shrinking, a family is not "tiny" and the matrix skips it
+
+
+def families() -> dict[str, str]:
+    """Every family in the multimodal mappings of the installed transformers: model_type → class name."""
+    from transformers.models.auto import modeling_auto
+
+    found: dict[str, str] = {}
+    for mapping in MAPPINGS:
+        for family, cls in getattr(modeling_auto, mapping, {}).items():
+            found.setdefault(family, cls)
+    return found
+
+
+def _quiet():
+    """transformers warns about every shrunk config; the matrix reads none of it."""
+    stack = contextlib.ExitStack()
+    stack.enter_context(warnings.catch_warnings())
+    warnings.simplefilter("ignore")
+    stack.enter_context(contextlib.redirect_stderr(io.StringIO()))
+    return stack
+
+
+def _is_size(value: object) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _shrink(config, values: dict[str, int], seen: set[int]) -> None:
+    if id(config) in seen:
+        return
+    seen.add(id(config))
+    for key, value in values.items():
+        if _is_size(getattr(config, key, None)):
+            with contextlib.suppress(Exception):
+                setattr(config, key, value)
+    layers = getattr(config, "num_hidden_layers", None)
+    if isinstance(getattr(config, "layer_types", None), list) and _is_size(layers):
+        config.layer_types = config.layer_types[:layers]  # the per-layer pattern's start, as many as are left
+    vocab = getattr(config, "vocab_size", None)
+    for key in ("pad_token_id", "padding_idx"):
+        token = getattr(config, key, None)
+        if _is_size(token) and _is_size(vocab) and token >= vocab:
+            with contextlib.suppress(Exception):
+                setattr(config, key, 0)
+    for name in getattr(config, "sub_configs", None) or {}:
+        sub = getattr(config, name, None)
+        if sub is not None and hasattr(sub, "to_dict"):
+            _shrink(sub, SMALL, seen)
+
+
+def tiny_config(family: str, extra_vocab: int = 0):
+    """The family's config with every size shrunk and the shared ``TEXT`` dimensions in its text config."""
+    from transformers import CONFIG_MAPPING
+
+    with _quiet():
+        config = CONFIG_MAPPING[family]()
+        text = config.get_text_config(decoder=True)
+        seen: set[int] = set()
+        _shrink(text, {**TEXT, "vocab_size": BASE_VOCAB + extra_vocab}, seen)  # first: the towers' pass skips it
+        if text is not config:
+            _shrink(config, SMALL, seen)
+        for target in {id(config): config, id(text): text}.values():
+            if hasattr(target, "tie_word_embeddings"):
+                target.tie_word_embeddings = False
+    return config
+
+
+def model_class(family: str):
+    import transformers
+
+    return getattr(transformers, families()[family])
+
+
+def count_parameters(family: str) -> int:
+    """Parameters of the tiny model, counted on the meta device (nothing allocated)."""
+    with _quiet(), torch.device("meta"):
+        model = model_class(family)(tiny_config(family))
+    return sum(p.numel() for p in model.parameters())
+
+
+def build(family: str, seed: int, extra_vocab: int = 0):
+    """The tiny model, its weights drawn from ``seed``."""
+    torch.manual_seed(seed)
+    with _quiet():
+        return model_class(family)(tiny_config(family, extra_vocab)).eval()
+
+
+def _module_name(model, module) -> str | None:
+    for name, candidate in model.named_modules():
+        if candidate is module:
+            return name
+    return None
+
+
+def llm_names(model) -> dict[str, str]:
+    """Canonical causal-LM name → the model's own state-dict key, for its LLM as transformers defines it.
+
+    The decoder is ``get_decoder()`` (it holds the embeddings, layers and final norm), the head is
+    ``get_output_embeddings()``; an empty dict when the model has no decoder of its own.
+    """
+    try:
+        decoder = model.get_decoder()
+        head = model.get_output_embeddings()
+    except (AttributeError, NotImplementedError, ValueError):
+        return {}
+    body = _module_name(model, decoder) if decoder is not None and decoder is not model else None
+    head_name = _module_name(model, head) if head is not None else None
+    if body is None or head_name is None:
+        return {}
+    names = {}
+    for key in model.state_dict():
+        if key.startswith(body + "."):
+            names["model." + key[len(body) + 1 :]] = key
+        elif key.startswith(head_name + "."):
+            names["lm_head." + key[len(head_name) + 1 :]] = key
+    return names
+
+
+def causal_base_type(text_model_type: str) -> str | None:
+    """The model_type of the plain causal LM a text config of ``text_model_type`` is the LLM of."""
+    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES as causal
+
+    parts = text_model_type.split("_")
+    for end in range(len(parts), 0, -1):
+        candidate = "_".join(parts[:end])
+        if candidate in causal:
+            return candidate
+    return None
+
+
+def build_base(family: str):
+    """The plain causal LM of the family's text config (``BASE_VOCAB`` rows), or ``None`` if transformers has
+    none."""
+    import transformers
+    from transformers import CONFIG_MAPPING
+    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES as causal
+
+    text = tiny_config(family).get_text_config(decoder=True)
+    base_type = causal_base_type(text.model_type)
+    if base_type is None:
+        return None
+    settings = {k: v for k, v in text.to_dict().items() if k not in ("model_type", "architectures", "auto_map")}
+    torch.manual_seed(0)
+    with _quiet():
+        config = CONFIG_MAPPING[base_type](**settings)
+        config.tie_word_embeddings = False
+        return getattr(transformers, causal[base_type])(config).eval()
+
+
+def mismatch(base, model) -> str | None:
+    """Why ``base`` cannot be the base of ``model``'s LLM (names or shapes differ), or ``None`` if it can."""
+    names = llm_names(model)
+    if not names:
+        return f"{type(model).__name__} has no decoder of its own (get_decoder/get_output_embeddings)"
+    base_state = base.state_dict()
+    state = model.state_dict()
+    for canonical in sorted(set(base_state) ^ set(names)):
+        where = "the base" if canonical in base_state else type(model).__name__
+        return f"{canonical} exists only in {where}"
+    for canonical, key in names.items():
+        have, want = tuple(state[key].shape), tuple(base_state[canonical].shape)
+        if have != want and not (have[1:] == want[1:] and len(have) == len(want) and have[0] > want[0]):
+            return f"{canonical} is {list(have)} in the model, {list(want)} in the base"
+    return None
+
+
+def fine_tune(model, base, seed: int, density: float = 0.5) -> None:
+    """Set the model's LLM to θ_base + a sparse seeded τ (rows past the base vocabulary keep their own values)."""
+    g = torch.Generator().manual_seed(seed)
+    names = llm_names(model)
+    state = model.state_dict()
+    with torch.no_grad():
+        for canonical, tensor in base.state_dict().items():
+            if not tensor.is_floating_point():
+                continue
+            delta = torch.randn(tensor.shape, generator=g) * 0.02 * (torch.rand(tensor.shape, generator=g) < density)
+            state[names[canonical]][: tensor.shape[0]].copy_(tensor + delta.to(tensor.dtype))
+
+
+@dataclass
+class FamilyModels:
+    """One family's base and two fine-tunes on disk."""
+
+    family: str
+    base: Path
+    first: Path
+    second: Path
+
+
+MODALITIES = ("first", "second")
+EXTRA_VOCAB = {"first": 2, "second": 1}  # private vocabulary rows each fine-tune adds (its new tokens)
+
+
+def write_family(family: str, root: Path) -> FamilyModels:
+    """Save the base and two fine-tunes (different seeds, towers and added rows) with ``save_pretrained``."""
+    base = build_base(family)
+    if base is None:
+        raise ValueError(f"{family}: no causal LM for its text config")
+    with _quiet():
+        base.save_pretrained(root / "base")
+        for seed, name in enumerate(MODALITIES, start=1):
+            model = build(family, seed, EXTRA_VOCAB[name])
+            fine_tune(model, base, seed)
+            model.save_pretrained(root / name)
+    return FamilyModels(family, root / "base", root / MODALITIES[0], root / MODALITIES[1])
+
+
+def load(family: str, directory: Path):
+    with _quiet():
+        return model_class(family).from_pretrained(directory).eval()
