@@ -18,8 +18,9 @@ linear map and merge the task vectors' subspaces:
 Each takes the float32 task vectors of one tensor slot and returns τ*, like every registered method. A tensor
 that is not a matrix (norms, biases) is averaged, as the authors' code and FusionBench do. The arithmetic
 follows FusionBench's implementations step for step (``tests/peers`` checks each against it), float32
-throughout, on the task vectors' device; LAPACK's SVD can differ in the last bits between machines and thread
-counts, so these methods are deterministic on one machine, not across BLAS builds. CART has no implementation
+throughout, on the task vectors' device. LAPACK's SVD (and BLAS's products) block their work by the thread count,
+so these methods give the same bits on every run on one machine at one thread count, and within float32 rounding
+of them at another thread count or BLAS build. CART has no implementation
 in FusionBench; it is checked against the paper's formula on hand-computed cases.
 """
 

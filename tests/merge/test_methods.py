@@ -211,7 +211,27 @@ def test_ties_of_all_zero_task_vectors_is_all_zero(zero_sign: str, alpha: float)
 # ------------------------------------------------------------------------------------------ registry properties
 
 
-@pytest.mark.parametrize("name", sorted(METHODS))
+# Methods for which a property below holds only up to float rounding, or not at all, by design (each says why);
+# tests/merge/test_subspace.py states what they do instead.
+NOT_ITS_OWN_TASK_VECTOR = {
+    "tsv_m": "rebuilds τ from its singular vectors: equal to float32 rounding",
+    "iso_c": "flattens τ's spectrum: one model comes back with every singular value set to their mean",
+    "iso_cts": "flattens the spectrum as iso_c does",
+}
+INCREMENTAL_MEAN = {  # a tensor that is not a matrix is averaged incrementally, as the authors' code does
+    "tsv_m": "mean += (τᵢ − mean)/(i+1): another order rounds differently",
+    "iso_cts": "as tsv_m",
+}
+LAPACK_THREADS = {  # SVDs and matrix products through LAPACK/BLAS, whose blocking follows the thread count
+    "tsv_m": "SVD",
+    "iso_c": "SVD",
+    "iso_cts": "SVD",
+    "cart": "SVD",
+    "wudi": "batched matmul in each Adam step",
+}
+
+
+@pytest.mark.parametrize("name", sorted(set(METHODS) - set(NOT_ITS_OWN_TASK_VECTOR)))
 @pytest.mark.parametrize("seed", [0, 1])
 def test_a_single_model_merged_alone_reproduces_its_task_vector_exactly(name: str, seed: int) -> None:
     (tau,) = _float_task_vectors(1, (64, 33), seed)
@@ -220,7 +240,7 @@ def test_a_single_model_merged_alone_reproduces_its_task_vector_exactly(name: st
     assert torch.equal(out, tau)
 
 
-@pytest.mark.parametrize("name", sorted(METHODS))
+@pytest.mark.parametrize("name", sorted(set(METHODS) - set(INCREMENTAL_MEAN)))
 @pytest.mark.parametrize("zero_sign", ["zero", "positive"])
 def test_merging_does_not_depend_on_the_order_of_the_models(name: str, zero_sign: str) -> None:
     # multiples of 1/8 make every sum exact, so any permutation must give the same bits
@@ -252,15 +272,22 @@ def restore_threads() -> Iterator[None]:
 
 @pytest.mark.parametrize("name", sorted(METHODS))
 def test_merging_is_bit_identical_across_runs_and_thread_counts(name: str, restore_threads: None) -> None:
-    taus = _float_task_vectors(3, (512, 1024), seed=5)  # large enough for intra-op parallelism
-    kwargs = {"alpha": 0.7, "zero_sign": "zero"}
+    """Every method gives the same bits on every run; an elementwise one also whatever the thread count. A method
+    that goes through LAPACK (SVDs) or BLAS products is bit-identical at a given thread count and machine, and
+    within float32 rounding of it at another (docs/method.md §8.1)."""
+    taus = _float_task_vectors(3, (256, 384), seed=5)  # large enough for intra-op parallelism
+    kwargs = {"alpha": 0.7, "zero_sign": "zero", "iterations": 3}
     torch.set_num_threads(1)
     one_thread = METHODS[name].merge(taus, **kwargs)
     one_thread_again = METHODS[name].merge(taus, **kwargs)
     torch.set_num_threads(2)
     two_threads = METHODS[name].merge(taus, **kwargs)
-    assert torch.equal(one_thread, one_thread_again)
-    assert torch.equal(one_thread, two_threads)
+    two_threads_again = METHODS[name].merge(taus, **kwargs)
+    assert torch.equal(one_thread, one_thread_again) and torch.equal(two_threads, two_threads_again)
+    if name in LAPACK_THREADS:  # rounding, amplified only by the spectrum's conditioning: 1e-5 of the norm here
+        assert float((one_thread - two_threads).norm()) <= 1e-4 * float(one_thread.norm())
+    else:
+        assert torch.equal(one_thread, two_threads)
 
 
 def test_the_registry_holds_ties_with_trimming() -> None:
