@@ -431,7 +431,11 @@ def test_tune_never_replaces_report_files_or_recipes_it_did_not_write(work, tmp_
     ok = cli("tune", specs["base"], specs["vision"], "-o", tmp_path / "r3", "--lambdas", "0.9", "--json")
     assert ok.exit_code == 0, ok
     again = cli("tune", specs["base"], specs["vision"], "-o", tmp_path / "r3", "--lambdas", "0.6", "--json")
-    assert again.exit_code == 0, again  # a report an earlier tune wrote is replaced
+    refused(again, 2)  # an earlier tune's report is kept unless asked...
+    again = cli(
+        "tune", specs["base"], specs["vision"], "-o", tmp_path / "r3", "--lambdas", "0.6", "--overwrite", "--json"
+    )
+    assert again.exit_code == 0, again  # ...and replaced with --overwrite, since mmer wrote it
 
 
 def test_compare_never_replaces_a_png_it_did_not_write(work, tmp_path):

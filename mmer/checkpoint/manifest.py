@@ -439,6 +439,10 @@ def _consistency_problems(manifest: Manifest, file: str) -> list[DecoupledFormat
             bad(f"{where}.component_dir", f"must be {component_dir_name(key)!r}")
         if record.kept > record.total:
             bad(f"{where}.kept", f"{record.kept} parameters kept of {record.total}")
+        written = list(record.llm_keys.values())  # a rebuilt model writes each tensor under its own key
+        if len(set(written)) != len(written):
+            twice = next(k for k in written if written.count(k) > 1)
+            bad(f"{where}.llm_keys", f"two tensors are written back under the same key {twice[:200]!r}")
     slots = {s.name: s for s in manifest.slots}
     for i, slot in enumerate(manifest.slots):
         for why in _slot_problems(slot):

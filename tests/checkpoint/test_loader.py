@@ -512,3 +512,18 @@ def test_mask_shapes_that_fit_the_bytes_but_not_the_slot_are_refused(ckpt, tmp_p
     with pytest.raises(DecoupledFormatError):
         inspect_masks(ckpt)
     assert not verify(ckpt).ok
+
+
+def test_two_tensors_written_back_under_one_key_are_refused(ckpt):
+    """A rebuilt model writes each canonical tensor under its source's own key: two under one key would make
+    reconstruct plan a file with a tensor twice (found by the manifest fuzzer)."""
+
+    def collide(data):
+        keys = data["modalities"]["vision"]["llm_keys"]
+        first, second = sorted(keys)[:2]
+        keys[second] = keys[first]
+
+    edit_manifest(ckpt, collide)
+    with pytest.raises(DecoupledFormatError) as info:
+        mmer.load_decoupled(ckpt)
+    assert info.value.key == "modalities.vision.llm_keys" and "same key" in info.value.message
