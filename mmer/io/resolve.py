@@ -85,23 +85,9 @@ def fetch_hub_files(repo_id: str, revision: str | None, files: Sequence[str], *,
     the revision resolved to; pass that commit back as ``revision`` to fetch more files of the same version. Every
     file must then be in the snapshot: one that is not is named, with the command that fetches it.
     """
-    import huggingface_hub
-    from huggingface_hub.utils import HFValidationError
-
     shown = f"{repo_id}@{revision or 'main'}"
     offline = _offline()
-    try:
-        path = huggingface_hub.snapshot_download(
-            repo_id, revision=revision, allow_patterns=[_literal(f) for f in files], local_files_only=offline
-        )
-    except HFValidationError as err:
-        raise ModelNotFoundError(
-            f"{repo_id}: not a local directory nor a valid Hub id ({err})",
-            file=repo_id,
-            hint="give an existing directory, or a Hub id of the form org/name",
-        ) from None
-    except Exception as err:  # huggingface_hub raises many types for "not available"
-        raise _not_available(repo_id, shown, revision, what, offline, err) from None
+    path = _snapshot(repo_id, revision, [_literal(f) for f in files], what=what)
     snapshot = Path(path)
     missing = [f for f in files if not os.path.lexists(snapshot / f)]
     if missing:
@@ -145,12 +131,22 @@ def _not_available(
 
 
 def _resolve_hub(repo_id: str, revision: str | None) -> ResolvedModel:
+    snapshot = Path(_snapshot(repo_id, revision, HUB_PATTERNS, what="model"))
+    return ResolvedModel(
+        spec_model=repo_id, path=snapshot, hub_id=repo_id, revision=revision or "main", commit=snapshot.name
+    )
+
+
+def _snapshot(repo_id: str, revision: str | None, patterns: Sequence[str], *, what: str) -> str:
+    """The files of ``repo_id`` matching ``patterns``, fetched into the Hugging Face cache (only looked for there
+    offline): the one place a Hub download can fail, so every caller refuses it alike."""
     import huggingface_hub
     from huggingface_hub.utils import HFValidationError
 
+    offline = _offline()
     try:
-        path = huggingface_hub.snapshot_download(
-            repo_id, revision=revision, allow_patterns=HUB_PATTERNS, local_files_only=_offline()
+        return huggingface_hub.snapshot_download(
+            repo_id, revision=revision, allow_patterns=list(patterns), local_files_only=offline
         )
     except HFValidationError as err:
         raise ModelNotFoundError(
@@ -159,16 +155,8 @@ def _resolve_hub(repo_id: str, revision: str | None) -> ResolvedModel:
             hint="give an existing directory, or a Hub id of the form org/name",
         ) from None
     except Exception as err:  # huggingface_hub raises many types for "not available"
-        where = "in the local Hugging Face cache" if _offline() else "on the Hub"
-        raise ModelNotFoundError(
-            f"{repo_id}@{revision or 'main'}: not found {where} ({type(err).__name__}: {err})",
-            file=repo_id,
-            hint="check the id and revision; offline, download it first with `hf download` or unset HF_HUB_OFFLINE",
-        ) from None
-    snapshot = Path(path)
-    return ResolvedModel(
-        spec_model=repo_id, path=snapshot, hub_id=repo_id, revision=revision or "main", commit=snapshot.name
-    )
+        shown = f"{repo_id}@{revision or 'main'}"
+        raise _not_available(repo_id, shown, revision, what, offline, err) from None
 
 
 def _offline() -> bool:
