@@ -18,7 +18,7 @@ import mmer
 from mmer.add import add_models
 from mmer.config import ModelSpec
 from mmer.errors import CheckpointFormatError, IncompatibleBaseError, NonFiniteError
-from mmer.merge import one_pass
+from mmer.merge import one_pass, window_pass
 from mmer.merge.overflow import check_merged, max_abs, provably_finite, rebuilt_overflow
 
 Q = "model.layers.0.self_attn.q_proj.weight"
@@ -32,8 +32,7 @@ def engine(request, monkeypatch):
         monkeypatch.setenv("MMER_FUSED", "0")
     else:
         monkeypatch.delenv("MMER_FUSED", raising=False)
-    one_pass._kernel.cache_clear()
-    one_pass._window_kernel.cache_clear()
+    _clear_kernels()
     calls = []
     original = one_pass.merge_chunk
 
@@ -44,8 +43,13 @@ def engine(request, monkeypatch):
     monkeypatch.setattr(one_pass, "merge_chunk", spy)
     yield request.param, calls
     monkeypatch.undo()
-    one_pass._kernel.cache_clear()
-    one_pass._window_kernel.cache_clear()
+    _clear_kernels()
+
+
+def _clear_kernels() -> None:
+    """Every compiled kernel reads MMER_FUSED when first built: forget them so the next build reads it again."""
+    for cached in (one_pass._kernel, one_pass._census_kernel, window_pass._count_kernel_compiled):
+        cached.cache_clear()
 
 
 def models_with(

@@ -32,6 +32,7 @@ from mmer.checkpoint import bits
 from mmer.io.layouts import detect_layout
 
 ANSWERS = Path(__file__).with_name("answers.json")
+RECORDED_WITH = ANSWERS.with_name("answers_transformers_version.txt")  # the transformers the answers came from
 
 
 def saved_keys(directory: Path) -> set[str]:
@@ -215,6 +216,9 @@ def main(selected: list[str]) -> None:
             answers[family] = list(answer(family, Path(tmp)))
         print(family, *answers[family], sep="\t", flush=True)
         ANSWERS.write_text(json.dumps(dict(sorted(answers.items())), indent=1) + "\n")
+    import transformers
+
+    RECORDED_WITH.write_text(transformers.__version__ + "\n")
     if TABLE_START in README.read_text(encoding="utf-8"):
         write_readme_table(answers)
 

@@ -19,7 +19,7 @@ from pathlib import Path
 
 import pytest
 from family_builders import families
-from family_check import ANSWERS, answer
+from family_check import ANSWERS, RECORDED_WITH, answer
 
 PINNED: dict[str, list[str]] = json.loads(ANSWERS.read_text())
 README = Path(__file__).resolve().parents[2] / "README.md"
@@ -47,9 +47,19 @@ SELECTED = sorted(PINNED) if os.environ.get("MMER_ALL_FAMILIES") == "1" else lis
 
 
 def test_every_family_in_the_mappings_has_an_answer():
-    shipped = set(families())
-    assert shipped - set(PINNED) == set(), "new families: run python tests/families/family_check.py <family>"
+    """Strict for the transformers the answers were recorded with; a newer release that adds families is
+    reported (skipped, naming them and the command that answers them) rather than failing every install."""
+    import transformers
+
     assert {a for a, _ in PINNED.values()} <= {"works", "refused", "skipped", "fails"}
+    new = sorted(set(families()) - set(PINNED))
+    recorded = RECORDED_WITH.read_text().strip()
+    if new and transformers.__version__ != recorded:
+        pytest.skip(
+            f"answers were recorded with transformers {recorded}; {transformers.__version__} adds {', '.join(new)}: "
+            f"run python tests/families/family_check.py {' '.join(new)}"
+        )
+    assert new == [], "new families: run python tests/families/family_check.py <family>"
 
 
 def test_at_least_fifteen_families_work_including_every_required_one():
