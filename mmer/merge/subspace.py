@@ -210,10 +210,19 @@ def wudi(
         norms = torch.square(torch.norm(tvs.reshape(tvs.shape[0], -1), p=2, dim=-1))
         # A task that left this matrix untouched interferes with nothing: its term is 0, not the authors' 0/0.
         norms = torch.where(norms == 0, torch.ones_like(norms), norms)
+        # ‖Dτᵢᵀ‖² (D = τ* − τᵢ) as the authors write it costs rows × rows per task: for a tall matrix (a
+        # vocabulary's embeddings, 32k rows) that is gigabytes. ⟨DᵀD, τᵢᵀτᵢ⟩ is the same number from
+        # cols × cols Gram matrices; the authors' form is kept where it is the smaller one.
+        tall = tvs.shape[1] > tvs.shape[2]
+        grams = torch.matmul(tvs.transpose(1, 2), tvs) if tall else None
         for _ in range(iterations):
             disturbing = merged.unsqueeze(0) - tvs
-            product = torch.matmul(disturbing, tvs.transpose(1, 2))
-            loss = torch.sum(torch.square(product) / norms.unsqueeze(-1).unsqueeze(-1))
+            if grams is None:
+                product = torch.matmul(disturbing, tvs.transpose(1, 2))
+                per_task = torch.square(product)
+            else:
+                per_task = torch.matmul(disturbing.transpose(1, 2), disturbing) * grams
+            loss = torch.sum(per_task / norms.unsqueeze(-1).unsqueeze(-1))
             optimizer.zero_grad()
             loss.backward()
             optimizer.step()

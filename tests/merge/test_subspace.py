@@ -74,6 +74,28 @@ def test_cart_at_full_rank_is_the_mean_task_vector_whatever_alpha():
     torch.testing.assert_close(got, torch.stack(taus).mean(0), rtol=1e-5, atol=1e-5)
 
 
+def _wudi_as_written(taus: list[torch.Tensor], iterations: int) -> torch.Tensor:
+    """The objective as the paper and its code write it: Σᵢ ‖(τ* − τᵢ)τᵢᵀ‖² / ‖τᵢ‖², rows × rows products."""
+    tvs = torch.stack(taus)
+    merged = torch.nn.Parameter(tvs.sum(0))
+    optimizer = torch.optim.Adam([merged], lr=1e-5)
+    norms = tvs.reshape(len(taus), -1).norm(dim=-1).square()
+    for _ in range(iterations):
+        loss = ((merged.unsqueeze(0) - tvs) @ tvs.transpose(1, 2)).square().div(norms[:, None, None]).sum()
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+    return merged.detach()
+
+
+def test_wudi_on_a_tall_matrix_minimises_the_same_objective_through_column_grams():
+    """A vocabulary-shaped matrix (more rows than columns) takes ⟨DᵀD, τᵢᵀτᵢ⟩ instead of ‖Dτᵢᵀ‖²: the same
+    objective and gradients without a rows × rows product, so the same Adam steps to float32 rounding."""
+    g = torch.Generator().manual_seed(6)
+    taus = [torch.randn(40, 6, generator=g) * 1e-2 for _ in range(2)]
+    torch.testing.assert_close(subspace.wudi(taus, iterations=50), _wudi_as_written(taus, 50), rtol=1e-4, atol=1e-7)
+
+
 def test_wudi_leaves_the_sum_of_non_interfering_tasks_where_it_starts():
     """(τ* − τᵢ)τᵢᵀ = τⱼτᵢᵀ = 0 when the tasks' rows are orthogonal: the loss is 0 at Σ τᵢ, so Adam stays there."""
     torch.testing.assert_close(subspace.wudi(ORTHOGONAL, iterations=25), diag(3.0, 1.0, 2.0, 0.5), rtol=0, atol=0)

@@ -74,6 +74,15 @@ def test_wudi_equals_fusion_bench_wudi_merging(dyadic_models, tmp_path):
     pytest.importorskip("fusion_bench")
     from fusion_bench.method.wudi.wudi import wudi_merging
 
-    theirs = wudi_merging(_task_vectors(dyadic_models), accelerator="cpu", iter_num=20)
+    theirs = {
+        n: t.detach() for n, t in wudi_merging(_task_vectors(dyadic_models), iter_num=20, accelerator="cpu").items()
+    }
     out = _run_mmer(dyadic_models, tmp_path / "out", method="wudi", mask="mmer", iterations=20)
-    _assert_same(_tau_star(out), {n: t.detach() for n, t in theirs.items()}, exact=True)
+    ours = _tau_star(out)
+    # Bit for bit where mmer computes the objective as written (rows ≤ cols); a taller matrix goes through the
+    # column Gram form (same objective, no rows × rows product), so its Adam steps agree to float32 rounding.
+    wide = {n for n, t in ours.items() if t.dim() != 2 or t.shape[0] <= t.shape[1]}
+    assert wide and wide != set(ours)
+    _assert_same({n: ours[n] for n in wide}, {n: theirs[n] for n in wide}, exact=True)
+    tall = set(ours) - wide
+    _assert_same({n: ours[n] for n in tall}, {n: theirs[n] for n in tall}, exact=False)
