@@ -21,6 +21,7 @@ Usage:
   python bench/merge_speed.py --mergekit-python /path/to/venv/bin/python   # where mergekit is installed
   python bench/merge_speed.py --device cuda         # run mmer's math on a GPU
   python bench/merge_speed.py --check-floor-ratio 6 # exit 1 if mmer-global is slower than 6x the floor
+  python bench/merge_speed.py --small --workload realistic --matrix   # every variant, beside floor and mergekit
 """
 
 from __future__ import annotations
@@ -155,6 +156,24 @@ CHILD = {
         report = mmer.run_merge(recipe, out, overwrite=True)
         print("MMER_SECONDS", report.seconds)
     """,
+    "mmer-options": """
+        # One matrix row: any MergeOptions, given as JSON. Prints the plan's memory estimate and this process's
+        # peak RSS before the merge (imports, plan), so the row's growth can be held against the estimate.
+        import json, resource, sys, mmer
+        from pathlib import Path
+        from mmer.plan import estimate_memory
+        options, dirs, out = json.loads(sys.argv[1]), sys.argv[2:-1], Path(sys.argv[-1])
+        recipe = mmer.Recipe(
+            mmer.ModelSpec(dirs[0]),
+            tuple(mmer.ModelSpec(d, modality=f"m{i}") for i, d in enumerate(dirs[1:])),
+            mmer.MergeOptions(hash_inputs=False, **options),
+        )
+        with mmer.build_plan(recipe) as plan:
+            print("MMER_ESTIMATE", estimate_memory(plan).peak_bytes)
+            print("MMER_BASELINE", resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024, flush=True)
+            report = mmer.run_merge(plan, out, overwrite=True)
+        print("MMER_SECONDS", report.seconds)
+    """,
 }
 
 MEASURE = """
@@ -177,19 +196,97 @@ def measure(cmd: list[str]) -> dict:
     return result
 
 
-def mergekit_config(dirs: list[Path], path: Path, density: float = 0.2) -> Path:
-    models = [{"model": str(d), "parameters": {"density": density, "weight": 1.0}} for d in dirs[1:]]
+def mergekit_config(
+    dirs: list[Path], path: Path, density: float = 0.2, method: str = "ties", dtype: str = "bfloat16"
+) -> Path:
+    params = {"weight": 1.0} if method == "task_arithmetic" else {"density": density, "weight": 1.0}
+    models = [{"model": str(d), "parameters": params} for d in dirs[1:]]
     config = {
-        "merge_method": "ties",
+        "merge_method": method,
         "base_model": str(dirs[0]),
         "models": models,
-        "parameters": {"normalize": True},
-        "dtype": "bfloat16",
+        "parameters": {"normalize": method != "task_arithmetic"},
+        "dtype": dtype,
     }
     import yaml
 
     path.write_text(yaml.safe_dump(config))
     return path
+
+
+# The matrix (--matrix): every variant the issue names, each beside mergekit at the same kept share where mergekit
+# has the method. name → (mmer options, input dtype, mergekit method or None).
+MATRIX: dict[str, tuple[dict, str, str | None]] = {
+    "ties/mmer K0.8 global": ({"k": 0.8}, "bfloat16", "ties"),
+    "ties/mmer K0.2 global": ({"k": 0.2}, "bfloat16", "ties"),
+    "ties/mmer K0.8 per-tensor": ({"k": 0.8, "trim_scope": "per-tensor"}, "bfloat16", None),
+    "ties/mmer K0.2 per-tensor": ({"k": 0.2, "trim_scope": "per-tensor"}, "bfloat16", None),
+    "ties+dare0.5/mmer, no trim": ({"k": 1.0, "dare": 0.5}, "bfloat16", "dare_ties"),
+    "task_arithmetic/tall": ({"method": "task_arithmetic", "mask": "tall"}, "bfloat16", None),
+    "emr/emr": ({"method": "emr", "mask": "emr"}, "bfloat16", None),
+    "task_arithmetic/none": ({"method": "task_arithmetic", "mask": "none"}, "bfloat16", "task_arithmetic"),
+    "ties/mmer K0.8 fp16 inputs": ({"k": 0.8}, "float16", "ties"),
+    "ties/mmer K0.8 fp32 inputs": ({"k": 0.8}, "float32", "ties"),
+}
+
+
+def converted(dirs: list[Path], dtype: str) -> list[Path]:
+    """The workload's models re-saved in ``dtype`` beside the originals (once; cached)."""
+    if dtype == "bfloat16":
+        return dirs
+    import torch
+    from safetensors.torch import load_file, save_file
+
+    out = []
+    for d in dirs:
+        target = d.parent / f"{d.name}-{dtype}"
+        if not (target / "done").exists():
+            shutil.rmtree(target, ignore_errors=True)
+            target.mkdir(parents=True)
+            for f in d.iterdir():
+                if f.suffix == ".safetensors":
+                    tensors = {n: t.to(getattr(torch, dtype)) for n, t in load_file(str(f)).items()}
+                    save_file(tensors, str(target / f.name), metadata={"format": "pt"})
+                elif f.is_file() and f.name != "done":
+                    config = f.read_text()
+                    if f.name == "config.json":
+                        data = json.loads(config)
+                        data["torch_dtype"] = data["dtype"] = dtype
+                        config = json.dumps(data)
+                    (target / f.name).write_text(config)
+            (target / "done").write_text("ok")
+        out.append(target)
+    return out
+
+
+def matrix_runs(dirs: list[Path], work: Path, device: str, mk: str | None, tag: str, cache: Path) -> dict:
+    """Every matrix row as a command; mergekit beside the rows it has, at the same density (K)."""
+    runs = {}
+    floors = {}
+    for name, (options, dtype, mk_method) in MATRIX.items():
+        inputs = converted(dirs, dtype)
+        if dtype not in floors:
+            floor = f"floor ({dtype} inputs)"
+            floors[dtype] = floor
+            runs[floor] = [sys.executable, "-c", textwrap.dedent(CHILD["floor"]), *map(str, inputs), str(work / "f")]
+        opts = {"device": device, **options}
+        runs[name] = [
+            sys.executable,
+            "-c",
+            textwrap.dedent(CHILD["mmer-options"]),
+            json.dumps(opts),
+            *map(str, inputs),
+            str(work / "m"),
+        ]
+        if mk and mk_method:
+            density = options.get("k", 1.0) if mk_method != "dare_ties" else 1 - options["dare"]
+            mk_name = f"mergekit {mk_method} d{density:g} ({dtype})"
+            if mk_name not in runs:
+                config = mergekit_config(
+                    inputs, cache / f"mergekit-{tag}-{mk_method}-{density:g}-{dtype}.yml", density, mk_method, dtype
+                )
+                runs[mk_name] = [mk, str(config), str(work / "mk"), "--allow-crimes", "--lazy-unpickle"]
+    return runs
 
 
 def machine() -> dict:
@@ -230,6 +327,11 @@ def main() -> int:
     ap.add_argument("--only", nargs="*", default=None, help="subset of: floor mmer-global mmer-tensor mergekit")
     ap.add_argument("--check-floor-ratio", type=float, default=None, help="fail if mmer-global > ratio × floor")
     ap.add_argument("--cache", type=Path, default=HERE / ".cache")
+    ap.add_argument(
+        "--matrix",
+        action="store_true",
+        help="every variant (K, trim scope, DARE, TALL, EMR, TA, fp16/fp32 inputs) beside the floor and mergekit",
+    )
     args = ap.parse_args()
 
     cfg = SMALL if args.small else FULL
@@ -286,6 +388,10 @@ def main() -> int:
         config = mergekit_config(dirs, args.cache / f"mergekit-{tag}.yml", density=density)
         mk = str(Path(mk_python).parent / "mergekit-yaml")
         runs["mergekit"] = [mk, str(config), str(work / "mk"), "--allow-crimes", "--lazy-unpickle"]
+    if args.matrix:
+        tag += "-matrix"
+        mk = str(Path(mk_python).parent / "mergekit-yaml") if mk_python and not args.skip_mergekit else None
+        runs = matrix_runs(dirs, work, args.device, mk, tag, args.cache)
     if args.only:
         runs = {k: v for k, v in runs.items() if k in args.only}
     results: dict[str, dict] = {}
@@ -303,8 +409,12 @@ def main() -> int:
             "peak_rss_gb": statistics.median(rsss) / 1e9,
             "runs": walls,
         }
+        printed = dict(line.split()[:2] for line in m["stdout"].splitlines() if line.startswith("MMER_"))
+        if "MMER_ESTIMATE" in printed:  # the last run's: the estimate and the baseline do not vary between runs
+            results[name]["estimate_gb"] = int(printed["MMER_ESTIMATE"]) / 1e9
+            results[name]["baseline_rss_gb"] = int(printed["MMER_BASELINE"]) / 1e9
     shutil.rmtree(work, ignore_errors=True)
-    table = render(results, cfg, tag)
+    table = render_matrix(results, cfg, tag) if args.matrix else render(results, cfg, tag)
     print(table)
     RESULTS.mkdir(exist_ok=True)
     payload = {
@@ -323,6 +433,43 @@ def main() -> int:
             print(f"FAIL: mmer-global takes {ratio:.2f}x the stream floor (limit {args.check_floor_ratio}x)")
             return 1
     return 0
+
+
+def render_matrix(results: dict[str, dict], cfg: dict, tag: str) -> str:
+    """One row per variant: against the floor of its input dtype and mergekit's same method at the same density."""
+    lines = [
+        f"| run ({tag}: hidden {cfg['hidden']}, {cfg['layers']} layers, 3 fine-tunes) | wall s (median) | "
+        "peak RSS GB | growth over imports + plan ≤ --dry-run estimate | ÷ floor (same input dtype) | "
+        "mergekit, same method and density | mergekit ÷ this |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for name, r in results.items():
+        if name.startswith(("floor", "mergekit")):
+            continue
+        options, dtype, mk_method = MATRIX[name]
+        floor = results.get(f"floor ({dtype} inputs)")
+        ratio = f"{r['wall_s'] / floor['wall_s']:.2f}" if floor else "-"
+        mk, versus = "-", "-"
+        if mk_method:
+            density = options.get("k", 1.0) if mk_method != "dare_ties" else 1 - options["dare"]
+            found = results.get(f"mergekit {mk_method} d{density:g} ({dtype})")
+            if found:
+                mk = f"{mk_method} d={density:g}: {found['wall_s']:.1f} s, {found['peak_rss_gb']:.2f} GB"
+                versus = f"{found['wall_s'] / r['wall_s']:.2f}"
+        bound = "-"
+        if "estimate_gb" in r:
+            growth = r["peak_rss_gb"] - r["baseline_rss_gb"]
+            ok = "yes" if growth <= r["estimate_gb"] else "**no**"
+            bound = (
+                f"{ok}: {growth:.2f} ≤ {r['estimate_gb']:.2f}"
+                if ok == "yes"
+                else f"{ok}: {growth:.2f} > {r['estimate_gb']:.2f}"
+            )
+        lines.append(f"| {name} | {r['wall_s']:.1f} | {r['peak_rss_gb']:.2f} | {bound} | {ratio} | {mk} | {versus} |")
+    for name, r in results.items():
+        if name.startswith("floor"):
+            lines.append(f"| {name} | {r['wall_s']:.1f} | {r['peak_rss_gb']:.2f} | | 1.00 | | |")
+    return "\n".join(lines)
 
 
 def render(results: dict[str, dict], cfg: dict, tag: str) -> str:

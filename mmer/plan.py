@@ -529,6 +529,10 @@ def estimate_memory(plan: MergePlan) -> MemoryEstimate:
     per_element = 4 * (6 * n + 6)
     if plan.variant.dare > 0:  # DARE's draws, keep masks and dropped copies of every τᵢ, on whole slots
         per_element += 4 * 3 * n
+    if plan.variant.masks_raw:  # masks test the raw τᵢ (TALL, or mask_source raw): kept beside the trimmed ones,
+        per_element += 4 * 2 * n  # with the rule's own float32 temporaries (|τ* − τᵢ|, λ-scaled bounds)
+    if largest.dtype == torch.float32:  # float32 inputs: τᵢ cannot reuse a widened copy, one more per model
+        per_element += 4 * n
     mapped = 2 * (n + 1) * largest.dtype.itemsize
     working = largest.numel
     variant, options = plan.variant, plan.recipe.options
