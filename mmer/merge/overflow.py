@@ -14,16 +14,13 @@ whose bound reaches the dtype's limit is rebuilt entry by entry.
 from __future__ import annotations
 
 import math
-import os
 from collections.abc import Callable, Sequence
-from functools import lru_cache
 
 import numpy as np
 import torch
 
 from mmer.errors import NonFiniteError
 from mmer.merge.masks import rebuild_weight
-from mmer.merge.one_pass import BLOCK, njit, prange
 
 ALLOW_HINT = "or pass --allow-nonfinite to write it anyway"
 
@@ -41,48 +38,23 @@ def max_abs(tensor: torch.Tensor) -> float:
     """The largest magnitude in ``tensor`` as a Python float: inf when it holds ±inf, NaN when it holds NaN.
 
     On the CPU it is the largest bit pattern without the sign (IEEE magnitudes order as their patterns, and
-    NaN's lie above inf's), reduced in one parallel pass by numba (the fused kernels' own threads: torch's
-    threaded reductions wait for those to go idle, which costs milliseconds per chunk right after a kernel ran),
-    or by numpy on one thread without numba. A router's load reads every byte of θ_base and τ* here, so the
-    reduction must run at memory speed and allocate nothing of the tensor's size.
+    NaN's lie above inf's), reduced by numpy on one thread: torch's threaded reductions wait for the fused
+    kernel's OpenMP threads to go idle, which costs milliseconds per chunk right after the kernel ran (a numba
+    reduction measured slower still: its 16-bit max does not vectorise). A router's load does not come here for
+    the tensors its first switch rebuilds: that pass gathers the maxima itself.
     """
     if tensor.numel() == 0:
         return 0.0
     if tensor.device.type == "cpu" and tensor.dtype in _BITS:
         signed, unsigned, mask = _BITS[tensor.dtype]
-        bits = tensor.contiguous().view(signed).reshape(-1).numpy().view(unsigned)
-        kernel = _max_bits_kernel()
-        if kernel is not None:
-            top = np.array([kernel(bits, unsigned(mask))], dtype=unsigned)
-        else:
-            top = np.array([np.bitwise_and(bits, unsigned(mask)).max()], dtype=unsigned)
+        bits = tensor.contiguous().view(signed).numpy().view(unsigned)
+        top = np.array([np.bitwise_and(bits, unsigned(mask)).max()], dtype=unsigned)
         return float(torch.from_numpy(top.view(np.dtype(f"i{top.itemsize}"))).view(tensor.dtype)[0])
     low, high = torch.aminmax(tensor)
     low_f, high_f = float(low), float(high)
     if math.isnan(low_f) or math.isnan(high_f):
         return math.nan
     return max(-low_f, high_f)
-
-
-@lru_cache(maxsize=1)
-def _max_bits_kernel():
-    """The compiled reduction, or None without numba (or with ``MMER_FUSED=0``)."""
-    if njit is None or os.environ.get("MMER_FUSED", "1") == "0":
-        return None
-    return njit(parallel=True, cache=True, nogil=True)(_max_bits)
-
-
-def _max_bits(bits, mask):
-    """max(bits & mask) over a flat unsigned array, one block of ``BLOCK`` entries per parallel work item."""
-    numel = bits.shape[0]
-    blocks = (numel + BLOCK - 1) // BLOCK
-    tops = np.zeros(blocks, dtype=bits.dtype)
-    for blk in prange(blocks):
-        top = tops[blk]
-        for i in range(blk * BLOCK, min(blk * BLOCK + BLOCK, numel)):
-            top = max(top, bits[i] & mask)
-        tops[blk] = top
-    return tops.max()
 
 
 def provably_finite(base_max: float, tau_max: float, scale: float, dtype: torch.dtype) -> bool:
