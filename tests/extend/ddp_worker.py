@@ -6,6 +6,7 @@ the pack with a one-process run of :func:`run` on the same global batch. Argumen
 
 from __future__ import annotations
 
+import os
 import sys
 from pathlib import Path
 
@@ -38,4 +39,6 @@ def run(output: Path, workdir: Path | None = None):
 if __name__ == "__main__":
     torch.set_num_threads(1)
     result = run(Path(sys.argv[1]), Path(sys.argv[2]))
-    print("processes", result.reports["finetune"].processes, "layers", result.plan.layers, flush=True)
+    # One write(2) of a short line is atomic on a pipe: the two ranks' lines cannot interleave (print's pieces can).
+    line = f"processes {result.reports['finetune'].processes} layers {result.plan.layers}\n"
+    os.write(sys.stdout.fileno(), line.encode())
