@@ -30,7 +30,7 @@ from collections.abc import Sequence
 
 import torch
 
-from mmer.merge.methods import as_stack, register_method
+from mmer.merge.methods import _weights, as_stack, register_method
 
 # Defaults as the papers' released configurations (and FusionBench's) set them.
 ISO_COMMON_SPACE = 0.8  # Iso-CTS: fraction of the directions given to the common subspace
@@ -65,14 +65,6 @@ def _scaled(merged: torch.Tensor, alpha: float) -> torch.Tensor:
     return merged * alpha if alpha != 1.0 else merged
 
 
-def _weighted(taus: Sequence[torch.Tensor] | torch.Tensor, weights: Sequence[float] | None) -> torch.Tensor:
-    stacked = as_stack(taus)
-    if weights is None:
-        return stacked
-    w = torch.tensor(list(weights), dtype=stacked.dtype, device=stacked.device)
-    return stacked * w.reshape(-1, *([1] * (stacked.dim() - 1)))
-
-
 @register_method(
     "tsv_m",
     accepts=("alpha", "weights"),
@@ -84,7 +76,9 @@ def tsv_m(
 ) -> torch.Tensor:
     """τ* = U⊥ Σ V⊥ᵀ from each τᵢ's top ⌊r/n⌋ singular triplets (r = min of the matrix's sides); per-model
     ``weights`` scale each τᵢ before its SVD (FusionBench's list-valued α), ``alpha`` scales τ*."""
-    stacked = _weighted(taus, weights)
+    stacked = as_stack(taus)
+    if weights is not None:  # FusionBench's list-valued α: each τᵢ scaled before its SVD
+        stacked = stacked * _weights(list(stacked), weights)
     if stacked.dim() != 3:
         return _scaled(_running_mean(stacked), alpha)
     n, rows, cols = stacked.shape

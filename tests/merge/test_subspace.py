@@ -40,6 +40,13 @@ def test_tsv_m_keeps_only_each_tasks_top_rank_over_n_singular_directions():
     torch.testing.assert_close(subspace.tsv_m(three), diag(3, 1, 2, 0.5, 1.5, 0.7), rtol=0, atol=1e-6)
 
 
+def test_tsv_m_weights_scale_each_task_before_its_svd():
+    g = torch.Generator().manual_seed(7)
+    taus = [torch.randn(6, 4, generator=g) for _ in range(2)]
+    weighted = METHODS["tsv_m"].merge(taus, weights=(2.0, 0.5))
+    assert torch.equal(weighted, subspace.tsv_m([2.0 * taus[0], 0.5 * taus[1]]))
+
+
 def test_iso_c_flattens_the_spectrum_of_the_sum():
     """Σ τᵢ = diag(4, 2): singular values 4 and 2, their mean 3, same singular vectors."""
     torch.testing.assert_close(subspace.iso_c([diag(3.0, 1.0), diag(1.0, 1.0)]), diag(3.0, 3.0), rtol=0, atol=1e-6)
