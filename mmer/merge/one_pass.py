@@ -190,9 +190,19 @@ def _encode_half_py(values):
     return ((sign >> np.uint32(16)) | special).astype(np.uint16)
 
 
+def _trimmed_py(t, threshold, trim):
+    """τ as the global trim leaves it, the one rule both kernels apply: +0.0 unless |τ| ≥ the model's
+    threshold (the eager engine's ``where(|τ| ≥ thr, τ, 0)``; a NaN |τ| is trimmed too)."""
+    if trim and not (abs(t) >= threshold):
+        return np.float32(0.0)
+    return t
+
+
+_trimmed = _trimmed_py
 if njit is not None:
     _decode = njit(cache=True, nogil=True)(_decode_py)
     _encode_half = njit(cache=True, nogil=True)(_encode_half_py)
+    _trimmed = njit(inline="always", cache=True)(_trimmed_py)
 
 
 @lru_cache(maxsize=1)
@@ -223,9 +233,7 @@ def _merge_kernel(
             for j in range(size):
                 t = th[j] - b[j]
                 acc += abs(t)
-                if trim and not (abs(t) >= thr[i]):
-                    t = zero
-                tr[i, j] = t
+                tr[i, j] = _trimmed(t, thr[i], trim)
             l1[blk, i] = acc
         tau = np.empty(size, dtype=np.float32)
         for j in range(size):
@@ -337,8 +345,7 @@ def _sign_count_kernel(base, thetas, thr, trim, half, counts, l1):
             for j in range(size):
                 t = th[j] - b[j]
                 acc += abs(t)
-                if trim and not (abs(t) >= thr[i]):
-                    t = zero
+                t = _trimmed(t, thr[i], trim)
                 # model 0 starts the sum as the merge kernel's s = tr[0] does; then sequential over models
                 sums[j] = t if i == 0 else sums[j] + t
             l1[blk, i] = acc
