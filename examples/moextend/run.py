@@ -1,21 +1,24 @@
-"""MoExtend in miniature: teach a tiny text-only Mixtral to read handwritten digits, and compare with full fine-tuning.
+"""MoExtend in miniature: teach a tiny text-only Mixtral to read handwritten digits, and measure what it forgets.
 
 1. Pretrain a tiny Mixtral-layout MoE language model (4 layers, 4 experts, top-2) on English text that ships
    with Python (``pydoc_data.topics``), character by character. This is the "pretrained MoE LLM".
 2. The new modality: scikit-learn's 8×8 handwritten digits. A frozen random-feature encoder turns each image
-   into 4 patch features; a projector (trained) maps them into the LM.
-3. MoExtend: align the projector (stage a), tune only the routers to find the layers the digits disturb and
-   keep the top half (stage b), add one expert per chosen layer copied from its most-used expert and train
-   only the new experts, router rows, calibrations and the projector (stage c). Save the extension pack and
-   load it back onto a fresh copy of the base.
-4. Full fine-tuning of the same aligned model (projector + every LM weight, same data, steps and schedule),
-   and MoExtend with a new expert in every layer (the paper's Table 3 "All layer" row).
+   into 4 patch features; a projector (trained) maps them into the LM. The fine-tuning mix also holds
+   text-only samples (``--text-share``; LLaVA-665k's 40k ShareGPT conversations are 6 % of it).
+3. For every seed: align the projector (stage a), run the Extender's probe (stage b, the paper's 1,000 steps),
+   then fine-tune, from the same aligned projector, with the same data, steps and schedule:
+   MoExtend on the probe's layers (its pack written and loaded back onto a fresh base), full fine-tuning
+   (projector + every LM weight, the paper's "MoExtend-Full"), MoExtend on every layer, and the paper's
+   Table 3 placements (first half, second half, every other layer).
+4. Each arm at each learning rate of ``--lrs`` (default: the paper's 2e-5 for this stage, and one the
+   miniature's 600 steps can move), the placements at ``--placement-lrs``.
 
-Reported for each: trainable parameters, fine-tuning time, digit accuracy on held-out images, and forgetting,
-the change of the loss on held-out text. A table and a PNG go to ``results/``.
+Reported per arm, as mean ± sample standard deviation over the seeds: trainable parameters, fine-tuning
+time, digit accuracy on held-out images, and forgetting, the change of the loss on held-out text. Tables, a
+JSON with every seed's numbers and the machine it ran on, and a PNG go to ``results/``.
 
-Run: ``python examples/moextend/run.py`` (needs scikit-learn and matplotlib; about ten minutes on 2 CPU cores,
-most of it pretraining; on a busy machine ``OMP_NUM_THREADS=1`` is much faster than 2 spinning threads).
+Run: ``OMP_NUM_THREADS=1 python examples/moextend/run.py`` (needs scikit-learn and matplotlib; the README says
+how long it took). ``--tiny`` is the suite's few-second version of the same code.
 """
 
 from __future__ import annotations
@@ -23,8 +26,12 @@ from __future__ import annotations
 import argparse
 import copy
 import json
+import os
+import platform
+import statistics
 import tempfile
 import time
+from collections.abc import Sequence
 from dataclasses import replace
 from pathlib import Path
 
@@ -32,6 +39,7 @@ import torch
 
 from mmer.extend import (
     ExtendData,
+    ExtendDataset,
     ExtendOptions,
     MoExtendModel,
     MoExtendRecipe,
@@ -48,11 +56,22 @@ from mmer.extend import (
     train,
     write_pack,
 )
+from mmer.extend.options import ALIGN_DEFAULTS, FINETUNE_DEFAULTS, PROBE_DEFAULTS
 
 HERE = Path(__file__).resolve().parent
 PAD, BOS, EOS, IMAGE = 0, 1, 2, 3
 PATCHES, FEATURE_DIM = 4, 32
-TEXT_LENGTH = 64
+TEXT_LENGTH = 64  # pretraining and held-out text windows
+QUESTION = " which digit? "
+# Text-only training samples are as long as a digit question (BOS + 4 images + prompt + digit + EOS), so
+# mixing them in pads nothing.
+MIX_TEXT_LENGTH = 1 + PATCHES + len(QUESTION) + 2
+LAYERS = 4
+# The paper's Table 3 placements beside the probe's choice (half of the layers each) and all layers.
+PLACEMENTS = {"first half": (0, 1), "second half": (2, 3), "every other": (0, 2)}
+MAIN_ARMS = ("MoExtend", "full fine-tuning", "MoExtend, all layers")
+PAPER_LR = FINETUNE_DEFAULTS.learning_rate
+MINIATURE_LR = 1e-3
 
 
 # --------------------------------------------------------------------------------------------------------- text
@@ -77,11 +96,11 @@ class CharTokenizer:
         return [self.ids[c] for c in text]
 
 
-def text_data(tokenizer: CharTokenizer, text: str, samples: int, seed: int) -> ExtendData:
-    """Random windows of the text, each a BOS then TEXT_LENGTH - 1 characters; every token is a target."""
+def text_data(tokenizer: CharTokenizer, text: str, samples: int, seed: int, length: int = TEXT_LENGTH) -> ExtendData:
+    """Random windows of the text, each a BOS then ``length - 1`` characters; every token is a target."""
     ids = torch.tensor(tokenizer.encode(text))
-    starts = torch.randint(0, len(ids) - TEXT_LENGTH, (samples,), generator=torch.Generator().manual_seed(seed))
-    windows = torch.stack([ids[s : s + TEXT_LENGTH - 1] for s in starts.tolist()])
+    starts = torch.randint(0, len(ids) - length, (samples,), generator=torch.Generator().manual_seed(seed))
+    windows = torch.stack([ids[s : s + length - 1] for s in starts.tolist()])
     return ExtendData(torch.cat([torch.full((samples, 1), BOS), windows], dim=1))
 
 
@@ -110,6 +129,51 @@ def digit_data(tokenizer: CharTokenizer, images: torch.Tensor, digits: torch.Ten
     )
 
 
+class MixedData(ExtendDataset):
+    """Digit questions with text-only samples among them, as LLaVA-665k mixes ShareGPT's text conversations
+    into its image data.
+
+    A text-only sample has no placeholder and no features, which one data file cannot say (its features are
+    [N, F, d]: every sample has F), so this data set keeps the two apart and a batch's ``features`` are those
+    of its digit samples, in batch order: the model writes them over the placeholders in that order.
+    """
+
+    def __init__(self, digits: ExtendData, text: ExtendData) -> None:
+        if digits.input_ids.shape[1] != text.input_ids.shape[1]:
+            raise ValueError("digit and text samples must have one length")
+        self.digits = len(digits)
+        self.input_ids = torch.cat([digits.input_ids, text.input_ids])
+        self.labels = torch.cat([digits.labels, text.labels])
+        self.attention_mask = torch.cat([digits.attention_mask, text.attention_mask])
+        self.features = digits.features
+        self.placeholder_id = digits.placeholder_id
+        self.source = "digits + text"
+
+    def __len__(self) -> int:
+        return self.input_ids.shape[0]
+
+    @property
+    def feature_dim(self) -> int | None:
+        return int(self.features.shape[-1])
+
+    def fetch(self, index: Sequence[int] | torch.Tensor) -> dict[str, torch.Tensor]:
+        index = torch.as_tensor(index, dtype=torch.long)
+        return {
+            "input_ids": self.input_ids[index],
+            "labels": self.labels[index],
+            "attention_mask": self.attention_mask[index],
+            "features": self.features[index[index < self.digits]],
+        }
+
+
+def mixed_data(questions: ExtendData, tokenizer: CharTokenizer, text: str, share: float, seed: int) -> ExtendDataset:
+    """The questions plus text windows making up ``share`` of the samples (none: the questions alone)."""
+    if share <= 0:
+        return questions
+    count = round(len(questions) * share / (1 - share))
+    return MixedData(questions, text_data(tokenizer, text, count, seed, MIX_TEXT_LENGTH))
+
+
 def digit_accuracy(model: MoExtendModel, data: ExtendData) -> float:
     """Share of images whose most likely answer token is the right digit."""
     with torch.no_grad():
@@ -128,7 +192,7 @@ def tiny_mixtral(vocab: int):
         vocab_size=vocab,
         hidden_size=64,
         intermediate_size=128,
-        num_hidden_layers=4,
+        num_hidden_layers=LAYERS,
         num_attention_heads=4,
         num_key_value_heads=2,
         num_local_experts=4,
@@ -160,14 +224,66 @@ def count(module: torch.nn.Module) -> int:
     return sum(p.numel() for p in module.parameters())
 
 
-def main() -> None:
+def machine() -> dict:
+    """What the numbers depend on beyond the seeds: threads, the CPU's kernels, the builds."""
+    import numpy
+    import transformers
+
+    cpu = platform.processor() or platform.machine()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    return {
+        "cpu": cpu,
+        "cores": os.cpu_count(),
+        "torch threads": torch.get_num_threads(),
+        "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS"),
+        "cpu capability": torch.backends.cpu.get_cpu_capability(),
+        "torch": torch.__version__,
+        "transformers": transformers.__version__,
+        "numpy": numpy.__version__,
+        "python": platform.python_version(),
+    }
+
+
+# ---------------------------------------------------------------------------------------------------------- run
+def parse(argv: Sequence[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--pretrain-steps", type=int, default=1000)
-    parser.add_argument("--steps", type=int, default=600, help="fine-tuning steps of every method")
-    parser.add_argument("--probe-steps", type=int, default=100)
-    parser.add_argument("--workdir", type=Path, default=None, help="where the base and the pack go (default: temp)")
+    parser.add_argument("--align-steps", type=int, default=200)
+    parser.add_argument("--steps", type=int, default=600, help="fine-tuning steps of every arm")
+    parser.add_argument("--probe-steps", type=int, default=PROBE_DEFAULTS.steps, help="the paper's 1,000")
+    parser.add_argument("--lrs", type=float, nargs="+", default=[PAPER_LR, MINIATURE_LR], help="fine-tuning lrs")
+    parser.add_argument("--placement-lrs", type=float, nargs="*", default=None, help="default: all of --lrs")
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    parser.add_argument("--text-share", type=float, default=0.06, help="text-only share of the fine-tuning mix")
+    parser.add_argument("--held-out-text", type=int, default=512, help="held-out text windows for forgetting")
+    parser.add_argument("--tiny", action="store_true", help="a few steps of everything (the test suite's run)")
+    parser.add_argument("--workdir", type=Path, default=None, help="where the base and the packs go (default: temp)")
     parser.add_argument("--results", type=Path, default=HERE / "results")
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
+    if args.tiny:
+        args.pretrain_steps, args.align_steps, args.steps, args.probe_steps = 3, 2, 3, 2
+        args.held_out_text = 16
+    if args.placement_lrs is None:
+        args.placement_lrs = list(args.lrs)
+    return args
+
+
+def fresh(workdir: Path, projector_state: dict, projector) -> MoExtendModel:
+    """A fresh copy of the base with the aligned projector: every arm of a seed starts from this."""
+    model = MoExtendModel(load_base(workdir / "base"), copy.deepcopy(projector), IMAGE)
+    model.projector.load_state_dict(projector_state)
+    return model
+
+
+def main(argv: Sequence[str] | None = None) -> dict:
+    args = parse(argv)
+    started_all = time.perf_counter()
     workdir = args.workdir or Path(tempfile.mkdtemp(prefix="moextend-example-"))
     args.results.mkdir(parents=True, exist_ok=True)
     torch.manual_seed(0)
@@ -179,18 +295,23 @@ def main() -> None:
     text = corpus()
     split = int(len(text) * 0.9)
     tokenizer = CharTokenizer(text)
-    train_text, held_text = text_data(tokenizer, text[:split], 20000, 1), text_data(tokenizer, text[split:], 512, 2)
+    held_text = text_data(tokenizer, text[split:], args.held_out_text, 2)
+    pretrain_seconds = None
     if not (workdir / "base" / "config.json").is_file():  # a --workdir from an earlier run keeps its base
+        train_text = text_data(tokenizer, text[:split], 20000, 1)
         lm = tiny_mixtral(len(tokenizer))
         model = MoExtendModel(lm)
         started = time.perf_counter()
-        steps = options(args.pretrain_steps, 3e-3)
-        pretrain = train(model, set_trainable(model, "full"), train_text, steps, stage="pretrain")
-        print(f"pretrained in {time.perf_counter() - started:.0f} s: text loss {pretrain.lm_losses[-1]:.3f}")
+        pretrain = train(
+            model, set_trainable(model, "full"), train_text, options(args.pretrain_steps, 3e-3), stage="pretrain"
+        )
+        pretrain_seconds = time.perf_counter() - started
+        print(f"pretrained in {pretrain_seconds:.0f} s: text loss {pretrain.lm_losses[-1]:.3f}")
         lm.save_pretrained(workdir / "base")
+    base_parameters = count(load_base(workdir / "base"))
     text_before = evaluate(MoExtendModel(load_base(workdir / "base")), held_text, 64)["loss"]
 
-    # 2. the new modality
+    # 2. the new modality, and the fine-tuning mix
     from sklearn.datasets import load_digits
 
     digits = load_digits()
@@ -199,122 +320,217 @@ def main() -> None:
     cut = int(len(order) * 0.7)
     fit, test = order[:cut], order[cut:]
     captions = digit_data(tokenizer, images[fit], labels[fit], " a handwritten ")
-    questions = digit_data(tokenizer, images[fit], labels[fit], " which digit? ")
-    test_questions = digit_data(tokenizer, images[test], labels[test], " which digit? ")
+    questions = digit_data(tokenizer, images[fit], labels[fit], QUESTION)
+    mix = mixed_data(questions, tokenizer, text[:split], args.text_share, 4)
+    test_questions = digit_data(tokenizer, images[test], labels[test], QUESTION)
 
-    # 3. MoExtend: align → probe → extend → finetune → pack
-    recipe = MoExtendRecipe(
-        align=options(200, 1e-3),
-        probe=options(args.probe_steps, 1e-3),
-        finetune=options(args.steps, 1e-3),
-        selection=ProbeOptions(fraction=0.5),
-        extend=ExtendOptions(modality="digits"),
-    )
-    aligned, align_report = align(load_base(workdir / "base"), captions, options=recipe.align)
-    aligned_projector = copy.deepcopy(aligned.projector.state_dict())
-    print(f"aligned: digit accuracy with the projector alone {digit_accuracy(aligned, test_questions):.1%}")
-    started = time.perf_counter()
-    probe = run_probe(aligned, questions, recipe.probe, recipe.selection)
-    probe_seconds = time.perf_counter() - started
-    plan = plan_extension(aligned, recipe.extend, probe)
-    print(
-        f"probe: d_j = { {k: round(v, 4) for k, v in probe.scores.items()} } → layers {plan.layers}, "
-        f"sources {plan.sources}"
-    )
-    moextend = finetune(aligned, questions, plan, recipe)
+    runs: list[dict] = []
+    probes: dict[int, dict] = {}
+    for seed in args.seeds:
+        # 3. align (paper lr) → probe (paper length, the code's lr) on the mix, both seeded
+        recipe = MoExtendRecipe(
+            align=options(args.align_steps, ALIGN_DEFAULTS.learning_rate, seed=seed),
+            probe=options(args.probe_steps, PROBE_DEFAULTS.learning_rate, seed=seed),
+            selection=ProbeOptions(fraction=0.5),
+            extend=ExtendOptions(modality="digits"),
+        )
+        aligned, align_report = align(load_base(workdir / "base"), captions, options=recipe.align)
+        projector, projector_state = aligned.projector, copy.deepcopy(aligned.projector.state_dict())
+        aligned_accuracy = digit_accuracy(aligned, test_questions)
+        started = time.perf_counter()
+        probe = run_probe(aligned, mix, recipe.probe, recipe.selection)
+        probe_seconds = time.perf_counter() - started
+        probes[seed] = {
+            "layers": probe.selected,
+            "scores": {str(k): v for k, v in sorted(probe.scores.items())},
+            "aligned digit accuracy": aligned_accuracy,
+            "align seconds": align_report.seconds,
+            "probe seconds": probe_seconds,
+        }
+        print(f"seed {seed}: projector alone {aligned_accuracy:.1%}; probe d_j {probe.scores} → {probe.selected}")
+        for lr in args.lrs:
+            arms = list(MAIN_ARMS) + (list(PLACEMENTS) if lr in args.placement_lrs else [])
+            finetune_recipe = replace(recipe, finetune=options(args.steps, lr, seed=seed))
+            for arm in arms:
+                model = fresh(workdir, projector_state, projector)
+                if arm == "full fine-tuning":
+                    report = train(model, set_trainable(model, "full"), mix, finetune_recipe.finetune, stage="full")
+                    layers = list(range(LAYERS))
+                else:
+                    chosen = {"MoExtend": "extender", "MoExtend, all layers": "all"}.get(arm, PLACEMENTS.get(arm))
+                    arm_recipe = replace(finetune_recipe, extend=replace(recipe.extend, layers=chosen))
+                    plan = plan_extension(model, arm_recipe.extend, probe)  # κ′ statistics choose the sources
+                    report = finetune(model, mix, plan, arm_recipe)
+                    layers = plan.layers
+                    if arm == "MoExtend":
+                        model = reload_from_pack(model, workdir, plan, arm_recipe, report, test_questions)
+                runs.append(
+                    {
+                        "arm": arm,
+                        "lr": lr,
+                        "seed": seed,
+                        "layers": layers,
+                        "trainable parameters": report.trainable_parameters,
+                        "fine-tuning seconds": report.seconds,
+                        "digit accuracy": digit_accuracy(model, test_questions),
+                        "text loss change": evaluate(model, held_text, 64)["loss"] - text_before,
+                    }
+                )
+                r = runs[-1]
+                print(
+                    f"  lr {lr:g} {arm:22s} layers {layers}: digits {r['digit accuracy']:.1%}, "
+                    f"text loss {r['text loss change']:+.4f} ({report.seconds:.0f} s)"
+                )
+    summary = {
+        "mode": "tiny" if args.tiny else "full",
+        "base parameters": base_parameters,
+        "projector parameters": count(projector),
+        "text loss before": text_before,
+        "steps": {"pretrain": args.pretrain_steps, "align": args.align_steps, "probe": args.probe_steps},
+        "fine-tuning steps": args.steps,
+        "learning rates": {"align": ALIGN_DEFAULTS.learning_rate, "probe": PROBE_DEFAULTS.learning_rate},
+        "fine-tuning learning rates": args.lrs,
+        "text share": args.text_share,
+        "mix": {"digit samples": len(questions), "text-only samples": len(mix) - len(questions)},
+        "seeds": args.seeds,
+        "probes": probes,
+        "runs": runs,
+        "rows": aggregate(runs),
+        "pretrain seconds": pretrain_seconds,
+        "wall seconds": time.perf_counter() - started_all,
+        "machine": machine(),
+    }
+    report_results(summary, args.results)
+    return summary
+
+
+def reload_from_pack(model, workdir: Path, plan, recipe, report, test_questions) -> MoExtendModel:
+    """Write the pack, load it onto a fresh base, and insist on bit-identical logits: what is measured is the pack."""
     pack = write_pack(
-        aligned,
+        model,
         workdir / "pack",
         modality="digits",
         extend_options=recipe.extend,
         selection=plan.to_dict(),
-        training={"finetune": moextend.to_dict()},
+        training={"finetune": report.to_dict()},
         overwrite=True,
     )
     reloaded = load_extension_pack(load_base(workdir / "base"), pack)
-    assert torch.equal(
-        reloaded(test_questions.input_ids, None, test_questions.features).logits,
-        aligned(test_questions.input_ids, None, test_questions.features).logits,
-    ), "the pack must reproduce the trained model"
-    rows = {
-        "MoExtend": {
-            "trainable parameters": moextend.trainable_parameters,
-            "fine-tuning seconds": moextend.seconds,
-            "extra probe seconds": probe_seconds,
-            "digit accuracy": digit_accuracy(reloaded, test_questions),
-            "text loss change": evaluate(reloaded, held_text, 64)["loss"] - text_before,
-        }
-    }
-
-    # 4. full fine-tuning of the same aligned model (projector + all of the LM)
-    full = MoExtendModel(load_base(workdir / "base"), copy.deepcopy(aligned.projector), IMAGE)
-    full.projector.load_state_dict(aligned_projector)
-    full_report = train(full, set_trainable(full, "full"), questions, recipe.finetune, stage="full fine-tuning")
-    rows["full fine-tuning"] = {
-        "trainable parameters": full_report.trainable_parameters,
-        "fine-tuning seconds": full_report.seconds,
-        "extra probe seconds": 0.0,
-        "digit accuracy": digit_accuracy(full, test_questions),
-        "text loss change": evaluate(full, held_text, 64)["loss"] - text_before,
-    }
-
-    # 5. MoExtend with a new expert in every layer (Table 3's "All layer"), no probe needed
-    every = MoExtendModel(load_base(workdir / "base"), copy.deepcopy(aligned.projector), IMAGE)
-    every.projector.load_state_dict(aligned_projector)
-    all_recipe = replace(recipe, extend=replace(recipe.extend, layers="all"))
-    all_plan = plan_extension(every, all_recipe.extend, probe)  # the same κ′ statistics choose the sources
-    all_report = finetune(every, questions, all_plan, all_recipe)
-    rows["MoExtend, all layers"] = {
-        "trainable parameters": all_report.trainable_parameters,
-        "fine-tuning seconds": all_report.seconds,
-        "extra probe seconds": 0.0,
-        "digit accuracy": digit_accuracy(every, test_questions),
-        "text loss change": evaluate(every, held_text, 64)["loss"] - text_before,
-    }
-    base_parameters = count(load_base(workdir / "base"))
-    report(rows, args, base_parameters, text_before, plan.layers, align_report.trainable_parameters)
-
-
-def report(rows: dict, args, base_parameters: int, text_before: float, layers: list[int], projector: int) -> None:
-    header = "| method | trainable parameters | fine-tuning time | digit accuracy | text loss change (forgetting) |"
-    lines = [header, "|---|---:|---:|---:|---:|"]
-    for name, r in rows.items():
-        share = r["trainable parameters"] / (base_parameters + projector)
-        probe = f" (+{r['extra probe seconds']:.0f} s probe)" if r["extra probe seconds"] else ""
-        lines.append(
-            f"| {name} | {r['trainable parameters']:,} ({share:.1%}) | {r['fine-tuning seconds']:.0f} s{probe} | "
-            f"{r['digit accuracy']:.1%} | {r['text loss change']:+.4f} |"
+    with torch.no_grad():
+        same = torch.equal(
+            reloaded(test_questions.input_ids, None, test_questions.features).logits,
+            model(test_questions.input_ids, None, test_questions.features).logits,
         )
+    assert same, "the pack must reproduce the trained model"
+    return reloaded
+
+
+def spread(values: list[float]) -> dict:
+    return {
+        "mean": statistics.fmean(values),
+        "sd": statistics.stdev(values) if len(values) > 1 else 0.0,
+        "min": min(values),
+        "max": max(values),
+        "values": values,
+    }
+
+
+def aggregate(runs: list[dict]) -> dict:
+    """Per (lr, arm): each measure's mean, sample sd, min and max over the seeds."""
+    rows: dict[str, dict] = {}
+    for r in runs:
+        rows.setdefault(f"{r['lr']:g}|{r['arm']}", []).append(r)
+    out = {}
+    for key, group in rows.items():
+        out[key] = {
+            "lr": group[0]["lr"],
+            "arm": group[0]["arm"],
+            "layers": sorted({tuple(g["layers"]) for g in group}),
+            "trainable parameters": [g["trainable parameters"] for g in group],
+            **{
+                m: spread([g[m] for g in group]) for m in ("fine-tuning seconds", "digit accuracy", "text loss change")
+            },
+        }
+    return out
+
+
+def report_results(summary: dict, results: Path) -> None:
+    total = summary["base parameters"] + summary["projector parameters"]
+    seeds = len(summary["seeds"])
+    lines = []
+    for lr in summary["fine-tuning learning rates"]:
+        lines += [
+            f"**Fine-tuning lr {lr:g}**, mean ± sd over {seeds} seeds [min, max]:",
+            "",
+            "| method | layers | trainable parameters | fine-tuning time | digit accuracy | text loss change |",
+            "|---|---|---:|---:|---:|---:|",
+        ]
+        for row in summary["rows"].values():
+            if row["lr"] != lr:
+                continue
+            layers = "; ".join(",".join(map(str, ls)) for ls in row["layers"])
+            params = sorted(set(row["trainable parameters"]))
+            share = params[0] / total
+            params_text = "–".join(f"{p:,}" for p in params) + f" ({share:.1%})"
+            acc, forget = row["digit accuracy"], row["text loss change"]
+            lines.append(
+                f"| {row['arm']} | {layers} | {params_text} | {row['fine-tuning seconds']['mean']:.0f} s | "
+                f"{acc['mean']:.1%} ± {acc['sd']:.1%} [{acc['min']:.1%}, {acc['max']:.1%}] | "
+                f"{forget['mean']:+.3f} ± {forget['sd']:.3f} [{forget['min']:+.3f}, {forget['max']:+.3f}] |"
+            )
+        lines.append("")
+    probe_lines = [
+        f"seed {seed}: projector alone {p['aligned digit accuracy']:.1%}, probe d_j "
+        + ", ".join(f"{float(v):.3f}" for v in p["scores"].values())
+        + f" → layers {p['layers']}"
+        for seed, p in summary["probes"].items()
+    ]
+    mix = summary["mix"]
     note = (
-        f"Base: {base_parameters:,} parameters, held-out text loss {text_before:.4f} nats/char before fine-tuning. "
-        f"MoExtend extended layers {layers}. {args.steps} fine-tuning steps each, same data and schedule."
+        f"Base: {summary['base parameters']:,} parameters, held-out text loss {summary['text loss before']:.4f} "
+        f"nats/char before fine-tuning. Mix: {mix['digit samples']:,} digit questions + {mix['text-only samples']:,} "
+        f"text-only samples ({summary['text share']:.0%}). {summary['fine-tuning steps']} fine-tuning steps per arm; "
+        f"align {summary['steps']['align']} steps at lr {summary['learning rates']['align']:g}, probe "
+        f"{summary['steps']['probe']} steps at lr {summary['learning rates']['probe']:g}.\n\n"
+        + "\n".join(f"- {line}" for line in probe_lines)
+        + f"\n\nWall time {summary['wall seconds'] / 60:.1f} min on {summary['machine']['cpu']} "
+        f"({summary['machine']['torch threads']} torch threads, {summary['machine']['cpu capability']} kernels, "
+        f"torch {summary['machine']['torch']})."
     )
-    table = "\n".join(lines) + "\n\n" + note + "\n"
-    (args.results / "results.md").write_text(table)
-    summary = {"rows": rows, "layers": layers, "text_loss_before": text_before, "steps": args.steps}
-    (args.results / "results.json").write_text(json.dumps(summary, indent=1) + "\n")
+    table = "\n".join(lines) + "\n" + note + "\n"
+    (results / "results.md").write_text(table)
+    (results / "results.json").write_text(json.dumps(summary, indent=1) + "\n")
     print(table)
+    plot(summary, results / "results.png")
+
+
+def plot(summary: dict, path: Path) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    names = list(rows)
-    metrics = [
-        ("trainable parameters", "trainable parameters"),
-        ("fine-tuning seconds", "fine-tuning time (s)"),
-        ("digit accuracy", "digit accuracy (held out)"),
-        ("text loss change", "text loss change (forgetting)"),
-    ]
-    fig, axes = plt.subplots(1, 4, figsize=(15, 3.4))
-    for ax, (key, title) in zip(axes, metrics, strict=True):
-        values = [rows[n][key] for n in names]
-        ax.bar(names, values, color=["tab:blue", "tab:orange", "tab:green"][: len(names)])
-        ax.set_title(title, fontsize=10)
-        ax.tick_params(axis="x", labelsize=7, rotation=15)
-    fig.suptitle("MoExtend vs full fine-tuning: tiny Mixtral + sklearn digits")
+    lrs = summary["fine-tuning learning rates"]
+    fig, axes = plt.subplots(1, 2, figsize=(13, 3.8))
+    arms = list(dict.fromkeys(r["arm"] for r in summary["rows"].values()))
+    width = 0.8 / len(lrs)
+    for ax, measure in zip(axes, ("digit accuracy", "text loss change"), strict=True):
+        for j, lr in enumerate(lrs):
+            xs, means, sds = [], [], []
+            for i, arm in enumerate(arms):
+                row = summary["rows"].get(f"{lr:g}|{arm}")
+                if row:
+                    xs.append(i + (j - (len(lrs) - 1) / 2) * width)
+                    means.append(row[measure]["mean"])
+                    sds.append(row[measure]["sd"])
+            ax.bar(xs, means, width, yerr=sds, capsize=3, label=f"lr {lr:g}")
+        ax.set_xticks(range(len(arms)), arms, fontsize=7, rotation=15)
+        ax.set_title(f"{measure} (mean ± sd, {len(summary['seeds'])} seeds)", fontsize=10)
+        ax.legend(fontsize=8)
+    fig.suptitle("MoExtend vs full fine-tuning: tiny Mixtral + sklearn digits, text-only share in the mix")
     fig.tight_layout()
-    fig.savefig(args.results / "results.png", dpi=120)
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
 
 
 if __name__ == "__main__":
