@@ -162,6 +162,25 @@ def tune(
     modality: Annotated[
         list[str] | None, typer.Option("--modality", help="Tune only this modality (repeatable; default all).")
     ] = None,
+    joint: Annotated[
+        bool,
+        typer.Option(
+            "--joint",
+            help="Choose every λ together (with K, α) for expansion mode: each candidate a merge your --score "
+            "runs mixed prompts on (candidate.expansion()).",
+        ),
+    ] = False,
+    search: Annotated[
+        str | None,
+        typer.Option(help="With --joint: grid (the whole product), coordinate (ascent), auto (grid if it fits)."),
+    ] = None,
+    budget: Annotated[
+        int | None, typer.Option(help="With --joint: the most candidates scored (default 32); each may be a merge.")
+    ] = None,
+    validation: Annotated[
+        Path | None,
+        typer.Option(help="With --joint: your validation data, handed to the score as candidate.validation."),
+    ] = None,
     jobs: Annotated[int, typer.Option(help="Workers scoring candidates in parallel.")] = 1,
     backend: Annotated[str, typer.Option(help="auto, serial, thread, process or ray.")] = "auto",
     ray_address: Annotated[
@@ -187,10 +206,13 @@ def tune(
         str | None, typer.Option(help="With a Hub id for --checkpoint: the branch, tag or commit (default main).")
     ] = None,
 ) -> None:
-    """Search λ per modality (and K, α) maximising a score: a reconstruction or logit proxy, or your own function."""
+    """Search λ per modality (and K, α) maximising a score: a reconstruction or logit proxy, or your own function.
+
+    With --joint, the λ vector is searched as a whole for expansion mode, scored by your function of mixed prompts.
+    """
     from mmer.checkpoint.hub import checkpoint_directory
     from mmer.config import build_recipe
-    from mmer.tune import DEFAULT_LAMBDAS, check_outputs, run_tune, write_outputs
+    from mmer.tune import DEFAULT_BUDGET, DEFAULT_LAMBDAS, check_outputs, run_joint_tune, run_tune, write_outputs
 
     try:
         if revision is not None and checkpoint is None:
@@ -208,25 +230,59 @@ def tune(
         k_grid = _floats(ks, "--ks")
         alpha_grid = _floats(alphas, "--alphas")
         check_outputs(output, write_recipe, overwrite)
+        if not joint:
+            given = [
+                f
+                for f, v in (("--search", search), ("--budget", budget), ("--validation", validation))
+                if v is not None
+            ]
+            if given:
+                raise ConfigError(
+                    f"{given[0]} goes with --joint", key=given[0].lstrip("-"), hint="add --joint, or leave it out"
+                )
+        elif probe_arg is not None:
+            raise ConfigError("--probes goes with --score logits, not --joint", key="probes", hint="leave it out")
         with render.RichProgress(enabled=not quiet and not json_out) as progress:
-            report = run_tune(
-                recipe_obj,
-                checkpoint=checkpoint,
-                sources=_pairs(source, "--source"),
-                score=score,
-                lambdas=lambda_grid,
-                ks=k_grid,
-                alphas=alpha_grid,
-                modalities=modality,
-                probes=probe_arg,
-                jobs=jobs,
-                backend=backend,
-                ray_address=ray_address,
-                workdir=workdir,
-                device=device,
-                check_sources=check_sources,
-                progress=progress,
-            )
+            if joint:
+                report = run_joint_tune(
+                    recipe_obj,
+                    checkpoint=checkpoint,
+                    sources=_pairs(source, "--source"),
+                    score=score,
+                    lambdas=lambda_grid,
+                    ks=k_grid,
+                    alphas=alpha_grid,
+                    modalities=modality,
+                    search=search or "auto",
+                    budget=DEFAULT_BUDGET if budget is None else budget,
+                    validation=validation,
+                    jobs=jobs,
+                    backend=backend,
+                    ray_address=ray_address,
+                    workdir=workdir,
+                    device=device,
+                    check_sources=check_sources,
+                    progress=progress,
+                )
+            else:
+                report = run_tune(
+                    recipe_obj,
+                    checkpoint=checkpoint,
+                    sources=_pairs(source, "--source"),
+                    score=score,
+                    lambdas=lambda_grid,
+                    ks=k_grid,
+                    alphas=alpha_grid,
+                    modalities=modality,
+                    probes=probe_arg,
+                    jobs=jobs,
+                    backend=backend,
+                    ray_address=ray_address,
+                    workdir=workdir,
+                    device=device,
+                    check_sources=check_sources,
+                    progress=progress,
+                )
         written = write_outputs(report, output, write_recipe, overwrite)
     except MmerError as err:
         _fail(err, json_out)
@@ -236,7 +292,7 @@ def tune(
     if json_out:
         render.print_json({"ok": True, **report.to_dict(), "files": files})
         return
-    _print_tune(report.to_dict(), files)
+    (_print_joint if joint else _print_tune)(report.to_dict(), files)
 
 
 def _print_tune(data: dict[str, Any], files: dict[str, str | None]) -> None:
@@ -272,6 +328,37 @@ def _print_tune(data: dict[str, Any], files: dict[str, str | None]) -> None:
     render.out_console.print(
         f"{len(data['results'])} candidates in {data['seconds']:.1f} s ({data['backend']}, {data['jobs']} job(s))"
         + ("" if reused is None else f"; the checkpoint's τ* reused for K={reused:g}"),
+        highlight=False,
+    )
+    render.print_warnings(data["warnings"])
+    for label, path in files.items():
+        if path is not None:
+            render.out_console.print(f"{label}: {escape(path)}", highlight=False)
+
+
+def _print_joint(data: dict[str, Any], files: dict[str, str | None]) -> None:
+    best, search = data["best"], data["search"]
+    table = Table(title=f"candidates in search order: {escape(data['description'])} (higher is better; ★ chosen)")
+    for col in ("#", "K", "α", *(f"λ {m}" for m in data["modalities"]), "score"):
+        table.add_column(escape(col), justify="right")
+    for r in data["results"]:
+        score = f"{r['score']:.5g}"
+        if r["order"] == best["order"]:
+            score = f"[bold]{score} ★[/]"
+        lams = [f"{r['lambda'][m]:g}" for m in data["modalities"]]
+        table.add_row(str(r["order"]), f"{r['k']:g}", f"{r['alpha']:g}", *lams, score)
+    render.out_console.print(table)
+    chosen = ", ".join(f"{m}={v:g}" for m, v in best["lambda"].items())
+    current = ", ".join(f"{m}={'default' if v is None else f'{v:g}'}" for m, v in data["current"]["lambda"].items())
+    render.out_console.print(
+        f"chosen: K={best['k']:g}, α={best['alpha']:g}, λ: {chosen}   "
+        f"(was K={data['current']['k']:g}, α={data['current']['alpha']:g}, λ: {current})",
+        highlight=False,
+    )
+    rounds = f", {search['rounds']} round(s)" if search["method"] == "coordinate" else ""
+    render.out_console.print(
+        f"{search['method']} search: {search['scored']} of at most {search['budget']} candidates{rounds}, "
+        f"{search['stopped']}; {data['seconds']:.1f} s ({data['backend']}, {data['jobs']} job(s))",
         highlight=False,
     )
     render.print_warnings(data["warnings"])

@@ -27,6 +27,11 @@ Scores (higher is better):
   (a transformers causal LM of the LLM), :meth:`Candidate.save_pretrained` (the whole multimodal model in its
   source's layout, components and processor files included, for any evaluation harness's ``from_pretrained``).
 
+**Jointly** (:func:`run_joint_tune`, ``mmer tune --joint``): in expansion mode the text tokens run on the mean
+mask m̄, which couples every λᵢ, so the λ vector (with K and α) is searched as a whole, each candidate a merge
+served by the per-token router and scored by the caller's function of mixed prompts on the caller's validation
+data: the grid's product while it fits a budget, else coordinate ascent (:mod:`mmer.tune.joint`).
+
 Per-candidate scores (``logits`` and callables) run in parallel: ``jobs`` workers as processes (the default for
 jobs > 1; each sets torch to its share of the cores), threads, or Ray tasks (``backend="ray"``: the local
 machine by default, a cluster with ``ray_address``; every worker must see the same paths). ``recon`` needs no
@@ -35,7 +40,6 @@ workers: its cost is the reads, shared by every candidate.
 
 from __future__ import annotations
 
-import math
 import shutil
 import tempfile
 import time
@@ -46,14 +50,14 @@ from typing import Any
 
 from mmer.config import Recipe
 from mmer.errors import ConfigError
-from mmer.merge.masks import MASKS
-from mmer.merge.methods import METHODS
 from mmer.plan import build_plan
 from mmer.progress import NULL_PROGRESS, ProgressSink
 from mmer.tune.backends import BACKENDS, run_candidates
 from mmer.tune.candidates import Candidate, CandidateInputs
 from mmer.tune.errors import TuneError
-from mmer.tune.inputs import tune_inputs
+from mmer.tune.joint import JointCandidate, run_joint_tune
+from mmer.tune.joint_report import JointReport, JointResult
+from mmer.tune.joint_search import DEFAULT_BUDGET, SEARCHES
 from mmer.tune.probes import load_probes
 from mmer.tune.report import (
     TUNE_REPORT_FORMAT,
@@ -65,6 +69,7 @@ from mmer.tune.report import (
     write_outputs,
     write_plot,
 )
+from mmer.tune.requests import check_request, recipe_grids
 from mmer.tune.scores import (
     BUILTIN_SCORES,
     Scorer,
@@ -74,18 +79,23 @@ from mmer.tune.scores import (
     make_scorer,
     write_references,
 )
-from mmer.tune.search import DEFAULT_KS, DEFAULT_LAMBDAS, choose, flat_axes, grid
+from mmer.tune.search import DEFAULT_KS, DEFAULT_LAMBDAS, choose, flat_axes
 from mmer.tune.sweep import sweep
 
 __all__ = [
     "BACKENDS",
     "BUILTIN_SCORES",
+    "DEFAULT_BUDGET",
     "DEFAULT_KS",
     "DEFAULT_LAMBDAS",
     "TUNED_RECIPE_SIGNATURE",
     "TUNE_REPORT_FORMAT",
     "Candidate",
     "CandidateInputs",
+    "JointCandidate",
+    "JointReport",
+    "JointResult",
+    "SEARCHES",
     "Scorer",
     "TuneError",
     "TuneReport",
@@ -95,6 +105,7 @@ __all__ = [
     "load_callable",
     "load_probes",
     "logit_agreement",
+    "run_joint_tune",
     "run_tune",
     "tune_report_written_by_mmer",
     "write_outputs",
@@ -148,15 +159,7 @@ def run_tune(
     """
     started = time.perf_counter()
     progress = progress or NULL_PROGRESS
-    lambdas = grid(lambdas, "lambdas", lambda v: math.isfinite(v) and v >= 0, "λ must be a finite number ≥ 0")
-    if jobs < 1:
-        raise ConfigError(f"jobs = {jobs}", key="jobs", hint="jobs ≥ 1")
-    if backend not in BACKENDS:
-        raise ConfigError(
-            f"backend {backend!r} is not one of {', '.join(BACKENDS)}",
-            key="backend",
-            hint="serial, thread, process or ray",
-        )
+    lambdas, backend = check_request(lambdas, jobs, backend)
     scorer = make_scorer(score)
     if scorer.name == "logits" and probes is None:
         raise ConfigError(
@@ -164,44 +167,11 @@ def run_tune(
             key="probes",
             hint="pass --probes probes.jsonl (one list of token ids or one text per line)",
         )
-    read_recipe, spec_recipe, reuse = tune_inputs(recipe, checkpoint, sources, device, check_sources)
+    grids = recipe_grids(recipe, checkpoint, sources, device, check_sources, ks, alphas, modalities)
+    read_recipe, spec_recipe, reuse = grids.read_recipe, grids.spec_recipe, grids.reuse
     options = read_recipe.options
-    rule = MASKS.get(options.mask)
-    if rule is None or "lambda" not in rule.accepts or rule.rescaled:
-        raise ConfigError(
-            f"mask rule {options.mask!r} has no λ to tune",
-            key="mask",
-            hint="tune the mmer (or tall) mask rule; emr is tuning-free and none has no masks",
-        )
-    ks = grid(ks if ks is not None else [options.k], "ks", lambda v: 0 < v <= 1, "K is the fraction kept, in (0, 1]")
-    if ks != [options.k] and not METHODS[options.method].uses_trim:
-        raise ConfigError(
-            f"method {options.method} does not trim: K has no effect", key="ks", hint="tune K with method ties"
-        )
-    method = METHODS[options.method]
-    alpha_now = options.alpha if options.alpha is not None else method.default_alpha
-    alphas = grid(
-        alphas if alphas is not None else [alpha_now],
-        "alphas",
-        lambda v: math.isfinite(v) and v > 0,
-        "α scales τ*: a finite number > 0",
-    )
-    if alphas != [alpha_now] and "alpha" not in method.accepts:
-        raise ConfigError(
-            f"method {options.method} has no α: the α grid has no effect",
-            key="alphas",
-            hint=f"tune α with one of {', '.join(sorted(m for m, d in METHODS.items() if 'alpha' in d.accepts))}",
-        )
-    points = [(k, a) for k in ks for a in alphas]
+    alpha_now, points, tuned = grids.alpha_now, grids.points, grids.tuned
     names = [m.modality for m in read_recipe.models]
-    tuned = list(modalities or names)
-    for name in tuned:
-        if name not in names:
-            raise ConfigError(
-                f"modality {name!r} is not in the recipe",
-                key="modality",
-                hint=f"its modalities are: {', '.join(names)}",
-            )
     if backend == "auto":
         backend = "serial" if jobs == 1 or not scorer.per_candidate else "process"
 

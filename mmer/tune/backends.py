@@ -10,7 +10,7 @@ import multiprocessing
 import os
 import pickle
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from concurrent.futures import Executor, ProcessPoolExecutor, ThreadPoolExecutor, as_completed
 from typing import Any
 
@@ -18,7 +18,7 @@ import torch
 
 from mmer.errors import ConfigError
 from mmer.progress import ProgressSink
-from mmer.tune.candidates import Candidate
+from mmer.tune.candidates import Scored
 from mmer.tune.errors import TuneError
 from mmer.tune.scores import Scorer, evaluate
 
@@ -30,7 +30,7 @@ def _init_worker(threads: int) -> None:
 
 
 def run_candidates(
-    candidates: list[Candidate],
+    candidates: Sequence[Scored],
     scorer: Scorer,
     backend: str,
     jobs: int,
@@ -85,16 +85,13 @@ def run_candidates(
                     progress.advance(stage, 1)
     finally:
         progress.end(stage)
-    return [
-        {"modality": c.modality, "k": c.k, "alpha": c.alpha, "lambda": c.lambda_, **r}  # type: ignore[dict-item]
-        for c, r in zip(candidates, out, strict=True)
-    ]
+    return [{**c.fields(), **r} for c, r in zip(candidates, out, strict=True)]  # type: ignore[dict-item]
 
 
 def _collect(
     get: Callable[[], dict[str, Any]],
     cancel: Callable[[], object],
-    candidate: Candidate,
+    candidate: Scored,
     failure: str,
     hint: str,
     *,
@@ -121,14 +118,14 @@ def _cancel_tasks(ray: Any, refs: list[Any]) -> None:
         ray.cancel(ref)
 
 
-def _raise_error(result: dict[str, Any] | None, candidate: Candidate) -> None:
+def _raise_error(result: dict[str, Any] | None, candidate: Scored) -> None:
     if result is not None and "error" in result:
         e = result["error"]
         raise TuneError(e["message"], file=e.get("file"), tensor=e.get("tensor"), key=e.get("key"), hint=e.get("hint"))
 
 
 def _run_ray(
-    candidates: list[Candidate],
+    candidates: Sequence[Scored],
     scorer: Scorer,
     jobs: int,
     address: str | None,

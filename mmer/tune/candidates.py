@@ -9,6 +9,7 @@ from __future__ import annotations
 import functools
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any, Protocol
 
 import torch
 
@@ -23,6 +24,14 @@ from mmer.merge.task_vectors import task_vector
 from mmer.plan import Slot, SourceModel, open_source
 
 Point = tuple[float, float]  # (K, α): the merge options that change τ*; λ only changes the masks
+
+
+class Scored(Protocol):
+    """What a backend scores: a :class:`Candidate`, or a joint one (:class:`mmer.tune.joint.JointCandidate`)."""
+
+    def fields(self) -> dict[str, Any]:
+        """The values that name it in a report's row."""
+        ...
 
 
 @dataclass(frozen=True)
@@ -178,6 +187,9 @@ class Candidate:
         finally:
             model.reader.close()
         return Path(directory)
+
+    def fields(self) -> dict[str, Any]:
+        return {"modality": self.modality, "k": self.k, "alpha": self.alpha, "lambda": self.lambda_}
 
     def __repr__(self) -> str:
         return f"Candidate({self.modality}, λ={self.lambda_:g}, K={self.k:g}, α={self.alpha:g})"

@@ -17,13 +17,30 @@ from mmer.tune.errors import refused
 from mmer.version import __version__
 
 TUNE_REPORT_FORMAT = "mmer-tune/1"
+JOINT_TUNE_REPORT_FORMAT = "mmer-tune-joint/1"  # a joint tune's tune.json (mmer.tune.joint_report)
 TUNED_RECIPE_FIRST_WORDS = "# λ per modality and K chosen by `mmer tune`"
 TUNED_RECIPE_SIGNATURE = text_written_by(TUNED_RECIPE_FIRST_WORDS)
 
 
 def tune_report_written_by_mmer(head: bytes) -> bool:
-    """tune.json carries its format tag first; reports written before the tag began with the score."""
-    return head.startswith((f'{{\n  "format": "{TUNE_REPORT_FORMAT}"'.encode(), b'{\n  "score": '))
+    """tune.json carries its format tag first (the per-modality or the joint one); reports written before the tag
+    began with the score."""
+    return head.startswith(
+        (
+            f'{{\n  "format": "{TUNE_REPORT_FORMAT}"'.encode(),
+            f'{{\n  "format": "{JOINT_TUNE_REPORT_FORMAT}"'.encode(),
+            b'{\n  "score": ',
+        )
+    )
+
+
+def chosen_recipe(recipe: Recipe, lambdas: dict[str, float], k: float, alpha: float, write_alpha: bool) -> Recipe:
+    """``recipe`` with the chosen K, each tuned modality's chosen λ and (``write_alpha``) the chosen α."""
+    models = tuple(replace(m, lambda_=lambdas[m.modality]) if m.modality in lambdas else m for m in recipe.models)
+    options = replace(recipe.options, k=k)
+    if write_alpha:
+        options = replace(options, alpha=alpha)
+    return Recipe(recipe.base, models, options)
 
 
 @dataclass
@@ -92,14 +109,13 @@ class TuneReport:
     def tuned_recipe(self) -> Recipe:
         """The input recipe with the chosen K (and α, when α was searched) and each tuned modality's chosen λ:
         ``mmer merge`` it."""
-        models = tuple(
-            replace(m, lambda_=self.best_lambdas[m.modality]) if m.modality in self.best_lambdas else m
-            for m in self.recipe.models
+        return chosen_recipe(
+            self.recipe,
+            self.best_lambdas,
+            self.best_k,
+            self.best_alpha,
+            len(self.alphas) > 1 or self.best_alpha != self.current_alpha,
         )
-        options = replace(self.recipe.options, k=self.best_k)
-        if len(self.alphas) > 1 or self.best_alpha != self.current_alpha:
-            options = replace(options, alpha=self.best_alpha)
-        return Recipe(self.recipe.base, models, options)
 
     def write_recipe(self, path: str | Path) -> Path:
         path = Path(path)
@@ -113,6 +129,9 @@ class TuneReport:
     def write_json(self, path: str | Path) -> Path:
         data = (json.dumps({"format": TUNE_REPORT_FORMAT, **self.to_dict()}, indent=2) + "\n").encode("utf-8")
         return write_report_file(path, data, tune_report_written_by_mmer, "tune report")
+
+    def write_plot(self, png: str | Path) -> Path:
+        return write_plot(self, png)
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -202,9 +221,10 @@ def check_outputs(output: str | Path, recipe: str | Path | None = None, overwrit
 
 
 def write_outputs(
-    report: TuneReport, output: str | Path, recipe: str | Path | None = None, overwrite: bool = False
+    report: Any, output: str | Path, recipe: str | Path | None = None, overwrite: bool = False
 ) -> dict[str, Path | None]:
-    """tune.json and tune.png in ``output`` (created if need be) and, when asked, the tuned recipe."""
+    """tune.json and tune.png in ``output`` (created if need be) and, when asked, the tuned recipe: ``report`` is
+    a :class:`TuneReport` or a joint one (:class:`mmer.tune.joint_report.JointReport`), which write themselves."""
     check_outputs(output, recipe, overwrite)
     output = Path(output)
     try:
@@ -213,6 +233,6 @@ def write_outputs(
         raise refused(output, f"cannot create it ({err.strerror})", key="output", hint="choose another -o") from None
     return {
         "json": report.write_json(output / "tune.json"),
-        "png": write_plot(report, output / "tune.png"),
+        "png": report.write_plot(output / "tune.png"),
         "recipe": None if recipe is None else report.write_recipe(recipe),
     }

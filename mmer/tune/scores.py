@@ -143,8 +143,18 @@ def _plain(value: Any) -> Any:
 
 
 def evaluate(candidate: Candidate, scorer: Scorer) -> dict[str, Any]:
-    """Score one candidate (in whichever worker runs it); errors come back as data, raised by the caller."""
+    """Score one candidate (in whichever worker runs it); errors come back as data, raised by the caller. A joint
+    candidate's checkpoint, if the score had it merged, is removed here, in the worker that wrote it."""
     started = time.perf_counter()
+    try:
+        return _evaluate(candidate, scorer, started)
+    finally:
+        release = getattr(candidate, "release", None)
+        if release is not None:
+            release()
+
+
+def _evaluate(candidate: Candidate, scorer: Scorer, started: float) -> dict[str, Any]:
     try:
         if scorer.name == "logits":
             references = dict(scorer.references)

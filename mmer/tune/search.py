@@ -103,23 +103,15 @@ def flat_axes(report: TuneReport, untrimmed: bool = False) -> list[str]:
     or untouched inputs (a trim threshold of 0 makes every K merge the same τ*) the user must hear that.
     ``untrimmed``: some model's trim threshold was 0 at some K below 1, the usual reason K changes nothing.
     """
-    by = {(r.modality, r.k, r.alpha, r.lambda_): r.score for r in report.results}
+    per = {
+        m: {(r.k, r.alpha, r.lambda_): r.score for r in report.results if r.modality == m} for m in report.modalities
+    }
     axes = {"K": ("--ks", report.ks), "α": ("--alphas", report.alphas), "λ": ("--lambdas", report.lambdas)}
     out = []
-    for axis, (flag, values) in axes.items():
+    for index, (axis, (flag, values)) in enumerate(axes.items()):
         if len(values) < 2:
             continue
-        others = [v for name, (_, v) in axes.items() if name != axis]
-
-        def score(m: str, value: float, rest: tuple[float, float], axis: str = axis) -> float | None:
-            k, a, lam = (value, *rest) if axis == "K" else (rest[0], value, rest[1]) if axis == "α" else (*rest, value)
-            return by.get((m, k, a, lam))
-
-        flat = [
-            m
-            for m in report.modalities
-            if all(len({score(m, v, (o1, o2)) for v in values}) == 1 for o1 in others[0] for o2 in others[1])
-        ]
+        flat = [m for m in report.modalities if flat_along(per[m], index)]
         if flat:
             grid = ", ".join(f"{v:g}" for v in values)
             out.append(
@@ -132,3 +124,18 @@ def flat_axes(report: TuneReport, untrimmed: bool = False) -> list[str]:
                 )
             )
     return out
+
+
+def flat_along(scores: dict[tuple[float, ...], float], axis: int) -> bool | None:
+    """Whether the scores never moved along ``axis``: every set of scored vectors that differ on that axis alone
+    scored the same. ``None`` when no two scored vectors differ on it alone (the search never compared it)."""
+    lines: dict[tuple[float, ...], set[float]] = {}
+    counts: dict[tuple[float, ...], int] = {}
+    for vector, value in scores.items():
+        rest = vector[:axis] + vector[axis + 1 :]
+        lines.setdefault(rest, set()).add(value)
+        counts[rest] = counts.get(rest, 0) + 1
+    compared = [rest for rest, n in counts.items() if n >= 2]
+    if not compared:
+        return None
+    return all(len(lines[rest]) == 1 for rest in compared)

@@ -1,0 +1,105 @@
+"""What a tune asks for, checked before any weight is read: the grids, the workers, the recipe and which of its
+modalities are tuned. One place for both searches (per modality and joint), so they refuse the same requests
+with the same words.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+from mmer.config import Recipe
+from mmer.errors import ConfigError
+from mmer.merge.masks import MASKS
+from mmer.merge.methods import METHODS
+from mmer.tune.backends import BACKENDS
+from mmer.tune.candidates import Point
+from mmer.tune.inputs import tune_inputs
+from mmer.tune.search import DEFAULT_LAMBDAS, grid
+
+
+@dataclass(frozen=True)
+class Grids:
+    read_recipe: Recipe  # the recipe to read the models from
+    spec_recipe: Recipe  # the recipe to write back (a checkpoint's models pinned)
+    reuse: tuple[str, float] | None  # (τ* directory, its K): a checkpoint's τ* to reuse
+    ks: list[float]
+    alphas: list[float]
+    alpha_now: float  # the recipe's α, its method's default resolved
+    tuned: list[str]  # the modalities tuned, in the order asked
+
+    @property
+    def points(self) -> list[Point]:
+        return [(k, a) for k in self.ks for a in self.alphas]
+
+
+def check_request(lambdas: Sequence[float] | None, jobs: int, backend: str) -> tuple[list[float], str]:
+    """The λ grid, ``jobs`` and ``backend``: what can be refused before anything is opened."""
+    lambdas = grid(
+        DEFAULT_LAMBDAS if lambdas is None else lambdas,
+        "lambdas",
+        lambda v: math.isfinite(v) and v >= 0,
+        "λ must be a finite number ≥ 0",
+    )
+    if jobs < 1:
+        raise ConfigError(f"jobs = {jobs}", key="jobs", hint="jobs ≥ 1")
+    if backend not in BACKENDS:
+        raise ConfigError(
+            f"backend {backend!r} is not one of {', '.join(BACKENDS)}",
+            key="backend",
+            hint="serial, thread, process or ray",
+        )
+    return lambdas, backend
+
+
+def recipe_grids(
+    recipe: Recipe | None,
+    checkpoint: str | Path | None,
+    sources: Mapping[str, str | Path] | None,
+    device: str | None,
+    check_sources: bool,
+    ks: Sequence[float] | None,
+    alphas: Sequence[float] | None,
+    modalities: Sequence[str] | None,
+) -> Grids:
+    """The recipe tuned (or a checkpoint's, its originals found), and the K, α grids and modalities it allows."""
+    read_recipe, spec_recipe, reuse = tune_inputs(recipe, checkpoint, sources, device, check_sources)
+    options = read_recipe.options
+    rule = MASKS.get(options.mask)
+    if rule is None or "lambda" not in rule.accepts or rule.rescaled:
+        raise ConfigError(
+            f"mask rule {options.mask!r} has no λ to tune",
+            key="mask",
+            hint="tune the mmer (or tall) mask rule; emr is tuning-free and none has no masks",
+        )
+    ks = grid(ks if ks is not None else [options.k], "ks", lambda v: 0 < v <= 1, "K is the fraction kept, in (0, 1]")
+    if ks != [options.k] and not METHODS[options.method].uses_trim:
+        raise ConfigError(
+            f"method {options.method} does not trim: K has no effect", key="ks", hint="tune K with method ties"
+        )
+    method = METHODS[options.method]
+    alpha_now = options.alpha if options.alpha is not None else method.default_alpha
+    alphas = grid(
+        alphas if alphas is not None else [alpha_now],
+        "alphas",
+        lambda v: math.isfinite(v) and v > 0,
+        "α scales τ*: a finite number > 0",
+    )
+    if alphas != [alpha_now] and "alpha" not in method.accepts:
+        raise ConfigError(
+            f"method {options.method} has no α: the α grid has no effect",
+            key="alphas",
+            hint=f"tune α with one of {', '.join(sorted(m for m, d in METHODS.items() if 'alpha' in d.accepts))}",
+        )
+    names = [m.modality for m in read_recipe.models]
+    tuned = list(dict.fromkeys(modalities or names))
+    for name in tuned:
+        if name not in names:
+            raise ConfigError(
+                f"modality {name!r} is not in the recipe",
+                key="modality",
+                hint=f"its modalities are: {', '.join(names)}",
+            )
+    return Grids(read_recipe, spec_recipe, reuse, ks, alphas, alpha_now, tuned)  # type: ignore[arg-type]
