@@ -10,8 +10,8 @@
    MoExtend on the probe's layers (its pack written and loaded back onto a fresh base), full fine-tuning
    (projector + every LM weight, the paper's "MoExtend-Full"), MoExtend on every layer, and the paper's
    Table 3 placements (first half, second half, every other layer).
-4. Each arm at each learning rate of ``--lrs`` (default: the paper's 2e-5 for this stage, and one the
-   miniature's 600 steps can move), the placements at ``--placement-lrs``.
+4. The three main arms at each learning rate of ``--lrs`` (default: the paper's 2e-5 for this stage, and
+   1e-3, which the miniature's 600 steps can move), the placements at ``--placement-lrs`` (default: 1e-3).
 
 Reported per arm, as mean ± sample standard deviation over the seeds: trainable parameters, fine-tuning
 time, digit accuracy on held-out images, and forgetting, the change of the loss on held-out text. Tables, a
@@ -258,7 +258,7 @@ def parse(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--steps", type=int, default=600, help="fine-tuning steps of every arm")
     parser.add_argument("--probe-steps", type=int, default=PROBE_DEFAULTS.steps, help="the paper's 1,000")
     parser.add_argument("--lrs", type=float, nargs="+", default=[PAPER_LR, MINIATURE_LR], help="fine-tuning lrs")
-    parser.add_argument("--placement-lrs", type=float, nargs="*", default=None, help="default: all of --lrs")
+    parser.add_argument("--placement-lrs", type=float, nargs="*", default=[MINIATURE_LR], help="lrs of Table 3's rows")
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument("--text-share", type=float, default=0.06, help="text-only share of the fine-tuning mix")
     parser.add_argument("--held-out-text", type=int, default=512, help="held-out text windows for forgetting")
@@ -269,8 +269,6 @@ def parse(argv: Sequence[str] | None) -> argparse.Namespace:
     if args.tiny:
         args.pretrain_steps, args.align_steps, args.steps, args.probe_steps = 3, 2, 3, 2
         args.held_out_text = 16
-    if args.placement_lrs is None:
-        args.placement_lrs = list(args.lrs)
     return args
 
 
