@@ -235,12 +235,14 @@ def test_each_candidate_runs_mixed_prompts_on_exactly_the_checkpoint_mmer_merge_
     validation.write_text(json.dumps([5, 9, 17, 33, 65, 129]))
     recipe = mmer.config.build_recipe(list(demo_models.specs))
     SEEN.clear()
-    report = run_joint_tune(recipe, score=mixed_prompt_score, lambdas=(0.3, 1.5), validation=validation)
-    assert len(report.results) == 4 and len(SEEN) == 4
+    report = run_joint_tune(
+        recipe, score=mixed_prompt_score, lambdas=(0.3, 1.5), modalities=["audio"], validation=validation
+    )
+    assert len(report.results) == 2 and len(SEEN) == 2
     assert len({round(r.score, 6) for r in report.results}) > 1  # λ moves the mixed prompt's text tokens
     best = report.results[report.best.order]
     assert best.score == max(r.score for r in report.results) and best.details["tokens"] == 5
-    for order in (0, 3):
+    for order in (0, 1):
         seen = SEEN[order]
         assert not seen["checkpoint"].exists()  # removed once scored
         models = tuple(replace(m, lambda_=seen["lambda"][m.modality]) for m in recipe.models)
