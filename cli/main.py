@@ -167,6 +167,12 @@ def merge(
     vocab_policy: Annotated[str | None, typer.Option(help="shared-rows, strict or exclude.")] = None,
     delta_dtype: Annotated[str | None, typer.Option(help="dtype of stored τ*: base or float32.")] = None,
     base_storage: Annotated[str | None, typer.Option(help="copy the base, or store a pinned reference.")] = None,
+    tau_storage: Annotated[
+        str | None, typer.Option(help="How τ* is stored: exact (default), or int8/int4 codes with per-group scales.")
+    ] = None,
+    tau_group_size: Annotated[
+        int | None, typer.Option(help="Entries per scale with --tau-storage int8/int4 (128).")
+    ] = None,
     device: Annotated[str | None, typer.Option(help="Where the math runs: cpu, cuda, cuda:1...")] = None,
     shard_size: Annotated[str | None, typer.Option(help="Max bytes per output shard, e.g. 5GB.")] = None,
     allow_nonfinite: Annotated[
@@ -209,6 +215,8 @@ def merge(
             vocab_policy=vocab_policy,
             delta_dtype=delta_dtype,
             base_storage=base_storage,
+            tau_storage=tau_storage,
+            tau_group_size=tau_group_size,
             device=device,
             shard_size=None if shard_size is None else parse_size(shard_size),
             allow_nonfinite=allow_nonfinite,

@@ -293,4 +293,6 @@ def print_verify(report: dict[str, Any]) -> None:
             )
     status = "[green]ok[/]" if report["ok"] else f"[red]{len(report['problems'])} problem(s)[/]"
     counts = f"{report['files_checked']} files, {report['masks_checked']} masks checked"
+    if report.get("tau_star_checked"):
+        counts += f", {report['tau_star_checked']} quantised τ* tensors checked"
     out_console.print(f"{escape(report['path'])}: {status} ({counts})")

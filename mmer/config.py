@@ -46,6 +46,9 @@ MASK_SOURCES = ("trimmed", "raw")
 VOCAB_POLICIES = ("shared-rows", "strict", "exclude")
 DELTA_DTYPES = ("base", "float32")
 BASE_STORAGES = ("copy", "reference")
+TAU_STORAGES = ("exact", "int8", "int4")  # how τ* is stored; the encodings are mmer.checkpoint.quant's
+DEFAULT_TAU_GROUP_SIZE = 128
+MAX_TAU_GROUP_SIZE = 1 << 20
 
 
 @dataclass(frozen=True)
@@ -118,6 +121,10 @@ class MergeOptions:
             embeddings and lm_head out of the merge, each model keeping its own.
         delta_dtype: dtype τ* is stored in: ``base`` (the base's dtype, the format default) or ``float32``.
         base_storage: ``copy`` the base LLM into the output, or store a pinned ``reference`` to it.
+        tau_storage: ``exact`` stores τ* as computed (the default); ``int8`` / ``int4`` store it as integer codes
+            with one float32 scale per group of ``tau_group_size`` entries along the last dimension (FORMAT.md,
+            Quantised τ*). Storage only: masks and rescalers come from the exact τ*.
+        tau_group_size: entries per scale when ``tau_storage`` is int8 or int4 (default 128).
         device: where the arithmetic runs (``cpu``, ``cuda``, ``cuda:1``...). Bytes always go through the CPU.
         shard_size: maximum bytes per output safetensors shard.
         allow_nonfinite: merge tensors holding NaN/inf, and write τᵢ, τ* or rebuilt weights that overflow to
@@ -144,6 +151,8 @@ class MergeOptions:
     vocab_policy: str = "shared-rows"
     delta_dtype: str = "base"
     base_storage: str = "copy"
+    tau_storage: str = "exact"
+    tau_group_size: int = DEFAULT_TAU_GROUP_SIZE
     device: str = "cpu"
     shard_size: int = 5 * 1024**3
     allow_nonfinite: bool = False
@@ -186,6 +195,7 @@ class MergeOptions:
             ("vocab_policy", VOCAB_POLICIES),
             ("delta_dtype", DELTA_DTYPES),
             ("base_storage", BASE_STORAGES),
+            ("tau_storage", TAU_STORAGES),
         ):
             value = getattr(self, name)
             if value not in allowed:
@@ -194,6 +204,7 @@ class MergeOptions:
                 )
         if self.shard_size < 1024:
             raise ConfigError(f"shard_size = {self.shard_size} bytes is too small", key="shard_size")
+        _check_tau_storage(self)
         if not isinstance(self.device, str) or not DEVICE_NAME.fullmatch(self.device):
             raise ConfigError(
                 f"device = {self.device!r} is not a device mmer can merge on", key="device", hint=_DEVICE_HINT
@@ -202,6 +213,8 @@ class MergeOptions:
     def to_dict(self) -> dict[str, Any]:
         out = dataclasses.asdict(self)
         out["lambda"] = out.pop("lambda_")
+        if self.tau_storage == "exact":  # an exact τ*'s recipe and manifest stay what an mmer before the option reads
+            del out["tau_storage"], out["tau_group_size"]
         return out
 
     def non_defaults(self) -> dict[str, Any]:
@@ -327,11 +340,36 @@ _OPTION_TYPES: dict[str, type | tuple[type, ...]] = {
     "vocab_policy": str,
     "delta_dtype": str,
     "base_storage": str,
+    "tau_storage": str,
+    "tau_group_size": int,
     "device": str,
     "shard_size": (int, str),
     "allow_nonfinite": bool,
     "hash_inputs": bool,
 }
+
+
+def _check_tau_storage(options: MergeOptions) -> None:
+    """A group size is a positive integer that only a quantised τ* takes; a single merged model stores no τ*."""
+    size = options.tau_group_size
+    if isinstance(size, bool) or not isinstance(size, int) or not 1 <= size <= MAX_TAU_GROUP_SIZE:
+        raise ConfigError(
+            f"tau_group_size = {size!r} is out of range",
+            key="tau_group_size",
+            hint=f"entries per scale: an integer from 1 to {MAX_TAU_GROUP_SIZE} (default {DEFAULT_TAU_GROUP_SIZE})",
+        )
+    if options.tau_storage == "exact" and size != DEFAULT_TAU_GROUP_SIZE:
+        raise ConfigError(
+            f"tau_group_size = {size} given, but tau_storage is exact (an exact τ* has no groups)",
+            key="tau_group_size",
+            hint="add tau_storage: int8 or int4, or drop tau_group_size",
+        )
+    if options.tau_storage != "exact" and options.mask == "none":
+        raise ConfigError(
+            f"tau_storage = {options.tau_storage} with mask none: a single merged model stores θ*, not τ*",
+            key="tau_storage",
+            hint="quantised storage applies to a decoupled checkpoint (a mask rule); drop tau_storage",
+        )
 
 
 def _closest(value: object, choices: Any) -> str | None:

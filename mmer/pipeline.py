@@ -16,6 +16,7 @@ from typing import Any
 from mmer.checkpoint.decoupled import BASE_DIR, COMPONENTS_DIR, MASKS_DIR, TAU_STAR_DIR
 from mmer.checkpoint.finish import finish_checkpoint
 from mmer.checkpoint.manifest import Manifest, ModalityRecord, SlotRecord
+from mmer.checkpoint.quant import record_encoding, store_tau_star
 from mmer.config import ModelSpec, Recipe
 from mmer.engine import SlotStats, count_majority, find_thresholds, merge_slots, tau_dtype
 from mmer.engine.trim_warnings import trim_warnings
@@ -156,6 +157,8 @@ def execute_plan(
         report.seconds["sign_census"] = time.perf_counter() - t
     t = time.perf_counter()
     stats = merge_slots(plan, staging, thresholds, progress)
+    # τ* in the recipe's tau_storage, once every mask is made from the exact τ*
+    encoding = store_tau_star(staging, plan.recipe.options, [(s.name, tuple(s.shape)) for s in plan.merged_slots])
     report.seconds["merge"] = time.perf_counter() - t
     t = time.perf_counter()
     component_files = {m.label: write_component(m, plan, staging, progress) for m in plan.models}
@@ -166,6 +169,7 @@ def execute_plan(
     report.seconds["components"] = time.perf_counter() - t
     resolved_hashes = {label: {k: f.result() for k, f in files.items()} for label, files in hashes.items()}
     manifest = build_manifest(plan, stats, component_files, resolved_hashes)
+    record_encoding(manifest, encoding)
     model_thresholds = thresholds.get(plan.variant.threshold_key, [None] * len(plan.models))
     for i, m in enumerate(plan.models):
         report.modalities.append(

@@ -63,6 +63,7 @@ class VerifyReport:
     notes: list[str] = field(default_factory=list)  # what could not be checked, and why (never a pass)
     files_checked: int = 0
     masks_checked: int = 0
+    tau_star_checked: int = 0  # quantised τ* tensors whose codes and scales were read and checked (0 when exact)
     reconstruction: dict[str, Reconstruction] = field(default_factory=dict)
 
     @property
@@ -77,6 +78,7 @@ class VerifyReport:
             "notes": self.notes,
             "files_checked": self.files_checked,
             "masks_checked": self.masks_checked,
+            "tau_star_checked": self.tau_star_checked,
             "reconstruction": {m: r.to_dict() for m, r in self.reconstruction.items()},
         }
 
@@ -122,6 +124,7 @@ def verify(
             if refused:
                 return report  # the readers refuse it: rebuilding (for masks or sources) would only repeat that
             _check_masks(ckpt, report)
+            _check_tau_encoding(ckpt, report)
             if sources:
                 for modality in ckpt.modalities:
                     moved = source_paths.get(modality)
@@ -213,6 +216,20 @@ def _check_masks(ckpt: DecoupledCheckpoint, report: VerifyReport) -> None:
             kept += ones
         if kept != record.kept:
             report.problems.append(f"{modality}: masks keep {kept} parameters, the manifest says {record.kept}")
+
+
+def _check_tau_encoding(ckpt: DecoupledCheckpoint, report: VerifyReport) -> None:
+    """A quantised τ*: every tensor's scales and codes are what a writer writes (FORMAT.md, Quantised τ*), read
+    and checked by the loader's own dequantisation; an exact τ* has nothing beyond its headers and hashes."""
+    if ckpt.is_single_model or ckpt.tau_star_encoding is None:
+        return
+    for slot in ckpt.merged_slots:
+        try:
+            ckpt.tau_star(slot.name)
+        except MmerError as err:
+            report.problems.append(err.message)
+            continue
+        report.tau_star_checked += 1
 
 
 def _base_at_hand(ckpt: DecoupledCheckpoint) -> bool:

@@ -21,7 +21,7 @@ from typing import Any
 
 import torch
 
-from mmer.checkpoint import bits
+from mmer.checkpoint import bits, quant
 from mmer.checkpoint.manifest import BASE_DIR as BASE_DIR  # the writer's names, re-exported from one place
 from mmer.checkpoint.manifest import COMPONENTS_DIR as COMPONENTS_DIR
 from mmer.checkpoint.manifest import MASKS_DIR as MASKS_DIR
@@ -31,6 +31,7 @@ from mmer.checkpoint.manifest import (
     ModalityRecord,
     SlotRecord,
     SourceRecord,
+    TauEncoding,
 )
 from mmer.errors import (
     CheckpointFormatError,
@@ -386,19 +387,69 @@ class DecoupledCheckpoint:
         """True when the output is one merged model (mask rule ``none``) rather than base + τ* + masks."""
         return self.manifest.merged_dir is not None
 
+    @property
+    def tau_star_encoding(self) -> TauEncoding | None:
+        """How τ* is stored: ``None`` for exact, else the quantised encoding (FORMAT.md, Quantised τ*)."""
+        return self.manifest.tau_star_encoding
+
     def tau_star(self, name: str, *, copy: bool = True) -> torch.Tensor:
-        """The merged task vector τ* of a merged canonical LLM tensor (``copy`` as in :meth:`base_tensor`)."""
+        """The merged task vector τ* of a merged canonical LLM tensor (``copy`` as in :meth:`base_tensor`).
+
+        A quantised τ* is dequantised here, one tensor per call, into a new tensor of τ*'s dtype (``copy`` does
+        not apply: there is no stored τ* to view): every reader — rebuild, verify, inspect, add, the router —
+        sees τ* the same way whatever the storage.
+        """
         if self.manifest.tau_star_dir is None:
             raise DecoupledFormatError(
                 f"{self.path}: a single merged model (mask rule none) stores no τ*",
                 hint="read its weights with merged_tensor() or llm_tensor()",
             )
+        encoding = self.manifest.tau_star_encoding
         if self._tau is None:
             self.inside(self.manifest.tau_star_dir, "directory")
             reader = CheckpointReader(self.path / self.manifest.tau_star_dir)
-            self._check_headers(reader, "τ*", self.merged_slots, dtypes=self.manifest.tau_star_dtype.split("/"))
+            if encoding is None:
+                self._check_headers(reader, "τ*", self.merged_slots, dtypes=self.manifest.tau_star_dtype.split("/"))
+            else:
+                self._check_quantised_headers(reader, encoding)
             self._tau = reader
-        return self._tau.get(name, copy=copy)
+        if encoding is None:
+            return self._tau.get(name, copy=copy)
+        slot = self._merged_slot(name)
+        codes = self._tau.get(name, copy=False)
+        return quant.dequantise(
+            codes,
+            self._tau.get(name + quant.SCALES_SUFFIX, copy=False),
+            slot.shape,
+            encoding.scheme,
+            encoding.group_size,
+            self.tau_dtype(slot),
+            file=str(self._tau.tensors[name].file),
+            tensor=name,
+        )
+
+    def _merged_slot(self, name: str) -> SlotRecord:
+        slot = next((s for s in self.merged_slots if s.name == name), None)
+        if slot is None:
+            raise KeyError(f"{self.path}: no merged tensor {name}")
+        return slot
+
+    def tau_dtype(self, slot: SlotRecord) -> torch.dtype:
+        """The dtype τ* of ``slot`` has (exact) or is dequantised to: the slot's own when ``tau_star_dtype`` lists
+        it, else ``tau_star_dtype``'s only entry (float32 under ``delta_dtype: float32``)."""
+        listed = self.manifest.tau_star_dtype.split("/")
+        if slot.dtype in listed:
+            return slot_dtype(slot)
+        if len(listed) == 1 and listed[0] in SAFETENSORS_DTYPES:
+            return SAFETENSORS_DTYPES[listed[0]]
+        raise DecoupledFormatError(
+            f"{self.path}: τ* of {slot.name!r} has no dtype: tau_star_dtype {self.manifest.tau_star_dtype!r} lists "
+            f"neither its slot's {slot.dtype} nor one dtype for every slot",
+            file=str(self.path / "mmer_manifest.json"),
+            key="tau_star_dtype",
+            tensor=slot.name,
+            hint=CHANGED_HINT,
+        )
 
     def merged_tensor(self, name: str, *, copy: bool = True) -> torch.Tensor:
         """θ* of a single merged model (mask rule ``none``), canonical name (``copy`` as in :meth:`base_tensor`)."""
@@ -576,6 +627,46 @@ class DecoupledCheckpoint:
                     f"is stored in {what} as {stored} {list(info.shape)}, but the manifest records "
                     f"{'/'.join(wanted)} {slot.shape}",
                 )
+
+    def _check_quantised_headers(self, reader: CheckpointReader, encoding: TauEncoding) -> None:
+        """A quantised τ*'s files say the manifest's encoding, and hold each merged slot's codes and scales in the
+        shapes and dtypes FORMAT.md gives for it (headers only: the scales themselves are checked as each tensor is
+        dequantised). A file that disagrees is refused before a code is read as a number."""
+        where = reader.directory
+        for file in sorted({info.file for info in reader.tensors.values()}):
+            _, metadata = read_safetensors_header(file)
+            said = (metadata or {}).get("format"), (metadata or {}).get("scheme"), (metadata or {}).get("group_size")
+            if said != (quant.QUANTISED_FORMAT, encoding.scheme, str(encoding.group_size)):
+                raise DecoupledFormatError(
+                    f"{file}: its metadata says format/scheme/group_size {said}, but the manifest records "
+                    f"{quant.QUANTISED_FORMAT} {encoding.scheme} with groups of {encoding.group_size}",
+                    file=str(file),
+                    key="tau_star_encoding",
+                    hint=CHANGED_HINT,
+                )
+        scheme = quant.scheme(encoding.scheme)
+        expected: set[str] = set()
+        for slot in self.merged_slots:
+            self.tau_dtype(slot)
+            for key, dtype, shape in (
+                (slot.name, scheme.code_dtype, quant.codes_shape(slot.shape, encoding.scheme)),
+                (slot.name + quant.SCALES_SUFFIX, torch.float32, quant.scales_shape(slot.shape, encoding.group_size)),
+            ):
+                expected.add(key)
+                info = reader.tensors.get(key)
+                if info is None:
+                    raise self._refuse(where, key, f"is missing from the {encoding.scheme} τ*; {slot.name} is merged")
+                if info.dtype != dtype or tuple(info.shape) != shape:
+                    stored = DTYPE_NAMES.get(info.dtype, str(info.dtype))
+                    raise self._refuse(
+                        info.file,
+                        key,
+                        f"is stored as {stored} {list(info.shape)}, but {encoding.scheme} with groups of "
+                        f"{encoding.group_size} stores {DTYPE_NAMES[dtype]} {list(shape)} for the slot's {slot.shape}",
+                    )
+        extra = sorted(set(reader.tensors) - expected)
+        if extra:
+            raise self._refuse(where, extra[0], "is in the quantised τ*, but the manifest lists no merged slot for it")
 
     def _check_mask_shapes(self, masks: MaskFile) -> None:
         """One mask per merged slot, each claiming its slot's shape (one that only fits the bytes is not enough)."""

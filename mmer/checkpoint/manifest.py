@@ -8,8 +8,10 @@ leaves the checkpoint, ``"1"`` where a count belongs, an infinite scale, is refu
 is carried by pydantic over the dataclasses themselves (the type annotations *are* the schema), with the few
 rules that tie fields together in :func:`_consistency_problems`.
 
-The compatibility rule: readers accept any ``format_version`` with their major number and ignore keys they do
-not know, and refuse a newer major (a wrong merge is worse than a failed one).
+The compatibility rule: readers accept any ``format_version`` with a major number they know and ignore keys they
+do not know, and refuse a newer major (a wrong merge is worse than a failed one). A checkpoint is written with the
+lowest version that describes it: 1.0, or 2.0 when τ* is stored quantised (``tau_star_encoding``), so a reader
+that predates the encoding refuses it by its major number instead of reading integer codes as τ*.
 """
 
 from __future__ import annotations
@@ -25,7 +27,7 @@ from typing import Annotated, Any, Literal
 
 from pydantic import AfterValidator, Field, Strict, TypeAdapter, ValidationError
 
-from mmer.config import MODALITY_NAME, RESERVED_MODALITY_NAMES
+from mmer.config import MAX_TAU_GROUP_SIZE, MODALITY_NAME, RESERVED_MODALITY_NAMES
 from mmer.errors import DecoupledFormatError, MmerError
 from mmer.io.jsonfile import MAX_JSON_BYTES, loads_bounded
 from mmer.io.layouts import LAYOUTS, is_buffer_name, is_vocab_tensor
@@ -36,6 +38,8 @@ MANIFEST_NAME = "mmer_manifest.json"
 MANIFEST_SHA_NAME = "mmer_manifest.json.sha256"  # the manifest's own hash: with `files`, every byte is covered
 FORMAT_NAME = "mmer-decoupled"
 FORMAT_VERSION = "1.0"
+QUANTISED_FORMAT_VERSION = "2.0"  # τ* stored as codes + scales: a 1.x reader must refuse it (FORMAT.md)
+READABLE_MAJORS = ("1", "2")
 
 MASKS_DIR = "masks"
 COMPONENTS_DIR = "components"
@@ -118,6 +122,15 @@ DtypeNames = Annotated[str, Strict(), AfterValidator(_dtype_list)]
 
 
 @dataclass
+class TauEncoding:
+    """How τ* is stored when not exact: integer codes plus one float32 scale per group (FORMAT.md, Quantised τ*)."""
+
+    scheme: Literal["int8", "int4"]
+    group_size: Annotated[int, Strict(), Field(ge=1, le=MAX_TAU_GROUP_SIZE)]
+    scale_dtype: Literal["F32"] = "F32"
+
+
+@dataclass
 class SourceRecord:
     """Where an input model came from, exactly enough to fetch the same bytes again."""
 
@@ -189,6 +202,7 @@ class Manifest:
     modalities: dict[ModalityName, ModalityRecord]
     files: dict[RelativePath, Sha256] = field(default_factory=dict)  # relative path → sha256 of every other file
     merged_dir: RelativePath | None = None  # "." when the output is one merged model (mask rule "none")
+    tau_star_encoding: TauEncoding | None = None  # None (absent): τ* stored exact, in tau_star_dtype
     format: Str = FORMAT_NAME
     format_version: Str = FORMAT_VERSION
 
@@ -198,6 +212,8 @@ class Manifest:
         for record in data["modalities"].values():
             record["lambda"] = record.pop("lambda_")
             record["density"] = record["kept"] / record["total"] if record["total"] else 0.0
+        if data["tau_star_encoding"] is None:  # exact τ*: the 1.0 manifest, byte for byte as before the encoding
+            del data["tau_star_encoding"]
         return {"format": data.pop("format"), "format_version": data.pop("format_version"), **data}
 
     def write(self, directory: Path) -> Path:
@@ -342,11 +358,12 @@ def validate_manifest(data: Any, file: str, problems: list[MmerError] | None = N
         )
     version = data.get("format_version")
     major = version.split(".")[0] if isinstance(version, str) else ""
-    if major != FORMAT_VERSION.split(".")[0]:
-        newer = major.isdigit() and len(major) < 10 and int(major) > int(FORMAT_VERSION.split(".")[0])
+    if major not in READABLE_MAJORS:
+        newer = major.isdigit() and len(major) < 10 and int(major) > int(READABLE_MAJORS[-1])
+        readable = " and ".join(f"{m}.x" for m in READABLE_MAJORS)
         return _fail(
             DecoupledFormatError(
-                f"{file}: format_version {str(version)[:40]} is not readable by this mmer (reads {FORMAT_VERSION})",
+                f"{file}: format_version {str(version)[:40]} is not readable by this mmer (reads {readable})",
                 file=file,
                 key="format_version",
                 hint="upgrade mmer" if newer else SCHEMA_HINT,
@@ -423,6 +440,17 @@ def _consistency_problems(manifest: Manifest, file: str) -> list[DecoupledFormat
         )
     if manifest.base_dir != (BASE_DIR if manifest.base_storage == "copy" else None):
         bad("base_dir", f'must be {BASE_DIR!r} when base_storage is "copy", else null')
+    quantised = manifest.tau_star_encoding is not None
+    if quantised and single:
+        bad("tau_star_encoding", "a single merged model stores no τ* to encode; must be absent")
+    wanted_major = QUANTISED_FORMAT_VERSION.split(".")[0] if quantised else FORMAT_VERSION.split(".")[0]
+    if manifest.format_version.split(".")[0] != wanted_major:
+        bad(
+            "format_version",
+            f"{manifest.format_version[:40]!r} with "
+            + ("a quantised τ* (tau_star_encoding) must be 2.x" if quantised else "an exact τ* must be 1.x")
+            + " (a 1.x reader must refuse integer codes by the major number)",
+        )
     names = [s.name for s in manifest.slots]
     if len(set(names)) != len(names):
         duplicate = next(n for n in names if names.count(n) > 1)

@@ -88,7 +88,7 @@ def tune_inputs(
         return (
             Recipe(base_read_spec(ckpt), tuple(read), options),
             Recipe(base_spec(ckpt), tuple(spec), options),
-            (tau_dir, options.k),
+            None if ckpt.tau_star_encoding is not None else (tau_dir, options.k),  # reuse only an exact τ*
         )
     finally:
         ckpt.close()

@@ -40,7 +40,7 @@ def _copy_with_manifest(merged, tmp_path, edit):
 @pytest.mark.parametrize(
     "edit,fragment",
     [
-        (lambda d: d.update(format_version="2.0"), "upgrade mmer"),
+        (lambda d: d.update(format_version="3.0"), "upgrade mmer"),
         (lambda d: d.update(format="something-else"), "not an mmer manifest"),
         (lambda d: d["modalities"]["vision"].update(mask_file="../../etc/passwd"), "outside the checkpoint"),
         (lambda d: d["modalities"]["vision"].update(component_dir="/abs/path"), "outside the checkpoint"),

@@ -180,7 +180,7 @@ def test_a_manifest_that_is_not_an_object_or_not_ours_is_refused(written):
             Manifest.from_dict(data)
 
 
-@pytest.mark.parametrize(("version", "hint"), [("2.0", "upgrade mmer"), (1.0, "mmer verify"), ("x", "mmer verify")])
+@pytest.mark.parametrize(("version", "hint"), [("3.0", "upgrade mmer"), (1.0, "mmer verify"), ("x", "mmer verify")])
 def test_an_unreadable_format_version_is_refused(written, version, hint):
     with pytest.raises(DecoupledFormatError) as info:
         Manifest.from_dict({**written, "format_version": version})
