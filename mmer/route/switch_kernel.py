@@ -194,8 +194,8 @@ def _span(base, tau, packed, out, start, stop, base_code, tau_code, scale):
     magnitude patterns of θ_base and τ* in the span (:func:`_pattern`)."""
     ones = np.empty(CHUNK, dtype=np.uint8)
     wide = ones.view(np.uint64)
-    base_top = np.uint32(0)
-    tau_top = np.uint32(0)
+    base_top = _pattern(base[start])
+    tau_top = _pattern(tau[start])
     for first in range(start, stop, CHUNK):
         last = min(first + CHUNK, stop)
         byte = first >> 3
@@ -205,8 +205,10 @@ def _span(base, tau, packed, out, start, stop, base_code, tau_code, scale):
         t = tau[first:last]
         o = out[first:last]
         for j in range(last - first):
-            base_top = max(base_top, _pattern(b[j], base_code))
-            tau_top = max(tau_top, _pattern(t[j], tau_code))
+            top = _pattern(b[j])
+            base_top = top if top > base_top else base_top
+            top = _pattern(t[j])
+            tau_top = top if top > tau_top else tau_top
             # all ones where the bit is set, else 0: τ* itself or +0.0 (torch.where's zero, never τ*·0 = −0.0)
             keep = np.uint32(np.uint32(0) - np.uint32(ones[j]))
             delta = _f32(_u32(_load(t[j], tau_code)) & keep) * scale  # x·1.0 is x exactly: no branch for s = 1
@@ -214,11 +216,25 @@ def _span(base, tau, packed, out, start, stop, base_code, tau_code, scale):
     return base_top, tau_top
 
 
-def _pattern(x, code):
-    """A stored entry's bit pattern without its sign: magnitudes order as these (NaN's above inf's)."""
-    if code == 0:
-        return _u32(np.float32(x)) & np.uint32(0x7FFFFFFF)
-    return np.uint32(x) & np.uint32(0x7FFF)
+def _pattern(x):
+    """A stored entry's bit pattern without its sign: magnitudes order as these (NaN's above inf's).
+
+    Typed by the array it comes from (a 16-bit pattern for a half, 32 bits for a float32), so the running
+    maxima are 16-bit lanes for halves: a maximum widened to 64 bits (numba's ``max`` of two integers) doubles
+    the vector work of the whole loop."""
+    if isinstance(x, np.floating):
+        return int(np.float32(x).view(np.uint32)) & 0x7FFFFFFF
+    return int(x) & 0x7FFF
+
+
+if njit is not None:
+    from numba.extending import overload
+
+    @overload(_pattern, inline="always")
+    def _pattern_typed(x):
+        if isinstance(x, types.Float):
+            return lambda x: _u32(np.float32(x)) & np.uint32(0x7FFFFFFF)
+        return lambda x: np.uint16(x & np.uint16(0x7FFF))
 
 
 def _mean_span(base, tau, packed, scales, out, start, stop, base_code, tau_code):
@@ -273,7 +289,6 @@ if njit is not None:
     _load = njit(inline="always", cache=True)(_load)
     _store = njit(inline="always", cache=True)(_store)
     _span = njit(inline="always", cache=True)(_span)
-    _pattern = njit(inline="always", cache=True)(_pattern)
     _mean_span = njit(inline="always", cache=True)(_mean_span)
 
 
