@@ -55,8 +55,11 @@ MAX_TAU_GROUP_SIZE = 1 << 20
 class ModelSpec:
     """One model: a local directory or a Hub id (with an optional revision).
 
-    The base spec has no ``modality``; every fine-tuned spec has one, and may override λ for its mask and
-    give the model a merge weight (used by ``average``, ``task_arithmetic`` and ``ties``; default 1).
+    The base spec has no ``modality``; every fine-tuned spec has one, and may override λ for its mask, give the
+    model a merge weight (used by ``average``, ``task_arithmetic`` and ``ties``; default 1), and its own trim
+    fraction ``k`` and DARE drop rate ``dare`` where the recipe's one value does not fit every model (mergekit's
+    per-model ``density``; TIES-Merging, arXiv 2306.01708 §3, and DARE, arXiv 2311.03099 §3, define both per task
+    vector). ``None`` takes the recipe's.
     """
 
     model: str
@@ -64,6 +67,8 @@ class ModelSpec:
     modality: str | None = None
     lambda_: float | None = None
     weight: float | None = None
+    k: float | None = None
+    dare: float | None = None
 
     def __post_init__(self) -> None:
         if self.lambda_ is not None:
@@ -72,6 +77,10 @@ class ModelSpec:
             raise ConfigError(
                 f"weight of {self.model} = {self.weight} is out of range", key="weight", hint="a merge weight is > 0"
             )
+        if self.k is not None:
+            _check_k(self.k, f"k of {self.model}")
+        if self.dare is not None:
+            _check_dare(self.dare, f"dare of {self.model}")
 
     def to_dict(self) -> dict[str, Any]:
         out: dict[str, Any] = {"model": self.model}
@@ -83,6 +92,10 @@ class ModelSpec:
             out["lambda"] = self.lambda_
         if self.weight is not None:
             out["weight"] = self.weight
+        if self.k is not None:
+            out["k"] = self.k
+        if self.dare is not None:
+            out["dare"] = self.dare
         return out
 
 
@@ -95,7 +108,8 @@ class MergeOptions:
             ``task_arithmetic``, ``emr`` (EMR-Merging's unified vector).
         mask: mask rule from the registry (``mmer`` = Eq. 3 of the paper; ``tall``; ``emr``), or ``none`` for a
             single merged model written as a plain Hugging Face checkpoint.
-        k: fraction of each task vector kept by the trim (paper: 0.8). 1.0 disables trimming.
+        k: fraction of each task vector kept by the trim (paper: 0.8). 1.0 disables trimming. A model spec's own
+            ``k`` wins over it for that model.
         alpha: scale on the merged task vector τ*; ``None`` takes the method's default (1 for ties, average and
             emr as in the MMER paper; 0.3 for task_arithmetic).
         lambda_: default λ of the mask rule for every modality; ``None`` takes the rule's default (mmer: 0.9,
@@ -111,6 +125,7 @@ class MergeOptions:
         elect_on: TIES sign election on ``raw`` task vectors (paper, PEFT) or ``weighted`` ones (mergekit).
         aggregate: TIES disjoint ``mean`` (paper) or ``sum`` (FusionBench's default).
         dare: DARE drop rate p applied to every τᵢ before the method (0 = off); kept entries are scaled 1/(1−p).
+            A model spec's own ``dare`` wins over it for that model.
         dare_seed: seed of DARE's random masks (with the model position and tensor name).
         common_space: Iso-CTS's fraction of each matrix's rank given to the common subspace (paper: 0.8).
         iterations: WUDI's Adam steps per weight matrix (FusionBench's configuration: 400).
@@ -159,14 +174,12 @@ class MergeOptions:
     hash_inputs: bool = True
 
     def __post_init__(self) -> None:
-        if not (0.0 < self.k <= 1.0) or math.isnan(self.k):
-            raise ConfigError(f"k = {self.k} is out of range", key="k", hint="k is the fraction kept, in (0, 1]")
+        _check_k(self.k, "k")
         if self.alpha is not None and (not math.isfinite(self.alpha) or self.alpha <= 0):
             raise ConfigError(f"alpha = {self.alpha} is out of range", key="alpha", hint="alpha must be > 0")
         if self.lambda_ is not None:
             _check_lambda(self.lambda_, "lambda")
-        if not (0.0 <= self.dare < 1.0) or math.isnan(self.dare):
-            raise ConfigError(f"dare = {self.dare} is out of range", key="dare", hint="the drop rate p is in [0, 1)")
+        _check_dare(self.dare, "dare")
         if not (0.0 <= self.common_space <= 1.0) or math.isnan(self.common_space):
             raise ConfigError(
                 f"common_space = {self.common_space} is out of range",
@@ -299,6 +312,16 @@ class Recipe:
         weights = tuple(1.0 if m.weight is None else m.weight for m in self.models)
         return None if all(w == 1.0 for w in weights) else weights
 
+    @property
+    def ks(self) -> tuple[float, ...]:
+        """Each model's trim fraction K: its spec's own, else the recipe's."""
+        return tuple(self.options.k if m.k is None else m.k for m in self.models)
+
+    @property
+    def dares(self) -> tuple[float, ...]:
+        """Each model's DARE drop rate p: its spec's own, else the recipe's."""
+        return tuple(self.options.dare if m.dare is None else m.dare for m in self.models)
+
     def to_dict(self) -> dict[str, Any]:
         return {
             "base": self.base.to_dict(),
@@ -319,7 +342,15 @@ class Recipe:
 
 # --------------------------------------------------------------------------------------------------- loading
 
-_SPEC_KEYS = {"model": str, "revision": str, "modality": str, "lambda": (int, float), "weight": (int, float)}
+_SPEC_KEYS = {
+    "model": str,
+    "revision": str,
+    "modality": str,
+    "lambda": (int, float),
+    "weight": (int, float),
+    "k": (int, float),
+    "dare": (int, float),
+}
 _OPTION_TYPES: dict[str, type | tuple[type, ...]] = {
     "method": str,
     "mask": str,
@@ -385,6 +416,22 @@ def _check_lambda(value: float, key: str, file: str | None = None) -> None:
         )
 
 
+def _check_k(value: float, key: str, file: str | None = None) -> None:
+    if not (0.0 < value <= 1.0) or math.isnan(value):
+        where = f"{file}: " if file else ""
+        raise ConfigError(
+            f"{where}{key} = {value} is out of range", key="k", file=file, hint="k is the fraction kept, in (0, 1]"
+        )
+
+
+def _check_dare(value: float, key: str, file: str | None = None) -> None:
+    if not (0.0 <= value < 1.0) or math.isnan(value):
+        where = f"{file}: " if file else ""
+        raise ConfigError(
+            f"{where}{key} = {value} is out of range", key="dare", file=file, hint="the drop rate p is in [0, 1)"
+        )
+
+
 def _check_keys(data: Mapping[str, Any], allowed: Mapping[str, Any], where: str, file: str | None) -> None:
     if file:
         where = f"{where} {file}"
@@ -394,13 +441,18 @@ def _check_keys(data: Mapping[str, Any], allowed: Mapping[str, Any], where: str,
         if key not in allowed:
             raise ConfigError(f"unknown key {key!r} in {where}", file=file, key=str(key), hint=_closest(key, allowed))
         expected = allowed[key]
+        number = float in _as_tuple(expected)
+        fix = f"write {key} as {_type_name(expected)}" + (" (a number, unquoted)" if number else "")
         if isinstance(value, bool) and expected is not bool and bool not in _as_tuple(expected):
-            raise ConfigError(f"{where}: {key} must be {_type_name(expected)}, got a boolean", file=file, key=key)
+            raise ConfigError(
+                f"{where}: {key} must be {_type_name(expected)}, got a boolean", file=file, key=key, hint=fix
+            )
         if not isinstance(value, expected):
             raise ConfigError(
                 f"{where}: {key} must be {_type_name(expected)}, got {type(value).__name__} ({value!r})",
                 file=file,
                 key=key,
+                hint=fix,
             )
 
 
@@ -437,12 +489,19 @@ def spec_from_dict(data: Mapping[str, Any], file: str | None = None, relative_to
         raise ConfigError(
             f"{file or 'model spec'}: weight = {weight} is out of range", file=file, key="weight", hint="weight > 0"
         )
+    k, dare = data.get("k"), data.get("dare")
+    if k is not None:
+        _check_k(float(k), f"k of {data['model']}", file)
+    if dare is not None:
+        _check_dare(float(dare), f"dare of {data['model']}", file)
     return ModelSpec(
         model=resolve_model_path(data["model"], relative_to, file),
         revision=data.get("revision"),
         modality=modality,
         lambda_=None if lam is None else float(lam),
         weight=None if weight is None else float(weight),
+        k=None if k is None else float(k),
+        dare=None if dare is None else float(dare),
     )
 
 
@@ -678,7 +737,7 @@ def read_yaml_file(path: str | Path, what: str = "YAML file") -> Any:
 
 
 def load_spec(path: str | Path) -> ModelSpec:
-    """Read one model YAML (``model``, optional ``revision``, ``modality``, ``lambda``, ``weight``)."""
+    """Read one model YAML: ``model``, optional ``revision``, ``modality``, ``lambda``, ``weight``, ``k``, ``dare``."""
     data = read_yaml_file(path, "model spec")
     return spec_from_dict(data if data is not None else {}, file=str(path), relative_to=Path(path).parent)
 

@@ -9,8 +9,9 @@ off mergekit's ``merge_methods/generalized_task_arithmetic.py`` and ``sparsify.p
   by the agreeing weights when ``normalize`` (its default), times ``lambda``. In mmer: ``method: ties, k: density,
   trim_scope: per-tensor, trim_count: exact, elect_on: weighted, zero_sign: positive, aggregate: mean`` (``sum``
   without ``normalize``), ``alpha: lambda``, and the weights on the model specs (TIES-Merging, arXiv 2306.01708 §3).
-- ``dare_ties``: the same with DARE's random drop (p = 1 − density) in place of the trim, ``normalize`` off by
-  default (DARE, arXiv 2311.03099 §3).
+  Models of different densities each keep their own fraction: ``k: density`` moves onto each model spec.
+- ``dare_ties``: the same with DARE's random drop (p = 1 − density, on each model spec when the densities differ)
+  in place of the trim, ``normalize`` off by default (DARE, arXiv 2311.03099 §3).
 - ``task_arithmetic`` / ``dare_linear``: α · Σ wᵢτᵢ (``task_arithmetic`` in mmer), or divided by Σ wᵢ when
   ``normalize`` (mmer's ``average``); ``dare_linear`` drops first (task arithmetic, arXiv 2212.04089 §2).
 - ``linear``: Σ wᵢθᵢ / Σ wᵢ over the listed models, the base among them when listed with a weight; that is
@@ -200,6 +201,7 @@ def translate(data: Mapping[str, Any], file: str) -> Translation:
     normalize = bool(shared.get("normalize", method.normalize))
     notes: list[str] = []
     settings = [_model_settings(m, {**defaults, **p}, method, file) for m, _, p in finetunes]
+    per_model: list[dict[str, float]] = [{} for _ in finetunes]  # each model's own K or p, where densities differ
     weights = [w for w, _ in settings]
     options: dict[str, Any] = {"mask": "none"}
     if method_name == "linear":
@@ -207,7 +209,8 @@ def translate(data: Mapping[str, Any], file: str) -> Translation:
     else:
         _check_rescale(shared.get("rescale", method.rescale), method_name, method, file)
         lam = _positive(shared.get("lambda", 1.0), "lambda", file)
-        density = _uniform_density([m for m, _, _ in finetunes], [d for _, d in settings], file)
+        densities = [d for _, d in settings]
+        density = densities[0] if len(set(densities)) == 1 else None  # None: each model has its own
         if method.consensus:
             options.update(
                 method="ties",
@@ -219,14 +222,22 @@ def translate(data: Mapping[str, Any], file: str) -> Translation:
             )
         else:
             options.update(method="average" if normalize else "task_arithmetic", alpha=lam)
-        if method.sparsify == "magnitude" and density < 1.0:
-            options.update(k=density, trim_scope="per-tensor", trim_count="exact")
+        sparse = min(densities) < 1.0
+        if method.sparsify == "magnitude" and sparse:
+            options.update(trim_scope="per-tensor", trim_count="exact")
+            if density is not None:
+                options["k"] = density
+            else:  # each model's own K, next to it (mmer's per-model `k`)
+                per_model = [{"k": d} for d in densities]
             notes.append(
                 "magnitudes tied at a tensor's trim threshold are all kept, where mergekit's argsort keeps an "
                 "arbitrary subset of them"
             )
-        if method.sparsify == "random" and density < 1.0:
-            options["dare"] = 1.0 - density
+        if method.sparsify == "random" and sparse:
+            if density is not None:
+                options["dare"] = 1.0 - density
+            else:  # each model's own p = 1 − its density (mmer's per-model `dare`)
+                per_model = [{"dare": 1.0 - d} for d in densities]
             notes.append(
                 "DARE's random drops are mmer's own seeded draws (dare_seed), and kept entries are scaled by "
                 "1/density as in the DARE paper where mergekit rescales each tensor to its L1 norm: the merge "
@@ -237,7 +248,10 @@ def translate(data: Mapping[str, Any], file: str) -> Translation:
         notes.append(f"mmer merges in float32 and rounds once to {output_dtype}; mergekit computes in {output_dtype}")
     recipe = {
         "base": _spec(base_model, base_revision),
-        "models": [{**_spec(m, r), "weight": w} for (m, r, _), (w, _) in zip(finetunes, settings, strict=True)],
+        "models": [
+            {**_spec(m, r), "weight": w, **own}
+            for (m, r, _), (w, _), own in zip(finetunes, settings, per_model, strict=True)
+        ],
         "options": options,
     }
     return Translation(recipe, tuple(notes), output_dtype)
@@ -449,19 +463,6 @@ def _model_settings(model: str, parameters: Mapping[str, Any], method: _Method, 
             hint="density is the fraction of each task vector kept, in (0, 1]",
         )
     return weight, density
-
-
-def _uniform_density(models: list[str], densities: list[float], file: str) -> float:
-    """mmer's K (and DARE's p) is one fraction for every model: per-model densities must agree."""
-    if len(set(densities)) > 1:
-        listed = ", ".join(f"{m}: {d:g}" for m, d in zip(models, densities, strict=True))
-        raise ConfigError(
-            f"{file}: the models have different densities ({listed}); mmer keeps one fraction K of every model",
-            file=file,
-            key="density",
-            hint="give every model the same density (e.g. under the top-level `parameters:`)",
-        )
-    return densities[0]
 
 
 def _check_rescale(rescale: bool, method_name: str, method: _Method, file: str) -> None:

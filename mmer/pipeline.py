@@ -187,7 +187,7 @@ def execute_plan(
     report.warnings += trim_warnings(
         [m.label for m in plan.models],
         thresholds.get(plan.variant.threshold_key) if plan.variant.dare == 0 else None,
-        plan.variant.k,
+        plan.variant.ks(len(plan.models)),
         stats.delta_l1,
     )
     return manifest
@@ -241,6 +241,8 @@ def build_manifest(
             vocab_size=_vocab_rows(m),
             scale=stats.scales.get(m.label, 1.0),
             weight=1.0 if m.spec.weight is None else m.spec.weight,
+            k=m.spec.k,
+            dare=m.spec.dare,
         )
     tau_dtypes = sorted({DTYPE_NAMES[tau_dtype(plan, s.dtype)] for s in plan.merged_slots})
     resolved = {**options.to_dict(), "alpha": plan.variant.alpha, **plan.variant.recorded()}

@@ -25,7 +25,7 @@ from mmer.io.reader import DTYPE_NAMES, CheckpointReader, Sized, TensorInfo, rea
 from mmer.io.resolve import ResolvedModel, resolve_model
 from mmer.merge.masks import MASK_OPTIONS, MASKS
 from mmer.merge.methods import METHOD_OPTIONS, METHODS, methods_accepting
-from mmer.merge.slot import Variant
+from mmer.merge.slot import Variant, per_model
 from mmer.merge.trim import TENSOR_SAMPLE_ENTRIES, search_bytes, trims_each_tensor_first
 
 # Config fields that fix the LLM's architecture: a mismatch means another base, whatever the shapes say.
@@ -233,10 +233,12 @@ class MergePlan:
                     "layout": m.layout.name,
                     "lambda": self.lambda_for(m.label),
                     "weight": 1.0 if m.spec.weight is None else m.spec.weight,
+                    **({"k": self.variant.k_of(i)} if self.variant.model_k is not None else {}),
+                    **({"dare": self.variant.dare_of(i)} if self.variant.model_dare is not None else {}),
                     "component_tensors": len(m.components),
                     "private_tensors": [p.name for p in self.private[m.label]],
                 }
-                for m in self.models
+                for i, m in enumerate(self.models)
             ],
             "options": {**self.recipe.options.to_dict(), "alpha": self.variant.alpha},
             "variant": self.variant.label,
@@ -301,6 +303,8 @@ def check_registries(recipe: Recipe, *, shared: Collection[str] = ()) -> None:
 _OPTION_WHERE = {
     "weights": "`weight:` from the model specs",
     "lambda": "--lambda / --lambda-for and `lambda:` from the recipe and the model specs",
+    "k": "--k / `k:` from the recipe and the model specs",
+    "dare": "--dare / `dare:` from the recipe and the model specs",
 }
 
 
@@ -314,6 +318,10 @@ def set_options(recipe: Recipe) -> dict[str, object]:
     given = {k: v for k, v in recipe.options.non_defaults().items() if k in METHOD_OPTIONS or k in MASK_OPTIONS}
     if recipe.weights is not None:
         given["weights"] = recipe.weights
+    # a model's own K or p is set like the recipe's (any value: a spec's `k: 0.8` is no less a trim than `--k 0.6`)
+    for option, own in (("k", [m.k for m in recipe.models]), ("dare", [m.dare for m in recipe.models])):
+        if any(v is not None for v in own):
+            given[option] = recipe.ks if option == "k" else recipe.dares
     return given
 
 
@@ -328,13 +336,17 @@ def unused_lambdas(recipe: Recipe) -> list[str]:
 
 
 def resolve_variant(recipe: Recipe) -> Variant:
-    """The options with every default resolved: α from the method, λ from model spec, recipe or mask rule."""
+    """The options with every default resolved: α from the method, λ, K and DARE's p from model spec, else recipe
+    (else, for λ, the mask rule)."""
     options = recipe.options
     default_lambda = MASKS[options.mask].default_lambda
+    k, model_k = per_model(recipe.ks, min) if recipe.models else (options.k, None)
+    dare, model_dare = per_model(recipe.dares, max) if recipe.models else (options.dare, None)
     return Variant(
         method=options.method,
         mask=options.mask,
-        k=options.k,
+        k=k,
+        model_k=model_k,
         alpha=options.alpha if options.alpha is not None else METHODS[options.method].default_alpha,
         trim_scope=options.trim_scope,
         trim_count=options.trim_count,
@@ -342,7 +354,8 @@ def resolve_variant(recipe: Recipe) -> Variant:
         elect_on=options.elect_on,
         aggregate=options.aggregate,
         mask_source=options.mask_source,
-        dare=options.dare,
+        dare=dare,
+        model_dare=model_dare,
         dare_seed=options.dare_seed,
         common_space=options.common_space,
         iterations=options.iterations,

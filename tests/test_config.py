@@ -77,7 +77,7 @@ def test_an_unknown_key_in_a_recipe_names_the_file_the_key_and_the_closest_key(
 def test_an_unknown_key_with_no_close_match_lists_the_valid_keys() -> None:
     with pytest.raises(ConfigError) as info:
         spec_from_dict({"model": "m", "zzzzzz": 1})
-    assert info.value.hint == "valid: lambda, modality, model, revision, weight"
+    assert info.value.hint == "valid: dare, k, lambda, modality, model, revision, weight"
 
 
 # ------------------------------------------------------------------------------------------ wrong types

@@ -11,8 +11,10 @@ import json
 from pathlib import Path
 
 import pytest
+import torch
 import yaml
 from cli_runner import cli
+from safetensors.torch import load_file
 
 from mmer.config import MergeOptions, build_recipe, config_kind, load_recipe, modality_for, read_config
 from mmer.errors import ConfigError
@@ -116,6 +118,39 @@ def test_dare_ties_drops_with_p_one_minus_density_does_not_trim_and_sums_by_defa
     assert recipe.options.dare == 0.5 and recipe.options.k == 1.0
     assert recipe.options.aggregate == "sum"  # mergekit's dare_ties does not normalize by default
     assert any("expectation" in note for note in recipe.source.notes)
+
+
+def test_different_densities_per_model_become_each_models_own_k_next_to_it(tmp_path: Path) -> None:
+    data = _ties(
+        models=[
+            {"model": "org/a", "parameters": {"weight": 1.0, "density": 0.5}},
+            {"model": "org/b", "parameters": {"weight": 1.0, "density": 0.7}},
+            {"model": "org/c", "parameters": {"weight": 1.0}},  # no density: mergekit keeps all of it
+        ]
+    )
+    recipe = build_recipe([_config(tmp_path, data)])
+    assert [m.k for m in recipe.models] == [0.5, 0.7, 1.0]
+    assert recipe.ks == (0.5, 0.7, 1.0) and [m.dare for m in recipe.models] == [None] * 3
+    assert (recipe.options.trim_scope, recipe.options.trim_count, recipe.options.k) == ("per-tensor", "exact", 1.0)
+
+
+def test_dare_ties_with_different_densities_drops_each_model_at_its_own_p(tmp_path: Path) -> None:
+    data = _ties(
+        merge_method="dare_ties",
+        models=[
+            {"model": "org/a", "parameters": {"weight": 1.0, "density": 0.5}},
+            {"model": "org/b", "parameters": {"weight": 1.0, "density": 0.75}},
+        ],
+        parameters={},
+    )
+    recipe = build_recipe([_config(tmp_path, data)])
+    assert [m.dare for m in recipe.models] == [0.5, 0.25] and recipe.options.dare == 0.0
+    assert [m.k for m in recipe.models] == [None, None] and recipe.options.k == 1.0
+
+
+def test_equal_densities_stay_one_merge_wide_value(tmp_path: Path) -> None:
+    recipe = build_recipe([_config(tmp_path, _ties())])
+    assert recipe.options.k == 0.5 and [m.k for m in recipe.models] == [None, None]
 
 
 @pytest.mark.parametrize(("normalize", "method"), [(False, "task_arithmetic"), (True, "average")])
@@ -247,17 +282,6 @@ def test_a_parameter_mmer_cannot_honour_is_refused_by_name(tmp_path: Path, param
     assert err.key == key and says in err.message
 
 
-def test_different_densities_per_model_are_refused_naming_each_model(tmp_path: Path) -> None:
-    data = _ties(
-        models=[
-            {"model": "org/a", "parameters": {"weight": 1.0, "density": 0.5}},
-            {"model": "org/b", "parameters": {"weight": 1.0, "density": 0.7}},
-        ]
-    )
-    err = _refusal(tmp_path, data)
-    assert err.key == "density" and "org/a: 0.5" in err.message and "org/b: 0.7" in err.message
-
-
 def test_a_model_without_weight_is_refused_as_mergekit_refuses_it(tmp_path: Path) -> None:
     err = _refusal(tmp_path, _ties(models=[{"model": "org/a", "parameters": {"density": 0.5}}]))
     assert err.key == "weight" and "org/a" in err.message
@@ -341,6 +365,25 @@ def test_dry_run_prints_the_equivalent_mmer_recipe_and_that_recipe_runs(mergekit
     saved.parent.mkdir()
     saved.write_text(printed, encoding="utf-8")
     assert build_recipe([saved]) == build_recipe([mergekit_file])
+
+
+def test_dry_run_of_different_densities_prints_each_models_k_and_that_recipe_merges_the_same(
+    mergekit_file: Path, tmp_path: Path
+) -> None:
+    data = yaml.safe_load(mergekit_file.read_text())
+    data["models"][2]["parameters"]["density"] = 0.8
+    mergekit_file.write_text(yaml.safe_dump(data))
+    result = cli("merge", str(mergekit_file), "--dry-run")
+    assert result.exit_code == 0, str(result)
+    printed = result.stdout.split("recipe:\n", 1)[1].split("\n\n", 1)[0]
+    assert [m["k"] for m in yaml.safe_load(printed)["models"]] == [0.5, 0.8]
+    saved = tmp_path / "recipe.yaml"
+    saved.write_text(printed, encoding="utf-8")
+    assert build_recipe([saved]) == build_recipe([mergekit_file])
+    for name, source in (("from-mergekit", mergekit_file), ("from-recipe", saved)):
+        assert cli("merge", str(source), "-o", str(tmp_path / name)).exit_code == 0
+    ours, again = (load_file(str(tmp_path / n / "model.safetensors")) for n in ("from-mergekit", "from-recipe"))
+    assert all(torch.equal(ours[n], again[n]) for n in ours)
 
 
 def test_a_mergekit_config_merges_and_says_so_under_json(mergekit_file: Path, tmp_path: Path) -> None:

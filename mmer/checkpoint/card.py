@@ -89,6 +89,7 @@ def hub_name(model: str) -> str:
 # --------------------------------------------------------------------------------------------------- bodies
 def _decoupled_body(manifest: Manifest, ref: str) -> str:
     options = manifest.options
+    how = _merge_options(options, manifest)
     first = next(iter(manifest.modalities))
     rows = "\n".join(
         f"| {name} | `{m.source.model}` | {m.source.layout} | {'-' if m.lambda_ is None else f'{m.lambda_:g}'} | "
@@ -99,7 +100,7 @@ def _decoupled_body(manifest: Manifest, ref: str) -> str:
 
 An MMER decoupled checkpoint (arXiv 2505.17110), made by [mmer]({PROJECT_URL}) {manifest.mmer_version} (format
 {manifest.format_version}) from the base LLM `{manifest.base.model}` and {len(manifest.modalities)} fine-tuned
-multimodal models. Their LLM task vectors were merged with `{options["method"]}` ({_merge_options(options)}) into one
+multimodal models. Their LLM task vectors were merged with `{options["method"]}` ({how}) into one
 τ*; each modality keeps a 1-bit mask of it (mask rule `{options["mask"]}`) and its own encoder and projector, and
 comes back as θ_base + mᵢ∘τ*.
 
@@ -130,13 +131,14 @@ sha256 in `mmer_manifest.json` (layout: FORMAT.md in the mmer package).
 
 def _single_body(directory: Path, manifest: Manifest, ref: str) -> str:
     options = manifest.options
+    how = _merge_options(options, manifest)
     names = ", ".join(f"`{m.source.model}`" for m in manifest.modalities.values())
     architecture = _architecture(directory)
     first = next(iter(manifest.modalities))
     return f"""# Merged model
 
 A merge of the base LLM `{manifest.base.model}` and its fine-tunes {names}: their LLM task vectors merged with
-`{options["method"]}` ({_merge_options(options)}) into one model θ_base + τ*, made with [mmer]({PROJECT_URL})
+`{options["method"]}` ({how}) into one model θ_base + τ*, made with [mmer]({PROJECT_URL})
 {manifest.mmer_version}. It is a plain transformers checkpoint{f" (`{architecture}`)" if architecture else ""}:
 
 ```python
@@ -152,9 +154,16 @@ around the merged LLM, as a model of the fine-tune's own class.
 """
 
 
-def _merge_options(options: dict[str, Any]) -> str:
-    dare = f", DARE p = {options['dare']}" if options.get("dare") else ""
-    return f"K = {options['k']}, α = {options['alpha']}, trim scope `{options['trim_scope']}`{dare}"
+def _merge_options(options: dict[str, Any], manifest: Manifest) -> str:
+    """K, α, the trim's scope and DARE's p, with each model's own K and p where its recipe gave one."""
+
+    def own(key: str) -> str:
+        records = manifest.modalities.items()
+        given = [f"{name} {getattr(m, key):g}" for name, m in records if getattr(m, key) is not None]
+        return f" (per model: {', '.join(given)})" if given else ""
+
+    dare = f", DARE p = {options['dare']}{own('dare')}" if options.get("dare") or own("dare") else ""
+    return f"K = {options['k']}{own('k')}, α = {options['alpha']}, trim scope `{options['trim_scope']}`{dare}"
 
 
 def _sources_section(manifest: Manifest, licences: list[SourceLicence], licence: str) -> str:

@@ -112,6 +112,8 @@ Bool = Annotated[bool, Strict()]
 Count = Annotated[int, Strict(), Field(ge=0, lt=1 << 63)]  # counts, sizes and dims: non-negative int64
 Finite = Annotated[float, Strict(), Field(allow_inf_nan=False)]
 Scale = Annotated[float, Strict(), Field(allow_inf_nan=False, gt=0, le=MAX_SCALE)]
+KeptFraction = Annotated[float, Strict(), Field(allow_inf_nan=False, gt=0, le=1)]  # a trim's K
+DropRate = Annotated[float, Strict(), Field(allow_inf_nan=False, ge=0, lt=1)]  # DARE's p
 ModalityName = Annotated[str, Strict(), AfterValidator(_modality_name)]
 Sha256 = Annotated[str, Strict(), AfterValidator(_sha256_hex)]
 RelativePath = Annotated[str, Strict(), AfterValidator(_relative_path)]
@@ -181,6 +183,8 @@ class ModalityRecord:
     kept_per_tensor: dict[Str, Count] = field(default_factory=dict)  # canonical name → set bits of its mask
     scale: Scale = 1.0  # EMR's rescaler sᵢ in θ̂ᵢ = θ_base + sᵢ·mᵢ∘τ* (1 for every other rule)
     weight: Finite = 1.0  # the model's merge weight
+    k: KeptFraction | None = None  # the model's own trim K, when its spec gave one (else options.k); absent if None
+    dare: DropRate | None = None  # the model's own DARE p, when its spec gave one (else options.dare); absent if None
 
     @property
     def density(self) -> float:
@@ -212,6 +216,9 @@ class Manifest:
         for record in data["modalities"].values():
             record["lambda"] = record.pop("lambda_")
             record["density"] = record["kept"] / record["total"] if record["total"] else 0.0
+            for own in ("k", "dare"):  # a model's own K and p: written only where given, so others read as before
+                if record[own] is None:
+                    del record[own]
         if data["tau_star_encoding"] is None:  # exact τ*: the 1.0 manifest, byte for byte as before the encoding
             del data["tau_star_encoding"]
         return {"format": data.pop("format"), "format_version": data.pop("format_version"), **data}

@@ -32,6 +32,8 @@ def pinned_spec(name: str, record: ModalityRecord) -> ModelSpec:
         modality=name,
         lambda_=record.lambda_,
         weight=None if record.weight == 1.0 else record.weight,
+        k=record.k,
+        dare=record.dare,
     )
 
 

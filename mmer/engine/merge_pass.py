@@ -120,7 +120,7 @@ def merge_slots(plan: MergePlan, staging: Path, thresholds: Thresholds, progress
             ones = [0] * len(labels)
             slot_thresholds = model_thresholds
             if per_tensor:
-                slot_thresholds = tensor_thresholds(plan, slot, device, variant.k, variant.trim_count)
+                slot_thresholds = tensor_thresholds(plan, slot, device, variant.ks(len(labels)), variant.trim_count)
             kernel = fused_kernel(plan, slot.name, device, store_dtype, chunk_variant)
             for span in slot_spans(slot.numel, device, chunk_variant.elementwise):
                 start, stop = span or (0, slot.numel)

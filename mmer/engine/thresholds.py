@@ -60,8 +60,12 @@ def find_thresholds(plan: MergePlan, variants: list[Variant], progress: Progress
     by_key = {v.threshold_key: v for v in variants if v.needs_global_threshold}
     n_models = len(plan.models)
     windowed = [key for key in keys if key[2] == 0]
+    # each model ranked at its own K (Variant.k_of): a model's window is placed and counted alone, so the kernel's
+    # per-model windows need nothing else
     finders = {
-        key: [WindowedThreshold(plan.merged_numel, key[0], device, count=key[1]) for _ in plan.models]
+        key: [
+            WindowedThreshold(plan.merged_numel, by_key[key].k_of(i), device, count=key[1]) for i in range(n_models)
+        ]
         for key in windowed
     }
     if windowed:
@@ -81,7 +85,8 @@ def find_thresholds(plan: MergePlan, variants: list[Variant], progress: Progress
     if not wanted:
         return values
     searches = {
-        (key, i): GlobalThreshold(plan.merged_numel, key[0], device, count=key[1]) for key, i in sorted(wanted)
+        (key, i): GlobalThreshold(plan.merged_numel, by_key[key].k_of(i), device, count=key[1])
+        for key, i in sorted(wanted)
     }
     dare_variants = {key: by_key[key] for key, _ in wanted if key[2] != 0}
     _histogram_passes(plan, plan.merged_slots, device, searches, dare_variants, progress, "threshold pass")
@@ -93,30 +98,47 @@ def find_thresholds(plan: MergePlan, variants: list[Variant], progress: Progress
     return values
 
 
-def tensor_thresholds(plan: MergePlan, slot: Slot, device: torch.device, k: float, count: str) -> list[float | None]:
+def tensor_thresholds(
+    plan: MergePlan, slot: Slot, device: torch.device, k: float | Sequence[float], count: str
+) -> list[float | None]:
     """Each model's per-tensor threshold for one slot: exactly ``merge.trim.tensor_threshold`` of its whole τᵢ,
     found in the slot's chunks (a window placed by a sample of the tensor, one counting pass, the histogram
-    passes if it missed) so that the slot then merges in chunks too. Inputs are left mapped for the merge."""
-    rank = rank_to_threshold(slot.numel, k, count)
-    if rank == 0:
-        return [None] * len(plan.models)
+    passes if it missed) so that the slot then merges in chunks too. Inputs are left mapped for the merge.
+
+    ``k`` is one K for every model or each model's own (``Variant.ks``); a model whose K keeps everything gets
+    ``None``, as the eager trim does."""
+    n_models = len(plan.models)
+    ks = [float(k)] * n_models if isinstance(k, (int, float)) else [float(v) for v in k]
+    if len(ks) != n_models:
+        raise ValueError(f"{len(ks)} values of K for {n_models} models")
+    ranks = [rank_to_threshold(slot.numel, k_i, count) for k_i in ks]
+    if not any(ranks):
+        return [None] * n_models
     spans = slot_spans(slot.numel, device)
     if spans == [None]:  # one chunk: rank the whole τᵢ as the eager engine does
         _, raw = read_slot(plan, slot.name, device)
-        return [float(tensor_threshold(tau, k, count)) for tau in raw]
-    finders = [WindowedThreshold(slot.numel, k, device, count=count) for _ in plan.models]
+        return [_as_float(tensor_threshold(tau, k_i, count)) for tau, k_i in zip(raw, ks, strict=True)]
+    finders = [WindowedThreshold(slot.numel, k_i, device, count=count) for k_i in ks]
     blocks = _sample_blocks(slot.numel, slot.numel, TENSOR_SAMPLE_ENTRIES, TENSOR_SAMPLE_BLOCK)
     _sample(plan, slot, blocks, device, [finders])
     for finder in finders:
         finder.open_window()
     _window_pass(plan, [slot], device, [finders])
     found: list[float | None] = [None if f.needs_second_pass else f.value for f in finders]
-    missed = {(None, i): GlobalThreshold(slot.numel, k, device, count=count) for i, v in enumerate(found) if v is None}
+    missed = {
+        (None, i): GlobalThreshold(slot.numel, ks[i], device, count=count)
+        for i, v in enumerate(found)
+        if v is None and ranks[i]
+    }
     if missed:
         _histogram_passes(plan, [slot], device, missed, {})
         for (_, i), search in missed.items():
             found[i] = search.value
     return found
+
+
+def _as_float(threshold: torch.Tensor | None) -> float | None:
+    return None if threshold is None else float(threshold)
 
 
 def _sample(

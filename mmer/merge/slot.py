@@ -26,6 +26,13 @@ class Variant:
     Built by the pipeline from a recipe's options; kept here so the math does not depend on the config layer.
     ``census`` is the one thing counted rather than set: the model-wide sign census that ``zero_sign="majority"``
     needs, filled in by the engine's census pass (``mmer.engine.count_majority``) before any slot is merged.
+
+    K and DARE's p may differ by model (TIES-Merging, arXiv 2306.01708 §3, and DARE, arXiv 2311.03099 §3, trim and
+    drop each τᵢ on its own; mergekit's per-model ``density``): ``model_k`` and ``model_dare`` then hold each
+    model's value, ``k`` the smallest K and ``dare`` the largest p, so that ``k < 1`` still says "some model is
+    trimmed" and ``dare > 0`` "some model is dropped" wherever the engine asks. Equal values are one merge-wide value
+    (``model_k`` is ``None``): a variant is built by :func:`per_model`, so a merge whose models all take one K is the
+    merge-wide one bit for bit.
     """
 
     method: str
@@ -46,6 +53,26 @@ class Variant:
     common_space: float = 0.8
     iterations: int = 400
     rank_fraction: float = 0.1
+    model_k: tuple[float, ...] | None = None
+    model_dare: tuple[float, ...] | None = None
+
+    def __post_init__(self) -> None:
+        if self.model_k is not None and self.k != min(self.model_k):
+            raise ValueError(f"k = {self.k} is not the smallest K of {self.model_k} (see per_model)")
+        if self.model_dare is not None and self.dare != max(self.model_dare):
+            raise ValueError(f"dare = {self.dare} is not the largest p of {self.model_dare} (see per_model)")
+
+    def k_of(self, index: int) -> float:
+        """Model ``index``'s trim fraction K."""
+        return self.model_k[index] if self.model_k is not None else self.k
+
+    def dare_of(self, index: int) -> float:
+        """Model ``index``'s DARE drop rate p."""
+        return self.model_dare[index] if self.model_dare is not None else self.dare
+
+    def ks(self, n_models: int) -> tuple[float, ...]:
+        """Every model's K, in model order."""
+        return self.model_k if self.model_k is not None else (self.k,) * n_models
 
     @property
     def merge_method(self) -> MergeMethod:
@@ -97,9 +124,9 @@ class Variant:
     def census_key(self) -> tuple:
         """Variants with equal keys elect the same signs everywhere, so they share one census: the same method on
         the same DARE'd and trimmed task vectors, electing on the same sums (the mask rule does not enter)."""
-        trim = (self.k, self.trim_scope, self.trim_count) if self.uses_trim else None
+        trim = (self.k, self.trim_scope, self.trim_count, self.model_k or ()) if self.uses_trim else None
         weighted = self.elect_on == "weighted" and self.weights is not None
-        return (self.method, trim, self.dare, self.dare_seed if self.dare > 0 else 0, weighted)
+        return (self.method, trim, self.dare, self.dare_seed if self.dare > 0 else 0, weighted, self.model_dare or ())
 
     def recorded(self) -> dict[str, object]:
         """What the merge counted rather than was told, for the manifest's and the report's options: the sign
@@ -107,9 +134,12 @@ class Variant:
         return {"sign_census": self.census.to_dict()} if self.census is not None else {}
 
     @property
-    def threshold_key(self) -> tuple[float, str, float, int]:
-        """Variants with equal keys share their global thresholds (same task vectors, same trim)."""
-        return (self.k, self.trim_count, self.dare, self.dare_seed if self.dare > 0 else 0)
+    def threshold_key(self) -> tuple[float, str, float, int, tuple[float, ...], tuple[float, ...]]:
+        """Variants with equal keys share their global thresholds (same task vectors, same trim). The first four
+        entries are K, the count rule, p and the seed (the smallest K and largest p when they differ by model:
+        ``key[2] == 0`` still means no model is dropped); the last two each model's K and p, empty when merge-wide."""
+        seed = self.dare_seed if self.dare > 0 else 0
+        return (self.k, self.trim_count, self.dare, seed, self.model_k or (), self.model_dare or ())
 
     @property
     def label(self) -> str:
@@ -135,7 +165,19 @@ def apply_dare(raw_taus: Sequence[torch.Tensor], variant: Variant, name: str) ->
 
 
 def _dare_one(raw: torch.Tensor, variant: Variant, index: int, name: str) -> torch.Tensor:
-    return dare(raw, variant.dare, variant.dare_seed, index, name)
+    return dare(raw, variant.dare_of(index), variant.dare_seed, index, name)
+
+
+def per_model(values: Sequence[float], pick) -> tuple[float, tuple[float, ...] | None]:
+    """A variant's merge-wide value and per-model tuple for one setting given per model: one value when they all
+    agree (the merge is then the merge-wide one, bit for bit), else ``pick`` of them and the tuple (``min`` for K,
+    ``max`` for p: see :class:`Variant`)."""
+    values = tuple(float(v) for v in values)
+    if not values:
+        raise ValueError("no models")
+    if all(v == values[0] for v in values):
+        return values[0], None
+    return pick(values), values
 
 
 def trim_taus(
@@ -149,15 +191,18 @@ def trim_taus(
         if thresholds is None:
             raise ValueError("global trim needs the models' thresholds")
         return _trim_each(taus, thresholds)
-    return [trim(t, tensor_threshold(t, variant.k, variant.trim_count)) for t in taus]
+    return [trim(t, tensor_threshold(t, variant.k_of(i), variant.trim_count)) for i, t in enumerate(taus)]
 
 
 def mask_source(raw: torch.Tensor, variant: Variant, index: int, name: str, threshold: float | None) -> torch.Tensor:
     """The τᵢ that model ``index``'s mask compares with τ*, exactly as :func:`merge_slot` makes it, for one model
-    alone (``tune`` rebuilds one modality at a time): raw, or DARE'd (seeded by the model's position) then trimmed."""
+    alone (``tune`` rebuilds one modality at a time): raw, or DARE'd (seeded by the model's position) then trimmed
+    (at the model's own K)."""
     if variant.masks_raw:
         return raw
     tau = _dare_one(raw, variant, index, name) if variant.dare > 0 else raw
+    if variant.uses_trim and variant.trim_scope != "global":
+        return trim(tau, tensor_threshold(tau, variant.k_of(index), variant.trim_count))
     return trim_taus([tau], variant, [threshold])[0]
 
 
