@@ -72,8 +72,11 @@ class JointCandidate:
 
     @property
     def source_dirs(self) -> dict[str, Path]:
-        """Each fine-tuned model's directory (its processor, tokenizer and config files), by modality."""
-        return {m.modality: Path(m.model) for m in self.recipe.models}  # type: ignore[misc]
+        """Each fine-tuned model's directory (its processor, tokenizer and config files), by modality; a Hub id is
+        its local snapshot."""
+        from mmer.io.resolve import resolve_model
+
+        return {m.modality: resolve_model(m.model, m.revision).path for m in self.recipe.models}  # type: ignore[misc]
 
     @property
     def directory(self) -> Path:

@@ -159,6 +159,19 @@ def test_where_the_mean_mask_couples_the_lambdas_the_joint_choice_beats_tuning_e
     assert climbed.results[0].lambdas == {"vision": START, "audio": START}  # it starts from the recipe
 
 
+def test_a_checkpoint_is_tuned_jointly_from_its_originals_and_its_recipe_written_back(recipe, tmp_path):
+    merged = tmp_path / "merged"
+    mmer.run_merge(recipe, merged)
+    from_recipe = run_joint_tune(recipe, score=joint_score, lambdas=(0.3, 0.9))
+    from_checkpoint = run_joint_tune(checkpoint=merged, score=joint_score, lambdas=(0.3, 0.9))
+    assert [r.to_dict() | {"seconds": 0} for r in from_checkpoint.results] == [
+        r.to_dict() | {"seconds": 0} for r in from_recipe.results
+    ]
+    tuned = from_checkpoint.tuned_recipe()
+    assert {m.modality: m.lambda_ for m in tuned.models} == {"vision": 0.3, "audio": 0.9}
+    assert [m.model for m in tuned.models] == [m.model for m in recipe.models]
+
+
 def test_candidates_scored_on_threads_give_the_same_report_as_in_order(recipe):
     kwargs = {"score": joint_score, "lambdas": LAMBDAS, "ks": (0.6, 0.8), "budget": 14}
     serial = run_joint_tune(recipe, **kwargs)
@@ -205,6 +218,7 @@ def mixed_prompt_score(candidate: JointCandidate) -> dict[str, float]:
     from route_fixtures import model_inputs
 
     ids = json.loads(Path(candidate.validation).read_text())  # type: ignore[arg-type]
+    assert set(candidate.source_dirs) == {"vision", "audio"} and candidate.source_dirs["vision"].is_dir()
     expansion = candidate.expansion()
     try:
         mixed = expansion.embed(
