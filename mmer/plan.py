@@ -143,7 +143,7 @@ def open_source(spec: ModelSpec) -> SourceModel:
     try:
         config_path = resolved.path / "config.json"
         config = read_json(config_path) if config_path.is_file() else None  # bounded, and a JSON object
-        layout = detect_layout(set(reader.tensors), str(resolved.path))
+        layout = detect_layout(set(reader.tensors), str(resolved.path), config)
     except BaseException:
         reader.close()
         raise

@@ -49,7 +49,7 @@ from mmer.checkpoint.standin import SlotCache, StandInReader
 from mmer.config import ModelSpec, Recipe, load_spec
 from mmer.errors import ConfigError, DecoupledFormatError, IncompatibleBaseError, ModelNotFoundError
 from mmer.io.hashing import hash_files, known
-from mmer.io.layouts import LAYOUTS
+from mmer.io.layouts import layout_named
 from mmer.io.outputs import check_target
 from mmer.io.reader import DTYPE_NAMES, read_json
 from mmer.io.resolve import ResolvedModel, resolve_model
@@ -63,7 +63,7 @@ from mmer.runtime import peak_rss_bytes
 def stand_in_source(ckpt: DecoupledCheckpoint, name: str, cache: SlotCache | None = None) -> SourceModel:
     """A :class:`SourceModel` for old modality ``name`` whose weights are its reconstruction from ``ckpt``."""
     record = ckpt.modality(name)
-    layout = LAYOUTS.get(record.source.layout)
+    layout = layout_named(record.source.layout)
     if layout is None:
         raise DecoupledFormatError(
             f"{ckpt.path}: modality {name!r} has unknown layout {record.source.layout!r}",

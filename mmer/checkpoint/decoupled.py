@@ -43,7 +43,7 @@ from mmer.errors import (
 )
 from mmer.io.hashing import file_sha256, known
 from mmer.io.jsonfile import loads_bounded
-from mmer.io.layouts import LAYOUTS
+from mmer.io.layouts import layout_named
 from mmer.io.paths import check_inside
 from mmer.io.reader import DTYPE_NAMES, SAFETENSORS_DTYPES, CheckpointReader, TensorInfo, read_safetensors_header
 from mmer.io.resolve import cached_blob_sha256
@@ -283,7 +283,7 @@ class DecoupledCheckpoint:
         self.path = path
         self.manifest = manifest
         self._base: CheckpointReader | None = None
-        self._base_layout = LAYOUTS.get(manifest.base.layout)
+        self._base_layout = layout_named(manifest.base.layout)
         self._tau: CheckpointReader | None = None
         self._masks: dict[str, MaskFile] = {}
         self._components: dict[str, CheckpointReader | None] = {}

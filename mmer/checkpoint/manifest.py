@@ -30,7 +30,7 @@ from pydantic import AfterValidator, Field, Strict, TypeAdapter, ValidationError
 from mmer.config import MAX_TAU_GROUP_SIZE, MODALITY_NAME, RESERVED_MODALITY_NAMES
 from mmer.errors import DecoupledFormatError, MmerError
 from mmer.io.jsonfile import MAX_JSON_BYTES, loads_bounded
-from mmer.io.layouts import LAYOUTS, is_buffer_name, is_vocab_tensor
+from mmer.io.layouts import LAYOUTS, is_buffer_name, is_vocab_tensor, layout_named
 from mmer.io.paths import check_inside
 from mmer.io.reader import SAFETENSORS_DTYPES
 
@@ -88,8 +88,8 @@ def _plain_file_name(name: str) -> str:
 
 
 def _layout(name: str) -> str:
-    if name not in LAYOUTS:
-        raise ValueError(f"layout {name[:80]!r} is not one of {', '.join(LAYOUTS)}")
+    if layout_named(name) is None:
+        raise ValueError(f"layout {name[:80]!r} is not one of {', '.join(LAYOUTS)} or structure:<body>|<head>")
     return name
 
 

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 
 from mmer.errors import LayoutError
 
-_CANONICAL_LLM = re.compile(r"^(model\.(embed_tokens|norm)\.|model\.layers\.\d+\.|lm_head\.)")
+CANONICAL_LLM = re.compile(r"^(model\.(embed_tokens|norm)\.|model\.layers\.\d+\.|lm_head\.)")
 _LAYER = re.compile(r"^model\.layers\.(\d+)\.")
 
 
@@ -42,7 +42,7 @@ class Layout:
             return "lm_head." + key[len(self.head_prefix) :]
         if key.startswith(self.body_prefix):
             canonical = "model." + key[len(self.body_prefix) :]
-            if self.whitelist and not _CANONICAL_LLM.match(canonical):
+            if self.whitelist and not CANONICAL_LLM.match(canonical):
                 return None
             return canonical
         return None
@@ -81,6 +81,29 @@ TEXT_MODEL = Layout("text_model", "model.text_model.", "lm_head.", whitelist=Fal
 
 LAYOUTS: dict[str, Layout] = {layout.name: layout for layout in (CAUSAL_LM, HF_LEGACY, HF_NESTED, TEXT_MODEL)}
 
+STRUCTURE = "structure"  # a layout read off transformers' model structure (mmer/io/structure.py)
+_PREFIX = r"[A-Za-z0-9_]+(?:\.[A-Za-z0-9_]+)*\."
+_STRUCTURE_NAME = re.compile(rf"{STRUCTURE}:({_PREFIX})\|({_PREFIX})(\|canonical)?")
+
+
+def structure_layout(body_prefix: str, head_prefix: str, whitelist: bool) -> Layout:
+    """A prefix layout found through transformers' structure; its name carries its prefixes, so a manifest
+    that records it reads back without transformers (``structure:<body>|<head>[|canonical]``)."""
+    name = f"{STRUCTURE}:{body_prefix}|{head_prefix}" + ("|canonical" if whitelist else "")
+    if not _STRUCTURE_NAME.fullmatch(name):
+        raise ValueError(f"not a layout prefix pair: {body_prefix[:80]!r}, {head_prefix[:80]!r}")
+    return Layout(name, body_prefix, head_prefix, whitelist, families="found through transformers' model structure")
+
+
+def layout_named(name: str) -> Layout | None:
+    """The layout a manifest records under ``name`` (one of :data:`LAYOUTS` or a ``structure:`` one), or
+    ``None`` if ``name`` is neither."""
+    if name in LAYOUTS:
+        return LAYOUTS[name]
+    match = _STRUCTURE_NAME.fullmatch(name) if isinstance(name, str) else None
+    return structure_layout(match.group(1), match.group(2), bool(match.group(3))) if match else None
+
+
 _CORRUPT_PREFIXES = (
     "model.language_model.language_model.",
     "model.language_model.visual.",
@@ -88,8 +111,12 @@ _CORRUPT_PREFIXES = (
 )
 
 
-def detect_layout(keys: list[str] | set[str], source: str) -> Layout:
-    """Pick the layout from the tensor names; refuse names that match none or look like a broken save."""
+def detect_layout(keys: list[str] | set[str], source: str, config: dict | None = None) -> Layout:
+    """Pick the layout from the tensor names; refuse names that match none or look like a broken save.
+
+    When no name layout holds the decoder and the checkpoint's ``config`` (its config.json) is given, the LLM
+    is looked for through transformers' own model structure (:mod:`mmer.io.structure`) before refusing.
+    """
     for key in keys:
         if key.startswith(_CORRUPT_PREFIXES):
             raise LayoutError(
@@ -109,10 +136,18 @@ def detect_layout(keys: list[str] | set[str], source: str) -> Layout:
         if any(k.startswith(marker) for k in keys)
     ]
     if not found:
+        structural = ""
+        if config is not None:
+            from mmer.io import structure
+
+            try:
+                return structure_layout(*structure.find_llm(set(keys), config))
+            except structure.NotFound as err:
+                structural = f"; transformers' structure of its family places no LLM either: {err}"
         why, hint = _why_no_decoder(keys)
         raise LayoutError(
             f"{source}: no LLM decoder layers found (looked for model.layers.N, language_model.model.layers.N, "
-            f"model.language_model.layers.N, model.text_model.layers.N): {why}; first names: "
+            f"model.language_model.layers.N, model.text_model.layers.N): {why}{structural}; first names: "
             + ", ".join(sorted(keys)[:5]),
             file=source,
             hint=hint,

@@ -67,6 +67,15 @@ SMALL = dict(
     out_hidden_size=TEXT["hidden_size"],
     ffn_dim=32,
     vocab_size=BASE_VOCAB,
+    embedding_size=TEXT["hidden_size"],  # a talker's input: the thinker's hidden states (Qwen2.5-Omni)
+    # speech-synthesis towers (an omni model's token2wav): vocoder channels, codec vocabulary, encoder widths
+    upsample_initial_channel=64,
+    num_embeds=64,
+    emb_dim=16,
+    enc_emb_dim=16,
+    enc_dim=16,
+    enc_attention_channels=16,
+    enc_se_channels=16,
 )
 MAX_PARAMETERS = 2_000_000  # above this after shrinking, a family is not "tiny" and the matrix skips it
 
@@ -135,10 +144,19 @@ def tiny_config(family: str, extra_vocab: int = 0):
     return config
 
 
+# Families whose mapping names a class that cannot load back what it saves under the family's config; the
+# family's own class (the one its published checkpoints carry) is built instead.
+OWN_CLASS = {
+    # the mapping's Gemma3ForConditionalGeneration: shieldgemma2's checkpoint conversion mapping (a "model."
+    # prefix) is written for ShieldGemma2ForImageClassification, so its save→load round trip loses the LLM
+    "shieldgemma2": "ShieldGemma2ForImageClassification",
+}
+
+
 def model_class(family: str):
     import transformers
 
-    return getattr(transformers, families()[family])
+    return getattr(transformers, OWN_CLASS.get(family) or families()[family])
 
 
 def count_parameters(family: str) -> int:
@@ -165,25 +183,30 @@ def _module_name(model, module) -> str | None:
 def llm_names(model) -> dict[str, str]:
     """Canonical causal-LM name → the model's own state-dict key, for its LLM as transformers defines it.
 
-    The decoder is ``get_decoder()`` (it holds the embeddings, layers and final norm), the head is
-    ``get_output_embeddings()``; an empty dict when the model has no decoder of its own.
+    The LLM is the first sub-model (the model itself first) with a decoder of its own, ``get_decoder()``
+    (embeddings, layers and final norm), and a head, ``get_output_embeddings()``: the model's own for most
+    families, an omni model's thinker's, a classifier's wrapped VLM's. An empty dict when there is none.
     """
-    try:
-        decoder = model.get_decoder()
-        head = model.get_output_embeddings()
-    except (AttributeError, NotImplementedError, ValueError):
-        return {}
-    body = _module_name(model, decoder) if decoder is not None and decoder is not model else None
-    head_name = _module_name(model, head) if head is not None else None
-    if body is None or head_name is None:
-        return {}
-    names = {}
-    for key in model.state_dict():
-        if key.startswith(body + "."):
-            names["model." + key[len(body) + 1 :]] = key
-        elif key.startswith(head_name + "."):
-            names["lm_head." + key[len(head_name) + 1 :]] = key
-    return names
+    from transformers import PreTrainedModel
+
+    for _, sub in model.named_modules():
+        if not isinstance(sub, PreTrainedModel):
+            continue
+        try:
+            decoder, head = sub.get_decoder(), sub.get_output_embeddings()
+        except (AttributeError, NotImplementedError, ValueError, TypeError):
+            continue
+        if decoder is None or decoder is sub or head is None:
+            continue
+        body, head_name = _module_name(model, decoder), _module_name(model, head)
+        names = {}
+        for key in model.state_dict():
+            if key.startswith(body + "."):
+                names["model." + key[len(body) + 1 :]] = key
+            elif key.startswith(head_name + "."):
+                names["lm_head." + key[len(head_name) + 1 :]] = key
+        return names
+    return {}
 
 
 def causal_base_type(text_model_type: str) -> str | None:
@@ -272,9 +295,47 @@ def write_family(family: str, root: Path) -> FamilyModels:
             model = build(family, seed, EXTRA_VOCAB[name])
             fine_tune(model, base, seed)
             model.save_pretrained(root / name)
+            if hasattr(model, "load_speakers"):  # an omni model loads its voices from a file beside the weights
+                torch.save({"voice": {"bos_token": 0, "cond": torch.zeros(1, 4)}}, root / name / "spk_dict.pt")
     return FamilyModels(family, root / "base", root / MODALITIES[0], root / MODALITIES[1])
 
 
-def load(family: str, directory: Path):
+def load(family: str, directory: Path, strict: bool = False):
+    """The family's own class loaded from ``directory``; ``strict``: every weight of the files lands in the
+    model and every weight of the model comes from the files (transformers warns and goes on otherwise)."""
+    from transformers import PreTrainedModel
+
+    cls = model_class(family)
     with _quiet():
-        return model_class(family).from_pretrained(directory).eval()
+        if not strict:
+            return cls.from_pretrained(directory).eval()
+        if cls.from_pretrained.__func__ is not PreTrainedModel.from_pretrained.__func__:
+            cls.from_pretrained(directory)  # the family's own loader (Qwen2.5-Omni's reads its voices) loads it
+        # transformers' loader itself reports what did not land (an override may not pass the report through)
+        model, info = PreTrainedModel.from_pretrained.__func__(cls, directory, output_loading_info=True)
+    if strict:
+        problems = {k: sorted(v)[:3] for k, v in info.items() if k != "error_msgs" and v} or info["error_msgs"]
+        assert not problems, f"{family}: {directory.name} does not load cleanly with its own class: {problems}"
+    return model.eval()
+
+
+def loaded_names(model, keys: set[str]) -> dict[str, str]:
+    """The in-memory name transformers loads each on-disk key into: its checkpoint conversion mapping's renames
+    and converters (transformers 5 fuses some MoE experts), as ``from_pretrained`` applies them. Identity for a
+    transformers without that machinery."""
+    try:
+        from transformers.conversion_mapping import get_model_conversion_mapping
+        from transformers.core_model_loading import WeightConverter, WeightRenaming, rename_source_key
+    except ImportError:
+        return {key: key for key in keys}
+    mapping = get_model_conversion_mapping(model)
+    renamings = [entry for entry in mapping if isinstance(entry, WeightRenaming)]
+    converters = [entry for entry in mapping if isinstance(entry, WeightConverter)]
+    meta = model.state_dict()
+    names = {}
+    for key in keys:
+        name, _ = rename_source_key(key, renamings, converters, model.base_model_prefix, meta)
+        if name not in meta and key in meta:  # as from_pretrained: a key already in the model keeps its name
+            name, _ = rename_source_key(key, [], [], model.base_model_prefix, meta)
+        names[key] = name
+    return names
