@@ -178,6 +178,10 @@ def print_plan(plan: dict[str, Any]) -> None:
         highlight=False,
         markup=False,
     )
+    for key, what in (("k", "K"), ("dare", "DARE p")):  # each model's own, where they differ
+        own = [f"{m['modality']}={m[key]:g}" for m in plan["models"] if key in m]
+        if own:
+            out_console.print(f"per-model {what}: {', '.join(own)}", highlight=False, markup=False)
 
 
 def print_estimate(estimate: dict[str, Any] | None, console: Console = err_console) -> None:

@@ -181,7 +181,8 @@ def run_compare(
     report = CompareReport(labels, warnings=list(plan.warnings))
     trims = sorted({v.threshold_key for v in resolved if v.needs_global_threshold and v.dare == 0})
     for key in trims or [(recipe.options.k,)]:  # a zero task vector is said once, trimmed or not
-        found = trim_warnings(labels, thresholds[key] if trims else None, key[0], norm)
+        own_k = key[4] if len(key) > 4 and key[4] else key[0]  # each model's own K (Variant.threshold_key)
+        found = trim_warnings(labels, thresholds[key] if trims else None, own_k, norm)
         report.warnings += [w for w in found if w not in report.warnings]
     for i, variant in enumerate(resolved):
         report.results.append(

@@ -377,6 +377,7 @@ def test_dry_run_of_different_densities_prints_each_models_k_and_that_recipe_mer
     assert result.exit_code == 0, str(result)
     printed = result.stdout.split("recipe:\n", 1)[1].split("\n\n", 1)[0]
     assert [m["k"] for m in yaml.safe_load(printed)["models"]] == [0.5, 0.8]
+    assert "per-model K: vision=0.5, audio=0.8" in result.stdout  # the plan says each model's K too
     saved = tmp_path / "recipe.yaml"
     saved.write_text(printed, encoding="utf-8")
     assert build_recipe([saved]) == build_recipe([mergekit_file])

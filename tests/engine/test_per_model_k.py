@@ -383,3 +383,19 @@ def test_a_manifest_whose_per_model_k_or_dare_is_out_of_range_is_refused_naming_
     with pytest.raises(DecoupledFormatError) as info:
         Manifest.from_dict(written, "ckpt/mmer_manifest.json")
     assert info.value.key == f"modalities.vision.{key}"
+
+
+def test_a_zero_threshold_warning_names_the_models_own_k_in_merge_and_compare(tmp_path, tiny_models) -> None:
+    """audio moves 30 % of its entries: at its own K = 0.9 its global threshold is 0 (more than 10 % is zero);
+    vision at K = 0.3 trims."""
+    from mmer.compare import run_compare
+
+    recipe = _with_own(
+        recipe_for(tiny_models["base_dir"], {"vision": tiny_models["vision_dir"], "audio": tiny_models["audio_dir"]}),
+        ks=(0.3, 0.9),
+    )
+    merged = mmer.run_merge(recipe, tmp_path / "out")
+    compared = run_compare(recipe, ["ties/mmer"])
+    for warnings in (merged.warnings, compared.warnings):
+        zero = [w for w in warnings if "threshold is 0" in w]
+        assert len(zero) == 1 and zero[0].startswith("audio:") and "more than 10%" in zero[0], warnings
