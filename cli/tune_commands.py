@@ -249,7 +249,7 @@ def tune(
                     checkpoint=checkpoint,
                     sources=_pairs(source, "--source"),
                     score=score,
-                    lambdas=lambda_grid,
+                    lambdas=_floats(lambdas, "--lambdas"),
                     ks=k_grid,
                     alphas=alpha_grid,
                     modalities=modality,

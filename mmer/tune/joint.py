@@ -47,7 +47,8 @@ class JointCandidate:
     """One whole vector (every modality's λ, K and α): what a joint score function receives.
 
     Attributes:
-        values: λ by modality, every modality of the merge (those not tuned keep the recipe's).
+        values: λ by modality, every modality of the merge (those not tuned keep the recipe's; ``None`` for
+            all when the mask rule has no λ, e.g. a baseline's ``none``, whose K and α alone are searched).
         k: the candidate K of the trim.
         alpha: the candidate α scaling τ*.
         validation: the file or directory the caller named as validation data (``--validation``), untouched:
@@ -57,7 +58,7 @@ class JointCandidate:
         scratch: where its checkpoint is written when asked for (internal).
     """
 
-    values: tuple[tuple[str, float], ...]
+    values: tuple[tuple[str, float | None], ...]
     k: float
     alpha: float
     validation: str | None
@@ -66,7 +67,7 @@ class JointCandidate:
     scratch: str
 
     @property
-    def lambdas(self) -> dict[str, float]:
+    def lambdas(self) -> dict[str, float | None]:
         """λ by modality."""
         return dict(self.values)
 
@@ -94,7 +95,8 @@ class JointCandidate:
 
     def router(self, device: str | None = None, **kwargs: Any) -> Router:
         """A :class:`mmer.route.Router` over this candidate's checkpoint (``kwargs`` as ``from_pretrained``'s);
-        close it when done."""
+        close it when done. A merge without masks (mask ``none``) has no router: its :meth:`checkpoint` is one
+        plain Hugging Face model, for ``from_pretrained``."""
         from mmer.route.router import Router
 
         return Router.from_pretrained(self.checkpoint(), device, **kwargs)
@@ -121,8 +123,8 @@ class JointCandidate:
         return {"order": self.order, "k": self.k, "alpha": self.alpha, "lambda": self.lambdas}
 
     def __repr__(self) -> str:
-        lams = ", ".join(f"{m}={v:g}" for m, v in self.values)
-        return f"JointCandidate(#{self.order}: λ {lams}, K={self.k:g}, α={self.alpha:g})"
+        lams = "".join(f"{m}={v:g}, " for m, v in self.values if v is not None)
+        return f"JointCandidate(#{self.order}: {'λ ' if lams else ''}{lams}K={self.k:g}, α={self.alpha:g})"
 
 
 def run_joint_tune(
@@ -160,6 +162,9 @@ def run_joint_tune(
         budget: the most candidates scored (each is a merge when the score asks for its model).
         validation: the caller's validation data, handed to the score as ``candidate.validation``; it must
             exist (tune never reads it).
+
+    A merge whose mask rule has no λ (a baseline's ``none``, EMR) is searched over K and α alone, by the same
+    rule on the same validation data: every method's hyper-parameters chosen the same way.
     """
     started = time.perf_counter()
     progress = progress or NULL_PROGRESS
@@ -170,19 +175,33 @@ def run_joint_tune(
             hint="give your own score (--score my_eval.py:score) that runs mixed prompts through "
             "candidate.expansion(), or tune without --joint",
         )
+    lambda_grid_given = lambdas is not None
     lambdas, backend = check_request(lambdas, jobs, backend)
     scorer = make_scorer(score)
     if validation is not None:
         if not Path(validation).exists():
             raise refused(validation, "no such validation data", key="validation", hint="check the path")
         validation = str(Path(validation).resolve())
-    grids = recipe_grids(recipe, checkpoint, sources, device, check_sources, ks, alphas, modalities)
+    grids = recipe_grids(recipe, checkpoint, sources, device, check_sources, ks, alphas, modalities, False)
+    mask = grids.read_recipe.options.mask
+    if not grids.tuned and lambda_grid_given:
+        raise ConfigError(
+            f"mask rule {mask!r} has no λ: the λ grid has no effect",
+            key="lambdas",
+            hint="leave out --lambdas; K (--ks) and α (--alphas) are what this merge can tune",
+        )
+    if not grids.tuned and len(grids.ks) == 1 and len(grids.alphas) == 1:
+        raise ConfigError(
+            f"nothing to search: mask rule {mask!r} has no λ and one K and one α were given",
+            key="ks",
+            hint="give a grid: --ks 0.6,0.8,1.0 and/or --alphas 0.8,1.0,1.2",
+        )
     read = replace(grids.read_recipe, options=replace(grids.read_recipe.options, hash_inputs=False))
     with build_plan(read) as plan:  # every model opened and checked against the base before any score runs
         plan_warnings = list(plan.warnings)
     variant = resolve_variant(read)
     names = [m.modality for m in read.models]
-    now = dict(zip(names, variant.lambdas, strict=True))
+    now = dict(zip(names, variant.lambdas, strict=True))  # None for every model when the rule has no λ
     axes = [
         Axis("K", tuple(grids.ks), snap(grids.ks, read.options.k)),
         Axis("α", tuple(grids.alphas), snap(grids.alphas, grids.alpha_now)),
@@ -198,13 +217,13 @@ def run_joint_tune(
     def candidate(vector: Vector, order: int) -> JointCandidate:
         k, alpha, *tuned = vector
         values = {**now, **dict(zip(grids.tuned, tuned, strict=True))}
-        models = tuple(replace(m, lambda_=values[m.modality]) for m in read.models)
+        models = tuple(replace(m, lambda_=values[m.modality]) if m.modality in grids.tuned else m for m in read.models)
         method = METHODS[read.options.method]
         options = replace(read.options, k=k, base_storage="reference")
         if "alpha" in method.accepts:
             options = replace(options, alpha=alpha)
         return JointCandidate(
-            tuple((m, float(values[m])) for m in names),  # type: ignore[misc]
+            tuple((m, values[m]) for m in names),  # type: ignore[misc]
             k,
             alpha,
             None if validation is None else str(validation),
@@ -232,7 +251,8 @@ def run_joint_tune(
     best = results[searched.best]
     report = JointReport(
         score=scorer.name,
-        description=f"{scorer.name} (the caller's score of mixed prompts through the per-token router)",
+        description=f"{scorer.name} (the caller's score "
+        + ("of mixed prompts through the per-token router)" if grids.tuned else "of each merged model)"),
         modalities=list(grids.tuned),
         lambdas=list(lambdas),
         ks=list(grids.ks),

@@ -29,7 +29,7 @@ class JointResult:
     order: int  # its place in the search order
     k: float
     alpha: float
-    lambdas: dict[str, float]  # every modality's λ (the untuned keep the recipe's)
+    lambdas: dict[str, float | None]  # every modality's λ (the untuned keep the recipe's; None: the rule has none)
     score: float
     details: dict[str, Any] = field(default_factory=dict)
     seconds: float = 0.0
@@ -75,7 +75,7 @@ class JointReport:
 
     @property
     def best_lambdas(self) -> dict[str, float]:
-        return {m: self.best.lambdas[m] for m in self.modalities}
+        return {m: self.best.lambdas[m] for m in self.modalities}  # type: ignore[misc]
 
     def tuned_recipe(self) -> Recipe:
         """The input recipe with the chosen vector: ``mmer merge`` it."""

@@ -63,16 +63,20 @@ def recipe_grids(
     ks: Sequence[float] | None,
     alphas: Sequence[float] | None,
     modalities: Sequence[str] | None,
+    need_lambda: bool = True,
 ) -> Grids:
-    """The recipe tuned (or a checkpoint's, its originals found), and the K, α grids and modalities it allows."""
+    """The recipe tuned (or a checkpoint's, its originals found), and the K, α grids and modalities it allows.
+
+    ``need_lambda=False`` (the joint search, which merges every candidate whole) accepts a mask rule without a
+    λ to tune (a baseline's ``none``, EMR's rescaled masks): then no modality is tuned, only K and α."""
     read_recipe, spec_recipe, reuse = tune_inputs(recipe, checkpoint, sources, device, check_sources)
     options = read_recipe.options
-    rule = MASKS.get(options.mask)
-    if rule is None or "lambda" not in rule.accepts or rule.rescaled:
+    if need_lambda and not has_lambda(options.mask):
         raise ConfigError(
             f"mask rule {options.mask!r} has no λ to tune",
             key="mask",
-            hint="tune the mmer (or tall) mask rule; emr is tuning-free and none has no masks",
+            hint="tune the mmer (or tall) mask rule; emr is tuning-free and none has no masks (tune their K and α "
+            "with --joint)",
         )
     ks = grid(ks if ks is not None else [options.k], "ks", lambda v: 0 < v <= 1, "K is the fraction kept, in (0, 1]")
     if ks != [options.k] and not METHODS[options.method].uses_trim:
@@ -94,6 +98,14 @@ def recipe_grids(
             hint=f"tune α with one of {', '.join(sorted(m for m, d in METHODS.items() if 'alpha' in d.accepts))}",
         )
     names = [m.modality for m in read_recipe.models]
+    if not has_lambda(options.mask):
+        if modalities:
+            raise ConfigError(
+                f"mask rule {options.mask!r} has no λ: there is no modality's λ to tune",
+                key="modality",
+                hint="leave out --modality; K (--ks) and α (--alphas) are what this merge can tune",
+            )
+        return Grids(read_recipe, spec_recipe, reuse, ks, alphas, alpha_now, [])  # type: ignore[arg-type]
     tuned = list(dict.fromkeys(modalities or names))
     for name in tuned:
         if name not in names:
@@ -103,3 +115,9 @@ def recipe_grids(
                 hint=f"its modalities are: {', '.join(names)}",
             )
     return Grids(read_recipe, spec_recipe, reuse, ks, alphas, alpha_now, tuned)  # type: ignore[arg-type]
+
+
+def has_lambda(mask: str) -> bool:
+    """Whether the mask rule's masks move with a λ (EMR's are tuning-free: its rescaler undoes any λ)."""
+    rule = MASKS.get(mask)
+    return rule is not None and "lambda" in rule.accepts and not rule.rescaled

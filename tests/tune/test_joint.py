@@ -280,3 +280,39 @@ def test_each_candidate_runs_mixed_prompts_on_exactly_the_checkpoint_mmer_merge_
             assert torch.equal(expansion(mixed).logits[0, -len(ids) + 1 :], seen["logits"])
         finally:
             router.close()
+
+
+# ------------------------------------------------------------------------------------------ baselines: K and α
+TARGET: dict[str, torch.Tensor] = {}
+
+
+def distance_to_target(candidate: JointCandidate) -> float:
+    """How far the candidate's merged model is from a reference merge: a validation score peaked at one (K, α)."""
+    from safetensors.torch import load_file
+
+    merged = {}
+    for file in sorted(candidate.checkpoint().glob("*.safetensors")):
+        merged.update(load_file(str(file)))
+    return -sum(float((merged[n].float() - t.float()).abs().sum()) for n, t in TARGET.items())
+
+
+def test_a_merge_without_masks_is_tuned_over_k_and_alpha_by_the_same_search(recipe, tmp_path):
+    from safetensors.torch import load_file
+
+    baseline = replace(recipe, options=replace(recipe.options, mask="none"))
+    reference = tmp_path / "reference"
+    mmer.run_merge(replace(baseline, options=replace(baseline.options, k=0.2, alpha=0.8)), reference)
+    TARGET.clear()
+    for file in sorted(reference.glob("*.safetensors")):
+        TARGET.update(load_file(str(file)))
+    report = run_joint_tune(baseline, score=distance_to_target, ks=(0.2, 0.5, 1.0), alphas=(0.8, 1.0))
+    assert (report.best.k, report.best.alpha, report.best.score) == (0.2, 0.8, 0.0)
+    assert sorted(r.score for r in report.results).count(0.0) == 1  # every other (K, α) is another merge
+    assert report.modalities == [] and len(report.results) == 6
+    assert (report.tuned_recipe().options.k, report.tuned_recipe().options.alpha) == (0.2, 0.8)
+    assert all(r.lambdas == {"vision": None, "audio": None} for r in report.results)
+
+    for kwargs, key in (({"lambdas": (0.6, 0.9)}, "lambdas"), ({"modalities": ["vision"]}, "modality"), ({}, "ks")):
+        with pytest.raises(ConfigError, match="no λ") as err:
+            run_joint_tune(baseline, score=distance_to_target, **kwargs)
+        assert err.value.key == key and err.value.hint
