@@ -199,7 +199,8 @@ def _bf16_models(root: Path) -> dict:
     return models
 
 
-def _with_own(recipe: Recipe, ks=(None, None), dares=(None, None)) -> Recipe:
+def _with_own(recipe: Recipe, ks=None, dares=None) -> Recipe:
+    ks, dares = ks or (None,) * len(recipe.models), dares or (None,) * len(recipe.models)
     models = tuple(dataclasses.replace(m, k=k, dare=p) for m, k, p in zip(recipe.models, ks, dares, strict=True))
     return dataclasses.replace(recipe, models=models)
 
@@ -399,3 +400,21 @@ def test_a_zero_threshold_warning_names_the_models_own_k_in_merge_and_compare(tm
     for warnings in (merged.warnings, compared.warnings):
         zero = [w for w in warnings if "threshold is 0" in w]
         assert len(zero) == 1 and zero[0].startswith("audio:") and "more than 10%" in zero[0], warnings
+
+
+def test_mmer_add_keeps_each_old_models_own_k_and_takes_the_new_ones(tmp_path, tiny_models) -> None:
+    """The add of a model with its own K equals the from-scratch merge of all of them at their own K, bit for bit:
+    the manifest's per-model K is read back into the old models' specs."""
+    from mmer.add import add_models
+
+    base = tiny_models["base_dir"]
+    vision = _with_own(recipe_for(base, {"vision": tiny_models["vision_dir"]}, hash_inputs=True), ks=(0.5,))
+    mmer.run_merge(vision, tmp_path / "merged")
+    spec = tmp_path / "audio.yaml"
+    spec.write_text(yaml.safe_dump({"model": str(tiny_models["audio_dir"]), "modality": "audio", "k": 0.3}))
+    add_models(tmp_path / "merged", [spec], tmp_path / "added")
+    both = recipe_for(base, {"vision": tiny_models["vision_dir"], "audio": tiny_models["audio_dir"]}, hash_inputs=True)
+    mmer.run_merge(_with_own(both, ks=(0.5, 0.3)), tmp_path / "scratch")
+    assert _weights(tmp_path / "added") == _weights(tmp_path / "scratch")
+    with mmer.load_decoupled(tmp_path / "added") as ckpt:
+        assert (ckpt.modality("vision").k, ckpt.modality("audio").k) == (0.5, 0.3)
