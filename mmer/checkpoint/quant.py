@@ -87,7 +87,9 @@ def stored_bytes(shape: Sequence[int], name: str, group_size: int) -> int:
 
 
 # ------------------------------------------------------------------------------------------------- the maths
-def quantise_rows(x: torch.Tensor, name: str, group_size: int) -> tuple[torch.Tensor, torch.Tensor]:
+def quantise_rows(
+    x: torch.Tensor, name: str, group_size: int, tensor: str = "τ*"
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Codes and scales of ``x`` ([rows, cols], any float dtype): symmetric absmax per group of the last dim.
 
     A group of zeros gets the scale 1 (any positive scale gives it the codes 0; a zero scale is what a reader
@@ -100,6 +102,13 @@ def quantise_rows(x: torch.Tensor, name: str, group_size: int) -> tuple[torch.Te
     x = x.float()
     padded = torch.nn.functional.pad(x, (0, groups * group_size - cols)).view(rows, groups, group_size)
     absmax = padded.abs().amax(dim=-1)
+    if not bool(torch.isfinite(absmax).all()):  # amax carries a NaN or inf through: one check per group, not entry
+        raise NonFiniteError(
+            f"{tensor} holds NaN or inf, which has no {name} scale",
+            tensor=tensor,
+            key="tau_storage",
+            hint="store τ* exact (tau_storage: exact) when merging with allow_nonfinite",
+        )
     scales = absmax / s.qmax
     scales = torch.where(scales > 0, scales, torch.ones_like(scales))  # zeros (and absmax that underflows)
     codes = torch.round(padded / scales.unsqueeze(-1)).clamp_(-s.qmax, s.qmax).to(torch.int8)
@@ -254,15 +263,7 @@ def quantise_directory(
                 continue
             step = max(1, BLOCK_ELEMENTS // cols)
             for r0 in range(0, rows, step):
-                block = exact[r0 : r0 + step].float()
-                if not bool(torch.isfinite(block).all()):
-                    raise NonFiniteError(
-                        f"τ* of {slot} holds NaN or inf, which has no {name} scale",
-                        tensor=slot,
-                        key="tau_storage",
-                        hint="store τ* exact (tau_storage: exact) when merging with allow_nonfinite",
-                    )
-                codes, scales = quantise_rows(block, name, group_size)
+                codes, scales = quantise_rows(exact[r0 : r0 + step], name, group_size, tensor=f"τ* of {slot}")
                 writer.write_range(slot, codes.reshape(-1), r0 * code_cols)
                 writer.write_range(slot + SCALES_SUFFIX, scales.reshape(-1), r0 * groups)
         writer.close()

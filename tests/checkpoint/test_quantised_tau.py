@@ -25,7 +25,7 @@ from mmer.checkpoint import manifest as manifest_module
 from mmer.checkpoint import quant
 from mmer.checkpoint.manifest import MANIFEST_NAME, MANIFEST_SHA_NAME, Manifest
 from mmer.config import MergeOptions
-from mmer.errors import ConfigError, DecoupledFormatError, MmerError
+from mmer.errors import ConfigError, DecoupledFormatError, MmerError, NonFiniteError
 from mmer.inspect import inspect_masks
 from mmer.io.reader import CheckpointReader
 from mmer.route.reconstruct import reconstruct
@@ -76,6 +76,15 @@ def test_int8_codes_are_round_to_nearest_even_of_x_over_the_groups_absmax_over_1
     codes, scales = quant.quantise_rows(torch.tensor([[31.75, -0.125, 0.25, 0.375]]), "int8", 3)
     assert scales.tolist() == [[0.25, float(torch.tensor(0.375) / 127)]]  # float32, as stored
     assert codes.tolist() == [[127, 0, 1, 127]]  # -0.5 → 0 (half to even)
+
+
+@pytest.mark.parametrize("bad", [math.nan, math.inf, -math.inf])
+def test_a_tau_holding_nan_or_inf_has_no_scale_and_is_refused(bad):
+    x = torch.randn(2, 8)
+    x[1, 3] = bad
+    with pytest.raises(NonFiniteError) as caught:
+        quant.quantise_rows(x, "int8", 4, tensor="τ* of w")
+    assert caught.value.key == "tau_storage" and "exact" in caught.value.hint
 
 
 def test_a_tensor_is_dequantised_in_blocks_to_the_same_values():
@@ -382,4 +391,20 @@ def test_the_command_line_stores_tau_quantised(tiny_models, tmp_path):
     result = cli("merge", specs["base"], specs["vision"], "-o", out, "--tau-storage", "int4", "--tau-group-size", "8")
     assert result.exit_code == 0, result.stdout + result.stderr
     assert json.loads((out / MANIFEST_NAME).read_text())["tau_star_encoding"]["group_size"] == 8
+    assert verify(out).ok
+
+
+@pytest.mark.parametrize("mode", ["exact", "standin"])
+def test_adding_a_modality_to_a_quantised_checkpoint_keeps_its_storage(tiny_models, tmp_path, mode):
+    from mmer.add import add_models
+    from mmer.config import ModelSpec
+
+    merged = tmp_path / "merged"
+    recipe = recipe_for(tiny_models["base_dir"], {"vision": tiny_models["vision_dir"]}, tau_storage="int8")
+    mmer.run_merge(recipe, merged)
+    out = tmp_path / "added"
+    add_models(merged, [ModelSpec(str(tiny_models["audio_dir"]), modality="audio")], out, mode=mode)
+    with mmer.load_decoupled(out) as ckpt:
+        assert ckpt.tau_star_encoding is not None and ckpt.tau_star_encoding.scheme == "int8"
+        assert ckpt.manifest.format_version == "2.0" and ckpt.modalities == ["vision", "audio"]
     assert verify(out).ok
