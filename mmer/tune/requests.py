@@ -83,6 +83,14 @@ def recipe_grids(
         raise ConfigError(
             f"method {options.method} does not trim: K has no effect", key="ks", hint="tune K with method ties"
         )
+    own = [m.modality for m in read_recipe.models if m.k is not None]
+    if ks != [options.k] and own:
+        raise ConfigError(
+            f"{', '.join(own)} {'has its' if len(own) == 1 else 'have their'} own K (k: in the model's spec), "
+            "which the K grid would not change",
+            key="ks",
+            hint="search K without per-model k:, or leave out --ks to tune λ and α at the models' own K",
+        )
     method = METHODS[options.method]
     alpha_now = options.alpha if options.alpha is not None else method.default_alpha
     alphas = grid(

@@ -316,3 +316,11 @@ def test_a_merge_without_masks_is_tuned_over_k_and_alpha_by_the_same_search(reci
         with pytest.raises(ConfigError, match="no λ") as err:
             run_joint_tune(baseline, score=distance_to_target, **kwargs)
         assert err.value.key == key and err.value.hint
+
+
+def test_a_k_grid_is_refused_when_a_model_has_its_own_k(recipe):
+    own = replace(recipe, models=(replace(recipe.models[0], k=0.5), *recipe.models[1:]))
+    for tune, kwargs in ((run_tune, {}), (run_joint_tune, {"score": joint_score})):
+        with pytest.raises(ConfigError, match="vision has its own K") as err:
+            tune(own, ks=(0.6, 0.8), **kwargs)
+        assert err.value.key == "ks" and err.value.hint
