@@ -282,6 +282,15 @@ class Recipe:
                 key="modality",
                 hint="the base is the shared text LLM; give the modality only to the fine-tuned models",
             )
+        for key, value in (("k", self.base.k), ("dare", self.base.dare)):
+            if value is not None:
+                raise ConfigError(
+                    f"the base model {self.base.model!r} has its own {key} ({value:g}), but the base has no "
+                    "task vector to trim or drop",
+                    file=self.source.file if self.source is not None else None,
+                    key=key,
+                    hint=f"give `{key}:` to the fine-tuned models, or set it for all of them under `options:`",
+                )
         if not self.models:
             raise ConfigError("no fine-tuned models to merge", hint="pass at least one model YAML after the base")
         seen: dict[str, str] = {}

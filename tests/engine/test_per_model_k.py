@@ -418,3 +418,15 @@ def test_mmer_add_keeps_each_old_models_own_k_and_takes_the_new_ones(tmp_path, t
     assert _weights(tmp_path / "added") == _weights(tmp_path / "scratch")
     with mmer.load_decoupled(tmp_path / "added") as ckpt:
         assert (ckpt.modality("vision").k, ckpt.modality("audio").k) == (0.5, 0.3)
+
+
+@pytest.mark.parametrize("key", ["k", "dare"])
+def test_a_k_or_dare_on_the_base_is_refused_with_where_to_put_it(tmp_path, key) -> None:
+    recipe_file = tmp_path / "recipe.yaml"
+    recipe_file.write_text(
+        yaml.safe_dump({"base": {"model": "org/base", key: 0.5}, "models": [{"model": "org/a", "modality": "vision"}]})
+    )
+    with pytest.raises(ConfigError) as info:
+        build_recipe([recipe_file])
+    assert info.value.key == key and "base" in info.value.message and "fine-tuned" in info.value.hint
+    assert info.value.file == str(recipe_file)
