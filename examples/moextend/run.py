@@ -263,6 +263,9 @@ def parse(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--text-share", type=float, default=0.06, help="text-only share of the fine-tuning mix")
     parser.add_argument("--held-out-text", type=int, default=512, help="held-out text windows for forgetting")
     parser.add_argument("--tiny", action="store_true", help="a few steps of everything (the test suite's run)")
+    parser.add_argument(
+        "--merge", type=Path, nargs="+", default=None, help="combine results.json files of single-seed runs"
+    )
     parser.add_argument("--workdir", type=Path, default=None, help="where the base and the packs go (default: temp)")
     parser.add_argument("--results", type=Path, default=HERE / "results")
     args = parser.parse_args(argv)
@@ -281,6 +284,8 @@ def fresh(workdir: Path, projector_state: dict, projector) -> MoExtendModel:
 
 def main(argv: Sequence[str] | None = None) -> dict:
     args = parse(argv)
+    if args.merge:
+        return merge(args.merge, args.results)
     started_all = time.perf_counter()
     workdir = args.workdir or Path(tempfile.mkdtemp(prefix="moextend-example-"))
     args.results.mkdir(parents=True, exist_ok=True)
@@ -402,6 +407,36 @@ def main(argv: Sequence[str] | None = None) -> dict:
     return summary
 
 
+# Keys that vary between runs of the same experiment; every other key of their summaries must agree.
+PER_RUN = ("seeds", "probes", "runs", "rows", "wall seconds", "pretrain seconds", "machine", "mode")
+
+
+def merge(files: Sequence[Path], results: Path) -> dict:
+    """One report from runs of the same settings on other seeds (e.g. one process per seed on a many-core
+    machine): their runs side by side, the statistics over all their seeds."""
+    parts = [json.loads(Path(f).read_text()) for f in files]
+    first = parts[0]
+    for f, part in zip(files, parts, strict=True):
+        differs = [k for k in first if k not in PER_RUN and part.get(k) != first[k]]
+        if differs:
+            raise SystemExit(f"{f}: {', '.join(differs)} differ from {files[0]}'s; only runs of one setting merge")
+    seeds = [s for part in parts for s in part["seeds"]]
+    if len(set(seeds)) != len(seeds):
+        raise SystemExit(f"seeds {seeds} repeat; merge runs of different seeds")
+    runs = [r for part in parts for r in part["runs"]]
+    summary = first | {
+        "seeds": seeds,
+        "probes": {k: v for part in parts for k, v in part["probes"].items()},
+        "runs": runs,
+        "rows": aggregate(runs),
+        "wall seconds": sum(part["wall seconds"] for part in parts),
+        "merged": {"files": [str(f) for f in files], "wall seconds": [part["wall seconds"] for part in parts]},
+    }
+    results.mkdir(parents=True, exist_ok=True)
+    report_results(summary, results)
+    return summary
+
+
 def reload_from_pack(model, workdir: Path, plan, recipe, report, test_questions) -> MoExtendModel:
     """Write the pack, load it onto a fresh base, and insist on bit-identical logits: what is measured is the pack."""
     pack = write_pack(
@@ -484,6 +519,9 @@ def report_results(summary: dict, results: Path) -> None:
         for seed, p in summary["probes"].items()
     ]
     mix = summary["mix"]
+    parts = f" (the sum of {len(summary['merged']['files'])} single-seed runs)" if "merged" in summary else ""
+    if summary.get("pretrain seconds"):
+        parts += f", pretraining {summary['pretrain seconds'] / 60:.1f} min of it"
     note = (
         f"Base: {summary['base parameters']:,} parameters, held-out text loss {summary['text loss before']:.4f} "
         f"nats/char before fine-tuning. Mix: {mix['digit samples']:,} digit questions + {mix['text-only samples']:,} "
@@ -491,7 +529,7 @@ def report_results(summary: dict, results: Path) -> None:
         f"align {summary['steps']['align']} steps at lr {summary['learning rates']['align']:g}, probe "
         f"{summary['steps']['probe']} steps at lr {summary['learning rates']['probe']:g}.\n\n"
         + "\n".join(f"- {line}" for line in probe_lines)
-        + f"\n\nWall time {summary['wall seconds'] / 60:.1f} min on {summary['machine']['cpu']} "
+        + f"\n\nWall time {summary['wall seconds'] / 60:.1f} min{parts} on {summary['machine']['cpu']} "
         f"({summary['machine']['torch threads']} torch threads, {summary['machine']['cpu capability']} kernels, "
         f"torch {summary['machine']['torch']})."
     )

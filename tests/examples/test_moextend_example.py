@@ -136,3 +136,25 @@ def test_the_table_is_the_mean_and_spread_of_the_seeds_runs(tiny):
             assert row[measure]["mean"] == pytest.approx(statistics.fmean(values))
             assert row[measure]["sd"] == pytest.approx(statistics.stdev(values))
     assert {"cpu", "torch threads", "cpu capability", "torch"} <= set(summary["machine"])
+
+
+@pytest.mark.slow
+def test_single_seed_runs_merge_into_the_table_one_run_of_all_seeds_prints(run, tiny, tmp_path):
+    summary, _ = tiny
+    files = []
+    for seed in ("1", "0"):
+        work = tmp_path / seed
+        argv = ["--tiny", "--seeds", seed, "--lrs", "3e-3", "--placement-lrs", "3e-3"]
+        run.main([*argv, "--workdir", str(work), "--results", str(work / "results")])
+        files.append(str(work / "results" / "results.json"))
+    merged = run.main(["--merge", *files, "--results", str(tmp_path / "merged")])
+    assert merged["seeds"] == [1, 0]
+    assert "the sum of 2 single-seed runs" in (tmp_path / "merged" / "results.md").read_text()
+
+    def measured(runs):
+        keep = ("arm", "lr", "seed", "layers", "trainable parameters", "digit accuracy", "text loss change")
+        return sorted(tuple(str(r[k]) for k in keep) for r in runs if r["lr"] == 3e-3)
+
+    assert measured(merged["runs"]) == measured(summary["runs"])
+    with pytest.raises(SystemExit, match="seeds"):
+        run.main(["--merge", files[0], files[0], "--results", str(tmp_path / "again")])
