@@ -430,3 +430,23 @@ def test_a_k_or_dare_on_the_base_is_refused_with_where_to_put_it(tmp_path, key) 
         build_recipe([recipe_file])
     assert info.value.key == key and "base" in info.value.message and "fine-tuned" in info.value.hint
     assert info.value.file == str(recipe_file)
+
+
+def test_mmer_merge_refuses_a_bad_per_model_k_with_exit_code_2_and_json(tmp_path, tiny_models) -> None:
+    import json
+
+    recipe_file = tmp_path / "recipe.yaml"
+    recipe_file.write_text(
+        yaml.safe_dump(
+            {
+                "base": str(tiny_models["base_dir"]),
+                "models": [{"model": str(tiny_models["vision_dir"]), "modality": "vision", "k": 1.2}],
+            }
+        )
+    )
+    result = cli("merge", str(recipe_file), "-o", str(tmp_path / "out"), "--json")
+    assert result.exit_code == 2, str(result)
+    error = json.loads(result.stdout)
+    assert error["error"] == "ConfigError" and error["key"] == "k" and error["file"] == str(recipe_file)
+    assert "out of range" in error["message"] and error["hint"]
+    assert not (tmp_path / "out").exists()
