@@ -179,7 +179,7 @@ def tune(
     ] = None,
     validation: Annotated[
         Path | None,
-        typer.Option(help="With --joint: your validation data, handed to the score as candidate.validation."),
+        typer.Option(help="Your validation data, handed to your --score as candidate.validation."),
     ] = None,
     jobs: Annotated[int, typer.Option(help="Workers scoring candidates in parallel.")] = 1,
     backend: Annotated[str, typer.Option(help="auto, serial, thread, process or ray.")] = "auto",
@@ -231,11 +231,7 @@ def tune(
         alpha_grid = _floats(alphas, "--alphas")
         check_outputs(output, write_recipe, overwrite)
         if not joint:
-            given = [
-                f
-                for f, v in (("--search", search), ("--budget", budget), ("--validation", validation))
-                if v is not None
-            ]
+            given = [f for f, v in (("--search", search), ("--budget", budget)) if v is not None]
             if given:
                 raise ConfigError(
                     f"{given[0]} goes with --joint", key=given[0].lstrip("-"), hint="add --joint, or leave it out"
@@ -275,6 +271,7 @@ def tune(
                     alphas=alpha_grid,
                     modalities=modality,
                     probes=probe_arg,
+                    validation=validation,
                     jobs=jobs,
                     backend=backend,
                     ray_address=ray_address,

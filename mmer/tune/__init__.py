@@ -69,7 +69,7 @@ from mmer.tune.report import (
     write_outputs,
     write_plot,
 )
-from mmer.tune.requests import check_request, recipe_grids
+from mmer.tune.requests import check_request, checked_validation, recipe_grids
 from mmer.tune.scores import (
     BUILTIN_SCORES,
     Scorer,
@@ -124,6 +124,7 @@ def run_tune(
     alphas: Sequence[float] | None = None,
     modalities: Sequence[str] | None = None,
     probes: str | Path | Mapping[str, str | Path] | None = None,
+    validation: str | Path | None = None,
     jobs: int = 1,
     backend: str = "auto",
     ray_address: str | None = None,
@@ -147,6 +148,8 @@ def run_tune(
         alphas: the α grid, the scale on τ* (default: only the recipe's α); every (K, α) pair is one merge.
         modalities: which modalities to tune (default: all); the others keep their λ.
         probes: for ``logits``: one probe file for every modality, or a file per modality.
+        validation: for the caller's score: its validation data, handed to it as ``candidate.validation`` (it
+            must exist; tune never reads it).
         jobs: workers for per-candidate scores.
         backend: ``auto`` (serial for one job, else processes), ``serial``, ``thread``, ``process`` or ``ray``.
         ray_address: a Ray cluster to use with ``backend="ray"`` (default: start a local one, or use the one
@@ -167,6 +170,7 @@ def run_tune(
             key="probes",
             hint="pass --probes probes.jsonl (one list of token ids or one text per line)",
         )
+    validation = checked_validation(validation, scorer.name)
     grids = recipe_grids(recipe, checkpoint, sources, device, check_sources, ks, alphas, modalities)
     read_recipe, spec_recipe, reuse = grids.read_recipe, grids.spec_recipe, grids.reuse
     options = read_recipe.options
@@ -185,7 +189,7 @@ def run_tune(
         current = {m: plan.lambda_for(m) for m in names}
         candidates = (
             [
-                Candidate(m, lam, k, a, prepared.inputs[(m, (k, a))])
+                Candidate(m, lam, k, a, prepared.inputs[(m, (k, a))], validation)
                 for m in tuned
                 for k, a in points
                 for lam in lambdas

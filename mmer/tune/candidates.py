@@ -60,6 +60,8 @@ class Candidate:
         k: the candidate K of the trim (τ* is this K's).
         alpha: the candidate α scaling τ* (the masks compare each τᵢ with this τ*).
         inputs: where the weights are read from (internal; picklable, so candidates travel to workers).
+        validation: the file or directory the caller named as validation data (``--validation``), for the
+            score to read; ``None`` when none was named.
     """
 
     modality: str
@@ -67,6 +69,7 @@ class Candidate:
     k: float
     alpha: float
     inputs: CandidateInputs
+    validation: str | None = None
 
     @property
     def source_dir(self) -> Path:

@@ -29,10 +29,9 @@ from mmer.merge.methods import METHODS
 from mmer.plan import build_plan, resolve_variant
 from mmer.progress import NULL_PROGRESS, ProgressSink
 from mmer.tune.backends import run_candidates
-from mmer.tune.errors import refused
 from mmer.tune.joint_report import JointReport, JointResult, joint_flat_axes
 from mmer.tune.joint_search import DEFAULT_BUDGET, Axis, Vector, joint_search, snap
-from mmer.tune.requests import check_request, recipe_grids
+from mmer.tune.requests import check_request, checked_validation, recipe_grids
 from mmer.tune.scores import BUILTIN_SCORES, make_scorer
 
 if TYPE_CHECKING:
@@ -178,10 +177,7 @@ def run_joint_tune(
     lambda_grid_given = lambdas is not None
     lambdas, backend = check_request(lambdas, jobs, backend)
     scorer = make_scorer(score)
-    if validation is not None:
-        if not Path(validation).exists():
-            raise refused(validation, "no such validation data", key="validation", hint="check the path")
-        validation = str(Path(validation).resolve())
+    validation = checked_validation(validation, scorer.name)
     grids = recipe_grids(recipe, checkpoint, sources, device, check_sources, ks, alphas, modalities, False)
     mask = grids.read_recipe.options.mask
     if not grids.tuned and lambda_grid_given:

@@ -16,7 +16,9 @@ from mmer.merge.masks import MASKS
 from mmer.merge.methods import METHODS
 from mmer.tune.backends import BACKENDS
 from mmer.tune.candidates import Point
+from mmer.tune.errors import refused
 from mmer.tune.inputs import tune_inputs
+from mmer.tune.scores import BUILTIN_SCORES
 from mmer.tune.search import DEFAULT_LAMBDAS, grid
 
 
@@ -129,3 +131,19 @@ def has_lambda(mask: str) -> bool:
     """Whether the mask rule's masks move with a λ (EMR's are tuning-free: its rescaler undoes any λ)."""
     rule = MASKS.get(mask)
     return rule is not None and "lambda" in rule.accepts and not rule.rescaled
+
+
+def checked_validation(validation: str | Path | None, score: str) -> str | None:
+    """The caller's validation data as an absolute path for their score (workers may run elsewhere); tune never
+    reads it, so it only has to exist, and only a score of the caller's own can use it."""
+    if validation is None:
+        return None
+    if score in BUILTIN_SCORES:
+        raise ConfigError(
+            f"--validation is handed to your own score; {score} does not read it",
+            key="validation",
+            hint="give --score my_eval.py:score, or leave out --validation",
+        )
+    if not Path(validation).exists():
+        raise refused(validation, "no such validation data", key="validation", hint="check the path")
+    return str(Path(validation).resolve())

@@ -196,6 +196,7 @@ def test_a_joint_tune_refuses_what_it_cannot_score_naming_the_option(recipe, tmp
     cases = [
         ({"score": "recon"}, "score", "one modality's model alone"),
         ({"score": "logits"}, "score", "one modality's model alone"),
+        ({"score": "recon", "validation": "val.jsonl"}, "score", "one modality's model alone"),
         ({"score": joint_score, "validation": tmp_path / "missing.jsonl"}, "validation", "no such validation"),
         ({"score": joint_score, "modalities": ["speech"]}, "modality", "not in the recipe"),
         ({"score": joint_score, "search": "grid", "budget": 4}, "budget", "over the budget"),
@@ -324,3 +325,16 @@ def test_a_k_grid_is_refused_when_a_model_has_its_own_k(recipe):
         with pytest.raises(ConfigError, match="vision has its own K") as err:
             tune(own, ks=(0.6, 0.8), **kwargs)
         assert err.value.key == "ks" and err.value.hint
+
+
+def validation_size(candidate: Candidate) -> float:
+    return float(len(Path(candidate.validation).read_text().split()))  # type: ignore[arg-type]
+
+
+def test_the_per_modality_search_hands_its_score_the_validation_data_too(recipe, tmp_path):
+    (tmp_path / "val.txt").write_text("a b c\n")
+    report = run_tune(recipe, score=validation_size, lambdas=(0.9,), validation=tmp_path / "val.txt")
+    assert {r.score for r in report.results} == {3.0}
+    with pytest.raises(ConfigError, match="recon does not read it") as err:
+        run_tune(recipe, validation=tmp_path / "val.txt")
+    assert err.value.key == "validation" and err.value.hint

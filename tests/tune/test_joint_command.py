@@ -68,7 +68,8 @@ def test_a_joint_tune_prints_valid_json_in_search_order_and_writes_a_recipe_mmer
         (("--joint",), "score", "one modality's model alone"),  # the default score is recon
         (("--joint", "--score", "logits"), "score", "one modality's model alone"),
         (("--budget", "4"), "budget", "goes with --joint"),
-        (("--validation", "val.jsonl"), "validation", "goes with --joint"),
+        (("--search", "grid"), "search", "goes with --joint"),
+        (("--validation", "val.jsonl"), "validation", "recon does not read it"),
         (("--joint", "--score", "MY:coupled", "--search", "grid", "--budget", "4"), "budget", "over the budget"),
         (("--joint", "--score", "MY:coupled", "--search", "random"), "search", "not one of"),
         (("--joint", "--score", "MY:coupled", "--validation", "nowhere.jsonl"), "validation", "no such validation"),
