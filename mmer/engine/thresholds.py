@@ -43,9 +43,7 @@ def _sample_blocks(
     return [(i * step, i * step + block) for i in range(count)]
 
 
-def find_thresholds(
-    plan: MergePlan, variants: list[Variant], progress: ProgressSink, unverified: list | None = None
-) -> Thresholds:
+def find_thresholds(plan: MergePlan, variants: list[Variant], progress: ProgressSink) -> Thresholds:
     """Each model's exact global top-K magnitude threshold per distinct trim, in one streaming pass.
 
     Variants that trim the same task vectors the same way (see ``Variant.threshold_key``) share one search,
@@ -54,10 +52,6 @@ def find_thresholds(
     DARE'd task vectors, whose random masks are drawn per whole tensor, and any window that missed take the
     histogram search (``merge.trim.GlobalThreshold``), whose second pass is skipped when the first finds a bin
     holding one magnitude. Exact either way.
-
-    With ``unverified`` (a list the caller passes), a trim whose every window the sample narrowed to one magnitude
-    (a threshold of 0, or inside one block of ties) skips the full pass: its values are that magnitude, and
-    ``(key, finders)`` is appended for the merge to count and confirm (``engine.merge_pass``).
     """
     keys = sorted({v.threshold_key for v in variants if v.needs_global_threshold})
     if not keys:
@@ -66,7 +60,6 @@ def find_thresholds(
     by_key = {v.threshold_key: v for v in variants if v.needs_global_threshold}
     n_models = len(plan.models)
     windowed = [key for key in keys if key[2] == 0]
-    guessed: list[tuple] = []
     # each model ranked at its own K (Variant.k_of): a model's window is placed and counted alone, so the kernel's
     # per-model windows need nothing else
     finders = {
@@ -81,21 +74,11 @@ def find_thresholds(
         for key in windowed:
             for finder in finders[key]:
                 finder.open_window()
-        guessed = [key for key in windowed if unverified is not None and _one_magnitude(finders[key])]
-        if unverified is not None:
-            unverified.extend((key, finders[key]) for key in guessed)
-        counted = [finders[key] for key in windowed if key not in guessed]
-        if counted:
-            _window_pass(plan, plan.merged_slots, device, counted, progress, "threshold")
+        _window_pass(plan, plan.merged_slots, device, [finders[key] for key in windowed], progress, "threshold")
     values: Thresholds = {
-        key: [f.value if not f.needs_second_pass else None for f in finders[key]]
-        for key in windowed
-        if key not in guessed
+        key: [f.value if not f.needs_second_pass else None for f in finders[key]] for key in windowed
     }
-    values.update({key: [_pattern_value(f.window[0]) for f in finders[key]] for key in guessed})
-    wanted = {
-        (key, i) for key in windowed if key not in guessed for i, f in enumerate(finders[key]) if f.needs_second_pass
-    }
+    wanted = {(key, i) for key in windowed for i, f in enumerate(finders[key]) if f.needs_second_pass}
     wanted |= {(key, i) for key in keys if key[2] != 0 for i in range(n_models)}
     if not wanted:
         return values
@@ -111,15 +94,6 @@ def find_thresholds(
             if (key, i) in searches:
                 values[key][i] = searches[key, i].value
     return values
-
-
-def _pattern_value(bits: int) -> float:
-    return float(torch.tensor([bits], dtype=torch.int32).view(torch.float32).item())
-
-
-def _one_magnitude(finders: list[WindowedThreshold]) -> bool:
-    """Whether the sample narrowed every model's window to one magnitude (its guess is then that value)."""
-    return all(not f.keeps_all and f.window[0] == f.window[1] for f in finders)
 
 
 def tensor_thresholds(
