@@ -61,6 +61,12 @@ def test_a_joint_tune_prints_valid_json_in_search_order_and_writes_a_recipe_mmer
     assert climbed.exit_code == 0, climbed
     assert "coordinate search: 9 of at most 9 candidates" in climbed.stdout and "★" in climbed.stdout
 
+    refused = cli("tune", *specs, "--lambdas", "0.9", "-o", tmp_path / "out", "--quiet")
+    assert refused.exit_code == 2 and "already exists" in refused.stderr  # a joint report is kept as any tune's
+    replaced = cli("tune", *specs, "--lambdas", "0.9", "-o", tmp_path / "out", "--overwrite", "--quiet")
+    assert replaced.exit_code == 0, replaced
+    assert json.loads((tmp_path / "out" / "tune.json").read_text())["format"] == "mmer-tune/1"
+
 
 @pytest.mark.parametrize(
     ("extra", "key", "words"),
