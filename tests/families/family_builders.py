@@ -114,7 +114,8 @@ def _shrink(config, values: dict[str, int], seen: set[int]) -> None:
                 setattr(config, key, value)
     layers = getattr(config, "num_hidden_layers", None)
     if isinstance(getattr(config, "layer_types", None), list) and _is_size(layers):
-        config.layer_types = config.layer_types[:layers]  # the per-layer pattern's start, as many as are left
+        with contextlib.suppress(Exception):  # a derived (read-only) layer_types follows num_hidden_layers itself
+            config.layer_types = config.layer_types[:layers]  # the per-layer pattern's start, as many as are left
     vocab = getattr(config, "vocab_size", None)
     for key in ("pad_token_id", "padding_idx"):
         token = getattr(config, key, None)
@@ -127,6 +128,33 @@ def _shrink(config, values: dict[str, int], seen: set[int]) -> None:
             _shrink(sub, SMALL, seen)
 
 
+def _text_width(config, text) -> None:
+    """Sub-configs that feed the LLM directly take its width (their validators require it)."""
+    for name in ("adaptor_config", "adapter_config"):
+        sub = getattr(config, name, None)
+        for key in ("hidden_size", "text_hidden_size"):
+            if name == "adaptor_config" and key == "hidden_size" or key == "text_hidden_size":
+                if _is_size(getattr(sub, key, None)):
+                    setattr(sub, key, text.hidden_size)
+        if isinstance(getattr(sub, "vision_feature_layer", None), list):  # indexes the shrunk tower's layers
+            sub.vision_feature_layer = [-1]
+
+
+def _balanced_encoder(config, text) -> None:
+    """T5Gemma 2 refuses an encoder unlike its decoder: the encoder's text config takes the decoder's sizes."""
+    encoder = config.encoder.text_config
+    _shrink(encoder, TEXT, set())
+    encoder.layer_types = list(text.layer_types)
+
+
+def _fun_asr_adaptor(config, text) -> None:
+    config.adaptor_config.intermediate_size = text.hidden_size // 4  # its validator: text width / 4
+
+
+# What a family's own validators need beyond the generic shrink (each fixes the harness, not the family).
+FIXUPS = {"t5gemma2": _balanced_encoder, "fun_asr_nano": _fun_asr_adaptor}
+
+
 def tiny_config(family: str, extra_vocab: int = 0):
     """The family's config with every size shrunk and the shared ``TEXT`` dimensions in its text config."""
     from transformers import CONFIG_MAPPING
@@ -135,9 +163,20 @@ def tiny_config(family: str, extra_vocab: int = 0):
         config = CONFIG_MAPPING[family]()
         text = config.get_text_config(decoder=True)
         seen: set[int] = set()
-        _shrink(text, {**TEXT, "vocab_size": BASE_VOCAB + extra_vocab}, seen)  # first: the towers' pass skips it
+        # the text config first (the towers' pass then skips it); where it is the whole config (an encoder-decoder
+        # such as Whisper), the towers' sizes TEXT does not name shrink with it
+        text_sizes = {**TEXT, "vocab_size": BASE_VOCAB + extra_vocab}
+        _shrink(text, text_sizes if text is not config else {**SMALL, **text_sizes}, seen)
         if text is not config:
             _shrink(config, SMALL, seen)
+        _text_width(config, text)
+        if family in FIXUPS:
+            FIXUPS[family](config, text)
+        # as from_pretrained will read it back: a config class that derives one sub-config's sizes from another's
+        # (Idefics2's perceiver takes the text width) builds the model its own loader expects
+        with contextlib.suppress(Exception):
+            config = type(config).from_dict(config.to_dict())
+            text = config.get_text_config(decoder=True)
         for target in {id(config): config, id(text): text}.values():
             if hasattr(target, "tie_word_embeddings"):
                 target.tie_word_embeddings = False
