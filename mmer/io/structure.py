@@ -71,10 +71,35 @@ def _model_class(model_type: str, architectures: object) -> type:
     return cls
 
 
-def _meta_model(config: Mapping[str, Any]) -> Any:
+# A config names how many modules the meta build creates (layers, experts, blocks); each costs time and Python
+# memory even on the meta device. A checkpoint holds at least one tensor per layer or expert it really has, so a
+# count above the files' tensor count (with room for fused experts) is a config that lies, refused before building.
+_COUNT_WORDS = ("layers", "experts", "blocks")
+_COUNT_SLACK = 256
+
+
+def _check_counts(config: object, limit: int, where: str = "config.json") -> None:
+    if isinstance(config, Mapping):
+        for key, value in config.items():
+            name = f"{where}:{key}"
+            if isinstance(value, int) and not isinstance(value, bool) and any(w in str(key) for w in _COUNT_WORDS):
+                if value > limit:
+                    raise NotFound(
+                        f"{name} = {value} is more than the {limit - _COUNT_SLACK} tensors the files hold could "
+                        "make up; a model that size is not built"
+                    )
+            else:
+                _check_counts(value, limit, name)
+    elif isinstance(config, list):
+        for item in config:
+            _check_counts(item, limit, where)
+
+
+def _meta_model(config: Mapping[str, Any], tensor_count: int) -> Any:
     import torch
     from transformers import CONFIG_MAPPING
 
+    _check_counts(config, tensor_count + _COUNT_SLACK)
     model_type = config.get("model_type")
     if not isinstance(model_type, str) or model_type not in CONFIG_MAPPING:
         raise NotFound(f"config.json's model_type {str(model_type)[:80]!r} is not a transformers family")
@@ -160,7 +185,7 @@ def find_llm(keys: Set[str], config: Mapping[str, Any] | None) -> tuple[str, str
         import transformers  # noqa: F401
     except ImportError as err:
         raise NotFound("transformers is not installed") from err
-    model = _meta_model(config)
+    model = _meta_model(config, len(keys))
     decoder, head = _llm_modules(model)
     loaded = loaded_names(model, keys)
     body_prefix, body = _disk_prefix(loaded, decoder, "decoder")

@@ -99,3 +99,16 @@ def test_remote_code_named_by_the_config_is_never_followed(shieldgemma):
     named = ["evil.Model", "LlamaForCausalLM", *config["architectures"]]
     hostile = {**config, "auto_map": {"AutoModel": "evil.Model"}, "architectures": named}
     assert find_llm(keys, hostile) == find_llm(keys, config)
+
+
+def test_a_config_claiming_more_layers_than_its_files_hold_is_refused_before_any_model_is_built(shieldgemma):
+    """A hostile config.json cannot make the meta build create a million decoder layers (time, memory)."""
+    import time
+
+    keys, config = shieldgemma
+    hostile = json.loads(json.dumps(config))
+    hostile["text_config"]["num_hidden_layers"] = 1_000_000
+    started = time.perf_counter()
+    with pytest.raises(NotFound, match="num_hidden_layers = 1000000"):
+        find_llm(keys, hostile)
+    assert time.perf_counter() - started < 5
