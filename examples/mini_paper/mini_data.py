@@ -28,8 +28,20 @@ import numpy as np
 DIGIT_WORDS = ("zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine")
 SPEECH_WORDS = ("yes", "no", "up", "down", "left", "right", "on", "off", "stop", "go")
 SHAPE_WORDS = ("sphere", "cube", "cylinder", "cone", "pyramid", "ring", "disk", "helix")
-LABELS = {"digits": DIGIT_WORDS, "speech": SPEECH_WORDS, "points": SHAPE_WORDS}
+PARITY_WORDS = ("yes", "no")  # "is it even": yes / no (reuses two of the speech task's answer words)
 MODALITIES = ("digits", "speech", "points")
+# Two more tasks, carved from the same sources, for the growth study (Fig. 5) and the new task of Table 3:
+# ``numbers`` = digit words spoken by espeak-ng (a second audio task), ``parity`` = "is the digit even?" on the
+# digit images (a second image task). Their answers are words the answer layer already has, so the base is the same.
+EXTRA_TASKS = ("numbers", "parity")
+TASKS = MODALITIES + EXTRA_TASKS
+LABELS = {
+    "digits": DIGIT_WORDS,
+    "speech": SPEECH_WORDS,
+    "points": SHAPE_WORDS,
+    "numbers": DIGIT_WORDS,
+    "parity": PARITY_WORDS,
+}
 
 ACCENTS = ("en-us", "en-gb", "en-gb-scotland", "en-gb-x-rp", "en-gb-x-gbclan", "en-gb-x-gbcwmd", "en-029", "en-us-nyc")
 TRAIN_VARIANTS = ("m1", "m2", "m3", "m4", "m5", "f1", "f2", "f3", "klatt", "croak", "Andy", "Annie", "david", "linda")
@@ -123,12 +135,13 @@ def speech(
     n_test_variants: int | None = None,
     seed: int = 0,
     accents: tuple[str, ...] = ACCENTS,
+    words: tuple[str, ...] = SPEECH_WORDS,
 ) -> tuple[Split, Split]:
     """Every word x accent x variant once, each at a random speed, pitch and noise level (seeded)."""
     rng = np.random.default_rng(seed)
     jobs = []
     for split, variants in (("train", TRAIN_VARIANTS[:n_train_variants]), ("test", TEST_VARIANTS[:n_test_variants])):
-        for label, word in enumerate(SPEECH_WORDS):
+        for label, word in enumerate(words):
             for accent in accents:
                 for variant in variants:
                     speed = int(rng.integers(110, 230))
@@ -254,23 +267,49 @@ def points(n_train_per_shape: int = 60, n_test_per_shape: int = 40, n_points: in
 
 
 # ------------------------------------------------------------------------------------------------------- all
-def load_all(cache: Path, tiny: bool) -> dict[str, tuple[Split, Split]]:
-    """Every modality's (train, test), built once and cached as ``cache/<modality>.npz``."""
+def parity(tr: Split, te: Split) -> tuple[Split, Split]:
+    """The digit images with the question "is it even?" (label 0 = yes, 1 = no): a second task on the same images."""
+    return Split(tr.x, tr.y % 2), Split(te.x, te.y % 2)
+
+
+def carve_validation(train: Split, fraction: float = 0.15, seed: int = 0) -> tuple[Split, Split]:
+    """Split a training set into (train, validation): per class, a seeded ``fraction`` of its examples (at least
+    one) goes to validation. The seed is fixed, not the study's seed, so every seed selects on the same examples."""
+    rng = np.random.default_rng(10_000 + seed)
+    val = []
+    for label in np.unique(train.y):
+        idx = np.flatnonzero(train.y == label)
+        val.append(rng.permutation(idx)[: max(1, round(fraction * len(idx)))])
+    is_val = np.zeros(len(train.y), dtype=bool)
+    is_val[np.concatenate(val)] = True
+    return Split(train.x[~is_val], train.y[~is_val]), Split(train.x[is_val], train.y[is_val])
+
+
+def load_all(cache: Path, tiny: bool, tasks: tuple[str, ...] = MODALITIES) -> dict[str, tuple[Split, Split]]:
+    """Every task's (train, test), built once and cached as ``cache/<task>.npz``."""
     cache.mkdir(parents=True, exist_ok=True)
     makers = {
         "digits": digits,
         "speech": (lambda: speech(n_train_variants=2, n_test_variants=1, accents=ACCENTS[:2])) if tiny else speech,
         "points": (lambda: points(n_train_per_shape=4, n_test_per_shape=3)) if tiny else points,
+        "numbers": lambda: speech(
+            n_train_variants=2 if tiny else 8,
+            n_test_variants=1 if tiny else 4,
+            seed=1,
+            accents=ACCENTS[:2] if tiny else ACCENTS[:4],
+            words=DIGIT_WORDS,
+        ),
+        "parity": lambda: parity(*digits()),
     }
     data = {}
-    for m in MODALITIES:
+    for m in tasks:
         file = cache / f"{m}.npz"
         if file.is_file():
             z = np.load(file)
             data[m] = (Split(z["xtr"], z["ytr"]), Split(z["xte"], z["yte"]))
             continue
         tr, te = makers[m]()
-        if tiny and m == "digits":
+        if tiny and m in ("digits", "parity"):
             tr, te = Split(tr.x[:40], tr.y[:40]), Split(te.x[:20], te.y[:20])
         np.savez_compressed(file, xtr=tr.x, ytr=tr.y, xte=te.x, yte=te.y)
         data[m] = (tr, te)

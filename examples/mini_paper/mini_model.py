@@ -26,8 +26,14 @@ from safetensors.torch import load_file, save_file
 
 BODY = "model.language_model."  # mmer's hf_nested layout: body prefix on disk
 ANSWERS = tuple(w for m in MODALITIES for w in LABELS[m])  # the shared answer vocabulary (28 words)
-PROMPTS = {"digits": "which digit", "speech": "which word", "points": "which shape"}
-ENTITY = {"digits": "image", "speech": "audio", "points": "points"}
+PROMPTS = {
+    "digits": "which digit",
+    "speech": "which word",
+    "points": "which shape",
+    "numbers": "which number",
+    "parity": "is it even",
+}
+ENTITY = {"digits": "image", "speech": "audio", "points": "points", "numbers": "audio", "parity": "image"}
 Weights = dict[str, torch.Tensor]
 
 
@@ -285,6 +291,7 @@ class TrainConfig:
     lr_encoder: float = 1e-3
     weight_decay: float = 0.0
     seed: int = 0
+    lr_lora: float = 1e-3  # LoRA's adapters (and the answer layer it trains whole): LoRA's usual 10x the full LR
 
 
 def _cosine(step: int, total: int, warmup: int) -> float:
@@ -293,16 +300,9 @@ def _cosine(step: int, total: int, warmup: int) -> float:
     return 0.5 * (1 + math.cos(math.pi * (step - warmup) / max(1, total - warmup)))
 
 
-def finetune(
-    base: Weights, modality: str, train, prompter: Prompter, cfg: TrainConfig, log=print
-) -> tuple[Weights, Encoder]:
-    """Stage 1 aligns a fresh encoder/projector to the frozen base; stage 2 tunes everything (LLM included)."""
-    torch.manual_seed(cfg.seed)
-    rng = np.random.default_rng(cfg.seed)
+def _batches(train, modality: str, cfg: TrainConfig, rng: np.random.Generator):
     x_all, y_all = torch.as_tensor(train.x), torch.as_tensor(train.y)
-    enc = Encoder(x_all.shape[1], x_all.shape[2])
     label_offset = ANSWERS.index(LABELS[modality][0])
-    params = {k: torch.nn.Parameter(v.clone()) for k, v in base.items()}
 
     def batches(n_steps):
         order = np.array([], dtype=np.int64)
@@ -312,13 +312,47 @@ def finetune(
             idx, order = order[: cfg.batch], order[cfg.batch :]
             yield x_all[idx], y_all[idx] + label_offset
 
+    return batches
+
+
+def _optimizer(groups: list[dict], cfg: TrainConfig) -> torch.optim.Optimizer:
+    try:  # fused AdamW is 5x faster on CPU here (the 11.7M-entry embedding table is updated every step)
+        opt = torch.optim.AdamW(groups, weight_decay=cfg.weight_decay, fused=True)
+    except (RuntimeError, TypeError):
+        opt = torch.optim.AdamW(groups, weight_decay=cfg.weight_decay)
+    for g in opt.param_groups:
+        g["base_lr"] = g["lr"]
+    return opt
+
+
+def finetune(
+    base: Weights,
+    modality: str,
+    train,
+    prompter: Prompter,
+    cfg: TrainConfig,
+    log=print,
+    init: tuple[Weights, Encoder] | None = None,
+) -> tuple[Weights, Encoder]:
+    """Stage 1 aligns a fresh encoder/projector to the frozen base; stage 2 tunes everything (LLM included).
+
+    ``init``: continue from an already fine-tuned (LLM, encoder) instead of the base and a fresh encoder (the
+    further fine-tuning on a new task of the paper's Table 3); stage 1 is then skipped."""
+    torch.manual_seed(cfg.seed)
+    rng = np.random.default_rng(cfg.seed)
+    x_all = torch.as_tensor(train.x)
+    if init is None:
+        enc = Encoder(x_all.shape[1], x_all.shape[2])
+        params = {k: torch.nn.Parameter(v.clone()) for k, v in base.items()}
+    else:
+        enc = Encoder.from_components(init[1].component_state()).train()
+        params = {k: torch.nn.Parameter(v.clone()) for k, v in init[0].items()}
+    batches = _batches(train, modality, cfg, rng)
+
     def run(stage: str, n_steps: int, groups: list[dict]):
-        try:  # fused AdamW is 5x faster on CPU here (the 11.7M-entry embedding table is updated every step)
-            opt = torch.optim.AdamW(groups, weight_decay=cfg.weight_decay, fused=True)
-        except (RuntimeError, TypeError):
-            opt = torch.optim.AdamW(groups, weight_decay=cfg.weight_decay)
-        for g in opt.param_groups:
-            g["base_lr"] = g["lr"]
+        if n_steps == 0:
+            return
+        opt = _optimizer(groups, cfg)
         warmup = max(1, int(0.03 * n_steps))
         for step, (xb, yb) in enumerate(batches(n_steps)):
             for g in opt.param_groups:
@@ -333,7 +367,7 @@ def finetune(
 
     for p in params.values():
         p.requires_grad_(False)
-    run("align", cfg.align_steps, [{"params": list(enc.parameters()), "lr": cfg.lr_encoder}])
+    run("align", cfg.align_steps if init is None else 0, [{"params": list(enc.parameters()), "lr": cfg.lr_encoder}])
     for p in params.values():
         p.requires_grad_(True)
     run(
@@ -345,6 +379,110 @@ def finetune(
         ],
     )
     return {k: v.detach().clone() for k, v in params.items()}, enc.eval()
+
+
+# ------------------------------------------------------------------------------------------------ LoRA
+LORA_TARGETS = (  # every Linear of the 6 layers
+    r"model\.layers\.\d+\.(attention\.self\.(query|key|value)|attention\.output\.dense"
+    r"|intermediate\.dense|output\.dense)"
+)
+
+
+def _module_tree(weights: Weights) -> torch.nn.Module:
+    """An ``nn.Module`` whose parameters are exactly ``weights`` under the same names (a node holding a 2-D
+    ``weight`` and a ``bias`` becomes an ``nn.Linear``), so peft can wrap the functional LLM's Linears."""
+    root = torch.nn.Module()
+    nodes: dict[str, dict[str, torch.Tensor]] = {}
+    for name, t in weights.items():
+        path, leaf = name.rsplit(".", 1)
+        nodes.setdefault(path, {})[leaf] = t
+    for path, params in nodes.items():
+        parent = root
+        parts = path.split(".")
+        for part in parts[:-1]:
+            if not hasattr(parent, part):
+                parent.add_module(part, torch.nn.Module())
+            parent = getattr(parent, part)
+        w = params.get("weight")
+        if w is not None and w.dim() == 2 and "bias" in params and set(params) == {"weight", "bias"}:
+            mod = torch.nn.Linear(w.shape[1], w.shape[0])
+        else:
+            mod = torch.nn.Module()
+        for leaf, t in params.items():
+            if hasattr(mod, leaf):
+                delattr(mod, leaf)
+            mod.register_parameter(leaf, torch.nn.Parameter(t.clone()))
+        parent.add_module(parts[-1], mod)
+    return root
+
+
+def _effective(tree: torch.nn.Module, names) -> Weights:
+    """The weights the LoRA model computes with: W + B·A·scaling for every adapted Linear (peft's own
+    ``get_delta_weight``), the trained copy of every module peft saves whole, the frozen base elsewhere."""
+    out = {}
+    for name in names:
+        path, leaf = name.rsplit(".", 1)
+        mod = tree.get_submodule(path)
+        if hasattr(mod, "modules_to_save"):
+            out[name] = getattr(mod.modules_to_save["default"], leaf)
+        elif hasattr(mod, "base_layer"):
+            base = getattr(mod.base_layer, leaf)
+            out[name] = base + mod.get_delta_weight("default") if leaf == "weight" else base
+        else:
+            out[name] = getattr(mod, leaf)
+    return out
+
+
+def finetune_lora(
+    base: Weights, modality: str, train, prompter: Prompter, cfg: TrainConfig, rank: int = 8, log=print
+) -> tuple[Weights, Encoder, dict[str, torch.Tensor], object]:
+    """The same two stages, but stage 2 trains LoRA adapters (peft; rank ``rank``, α = 2·rank) on every Linear
+    of the 6 layers and the answer layer whole (peft's ``modules_to_save``) instead of the whole LLM; the
+    embeddings and LayerNorms stay the base's. Returns the effective LLM (θ_base + BA), the encoder, and the peft
+    model (whose ``save_pretrained`` writes the adapter as peft stores it)."""
+    from peft import LoraConfig, get_peft_model
+
+    torch.manual_seed(cfg.seed)
+    rng = np.random.default_rng(cfg.seed)
+    x_all = torch.as_tensor(train.x)
+    enc = Encoder(x_all.shape[1], x_all.shape[2])
+    tree = _module_tree(base)
+    config = LoraConfig(
+        r=rank, lora_alpha=2 * rank, lora_dropout=0.0, target_modules=LORA_TARGETS, modules_to_save=["lm_head"]
+    )
+    model = get_peft_model(tree, config)
+    batches = _batches(train, modality, cfg, rng)
+    names = list(base)
+
+    def run(stage: str, n_steps: int, groups: list[dict], weights_fn):
+        opt = _optimizer(groups, cfg)
+        warmup = max(1, int(0.03 * n_steps))
+        for step, (xb, yb) in enumerate(batches(n_steps)):
+            for g in opt.param_groups:
+                g["lr"] = g["base_lr"] * _cosine(step, n_steps, warmup)
+            batch = prompter.build([(modality, xb)], PROMPTS[modality])
+            loss = F.cross_entropy(answer_logits([weights_fn()], batch, {1: enc}), yb)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            if step % 50 == 0 or step == n_steps - 1:
+                log(f"  {modality} LoRA {stage} step {step:4d}/{n_steps} loss {loss.item():.3f}")
+
+    frozen = {k: v.clone() for k, v in base.items()}
+    run("align", cfg.align_steps, [{"params": list(enc.parameters()), "lr": cfg.lr_encoder}], lambda: frozen)
+    adapters = [p for p in model.parameters() if p.requires_grad]
+    run(
+        "finetune",
+        cfg.steps,
+        [
+            {"params": list(enc.parameters()), "lr": cfg.lr_encoder * 0.3},
+            {"params": adapters, "lr": cfg.lr_lora},
+        ],
+        lambda: _effective(tree, names),
+    )
+    with torch.no_grad():
+        llm = {k: v.detach().clone() for k, v in _effective(tree, names).items()}
+    return llm, enc.eval(), model
 
 
 @torch.no_grad()
