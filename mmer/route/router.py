@@ -40,6 +40,7 @@ import torch
 from mmer.checkpoint.decoupled import DecoupledCheckpoint, load_decoupled
 from mmer.errors import ConfigError, LayoutError
 from mmer.io.layouts import Layout, is_vocab_tensor
+from mmer.route import arena
 from mmer.route.live_layout import LiveLayout, identity, live_layout
 from mmer.route.models import (
     RoutingInputError,
@@ -392,21 +393,19 @@ def _allocate_live(
     """One live tensor per in-memory LLM parameter, as many rows as the largest modality needs (private rows).
 
     Left unwritten (the first switch writes every entry a model binds, and faults the pages in as it does),
-    except the rows only some modalities have: zeroed, so no model ever sees memory mmer did not write.
+    except the rows only some modalities have: zeroed, so no model ever sees memory mmer did not write. The
+    CPU ones are views of one allocation (:mod:`mmer.route.arena`).
     """
-    live = {}
+    specs: dict[str, tuple[tuple[int, ...], torch.dtype, torch.device]] = {}
+    unused_rows: dict[str, int] = {}  # live parameter → the first row no loaded modality binds for every state
     for param, slots in layout.params.items():
         whole = layout.whole_slot(param)
         if whole is not None:
             shapes = [weights.rows[m][whole] for m in [*names, MEAN]]
             rows = max(s[0] for s in shapes) if is_vocab_tensor(whole) else shapes[0][0] if shapes[0] else 0
             shape = (rows, *shapes[0][1:]) if shapes[0] else ()
-            tensor = torch.empty(shape, dtype=weights.dtypes[whole], device=weights.devices[whole])
-            if tensor.dim():
-                tensor[min(s[0] for s in shapes) :].zero_()
-            else:
-                tensor.zero_()
-            live[param] = tensor
+            specs[param] = (shape, weights.dtypes[whole], weights.devices[whole])
+            unused_rows[param] = min(s[0] for s in shapes) if shape else 0
             continue
         dtypes = {weights.dtypes[s] for s in slots}
         if len(dtypes) > 1:
@@ -416,8 +415,19 @@ def _allocate_live(
                 tensor=slots[0],
                 hint="the fine-tunes store their experts in mixed dtypes; re-save them in one dtype",
             )
-        live[param] = torch.empty(layout.shapes[param], dtype=dtypes.pop(), device=weights.devices[slots[0]])
-    return live
+        specs[param] = (layout.shapes[param], dtypes.pop(), weights.devices[slots[0]])
+    host = [p for p, (_, _, device) in specs.items() if device.type == "cpu"]
+    live = dict(zip(host, arena.allocate([specs[p][:2] for p in host]), strict=True))
+    for param, (shape, dtype, device) in specs.items():
+        if param not in live:
+            live[param] = torch.empty(shape, dtype=dtype, device=device)
+    for param, first in unused_rows.items():
+        tensor = live[param]
+        if tensor.dim():
+            tensor[first:].zero_()
+        else:
+            tensor.zero_()
+    return {param: live[param] for param in specs}
 
 
 def bound_views(
