@@ -49,7 +49,7 @@ class Searched:
 
 def snap(values: Sequence[float], value: float) -> float:
     """The grid value closest to ``value`` (the smaller on a tie): where a search starts from the recipe's."""
-    return min(values, key=lambda v: (abs(v - value), v))
+    return min(values, key=lambda v: (round(abs(v - value), 12), v))  # 0.9 − 0.6 and 1.2 − 0.9 are a tie
 
 
 def product_size(axes: Sequence[Axis]) -> int:
@@ -86,7 +86,7 @@ def _distance(axes: Sequence[Axis], vector: Vector) -> float:
     for axis, v in zip(axes, vector, strict=True):
         span = axis.values[-1] - axis.values[0]
         total += abs(v - axis.start) / (span if span > 0 else 1.0)
-    return total
+    return round(total, 12)  # equal distances compare equal whatever the rounding of the subtractions
 
 
 def joint_search(
@@ -127,8 +127,10 @@ def joint_search(
             for i, axis in enumerate(axes):
                 if len(axis.values) < 2:
                     continue
-                # nearest values first, so a budget that ends mid-axis has tried the neighbourhood
-                near = sorted(axis.values, key=lambda v, c=current[i]: (abs(v - c), v))
+                # nearest grid neighbours first (the smaller of two), so a budget that ends mid-axis has tried the
+                # neighbourhood; counted in grid steps, so no float rounding decides the order
+                at = axis.values.index(current[i])
+                near = sorted(axis.values, key=lambda v, at=at: (abs(axis.values.index(v) - at), v))
                 line = [current[:i] + (v,) + current[i + 1 :] for v in near]
                 todo = [v for v in line if v not in scored]
                 room = budget - len(scored)

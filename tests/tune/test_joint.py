@@ -16,7 +16,7 @@ import mmer
 from mmer.errors import ConfigError, MmerError
 from mmer.route.router import Router
 from mmer.tune import Candidate, JointCandidate, run_joint_tune, run_tune
-from mmer.tune.joint_search import Axis, joint_search
+from mmer.tune.joint_search import Axis, joint_search, snap
 
 LAMBDAS = (0.3, 0.6, 0.9, 1.2, 1.5)
 START = 0.9  # the mmer rule's default λ, every recipe's here
@@ -94,6 +94,13 @@ def test_coordinate_ascent_moves_one_axis_at_a_time_nearest_values_first_until_a
     ]
     assert searched.order[searched.best] == (3.0, 0.0) == max(searched.order, key=bowl)
     assert searched.rounds == 3 and searched.stopped == "converged"
+
+
+def test_neighbours_are_tried_by_grid_steps_and_a_recipe_value_midway_starts_at_the_smaller():
+    assert snap((0.6, 1.2), 0.9) == 0.6 and snap((0.3, 0.9, 1.5), 1.0) == 0.9  # 1.2 − 0.9 ≠ 0.9 − 0.6 in floats
+    log: list = []
+    joint_search([Axis("λ", (0.3, 0.9, 1.5), 0.9)], lambda b: log.append(b) or [0.0] * len(b), "coordinate", 9)
+    assert log == [[(0.9,)], [(0.3,), (1.5,)]]  # 1.5 − 0.9 < 0.9 − 0.3 in floats: steps decide, not rounding
 
 
 @pytest.mark.parametrize("budget", range(1, 15))
