@@ -102,7 +102,7 @@ An MMER decoupled checkpoint (arXiv 2505.17110), made by [mmer]({PROJECT_URL}) {
 {manifest.format_version}) from the base LLM `{manifest.base.model}` and {len(manifest.modalities)} fine-tuned
 multimodal models. Their LLM task vectors were merged with `{options["method"]}` ({how}) into one
 τ*; each modality keeps a 1-bit mask of it (mask rule `{options["mask"]}`) and its own encoder and projector, and
-comes back as θ_base + mᵢ∘τ*.
+comes back as θ_base + mᵢ∘τ*.{_storage_note(manifest)}
 
 | modality | source model | layout | λ | mask density |
 |---|---|---|---|---|
@@ -152,6 +152,17 @@ Each fine-tune's own encoder and projector are kept under `components/<modality>
 --modality {first} -o ../{first}-model/` (`pip install {DISTRIBUTION}`; run in this directory) puts one back
 around the merged LLM, as a model of the fine-tune's own class.
 """
+
+
+def _storage_note(manifest: Manifest) -> str:
+    """A quantised τ* is said where the method is: a reader of the card should know its τ* is not exact."""
+    encoding = manifest.tau_star_encoding
+    if encoding is None:
+        return ""  # the exact card, word for word as before the option
+    return (
+        f" τ* is stored as {encoding.scheme} codes with one float32 scale per {encoding.group_size} entries "
+        "(the masks were made from the exact τ*; FORMAT.md, Quantised τ*)."
+    )
 
 
 def _merge_options(options: dict[str, Any], manifest: Manifest) -> str:

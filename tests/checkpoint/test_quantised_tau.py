@@ -129,6 +129,10 @@ def test_a_quantised_checkpoint_records_its_encoding_and_is_format_2(merges, sch
     assert data["format_version"] == "2.0"
     assert data["tau_star_encoding"] == {"scheme": scheme, "group_size": group_size, "scale_dtype": "F32"}
     assert data["options"]["tau_storage"] == scheme and data["options"]["tau_group_size"] == group_size
+    assert (
+        f"τ* is stored as {scheme} codes with one float32 scale per {group_size} entries"
+        in (merges[scheme] / "README.md").read_text()
+    )  # the model card says so; the exact card does not (output pins)
     with safe_open(str(merges[scheme] / TAU_FILE), "pt") as f:
         meta = f.metadata()
         said = (meta["format"], meta["scheme"], meta["group_size"])
