@@ -112,6 +112,9 @@ class Router:
         self.switches = 0
         self.last_switch_seconds = 0.0
         self.last_switch_rebuilt = 0
+        # what each step of from_pretrained took, in order (wall and CPU seconds of this process; see _Clock)
+        self.load_seconds: dict[str, float] = {}
+        self.load_cpu_seconds: dict[str, float] = {}
 
     # ------------------------------------------------------------------------------------------- building
     @classmethod
@@ -162,7 +165,9 @@ class Router:
         check_device(device)
         if base_device is not None:
             check_device(torch.device(base_device))
+        clock = _Clock()
         ckpt = load_decoupled(path, revision, modalities=modalities)
+        clock.lap("open")  # the manifest and every header read and validated
         names = list(ckpt.modalities if modalities is None else modalities)
         if not names and not packs:
             raise RoutingInputError(
@@ -182,20 +187,27 @@ class Router:
         base_at = None if base_device is None else torch.device(base_device)
         weights = DeviceWeights(ckpt, names, device, base_at, devices)
         live = _allocate_live(layout, weights, names, str(path))
+        clock.lap("map")  # θ_base, τ*, masks and private rows mapped or copied to the device; live weights allocated
         models = {}
         for name in names:
             views = bound_views(layout, live, weights.rows[name])
             models[name] = _build_modality(ckpt, name, weights, views, device, (model_classes or {}).get(name))
         router = cls(ckpt, weights, live, models, placed, layout)
+        router.load_seconds, router.load_cpu_seconds = clock.wall, clock.cpu
         for built in models.values():
             router.dispatch(built.model, built.layout)
         if isinstance(packs, (str, Path)):
             packs = [packs]
         named = packs.items() if isinstance(packs, Mapping) else [(None, d) for d in packs or ()]
+        clock.lap("models")  # every modality's transformers model built and bound, hooked under a device map
         for pack_name, pack_dir in named:
             router.add_extension(pack_dir, pack_name, check_base_model=check_base_model)
+        if named:
+            clock.lap("packs")
         router.switch(activate or (names or list(router.packs))[0])
+        clock.lap("first switch")  # every live weight written, θ_base's and τ*'s maxima gathered as it reads them
         weights.check_all()
+        clock.lap("check")  # the overflow proof of what no rebuild has covered yet
         return router
 
     def add_extension(self, pack_dir: str | Path, name: str | None = None, *, check_base_model: str = "full") -> str:
@@ -385,6 +397,21 @@ class Router:
     def close(self) -> None:
         """Close the checkpoint's files (the loaded tensors stay usable)."""
         self.ckpt.close()
+
+
+class _Clock:
+    """Wall and CPU time (``time.process_time``: every thread of this process) of each step since the last."""
+
+    def __init__(self) -> None:
+        self.wall: dict[str, float] = {}
+        self.cpu: dict[str, float] = {}
+        self._at = (time.perf_counter(), time.process_time())
+
+    def lap(self, step: str) -> None:
+        now = (time.perf_counter(), time.process_time())
+        self.wall[step] = now[0] - self._at[0]
+        self.cpu[step] = now[1] - self._at[1]
+        self._at = now
 
 
 def _allocate_live(
