@@ -414,3 +414,10 @@ def test_adding_a_modality_to_a_quantised_checkpoint_keeps_its_storage(tiny_mode
         assert ckpt.tau_star_encoding is not None and ckpt.tau_star_encoding.scheme == "int8"
         assert ckpt.manifest.format_version == "2.0" and ckpt.modalities == ["vision", "audio"]
     assert verify(out).ok
+
+
+def test_tune_recomputes_the_exact_tau_rather_than_reuse_a_quantised_one(merges):
+    from mmer.tune.inputs import tune_inputs
+
+    assert tune_inputs(None, merges["exact"], None, None, False)[2] is not None  # an exact τ* is reused
+    assert tune_inputs(None, merges["int4"], None, None, False)[2] is None  # codes are never read as τ*
