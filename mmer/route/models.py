@@ -215,6 +215,10 @@ def bind_model(
 
     ``llm_tensor(canonical)`` returns the tensor an LLM parameter becomes (a view is kept as is, so the caller
     can rewrite it in place later), or ``None`` when the checkpoint has none (a tied ``lm_head``).
+
+    Component tensors are read without a copy: on the CPU a parameter is a copy-on-write view of the mapped file
+    (the page cache's pages until something writes into it, and a write never reaches the file), which spares
+    the load a copy of every component weight; on another device the transfer is the only copy.
     """
     named = dict(model.named_parameters(remove_duplicate=False)) | dict(model.named_buffers(remove_duplicate=False))
     non_llm = [n for n in named if layout.to_canonical(n) is None]
@@ -233,7 +237,7 @@ def bind_model(
             if canonical is not None:
                 tensor = llm_tensor(canonical)
             elif name in mapping:
-                tensor = components.get(mapping[name]).to(device)  # type: ignore[union-attr]
+                tensor = components.get(mapping[name], copy=False).to(device)  # type: ignore[union-attr]
             else:
                 tensor = None
             if tensor is None:
@@ -253,7 +257,7 @@ def bind_model(
             if buffer is None:
                 continue
             name = prefix + leaf
-            stored = components.get(mapping[name]) if name in mapping else buffer  # type: ignore[union-attr]
+            stored = components.get(mapping[name], copy=False) if name in mapping else buffer  # type: ignore[union-attr]
             module._buffers[leaf] = stored.to(device)
     left = [n for n, p in model.named_parameters(remove_duplicate=False) if p.is_meta]
     if left and hasattr(model, "tie_weights"):
