@@ -16,6 +16,7 @@ from typing import Any
 import torch
 
 import mmer.runtime as runtime
+from mmer.checkpoint import quant
 from mmer.checkpoint.manifest import PrivateRecord, SourceRecord
 from mmer.config import ModelSpec, Recipe, check_device_available
 from mmer.errors import CheckpointFormatError, ConfigError, IncompatibleBaseError, LayoutError
@@ -533,7 +534,12 @@ def estimate_memory(plan: MergePlan) -> MemoryEstimate:
     read_bytes = sum(i.nbytes for m in [plan.base, *plan.models] for i in m.reader.tensors.values())
     out_bytes = sum(s.nbytes for s in plan.slots) * (1 if plan.recipe.options.base_storage == "copy" else 0)
     tau_itemsize = 4 if plan.recipe.options.delta_dtype == "float32" else None
-    out_bytes += sum(s.numel * (tau_itemsize or s.dtype.itemsize) for s in plan.merged_slots)
+    storage = plan.recipe.options.tau_storage
+    if storage != "exact":  # codes and scales (FORMAT.md, Quantised τ*)
+        size = plan.recipe.options.tau_group_size
+        out_bytes += sum(quant.stored_bytes(s.shape, storage, size) for s in plan.merged_slots)
+    else:
+        out_bytes += sum(s.numel * (tau_itemsize or s.dtype.itemsize) for s in plan.merged_slots)
     out_bytes += n * math.ceil(plan.merged_numel / 8)
     out_bytes += sum(i.nbytes for m in plan.models for i in m.components)
     # Per element of the largest slot, measured rather than guessed (tests/test_reliability.py): the raw reads

@@ -35,7 +35,7 @@ QUANTISED_FORMAT = "mmer-tau-star-quantised/1"
 EXACT = "exact"
 DEFAULT_GROUP_SIZE = DEFAULT_TAU_GROUP_SIZE
 MAX_GROUP_SIZE = MAX_TAU_GROUP_SIZE
-BLOCK_ELEMENTS = 1 << 24  # rows are (de)quantised in blocks of about this many entries: memory stays bounded
+BLOCK_ELEMENTS = 1 << 22  # rows are (de)quantised in blocks of about this many entries: memory stays bounded
 
 
 @dataclass(frozen=True)

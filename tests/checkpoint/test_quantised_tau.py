@@ -421,3 +421,15 @@ def test_tune_recomputes_the_exact_tau_rather_than_reuse_a_quantised_one(merges)
 
     assert tune_inputs(None, merges["exact"], None, None, False)[2] is not None  # an exact τ* is reused
     assert tune_inputs(None, merges["int4"], None, None, False)[2] is None  # codes are never read as τ*
+
+
+def test_the_dry_run_estimates_the_quantised_output_within_the_files_it_writes(tiny_models, merges):
+    models = {"vision": tiny_models["vision_dir"], "audio": tiny_models["audio_dir"]}
+    for name, options in (("exact", {}), ("int4", {"tau_storage": "int4", "tau_group_size": 5})):
+        plan = mmer.run_merge(recipe_for(tiny_models["base_dir"], models, **options), None, dry_run=True).plan
+        written = sum(f.stat().st_size for f in (merges[name] / "tau_star").iterdir())
+        if name == "exact":
+            exact_estimate, exact_written = plan["estimate"]["output_bytes"], written
+        else:  # the estimate drops by what τ*'s files shrink by, to within their headers
+            drop = exact_estimate - plan["estimate"]["output_bytes"]
+            assert abs(drop - (exact_written - written)) < 8192
