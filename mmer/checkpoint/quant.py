@@ -5,12 +5,12 @@ the masks compare τᵢ with τ* itself), and only then writes τ* in this encod
 when it is read, so θ̂ᵢ = θ_base + sᵢ·mᵢ∘deq(q(τ*)), and every rebuilt entry is off by at most half its group's
 scale (round to nearest) times sᵢ where its mask bit is set.
 
-The encoding is symmetric absmax per group (the scheme of group-wise weight quantisers such as GPTQ's and AWQ's
-storage): along the last dimension each run of ``group_size`` consecutive entries (the last run of a row may be
-shorter) shares one float32 scale s = max|x| / qmax, and each entry is stored as round(x / s) in [−qmax, qmax]
-(qmax = 127 for int8, 7 for int4; −128 and −8 are never written, so the codes are symmetric). int4 codes are
-packed two per byte along the last dimension. The byte layout is specified in FORMAT.md ("Quantised τ*"); this
-module is the one place that writes and reads it.
+The encoding is absmax quantisation (LLM.int8(), arXiv 2208.07339, §2.1) with one scale per group rather than per
+tensor, so one large entry costs precision only in its own group: along the last dimension each run of
+``group_size`` consecutive entries (the last run of a row may be shorter) shares one float32 scale s = max|x| /
+qmax, and each entry is stored as round(x / s) in [−qmax, qmax] (qmax = 127 for int8, 7 for int4; −128 and −8 are
+never written, so the codes are symmetric). int4 codes are packed two per byte along the last dimension. The byte
+layout is specified in FORMAT.md ("Quantised τ*"); this module is the one place that writes and reads it.
 """
 
 from __future__ import annotations
