@@ -302,12 +302,13 @@ class Router:
 
     def _write_state(self, state: str) -> int:
         """Rewrite, from θ_base, every live tensor that differs between the current state and ``state``."""
-        rebuilt = 0
-        for name, target in self.targets.items():
-            if self.state is not None and self.weights.same_weights(self.state, state, name):
-                continue
-            self.weights.write_into(target, state, name)
-            rebuilt += 1
+        jobs = [
+            (target, name)
+            for name, target in self.targets.items()
+            if self.state is None or not self.weights.same_weights(self.state, state, name)
+        ]
+        self.weights.write_many(jobs, state)
+        rebuilt = len(jobs)
         for device in self.weights.cuda_devices():
             torch.cuda.synchronize(device)
         self.state = state

@@ -76,6 +76,41 @@ def rebuild_into(
     return _magnitude(int(tops[0]), base.dtype), _magnitude(int(tops[1]), tau.dtype)
 
 
+def rebuild_many(
+    jobs: Sequence[tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, float]],
+) -> list[tuple[float, float]]:
+    """:func:`rebuild_into` for many tensors, ``(out, base, tau, packed, scale)`` each, in one parallel pass.
+
+    A switch rewrites hundreds of tensors; one call per tensor starts and joins the threads that often, leaves
+    them waiting while Python prepares the next call, and cannot share a small tensor's few blocks between
+    them. Here the blocks of every tensor form one work list that the threads split, and each tensor's entries
+    are computed exactly as :func:`rebuild_into` computes them. Every job must pass :func:`supports` with
+    ``base``, ``tau`` and ``packed`` contiguous; the tensors must stay alive during the call (it reads them by
+    address). Returns each job's maxima as :func:`rebuild_into` does.
+    """
+    results: list[tuple[float, float]] = [(0.0, 0.0)] * len(jobs)
+    groups: dict[tuple[int, int], list[int]] = {}
+    for i, (_, base, tau, _, _) in enumerate(jobs):
+        groups.setdefault((_CODES[base.dtype], _CODES[tau.dtype]), []).append(i)
+    for (base_code, tau_code), members in groups.items():
+        addresses = np.array(
+            [
+                [jobs[i][1].data_ptr(), jobs[i][2].data_ptr(), jobs[i][3].data_ptr(), jobs[i][0].data_ptr()]
+                for i in members
+            ],
+            dtype=np.int64,
+        ).reshape(-1, 4)
+        numels = np.array([jobs[i][0].numel() for i in members], dtype=np.int64)
+        scales = np.array([jobs[i][4] for i in members], dtype=np.float32)
+        first_block = np.zeros(len(members) + 1, dtype=np.int64)
+        np.cumsum((numels + BLOCK - 1) // BLOCK, out=first_block[1:])
+        tops = _many_kernel()(addresses, numels, scales, first_block, base_code, tau_code)
+        for k, i in enumerate(members):
+            base, tau = jobs[i][1], jobs[i][2]
+            results[i] = (_magnitude(int(tops[0, k]), base.dtype), _magnitude(int(tops[1, k]), tau.dtype))
+    return results
+
+
 def supports_mean(base: torch.Tensor, tau: torch.Tensor, packed: Sequence[torch.Tensor], out: torch.Tensor) -> bool:
     """:func:`supports` for the text weights θ_base + m̄∘τ*: every modality's packed mask fits, at least one."""
     return bool(packed) and all(supports(base, tau, p, out) for p in packed)
@@ -122,6 +157,14 @@ def _kernel():
 
 
 @lru_cache(maxsize=1)
+def _many_kernel():
+    """The compiled many-tensor kernel, or None where :func:`_kernel` is None."""
+    if _kernel() is None:
+        return None
+    return njit(parallel=True, cache=True, nogil=True)(_rebuild_many_kernel)
+
+
+@lru_cache(maxsize=1)
 def _mean_kernel():
     """The compiled text-weight kernel, or None where :func:`_kernel` is None."""
     if _kernel() is None:
@@ -148,6 +191,23 @@ if njit is not None:
             return builder.bitcast(args[0], ir.IntType(32))
 
         return types.uint32(types.float32), codegen
+
+    def _pointer(element):
+        """An intrinsic reading an int64 address as a pointer to ``element`` (for ``numba.carray``)."""
+
+        @intrinsic
+        def pointer(typingctx, address):
+            def codegen(context, builder, signature, args):
+                return builder.inttoptr(args[0], context.get_value_type(signature.return_type))
+
+            return types.CPointer(element)(types.int64), codegen
+
+        return pointer
+
+    _u8_at = _pointer(types.uint8)
+    _u16_at = _pointer(types.uint16)
+    _f32_at = _pointer(types.float32)
+    from numba import carray
 
 
 def _load(x, code):
@@ -316,3 +376,51 @@ def _rebuild_kernel(base, tau, packed, out, base_code, tau_code, scale):
         result[0] = max(result[0], tops[0, blk])
         result[1] = max(result[1], tops[1, blk])
     return result
+
+
+def _rebuild_many_kernel(addresses, numels, scales, first_block, base_code, tau_code):
+    """Blocks ``first_block[i]`` to ``first_block[i + 1]`` of the work list are tensor i's (``addresses[i]``: base,
+    τ*, packed mask, out); each block is :func:`_span` of its entries, its maxima kept per block and then
+    gathered per tensor. The branches pick how the addresses are read for each dtype pair."""
+    count = numels.shape[0]
+    total = first_block[count]
+    block_tops = np.zeros((2, total), dtype=np.uint32)
+    for work in prange(total):
+        i = np.searchsorted(first_block, work, side="right") - 1
+        numel = numels[i]
+        start = (work - first_block[i]) * BLOCK
+        stop = min(start + BLOCK, numel)
+        packed = carray(_u8_at(addresses[i, 2]), (numel + 7) // 8)
+        if base_code == 0:
+            base32 = carray(_f32_at(addresses[i, 0]), numel)
+            tau32 = carray(_f32_at(addresses[i, 1]), numel)
+            out32 = carray(_f32_at(addresses[i, 3]), numel)
+            top = _span(base32, tau32, packed, out32, start, stop, 0, 0, scales[i])
+            block_tops[0, work] = top[0]
+            block_tops[1, work] = top[1]
+        elif tau_code == 0:
+            base16 = carray(_u16_at(addresses[i, 0]), numel)
+            tau32 = carray(_f32_at(addresses[i, 1]), numel)
+            out16 = carray(_u16_at(addresses[i, 3]), numel)
+            if base_code == 1:
+                top = _span(base16, tau32, packed, out16, start, stop, 1, 0, scales[i])
+            else:
+                top = _span(base16, tau32, packed, out16, start, stop, 2, 0, scales[i])
+            block_tops[0, work] = top[0]
+            block_tops[1, work] = top[1]
+        else:
+            base16 = carray(_u16_at(addresses[i, 0]), numel)
+            tau16 = carray(_u16_at(addresses[i, 1]), numel)
+            out16 = carray(_u16_at(addresses[i, 3]), numel)
+            if base_code == 1:
+                top = _span(base16, tau16, packed, out16, start, stop, 1, 1, scales[i])
+            else:
+                top = _span(base16, tau16, packed, out16, start, stop, 2, 2, scales[i])
+            block_tops[0, work] = top[0]
+            block_tops[1, work] = top[1]
+    tops = np.zeros((2, count), dtype=np.uint32)
+    for i in range(count):
+        for work in range(first_block[i], first_block[i + 1]):
+            tops[0, i] = max(tops[0, i], block_tops[0, work])
+            tops[1, i] = max(tops[1, i], block_tops[1, work])
+    return tops

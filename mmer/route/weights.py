@@ -280,6 +280,40 @@ class DeviceWeights:
             return
         self.full(modality, name, into=target)
 
+    def write_many(self, jobs: Sequence[tuple[torch.Tensor, str]], state: str) -> None:
+        """:meth:`write_into` for every ``(target, name)`` of a switch, with the same result.
+
+        The merged tensors the one-pass kernel covers (a modality's state, on the CPU, written straight into the
+        target) are rebuilt together by ``switch_kernel.rebuild_many``, one parallel pass for the whole switch;
+        their private rows, and every other tensor, are then written one by one as :meth:`write_into` does.
+        """
+        batch: list[tuple[torch.Tensor, str, torch.Tensor, torch.Tensor]] = []
+        rest: list[tuple[torch.Tensor, str]] = []
+        for target, name in jobs:
+            own = self.private[state].get(name) if state not in STATES else None
+            if state in STATES or name not in self.tau or (own is not None and own.row_start == 0):
+                rest.append((target, name))
+                continue
+            base, tau, packed = self.base_on_device(name), self.tau[name], self.masks[state][name]
+            out = self._output(base, target) if target.dim() else None  # a scalar's rebuild is copied in
+            if (
+                out is None
+                or not (base.is_contiguous() and tau.is_contiguous() and packed.is_contiguous())
+                or not switch_kernel.supports(base, tau, packed, out)
+            ):
+                rest.append((target, name))
+                continue
+            batch.append((target, name, out, base))
+        scale = self.scales.get(state, 1.0)
+        maxima = switch_kernel.rebuild_many([(o, b, self.tau[n], self.masks[state][n], scale) for _, n, o, b in batch])
+        for (target, name, out, _), tops in zip(batch, maxima, strict=True):
+            self.check(name, tops)
+            own = self.private[state].get(name)
+            if own is not None:  # the shared rows are in place: modality_tensor adds the private ones after them
+                modality_tensor(lambda out=out: out, own.tensor, own.row_start, into=target)
+        for target, name in rest:
+            self.write_into(target, state, name)
+
     def same_weights(self, a: str, b: str, name: str) -> bool:
         """Whether modalities ``a`` and ``b`` have bit-identical tensors ``name`` (same mask, no private rows)."""
         if name in self.private[a] or name in self.private[b]:
