@@ -914,6 +914,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--layers", type=int, help="override the preset's depth")
     parser.add_argument("--repeats", type=int, default=5, help="timed runs per measure (default 5)")
     parser.add_argument("--results", type=Path, default=RESULTS, help="where the .json and .md go")
+    parser.add_argument("--tag", help="added to the results' file names (a partial run beside a full one)")
     parser.add_argument(
         "--skip", nargs="+", default=[], choices=GROUPS, help="leave these groups out (load, floor, switch always run)"
     )
@@ -926,6 +927,7 @@ def main(argv: list[str] | None = None) -> int:
     args.results.mkdir(parents=True, exist_ok=True)
     suffix = "" if args.device == "cpu" and args.preset == "small" else f"_{args.device.split(':')[0]}_{args.preset}"
     suffix += f"_map-{args.device_map}" if args.device_map else ""
+    suffix += f"_{args.tag}" if args.tag else ""
     (args.results / f"router_bench{suffix}.json").write_text(json.dumps(result, indent=2) + "\n")
     (args.results / f"router_bench{suffix}.md").write_text(markdown(result))
     print(f"wrote {args.results / f'router_bench{suffix}.json'} and .md in {result['total_seconds']:.0f} s")
