@@ -262,6 +262,7 @@ def parse(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument("--text-share", type=float, default=0.06, help="text-only share of the fine-tuning mix")
     parser.add_argument("--held-out-text", type=int, default=512, help="held-out text windows for forgetting")
+    parser.add_argument("--pretrain-only", action="store_true", help="stop once --workdir holds the base")
     parser.add_argument("--tiny", action="store_true", help="a few steps of everything (the test suite's run)")
     parser.add_argument(
         "--merge", type=Path, nargs="+", default=None, help="combine results.json files of single-seed runs"
@@ -311,6 +312,8 @@ def main(argv: Sequence[str] | None = None) -> dict:
         pretrain_seconds = time.perf_counter() - started
         print(f"pretrained in {pretrain_seconds:.0f} s: text loss {pretrain.lm_losses[-1]:.3f}")
         lm.save_pretrained(workdir / "base")
+    if args.pretrain_only:
+        return {"base": str(workdir / "base"), "pretrain seconds": pretrain_seconds}
     base_parameters = count(load_base(workdir / "base"))
     text_before = evaluate(MoExtendModel(load_base(workdir / "base")), held_text, 64)["loss"]
 

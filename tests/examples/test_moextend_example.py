@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import shutil
 import statistics
 from pathlib import Path
 
@@ -142,8 +143,10 @@ def test_the_table_is_the_mean_and_spread_of_the_seeds_runs(tiny):
 def test_single_seed_runs_merge_into_the_table_one_run_of_all_seeds_prints(run, tiny, tmp_path):
     summary, _ = tiny
     files = []
+    base = run.main(["--tiny", "--pretrain-only", "--workdir", str(tmp_path / "pretrained")])["base"]
     for seed in ("1", "0"):
         work = tmp_path / seed
+        shutil.copytree(base, work / "base")  # every seed's process starts from the one pretrained base
         argv = ["--tiny", "--seeds", seed, "--lrs", "3e-3", "--placement-lrs", "3e-3"]
         run.main([*argv, "--workdir", str(work), "--results", str(work / "results")])
         files.append(str(work / "results" / "results.json"))
