@@ -39,6 +39,7 @@ from __future__ import annotations
 
 import argparse
 import datetime
+import gc
 import json
 import math
 import os
@@ -68,7 +69,7 @@ PRESETS: dict[str, dict[str, int]] = {
     "tinyllama": {"hidden": 2048, "intermediate": 5632, "layers": 22, "heads": 32, "kv_heads": 4, "vocab": 32000},
 }
 PRESET_DTYPE = {"tinyllama": "bfloat16"}  # others: float32 on CPU, bfloat16 on a GPU
-GROUPS = ("forward", "expansion")  # what --skip can leave out (load, floor and switch always run)
+GROUPS = ("reload", "forward", "expansion")  # what --skip can leave out (load, floor and switch always run)
 DENSITY = {"vision": 0.30, "audio": 0.05}  # Fig. 4a reports image 34.1 %, audio 2.2 %
 PRIVATE_ROWS = {"vision": 2, "audio": 1}
 GB = 1e9
@@ -332,20 +333,24 @@ def timed_interleaved(fns: dict[str, Callable[[], Any]], device: torch.device, r
 
     The contenders run in turn within each repeat, so that load from other processes (or clock drift) hits
     them alike. CPU time (this process, all threads) is reported too: on a shared CPU it is the steadier
-    measure of work, and the CPU ratios use it.
+    measure of work, and the CPU ratios use it. What a contender returns is freed after its clock stops (a
+    loaded router's 2 GB of live weights take a while to unmap, which is no part of loading it).
     """
     for fn in fns.values():
         fn()
     sync(device)
+    gc.collect()
     wall: dict[str, list[float]] = {name: [] for name in fns}
     cpu: dict[str, list[float]] = {name: [] for name in fns}
     for _ in range(repeats):
         for name, fn in fns.items():
             w, c = time.perf_counter(), time.process_time()
-            fn()
+            kept = fn()
             sync(device)
             wall[name].append(time.perf_counter() - w)
             cpu[name].append(time.process_time() - c)
+            del kept
+            gc.collect()
     return {n: _stats(wall[n], cpu[n]) for n in fns}
 
 
@@ -552,10 +557,11 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
 
     steps: list[tuple[dict[str, float], dict[str, float]]] = []  # each load's Router.load_seconds, CPU too
 
-    def load_again() -> None:
+    def load_again() -> Router:
         loaded = Router.from_pretrained(path, **placement)
         steps.append((loaded.load_seconds, loaded.load_cpu_seconds))
-        loaded.close()
+        loaded.close()  # the files; the router itself is freed once the timing has stopped
+        return loaded
 
     contenders: dict[str, Callable[[], Any]] = {"read": read, "load": load_again}
     if device.type == "cpu" and args.device_map is None:
@@ -638,40 +644,39 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         note=f"{router.last_switch_rebuilt} tensors rebuilt; × = this / the floor",
     )
     rebuilt_dir = CACHE / "out" / f"{path.name}-vision"
-    shutil.rmtree(rebuilt_dir, ignore_errors=True)
-    row(
-        "switch",
-        "mmer reconstruct to disk (once per modality)",
-        once(partial(reconstruct_modality, path, "vision", rebuilt_dir), device),
-    )
 
     def reload() -> torch.nn.Module:
         return LlavaForConditionalGeneration.from_pretrained(rebuilt_dir, dtype=dtype).to(device).eval()
 
-    reload_t = timed(reload, device, args.repeats)
-    row(
-        "switch",
-        "alternative: from_pretrained of the rebuilt model",
-        reload_t,
-        switch,
-        note="× = this / router.switch; warm page cache",
-    )
-    if device.type == "cpu":
-        # On the CPU, from_pretrained leaves the weights in safetensors' file mapping: the row above maps them and
-        # reads nothing until the first forward faults each page in. Reading every weight once makes it a load.
-        def reload_read() -> torch.nn.Module:
-            model = reload()
-            for param in model.parameters():
-                param.data = param.data.clone()
-            return model
-
+    if "reload" not in args.skip or "forward" not in args.skip:  # the forward rows compare with it
+        shutil.rmtree(rebuilt_dir, ignore_errors=True)
+        reconstruct_t = once(partial(reconstruct_modality, path, "vision", rebuilt_dir), device)
+    if "reload" not in args.skip:
+        row("switch", "mmer reconstruct to disk (once per modality)", reconstruct_t)
+        reload_t = timed(reload, device, args.repeats)
         row(
             "switch",
-            "alternative: the same, every weight read once (copied out of the map)",
-            timed(reload_read, device, args.repeats),
+            "alternative: from_pretrained of the rebuilt model",
+            reload_t,
             switch,
             note="× = this / router.switch; warm page cache",
         )
+        if device.type == "cpu":
+            # On the CPU, from_pretrained leaves the weights in safetensors' file mapping: the row above maps them and
+            # reads nothing until the first forward faults each page in. Reading every weight once makes it a load.
+            def reload_read() -> torch.nn.Module:
+                model = reload()
+                for param in model.parameters():
+                    param.data = param.data.clone()
+                return model
+
+            row(
+                "switch",
+                "alternative: the same, every weight read once (copied out of the map)",
+                timed(reload_read, device, args.repeats),
+                switch,
+                note="× = this / router.switch; warm page cache",
+            )
     if "forward" in args.skip and "expansion" in args.skip:
         return result(args, shape, params, held, floor_info, load_before, rows)
 
