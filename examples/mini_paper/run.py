@@ -31,7 +31,7 @@ import platform
 import subprocess
 import sys
 import time
-from dataclasses import asdict
+from dataclasses import asdict, replace
 from pathlib import Path
 
 import torch
@@ -59,7 +59,13 @@ VARIANTS = (
 GROWTH = ("ties/none", "emr/emr", "ties/mmer")
 
 
-def settings(tiny: bool, variants, trim_scope: str) -> S.Settings:
+FULL_TRAIN = B.TrainConfig(align_steps=10, steps=40, batch=16, lr_llm=2e-4)  # the committed run's (see README)
+FULL_CONTINUE = 20
+
+
+def settings(
+    tiny: bool, variants, trim_scope: str, train: B.TrainConfig = FULL_TRAIN, continue_steps: int = FULL_CONTINUE
+) -> S.Settings:
     if tiny:
         return S.Settings(
             tiny=True,
@@ -77,8 +83,8 @@ def settings(tiny: bool, variants, trim_scope: str) -> S.Settings:
         )
     return S.Settings(
         tiny=False,
-        train=B.TrainConfig(align_steps=10, steps=40, batch=16, lr_llm=2e-4),
-        continue_steps=20,
+        train=train,
+        continue_steps=continue_steps,
         lora_rank=8,
         val_fraction=0.15,
         max_val=60,
@@ -104,6 +110,12 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument(
         "--threads", type=int, default=1, help="torch threads per process (1: deterministic on one machine)"
     )
+    parser.add_argument("--align-steps", type=int, default=FULL_TRAIN.align_steps, help="stage 1 steps (full mode)")
+    parser.add_argument("--steps", type=int, default=FULL_TRAIN.steps, help="stage 2 steps (full mode)")
+    parser.add_argument("--batch", type=int, default=FULL_TRAIN.batch, help="batch size (full mode)")
+    parser.add_argument(
+        "--continue-steps", type=int, default=FULL_CONTINUE, help="Table 3's further fine-tuning steps (full mode)"
+    )
     args = parser.parse_args(argv)
     started = time.perf_counter()
     torch.set_num_threads(args.threads)
@@ -115,7 +127,8 @@ def main(argv: list[str] | None = None) -> dict:
     from transformers.utils import logging as hf_logging
 
     hf_logging.set_verbosity_error()
-    s = settings(args.tiny, args.variants, args.trim_scope)
+    train = replace(FULL_TRAIN, align_steps=args.align_steps, steps=args.steps, batch=args.batch)
+    s = settings(args.tiny, args.variants, args.trim_scope, train, args.continue_steps)
     t = time.perf_counter()
     raw = load_all(work / "data", tiny=args.tiny, tasks=TASKS)
     data_s = time.perf_counter() - t
@@ -129,7 +142,7 @@ def main(argv: list[str] | None = None) -> dict:
     report = R.aggregate(per_seed)
     report.update(
         {
-            "command": "python examples/mini_paper/run.py" + (" --tiny" if args.tiny else ""),
+            "command": "python examples/mini_paper/run.py" + (" --tiny" if args.tiny else "") + _flags(args),
             "mode": mode,
             "seeds": args.seeds,
             "settings": asdict(s),
@@ -148,6 +161,27 @@ def main(argv: list[str] | None = None) -> dict:
     R.render_png(report, results / "results.png")
     S.log(f"done in {report['wall_seconds']:.0f} s; results in {results}")
     return report
+
+
+def _flags(args) -> str:
+    """The options that change results, as typed (so the report names the command that reproduces it)."""
+    out = []
+    if not args.tiny:
+        for flag, value, default in (
+            ("--align-steps", args.align_steps, FULL_TRAIN.align_steps),
+            ("--steps", args.steps, FULL_TRAIN.steps),
+            ("--batch", args.batch, FULL_TRAIN.batch),
+            ("--continue-steps", args.continue_steps, FULL_CONTINUE),
+        ):
+            if value != default:
+                out.append(f"{flag} {value}")
+    if args.seeds != [0, 1, 2]:
+        out.append("--seeds " + " ".join(map(str, args.seeds)))
+    if list(args.variants) != list(VARIANTS):
+        out.append("--variants " + " ".join(args.variants))
+    if args.trim_scope != "per-tensor":
+        out.append(f"--trim-scope {args.trim_scope}")
+    return "".join(" " + o for o in out)
 
 
 def _run_workers(argv: list[str], seeds: list[int], jobs: int, work: Path, s: S.Settings) -> None:
