@@ -411,7 +411,7 @@ def main(argv: Sequence[str] | None = None) -> dict:
 
 
 # Keys that vary between runs of the same experiment; every other key of their summaries must agree.
-PER_RUN = ("seeds", "probes", "runs", "rows", "wall seconds", "pretrain seconds", "machine", "mode")
+PER_RUN = ("seeds", "probes", "runs", "rows", "wall seconds", "pretrain seconds", "machine")
 
 
 def merge(files: Sequence[Path], results: Path) -> dict:
