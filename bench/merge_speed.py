@@ -8,7 +8,9 @@ Built once, deterministically, under bench/.cache/ (about 8.8 GB); no download.
 (bench/workloads.py: a large share of entries exactly unchanged in bf16, heavy-tailed moves quantised to the
 weights' own bf16 steps so thresholds sit in blocks of ties, untouched embedding rows).
 
-Measured in fresh subprocesses, median of --repeats runs each, wall time and peak RSS of the child:
+Measured in fresh subprocesses, in rounds (each round runs every row once, so the floor and mmer alternate under
+the same page cache and load), median of --repeats rounds, wall time and peak RSS of the child; the 1-minute load
+average before each run is recorded beside the machine:
   floor        read every input tensor, one elementwise pass (sum of the deltas), write one model
   mmer-global  mmer merge (TIES K=0.8 global trim + MMER masks + decoupled write)
   mmer-tensor  the same with per-tensor trim
@@ -181,14 +183,16 @@ import json, resource, subprocess, sys, time
 t = time.perf_counter()
 proc = subprocess.run(sys.argv[1:], capture_output=True, text=True)
 wall = time.perf_counter() - t
-rss = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss * 1024
+usage = resource.getrusage(resource.RUSAGE_CHILDREN)
+rss, cpu = usage.ru_maxrss * 1024, usage.ru_utime + usage.ru_stime
 tail = {"stdout": proc.stdout[-2000:], "stderr": proc.stderr[-2000:]}
-print(json.dumps({"wall": wall, "rss": rss, "rc": proc.returncode, **tail}))
+print(json.dumps({"wall": wall, "cpu": cpu, "rss": rss, "rc": proc.returncode, **tail}))
 """
 
 
 def measure(cmd: list[str]) -> dict:
-    """Run ``cmd`` under a tiny parent that reports its wall time and peak RSS (RUSAGE_CHILDREN)."""
+    """Run ``cmd`` under a tiny parent that reports its wall time, CPU time (user + system, every thread) and peak
+    RSS (RUSAGE_CHILDREN). On a machine other work shares, CPU time is the steadier measure of the work done."""
     out = subprocess.run([sys.executable, "-c", MEASURE, *cmd], capture_output=True, text=True, check=True)
     result = json.loads(out.stdout)
     if result["rc"] != 0:
@@ -395,21 +399,38 @@ def main() -> int:
     if args.only:
         runs = {k: v for k, v in runs.items() if k in args.only}
     results: dict[str, dict] = {}
-    for name, cmd in runs.items():
-        walls, rsss = [], []
-        repeats = args.mergekit_repeats if name == "mergekit" and args.mergekit_repeats else args.repeats
-        for r in range(repeats):
+    # Rounds, not blocks: every run of a round sees the same page cache and about the same load from whatever else
+    # the machine runs, so each row's median is taken under the conditions the floor's is.
+    walls: dict[str, list[float]] = {name: [] for name in runs}
+    rsss: dict[str, list[int]] = {name: [] for name in runs}
+    cpus: dict[str, list[float]] = {name: [] for name in runs}
+    loads: list[float] = []
+    last: dict[str, dict] = {}
+    for r in range(max(args.repeats, args.mergekit_repeats or 0)):
+        for name, cmd in runs.items():
+            repeats = args.mergekit_repeats if name.startswith("mergekit") and args.mergekit_repeats else args.repeats
+            if r >= repeats:
+                continue
             shutil.rmtree(work, ignore_errors=True)
-            m = measure(cmd)
-            walls.append(m["wall"])
-            rsss.append(m["rss"])
-            print(f"{name:12s} run {r + 1}: {m['wall']:7.1f} s, peak RSS {m['rss'] / 1e9:5.2f} GB", flush=True)
+            loads.append(os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan"))
+            m = last[name] = measure(cmd)
+            walls[name].append(m["wall"])
+            rsss[name].append(m["rss"])
+            cpus[name].append(m["cpu"])
+            print(
+                f"{name:12s} run {r + 1}: {m['wall']:7.1f} s, CPU {m['cpu']:7.1f} s, "
+                f"peak RSS {m['rss'] / 1e9:5.2f} GB",
+                flush=True,
+            )
+    for name in runs:
         results[name] = {
-            "wall_s": statistics.median(walls),
-            "peak_rss_gb": statistics.median(rsss) / 1e9,
-            "runs": walls,
+            "wall_s": statistics.median(walls[name]),
+            "peak_rss_gb": statistics.median(rsss[name]) / 1e9,
+            "runs": walls[name],
+            "cpu_s": statistics.median(cpus[name]),
+            "cpu_runs": cpus[name],
         }
-        printed = dict(line.split()[:2] for line in m["stdout"].splitlines() if line.startswith("MMER_"))
+        printed = dict(line.split()[:2] for line in last[name]["stdout"].splitlines() if line.startswith("MMER_"))
         if "MMER_ESTIMATE" in printed:  # the last run's: the estimate and the baseline do not vary between runs
             results[name]["estimate_gb"] = int(printed["MMER_ESTIMATE"]) / 1e9
             results[name]["baseline_rss_gb"] = int(printed["MMER_BASELINE"]) / 1e9
@@ -417,6 +438,15 @@ def main() -> int:
     table = render_matrix(results, cfg, tag) if args.matrix else render(results, cfg, tag)
     print(table)
     RESULTS.mkdir(exist_ok=True)
+    machine_at_start["load_avg_during_runs"] = (
+        {
+            "min": round(min(loads), 2),
+            "median": round(statistics.median(loads), 2),
+            "max": round(max(loads), 2),
+        }
+        if loads
+        else None
+    )
     payload = {
         "workload": {"tag": tag, **cfg, "fine_tunes": 3, "dtype": "bfloat16", "k": k, "density": density, **workload},
         "machine": machine_at_start,
@@ -477,15 +507,19 @@ def render(results: dict[str, dict], cfg: dict, tag: str) -> str:
     mk = results.get("mergekit")
     lines = [
         f"| run ({tag}: hidden {cfg['hidden']}, {cfg['layers']} layers, 3 fine-tunes) | wall s (median) | "
-        "peak RSS GB | ÷ floor | mergekit ÷ this | RSS ÷ mergekit |",
-        "|---|---|---|---|---|---|",
+        "peak RSS GB | ÷ floor | CPU s (median) | CPU ÷ floor's | mergekit ÷ this | RSS ÷ mergekit |",
+        "|---|---|---|---|---|---|---|---|",
     ]
+    floor_cpu = results.get("floor", {}).get("cpu_s")
     for name, r in results.items():
         ratio_floor = f"{r['wall_s'] / floor:.2f}" if floor else "-"
+        cpu = f"{r['cpu_s']:.1f}" if "cpu_s" in r else "-"
+        ratio_cpu = f"{r['cpu_s'] / floor_cpu:.2f}" if floor_cpu and "cpu_s" in r else "-"
         speedup = f"{mk['wall_s'] / r['wall_s']:.2f}" if mk else "-"
         rss_ratio = f"{r['peak_rss_gb'] / mk['peak_rss_gb']:.2f}" if mk else "-"
         lines.append(
-            f"| {name} | {r['wall_s']:.1f} | {r['peak_rss_gb']:.2f} | {ratio_floor} | {speedup} | {rss_ratio} |"
+            f"| {name} | {r['wall_s']:.1f} | {r['peak_rss_gb']:.2f} | {ratio_floor} | {cpu} | {ratio_cpu} | {speedup} "
+            f"| {rss_ratio} |"
         )
     return "\n".join(lines)
 

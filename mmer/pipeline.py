@@ -19,6 +19,7 @@ from mmer.checkpoint.manifest import Manifest, ModalityRecord, SlotRecord
 from mmer.checkpoint.quant import record_encoding, store_tau_star
 from mmer.config import ModelSpec, Recipe
 from mmer.engine import SlotStats, count_majority, find_thresholds, merge_slots, tau_dtype
+from mmer.engine.merge_pass import verifies_guesses
 from mmer.engine.trim_warnings import trim_warnings
 from mmer.io.hashing import hash_files
 from mmer.io.reader import DTYPE_NAMES, copy_side_files
@@ -148,7 +149,9 @@ def execute_plan(
     """
     reuse_freed_memory()
     t = time.perf_counter()
-    thresholds = find_thresholds(plan, [plan.variant], progress)
+    # a threshold the sample pins to one magnitude is confirmed by the merge's own pass (engine.merge_pass)
+    unverified: list | None = [] if verifies_guesses(plan) else None
+    thresholds = find_thresholds(plan, [plan.variant], progress, unverified)
     report.seconds["thresholds"] = time.perf_counter() - t
     if plan.variant.needs_census:  # zero_sign majority: the variant carries its census from here on, recorded
         t = time.perf_counter()
@@ -156,7 +159,7 @@ def execute_plan(
         report.plan.setdefault("options", {}).update(plan.variant.recorded())
         report.seconds["sign_census"] = time.perf_counter() - t
     t = time.perf_counter()
-    stats = merge_slots(plan, staging, thresholds, progress)
+    stats = merge_slots(plan, staging, thresholds, progress, unverified)
     # τ* in the recipe's tau_storage, once every mask is made from the exact τ*
     encoding = store_tau_star(staging, plan.recipe.options, [(s.name, tuple(s.shape)) for s in plan.merged_slots])
     report.seconds["merge"] = time.perf_counter() - t

@@ -70,14 +70,21 @@ def merge_fused(
     thresholds: list[float | None] | None,
     store_dtype: torch.dtype,
     variant: Variant | None = None,
+    window: list[int] | None = None,
+    views: tuple[torch.Tensor, list[torch.Tensor]] | None = None,
 ) -> FusedResult | None:
     """One chunk through the fused kernel (the plan's variant unless given), its merged weights checked; None
     (nothing to write) when a τᵢ is not finite: the eager path then runs the chunk, and refuses it naming the
-    tensor or merges it with NaN/inf as the eager engine defines."""
+    tensor or merges it with NaN/inf as the eager engine defines. ``window``: also count each τᵢ against it
+    (``one_pass.merge_chunk``). ``views``: the slot's whole flat θ_base and θᵢ (``chunk_views`` over the slot),
+    taken once per slot instead of once per chunk."""
     from mmer.merge import one_pass
 
-    base, thetas = chunk_views(plan, slot_name, span)
-    result = one_pass.merge_chunk(base, thetas, variant or plan.variant, thresholds, store_dtype)
+    if views is None:
+        base, thetas = chunk_views(plan, slot_name, span)
+    else:
+        base, thetas = views[0][span[0] : span[1]], [t[span[0] : span[1]] for t in views[1]]
+    result = one_pass.merge_chunk(base, thetas, variant or plan.variant, thresholds, store_dtype, window)
     if not all(math.isfinite(v) for v in result.l1):
         return None
     if not plan.recipe.options.allow_nonfinite:  # the fused variant's mask (mmer) has no rescaler: sᵢ = 1

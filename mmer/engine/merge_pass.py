@@ -4,6 +4,7 @@ written as it goes (base copy, τ*, one mask file per modality, private rows; or
 
 from __future__ import annotations
 
+import shutil
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -14,7 +15,7 @@ from mmer.checkpoint import bits
 from mmer.checkpoint.decoupled import BASE_DIR, COMPONENTS_DIR, MASKS_DIR, PRIVATE_FILE, TAU_STAR_DIR, mask_metadata
 from mmer.checkpoint.manifest import MAX_SCALE
 from mmer.engine.kernels import fused_kernel, merge_fused
-from mmer.engine.slots import model_sources, read_slot, release_inputs, slot_spans, tau_dtype
+from mmer.engine.slots import chunk_views, model_sources, read_slot, release_inputs, slot_spans, tau_dtype
 from mmer.engine.thresholds import Thresholds, tensor_thresholds
 from mmer.errors import NonFiniteError
 from mmer.io.reader import CheckpointReader
@@ -29,6 +30,7 @@ from mmer.version import __version__
 
 if TYPE_CHECKING:
     from mmer.merge.one_pass import FusedResult  # the kernels load numba: imported on first use, not here
+    from mmer.merge.trim import WindowedThreshold
 
 
 @dataclass
@@ -39,12 +41,63 @@ class SlotStats:
     scales: dict[str, float] = field(default_factory=dict)
 
 
-def merge_slots(plan: MergePlan, staging: Path, thresholds: Thresholds, progress: ProgressSink) -> SlotStats:
+def verifies_guesses(plan: MergePlan) -> bool:
+    """Whether :func:`merge_slots` can confirm guessed global thresholds while it merges: a global trim without
+    DARE or a census pass, every merged slot through the fused kernel (a chunk it leaves to the eager engine is
+    counted there)."""
+    variant, device = plan.variant, torch.device(plan.recipe.options.device)
+    if not variant.needs_global_threshold or variant.dare > 0 or variant.needs_census:
+        return False
+    return all(
+        fused_kernel(plan, s.name, device, tau_dtype(plan, s.dtype), variant) is not None for s in plan.merged_slots
+    )
+
+
+def merge_slots(
+    plan: MergePlan,
+    staging: Path,
+    thresholds: Thresholds,
+    progress: ProgressSink,
+    unverified: list | None = None,
+) -> SlotStats:
     """The main pass: per slot, τᵢ → (DARE, trim) → merge → τ* → masks; writes every LLM-side file.
 
     Decoupled output (a mask rule): base copy, τ*, one mask file per modality, private rows. Single merged
     model (``mask: none``): θ_base + τ* at the output's root as a plain Hugging Face checkpoint, private rows.
+
+    ``unverified`` holds the ``(key, finders)`` whose thresholds ``find_thresholds`` guessed (the sample narrowed
+    each model's window to one magnitude) instead of counting them in a pass of their own: the merge counts every
+    τᵢ against that magnitude as it goes, so the search's one full pass is the merge's. When the counts confirm
+    the guess, the merge stands; otherwise (rare: the sample misjudged the model) its files are discarded,
+    ``thresholds`` is corrected to the exact values, and the merge runs again, so the output is exact either way.
     """
+    key = plan.variant.threshold_key
+    finders = dict(unverified or []).get(key)
+    if finders is None:
+        return _merge_pass(plan, staging, thresholds, progress)
+    stats = _merge_pass(plan, staging, thresholds, progress, finders)
+    if all(not f.needs_second_pass for f in finders):
+        exact = [f.value for f in finders]
+        if exact == thresholds[key]:
+            return stats
+        thresholds[key] = exact
+    else:
+        from mmer.engine.thresholds import find_thresholds
+
+        thresholds.update(find_thresholds(plan, [plan.variant], progress))
+    for name in (BASE_DIR, TAU_STAR_DIR, MASKS_DIR, COMPONENTS_DIR):
+        shutil.rmtree(staging / name, ignore_errors=True)
+    return _merge_pass(plan, staging, thresholds, progress)
+
+
+def _merge_pass(
+    plan: MergePlan,
+    staging: Path,
+    thresholds: Thresholds,
+    progress: ProgressSink,
+    guesses: list[WindowedThreshold] | None = None,
+) -> SlotStats:
+    """One merge of every slot; with ``guesses``, each τᵢ is also counted against its finder's window."""
     options = plan.recipe.options
     variant = plan.variant
     device = torch.device(options.device)
@@ -53,6 +106,7 @@ def merge_slots(plan: MergePlan, staging: Path, thresholds: Thresholds, progress
     # through the fused kernel (exactly: a tensor's threshold compares as the global ones do).
     per_tensor = trims_each_tensor_first(variant, options.allow_nonfinite)
     chunk_variant = replace(variant, trim_scope="global") if per_tensor else variant
+    window = [f.window[0] for f in guesses] if guesses is not None else None
     merged = plan.merged_slots
     shard = options.shard_size
     single_model = variant.rule.single_model_output
@@ -122,18 +176,25 @@ def merge_slots(plan: MergePlan, staging: Path, thresholds: Thresholds, progress
             if per_tensor:
                 slot_thresholds = tensor_thresholds(plan, slot, device, variant.ks(len(labels)), variant.trim_count)
             kernel = fused_kernel(plan, slot.name, device, store_dtype, chunk_variant)
+            views = chunk_views(plan, slot.name, (0, slot.numel)) if kernel else None  # once per slot, not chunk
             for span in slot_spans(slot.numel, device, chunk_variant.elementwise):
                 start, stop = span or (0, slot.numel)
                 chunk = (
-                    merge_fused(plan, slot.name, (start, stop), slot_thresholds, store_dtype, chunk_variant)
+                    merge_fused(
+                        plan, slot.name, (start, stop), slot_thresholds, store_dtype, chunk_variant, window, views
+                    )
                     if kernel
                     else None
                 )
                 if chunk is not None:
                     _write_fused(chunk, plan, slot.name, start, writers_by_role, stats, ones)
+                    for finder, piece in zip(guesses or [], chunk.pieces or [], strict=True):
+                        finder.add_piece(piece)
                 else:
                     l1: list[float] = []
                     base, raw = read_slot(plan, slot.name, device, span, l1=l1)
+                    for finder, tau in zip(guesses or [], raw if guesses else [], strict=True):
+                        finder.add(tau)
                     result = merge_slot(raw, chunk_variant, slot.name, store_dtype, slot_thresholds)
                     for label, norm in zip(labels, l1, strict=True):
                         stats.delta_l1[label] += norm
@@ -167,6 +228,7 @@ def merge_slots(plan: MergePlan, staging: Path, thresholds: Thresholds, progress
                             scale_den[label] += result.scale_den[i]
                     del base, raw, result
                 progress.advance(stage, (stop - start) * slot.dtype.itemsize * (1 + len(labels)))
+            del views
             if not variant.rule.single_model_output:
                 for label, count in zip(labels, ones, strict=True):
                     stats.kept_per_tensor[label][slot.name] = count

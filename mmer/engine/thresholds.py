@@ -43,7 +43,9 @@ def _sample_blocks(
     return [(i * step, i * step + block) for i in range(count)]
 
 
-def find_thresholds(plan: MergePlan, variants: list[Variant], progress: ProgressSink) -> Thresholds:
+def find_thresholds(
+    plan: MergePlan, variants: list[Variant], progress: ProgressSink, unverified: list | None = None
+) -> Thresholds:
     """Each model's exact global top-K magnitude threshold per distinct trim, in one streaming pass.
 
     Variants that trim the same task vectors the same way (see ``Variant.threshold_key``) share one search,
@@ -52,6 +54,10 @@ def find_thresholds(plan: MergePlan, variants: list[Variant], progress: Progress
     DARE'd task vectors, whose random masks are drawn per whole tensor, and any window that missed take the
     histogram search (``merge.trim.GlobalThreshold``), whose second pass is skipped when the first finds a bin
     holding one magnitude. Exact either way.
+
+    With ``unverified`` (a list the caller passes), a trim whose every window the sample narrowed to one magnitude
+    (a threshold of 0, or inside one block of ties) skips the full pass: its values are that magnitude, and
+    ``(key, finders)`` is appended for the merge to count and confirm (``engine.merge_pass``).
     """
     keys = sorted({v.threshold_key for v in variants if v.needs_global_threshold})
     if not keys:
@@ -60,6 +66,7 @@ def find_thresholds(plan: MergePlan, variants: list[Variant], progress: Progress
     by_key = {v.threshold_key: v for v in variants if v.needs_global_threshold}
     n_models = len(plan.models)
     windowed = [key for key in keys if key[2] == 0]
+    guessed: list[tuple] = []
     # each model ranked at its own K (Variant.k_of): a model's window is placed and counted alone, so the kernel's
     # per-model windows need nothing else
     finders = {
@@ -74,11 +81,21 @@ def find_thresholds(plan: MergePlan, variants: list[Variant], progress: Progress
         for key in windowed:
             for finder in finders[key]:
                 finder.open_window()
-        _window_pass(plan, plan.merged_slots, device, [finders[key] for key in windowed], progress, "threshold")
+        guessed = [key for key in windowed if unverified is not None and _one_magnitude(finders[key])]
+        if unverified is not None:
+            unverified.extend((key, finders[key]) for key in guessed)
+        counted = [finders[key] for key in windowed if key not in guessed]
+        if counted:
+            _window_pass(plan, plan.merged_slots, device, counted, progress, "threshold")
     values: Thresholds = {
-        key: [f.value if not f.needs_second_pass else None for f in finders[key]] for key in windowed
+        key: [f.value if not f.needs_second_pass else None for f in finders[key]]
+        for key in windowed
+        if key not in guessed
     }
-    wanted = {(key, i) for key in windowed for i, f in enumerate(finders[key]) if f.needs_second_pass}
+    values.update({key: [_pattern_value(f.window[0]) for f in finders[key]] for key in guessed})
+    wanted = {
+        (key, i) for key in windowed if key not in guessed for i, f in enumerate(finders[key]) if f.needs_second_pass
+    }
     wanted |= {(key, i) for key in keys if key[2] != 0 for i in range(n_models)}
     if not wanted:
         return values
@@ -94,6 +111,15 @@ def find_thresholds(plan: MergePlan, variants: list[Variant], progress: Progress
             if (key, i) in searches:
                 values[key][i] = searches[key, i].value
     return values
+
+
+def _pattern_value(bits: int) -> float:
+    return float(torch.tensor([bits], dtype=torch.int32).view(torch.float32).item())
+
+
+def _one_magnitude(finders: list[WindowedThreshold]) -> bool:
+    """Whether the sample narrowed every model's window to one magnitude (its guess is then that value)."""
+    return all(not f.keeps_all and f.window[0] == f.window[1] for f in finders)
 
 
 def tensor_thresholds(
@@ -169,14 +195,16 @@ def _window_pass(
         progress.start(stage, sum(s.nbytes for s in slots) * (1 + n_models))
     for slot in slots:
         kernel = fused_kernel(plan, slot.name, device)
+        views = chunk_views(plan, slot.name, (0, slot.numel)) if kernel is not None else None  # once per slot
         for span in slot_spans(slot.numel, device):  # raw task vectors: always elementwise here
-            if kernel is not None and _count_fused(plan, slot.name, span or (0, slot.numel), groups):
+            if kernel is not None and _count_fused(views, span or (0, slot.numel), groups):
                 continue
             _, raw = read_slot(plan, slot.name, device, span)
             for finders in groups:
                 for finder, tau in zip(finders, raw, strict=True):
                     finder.add(tau)
             del raw
+        del views  # before the inputs are unmapped
         if progress is not None and stage is not None:
             progress.advance(stage, slot.nbytes * (1 + n_models))
             release_inputs(plan)
@@ -185,15 +213,15 @@ def _window_pass(
 
 
 def _count_fused(
-    plan: MergePlan, slot_name: str, span: tuple[int, int], groups: list[list[WindowedThreshold]]
+    views: tuple[torch.Tensor, list[torch.Tensor]], span: tuple[int, int], groups: list[list[WindowedThreshold]]
 ) -> bool:
-    """One chunk's counts for every window, without materialising τᵢ; False when a τᵢ is not finite (the eager
-    path then refuses it by name, or counts it as the eager engine does)."""
+    """One chunk (``span`` of the slot's flat ``views``) counted for every window, without materialising τᵢ; False
+    when a τᵢ is not finite (the eager path then refuses it by name, or counts it as the eager engine does)."""
     from mmer.merge import window_pass
 
     if not window_pass.available():
         return False
-    base, thetas = chunk_views(plan, slot_name, span)
+    base, thetas = views[0][span[0] : span[1]], [t[span[0] : span[1]] for t in views[1]]
     counts = []
     for finders in groups:
         windows = [f.window for f in finders]

@@ -9,6 +9,7 @@ needs 3.11). A file in the Hub cache is named by its sha256, so its hash costs n
 from __future__ import annotations
 
 import hashlib
+import os
 from collections.abc import Iterable
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
@@ -50,10 +51,14 @@ def hash_files(files: Iterable[Path], pool: ThreadPoolExecutor, enabled: bool = 
 
 
 def hash_tree(root: Path, exclude: set[str]) -> dict[str, str]:
-    """sha256 of every file under ``root`` by relative POSIX path, in sorted order (the manifest's ``files``)."""
-    out = {}
+    """sha256 of every file under ``root`` by relative POSIX path, in sorted order (the manifest's ``files``).
+
+    Files are hashed on one thread per core (sha256 releases the GIL), so a checkpoint's two large files, the
+    base copy and τ*, are read and hashed side by side."""
+    paths = {}
     for path in sorted(p for p in root.rglob("*") if p.is_file()):
         rel = path.relative_to(root).as_posix()
         if rel not in exclude:
-            out[rel] = file_sha256(path)
-    return out
+            paths[rel] = path
+    with ThreadPoolExecutor(max_workers=max(1, min(len(paths), os.cpu_count() or 1))) as pool:
+        return dict(zip(paths, pool.map(file_sha256, paths.values()), strict=True))

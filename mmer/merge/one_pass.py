@@ -45,6 +45,7 @@ class FusedResult:
     packed: list[torch.Tensor]
     ones: list[int]
     l1: list[float]
+    pieces: list | None = None  # each model's ``trim.WindowPiece`` when the merge also counted a window
 
 
 def reads(input_dtypes: Sequence[torch.dtype], device: torch.device) -> bool:
@@ -101,14 +102,16 @@ def merge_chunk(
     variant,
     thresholds: Sequence[float | None] | None,
     store_dtype: torch.dtype,
+    window: Sequence[int] | None = None,
 ) -> FusedResult:
     """Merge one flat chunk of half-precision entries (``base`` and each θᵢ, same length, a multiple of 8 unless
-    it ends the tensor)."""
+    it ends the tensor). With ``window`` (one magnitude pattern per model) the same pass also counts each τᵢ
+    against it, as ``window_pass.window_chunk`` would with ``lo = hi``: the result's ``pieces``."""
     kernel = _kernel()
     n = len(thetas)
     numel = base.numel()
     base_u = _u16(base)
-    theta_u = _stack_u16(thetas)
+    theta_u = _models_u16(thetas)
     thr = np.zeros(n, dtype=np.float32)
     trim = variant.uses_trim and thresholds is not None
     if trim:
@@ -120,6 +123,9 @@ def merge_chunk(
     packed = np.zeros((n, (numel + 7) // 8), dtype=np.uint8)
     blocks = (numel + BLOCK - 1) // BLOCK
     l1 = np.zeros((blocks, n), dtype=np.float64)
+    window_a = np.asarray(window if window is not None else [], dtype=np.int32)
+    counts = np.zeros((7, blocks if window is not None else 0, n), dtype=np.int64)
+    edges = np.zeros((2, blocks if window is not None else 0, n), dtype=np.int32)
     kernel(
         base_u,
         theta_u,
@@ -136,6 +142,9 @@ def merge_chunk(
         stored_u,
         packed,
         l1,
+        window_a,
+        counts,
+        edges,
     )
     if store_dtype in HALF_DTYPES:
         stored = torch.from_numpy(stored_u.view(np.int16)).view(store_dtype)
@@ -143,7 +152,12 @@ def merge_chunk(
         stored = torch.from_numpy(stored_f)
     ones = [int(_POPCOUNT[row].sum()) for row in packed]
     sums = l1.sum(axis=0)  # per-block partials summed in block order: deterministic whatever the threads did
-    return FusedResult(stored, [torch.from_numpy(row) for row in packed], ones, [float(s) for s in sums])
+    pieces = None
+    if window is not None:
+        from mmer.merge.window_pass import pieces as window_pieces
+
+        pieces = window_pieces(numel, counts, edges, [None] * n)
+    return FusedResult(stored, [torch.from_numpy(row) for row in packed], ones, [float(s) for s in sums], pieces)
 
 
 _POPCOUNT = np.array([bin(i).count("1") for i in range(256)], dtype=np.int64)
@@ -153,12 +167,10 @@ def _u16(t: torch.Tensor) -> np.ndarray:
     return t.contiguous().view(torch.int16).numpy().view(np.uint16)
 
 
-def _stack_u16(thetas: Sequence[torch.Tensor]) -> np.ndarray:
-    """Every model's chunk as one ``[n, numel]`` array of 16-bit patterns (the kernels' layout)."""
-    out = np.empty((len(thetas), thetas[0].numel()), dtype=np.uint16)
-    for i, theta in enumerate(thetas):
-        out[i] = _u16(theta)
-    return out
+def _models_u16(thetas: Sequence[torch.Tensor]) -> tuple[np.ndarray, ...]:
+    """Every model's chunk as the kernels read it: a tuple of 16-bit pattern arrays, each a view of the model's
+    own (mapped) storage, so nothing is copied before a kernel runs (numba indexes a homogeneous tuple)."""
+    return tuple(_u16(theta) for theta in thetas)
 
 
 def _decode_py(bits16, half):
@@ -214,47 +226,94 @@ def _kernel():
 
 
 def _merge_kernel(
-    base, thetas, thr, trim, lamhalf, alpha, scale, tie, rule, half, store, stored_f, stored_u, packed, l1
+    base,
+    thetas,
+    thr,
+    trim,
+    lamhalf,
+    alpha,
+    scale,
+    tie,
+    rule,
+    half,
+    store,
+    stored_f,
+    stored_u,
+    packed,
+    l1,
+    window,
+    counts,
+    edges,
 ):
-    n, numel = thetas.shape
+    n = len(thetas)
+    numel = base.shape[0]
     blocks = (numel + BLOCK - 1) // BLOCK
+    counting = window.shape[0] > 0  # also count each τᵢ against the one-magnitude window ``window[i]``
+    mask = np.int32(0x7FFFFFFF)
     zero = np.float32(0.0)
     one = np.float32(1.0)
-    # tie: γ where Σ τᵢ = 0 (methods.tie_sign); rule: KERNEL_MASKS' code, 0 = both tests, 1 = sign, 2 = magnitude
+    # tie: γ where Σ τᵢ = 0 (methods.tie_sign); rule: KERNEL_MASKS' code, 0 = both tests, 1 = sign, 2 = magnitude.
+    # Every loop below runs over the block's entries with the models outside, so each is a straight vector loop;
+    # per entry the float operations are still the eager engine's, in its order.
     for blk in prange(blocks):
         start = blk * BLOCK
         stop = min(start + BLOCK, numel)
         size = stop - start
         b = _decode(base[start:stop], half)
         tr = np.empty((n, size), dtype=np.float32)
+        mags = np.empty(size if counting else 0, dtype=np.int32)
         for i in range(n):
-            th = _decode(thetas[i, start:stop], half)
-            acc = 0.0
+            th = _decode(thetas[i][start:stop], half)
+            row = tr[i]
             for j in range(size):
-                t = th[j] - b[j]
-                acc += abs(t)
-                tr[i, j] = _trimmed(t, thr[i], trim)
-            l1[blk, i] = acc
+                row[j] = th[j] - b[j]
+            l1[blk, i] = _l1(row)
+            if counting:
+                bits = row.view(np.int32)
+                for j in range(size):
+                    mags[j] = bits[j] & mask
+                below, zeros, at_lo, at_hi, strict, under, under_n, over, over_n = _window_counts(
+                    mags, window[i], window[i]
+                )
+                counts[0, blk, i] = below
+                counts[1, blk, i] = zeros
+                counts[2, blk, i] = at_lo
+                counts[3, blk, i] = at_hi
+                counts[4, blk, i] = strict
+                counts[5, blk, i] = under_n
+                counts[6, blk, i] = over_n
+                edges[0, blk, i] = under
+                edges[1, blk, i] = over
+            if trim:
+                t_i = thr[i]
+                for j in range(size):
+                    row[j] = _trimmed(row[j], t_i, True)
+        # Branch-free selects (random signs would mispredict every branch): a·x with a ∈ {0, 1} is x or ±0, and
+        # adding ±0 to the running sum changes nothing, so the sums equal the eager where-sums.
+        s = tr[0].copy()
+        for i in range(1, n):
+            row = tr[i]
+            for j in range(size):
+                s[j] = s[j] + row[j]
+        gamma = np.empty(size, dtype=np.float32)
+        for j in range(size):
+            g = np.float32(s[j] > zero) - np.float32(s[j] < zero)
+            gamma[j] = g + tie * np.float32(g == zero)
+        total = np.zeros(size, dtype=np.float32)
+        count = np.zeros(size, dtype=np.float32)
+        for i in range(n):
+            row = tr[i]
+            for j in range(size):
+                x = row[j]
+                agree = np.float32(x * gamma[j] > zero)
+                total[j] = total[j] + agree * x
+                count[j] = count[j] + agree
         tau = np.empty(size, dtype=np.float32)
         for j in range(size):
-            # Branch-free selects (random signs would mispredict every branch): a·x with a ∈ {0, 1} is x or
-            # ±0, and adding ±0 to the running sum changes nothing, so the sums equal the eager where-sums.
-            s = tr[0, j]
-            for i in range(1, n):
-                s = s + tr[i, j]
-            gamma = np.float32(s > zero) - np.float32(s < zero)
-            gamma = gamma + tie * np.float32(gamma == zero)
-            total = zero
-            count = zero
-            for i in range(n):
-                x = tr[i, j]
-                agree = np.float32(x * gamma > zero)
-                total = total + agree * x
-                count = count + agree
-            value = total / max(count, one)
-            if scale:
-                value = value * alpha
-            tau[j] = value
+            tau[j] = total[j] / max(count[j], one)
+        if scale:
+            for j in range(size):
+                tau[j] = tau[j] * alpha
         if store == 1:  # bf16, rounded to nearest even as torch does
             bits = tau.view(np.uint32)
             one16 = np.uint32(1)
@@ -275,21 +334,83 @@ def _merge_kernel(
         for j in range(size):
             sign[j] = np.float32(eff[j] > zero) - np.float32(eff[j] < zero)
             magnitude[j] = abs(eff[j])
+        padded = (size + 7) // 8 * 8
+        kept = np.zeros(padded, dtype=np.uint8)
         for i in range(n):
             lam = lamhalf[i]
-            for first in range(0, size, 8):
-                byte = np.uint8(0)
-                for k in range(min(8, size - first)):
-                    x = tr[i, first + k]
-                    u = x * sign[first + k]
-                    if rule == 0:
-                        kept = (u > zero) & (u >= lam * magnitude[first + k])
-                    elif rule == 1:
-                        kept = u > zero
-                    else:
-                        kept = (magnitude[first + k] > zero) & (abs(x) >= lam * magnitude[first + k])
-                    byte |= np.uint8(kept) << np.uint8(k)
-                packed[i, (start + first) >> 3] = byte
+            row = tr[i]
+            if rule == 0:
+                for j in range(size):
+                    u = row[j] * sign[j]
+                    kept[j] = (u > zero) & (u >= lam * magnitude[j])
+            elif rule == 1:
+                for j in range(size):
+                    kept[j] = row[j] * sign[j] > zero
+            else:
+                for j in range(size):
+                    kept[j] = (magnitude[j] > zero) & (abs(row[j]) >= lam * magnitude[j])
+            _pack(kept, packed[i, start >> 3 : (start >> 3) + padded // 8])
+
+
+def _l1_py(values):
+    """Σ|v| in float64 over eight running sums (one sequential sum is bound by the adder's latency)."""
+    sums = np.zeros(8, dtype=np.float64)
+    full = values.shape[0] // 8 * 8
+    for j in range(0, full, 8):
+        for k in range(8):
+            sums[k] += abs(values[j + k])
+    for j in range(full, values.shape[0]):
+        sums[0] += abs(values[j])
+    return ((sums[0] + sums[1]) + (sums[2] + sums[3])) + ((sums[4] + sums[5]) + (sums[6] + sums[7]))
+
+
+def _pack_py(kept, out):
+    """0/1 bytes → bits, eight at a time, entry k of each group in bit k (``bits.pack``'s little bit order): the
+    product with 0x0102040810204080 gathers the eight low bits into the top byte without carries."""
+    words = kept.view(np.uint64)
+    for w in range(out.shape[0]):
+        out[w] = np.uint8((words[w] * np.uint64(0x0102040810204080)) >> np.uint64(56))
+
+
+def _window_counts_py(mags, low, high):
+    """One model's :class:`~mmer.merge.trim.WindowPiece` counts over magnitude patterns ``mags`` against the window
+    ``[low, high]``: below, zeros (0 when ``low`` is 0: they are then the entries at ``low``), at each edge,
+    strictly inside, and the nearest pattern either side with its ties. Branch-free sums and extremes (magnitudes
+    fall either side at random), each a vector loop; the nearest values' ties are counted in a second loop."""
+    below = 0
+    zeros = 0
+    at_lo = 0
+    at_hi = 0
+    strict = 0
+    under = np.int32(-1)
+    over = np.int32(0x7FFFFFFF)
+    for j in range(mags.shape[0]):
+        m = mags[j]
+        lt = m < low
+        gt = m > high
+        below += lt
+        zeros += m == 0
+        at_lo += m == low
+        at_hi += m == high
+        strict += (m > low) & (m < high)
+        under = max(under, m if lt else np.int32(-1))
+        over = min(over, m if gt else np.int32(0x7FFFFFFF))
+    under_n = 0
+    over_n = 0
+    for j in range(mags.shape[0]):
+        m = mags[j]
+        under_n += (m < low) & (m == under)
+        over_n += (m > high) & (m == over)
+    return below, zeros if low > 0 else 0, at_lo, at_hi, strict, under, under_n, over, over_n
+
+
+_l1 = _l1_py
+_pack = _pack_py
+_window_counts = _window_counts_py
+if njit is not None:
+    _l1 = njit(inline="always", cache=True)(_l1_py)
+    _pack = njit(inline="always", cache=True)(_pack_py)
+    _window_counts = njit(inline="always", cache=True)(_window_counts_py)
 
 
 # ---------------------------------------------------------------------------------------------- sign census
@@ -317,7 +438,7 @@ def census_chunk(
     blocks = (numel + BLOCK - 1) // BLOCK
     counts = np.zeros((blocks, 2), dtype=np.int64)
     l1 = np.zeros((blocks, n), dtype=np.float64)
-    kernel(_u16(base), _stack_u16(thetas), thr, thresholds is not None, base.dtype == torch.float16, counts, l1)
+    kernel(_u16(base), _models_u16(thetas), thr, thresholds is not None, base.dtype == torch.float16, counts, l1)
     totals = counts.sum(axis=0)
     return SignCensus(int(totals[0]), int(totals[1])), [float(v) for v in l1.sum(axis=0)]
 
@@ -330,7 +451,8 @@ def _census_kernel():
 
 
 def _sign_count_kernel(base, thetas, thr, trim, half, counts, l1):
-    n, numel = thetas.shape
+    n = len(thetas)
+    numel = base.shape[0]
     blocks = (numel + BLOCK - 1) // BLOCK
     zero = np.float32(0.0)
     for blk in prange(blocks):
@@ -340,7 +462,7 @@ def _sign_count_kernel(base, thetas, thr, trim, half, counts, l1):
         b = _decode(base[start:stop], half)
         sums = np.empty(size, dtype=np.float32)
         for i in range(n):
-            th = _decode(thetas[i, start:stop], half)
+            th = _decode(thetas[i][start:stop], half)
             acc = 0.0
             for j in range(size):
                 t = th[j] - b[j]

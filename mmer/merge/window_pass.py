@@ -18,7 +18,7 @@ from functools import lru_cache
 import numpy as np
 import torch
 
-from mmer.merge.one_pass import BLOCK, _decode, _stack_u16, _u16, njit, prange
+from mmer.merge.one_pass import BLOCK, _decode, _l1, _models_u16, _u16, _window_counts, njit, prange
 from mmer.merge.trim import NO_VALUE_ABOVE, NO_VALUE_BELOW, WindowPiece
 
 
@@ -37,7 +37,7 @@ def window_chunk(
     (bit patterns), exactly as ``trim.window_piece`` counts τᵢ = θᵢ − θ_base in float32."""
     kernel = _count_kernel_compiled()
     n, numel = len(thetas), base.numel()
-    theta_u = _stack_u16(thetas)
+    theta_u = _models_u16(thetas)
     base_u = _u16(base)
     half = base.dtype == torch.float16
     lo_a = np.asarray(lo, dtype=np.int32)
@@ -46,25 +46,33 @@ def window_chunk(
     counts = np.zeros((7, blocks, n), dtype=np.int64)  # below, zeros, at_lo, at_hi, strict, under_n, over_n
     edges = np.zeros((2, blocks, n), dtype=np.int32)  # under, over
     l1 = np.zeros((blocks, n), dtype=np.float64)
-    kernel(base_u, theta_u, half, lo_a, hi_a, counts, edges, l1, np.zeros((0,), np.int32), np.zeros((0, 0), np.int64))
+    # Each block writes the patterns strictly inside a window at its own offset in ``inside`` (one pass; a block
+    # holds at most its own entries), then they are packed in block order.
+    wide = bool((hi_a > lo_a).any())
+    inside = np.empty((n, numel) if wide else (n, 0), dtype=np.int32)
+    kernel(base_u, theta_u, half, lo_a, hi_a, counts, edges, l1, inside)
     strict = counts[4]
     totals = strict.sum(axis=0)
     candidates: list[torch.Tensor | None] = [None] * n
-    if totals.any():
-        offsets = np.zeros((blocks, n), dtype=np.int64)
-        offsets[1:] = np.cumsum(strict, axis=0)[:-1]
-        starts = np.concatenate([[0], np.cumsum(totals)[:-1]]).astype(np.int64)
-        flat = np.empty(int(totals.sum()), dtype=np.int32)
-        kernel(base_u, theta_u, half, lo_a, hi_a, counts, edges, l1, flat, offsets + starts)
-        candidates = [
-            torch.from_numpy(flat[starts[i] : starts[i] + totals[i]]) if totals[i] else None for i in range(n)
-        ]
-    pieces = []
     for i in range(n):
+        if totals[i]:
+            flat = np.empty(int(totals[i]), dtype=np.int32)
+            _gather(inside[i], strict[:, i], flat)
+            candidates[i] = torch.from_numpy(flat)
+    return WindowCounts(pieces(numel, counts, edges, candidates), [float(v) for v in l1.sum(axis=0)])
+
+
+def pieces(
+    numel: int, counts: np.ndarray, edges: np.ndarray, candidates: Sequence[torch.Tensor | None]
+) -> list[WindowPiece]:
+    """Each model's piece from its per-block counts (``[7, blocks, n]``: below, zeros, at_lo, at_hi, strict,
+    under_n, over_n), nearest patterns (``[2, blocks, n]``: under, over) and candidates."""
+    out = []
+    for i in range(counts.shape[2]):
         sums = counts[:, :, i].sum(axis=1)
         under, under_n = _nearest(edges[0, :, i], counts[5, :, i], max)
         over, over_n = _nearest(edges[1, :, i], counts[6, :, i], min)
-        pieces.append(
+        out.append(
             WindowPiece(
                 numel,
                 int(sums[0]),
@@ -79,7 +87,7 @@ def window_chunk(
                 over_n,
             )
         )
-    return WindowCounts(pieces, [float(v) for v in l1.sum(axis=0)])
+    return out
 
 
 def _nearest(values: np.ndarray, counts: np.ndarray, pick) -> tuple[int, int]:
@@ -98,69 +106,55 @@ def _count_kernel_compiled():
     return njit(parallel=True, cache=True, nogil=True)(_count_kernel)
 
 
+def _gather_py(inside, per_block, out):
+    """Each block's leading ``per_block`` patterns of ``inside``, concatenated in block order into ``out``."""
+    at = 0
+    for blk in range(per_block.shape[0]):
+        count = per_block[blk]
+        out[at : at + count] = inside[blk * BLOCK : blk * BLOCK + count]
+        at += count
+
+
+_gather = _gather_py if njit is None else njit(cache=True, nogil=True)(_gather_py)
+
+
 def available() -> bool:
     """Whether the kernel runs here (numba present, ``MMER_FUSED`` not 0)."""
     return _count_kernel_compiled() is not None
 
 
-def _count_kernel(base, thetas, half, lo, hi, counts, edges, l1, out, offsets):
-    """Counts (``out`` empty) or the strictly-inside patterns into ``out`` at ``offsets`` (second call)."""
-    n, numel = thetas.shape
+def _count_kernel(base, thetas, half, lo, hi, counts, edges, l1, inside):
+    """Each model's counts per block, and the patterns strictly inside a window into ``inside`` at the block's
+    own offset (empty when no window has an inside)."""
+    n = len(thetas)
+    numel = base.shape[0]
     blocks = (numel + BLOCK - 1) // BLOCK
     mask = np.int32(0x7FFFFFFF)
-    fill = out.shape[0] > 0
     for blk in prange(blocks):
         start = blk * BLOCK
         stop = min(start + BLOCK, numel)
+        size = stop - start
         b = _decode(base[start:stop], half)
-        tau = np.empty(stop - start, dtype=np.float32)
+        tau = np.empty(size, dtype=np.float32)
+        mags = np.empty(size, dtype=np.int32)
         for i in range(n):
-            th = _decode(thetas[i, start:stop], half)
-            for j in range(stop - start):
+            th = _decode(thetas[i][start:stop], half)
+            for j in range(size):
                 tau[j] = th[j] - b[j]
-            mags = tau.view(np.int32)
+            bits = tau.view(np.int32)
+            for j in range(size):
+                mags[j] = bits[j] & mask
             low, high = lo[i], hi[i]
-            if fill:
-                if high > low:
-                    at = offsets[blk, i]
-                    for j in range(stop - start):
-                        m = mags[j] & mask
-                        if m > low and m < high:
-                            out[at] = m
-                            at += 1
-                continue
-            acc = 0.0
-            below = 0
-            zeros = 0
-            at_lo = 0
-            at_hi = 0
-            strict = 0
-            under = np.int32(-1)
-            under_n = 0
-            over = np.int32(0x7FFFFFFF)
-            over_n = 0
-            for j in range(stop - start):  # branch-free counts: magnitudes fall either side at random
-                acc += abs(tau[j])
-                m = mags[j] & mask
-                lt = m < low
-                gt = m > high
-                below += lt
-                zeros += m == 0
-                at_lo += m == low
-                at_hi += m == high
-                strict += (m > low) & (m < high)
-                below_m = m if lt else np.int32(-1)
-                if below_m > under:  # a new largest value below the window: rare after the first few
-                    under = below_m
-                    under_n = 0
-                under_n += lt & (m == under)
-                above_m = m if gt else np.int32(0x7FFFFFFF)
-                if above_m < over:
-                    over = above_m
-                    over_n = 0
-                over_n += gt & (m == over)
+            if high > low:  # branch-free compaction: every entry is written, the kept ones advance
+                row = inside[i, start:stop]
+                at = 0
+                for j in range(size):
+                    m = mags[j]
+                    row[at] = m
+                    at += (m > low) & (m < high)
+            below, zeros, at_lo, at_hi, strict, under, under_n, over, over_n = _window_counts(mags, low, high)
             counts[0, blk, i] = below
-            counts[1, blk, i] = zeros if low > 0 else 0
+            counts[1, blk, i] = zeros
             counts[2, blk, i] = at_lo
             counts[3, blk, i] = at_hi
             counts[4, blk, i] = strict
@@ -168,4 +162,4 @@ def _count_kernel(base, thetas, half, lo, hi, counts, edges, l1, out, offsets):
             counts[6, blk, i] = over_n
             edges[0, blk, i] = under
             edges[1, blk, i] = over
-            l1[blk, i] = acc
+            l1[blk, i] = _l1(tau)

@@ -35,6 +35,7 @@ pytestmark = pytest.mark.skipif(
 )
 
 PATHS = {
+    "guessed": {"k": 0.8},  # the sample pins every threshold to 0: the merge's own counts confirm it
     "windowed": {"k": 0.2},
     "two-pass-fallback": {"k": 0.2, "_force_two_pass": True},
     "dare": {"k": 0.2, "dare": 0.3, "dare_seed": 1},
@@ -129,6 +130,7 @@ def test_every_search_path_stays_within_the_dry_run_estimate_far_below_the_input
     measured = json.loads(result.stdout.strip().splitlines()[-1])
     assert all(m["grew"] <= m["estimate"] < input_bytes for m in measured.values()), (input_bytes, measured)
     # each path ran the search it is named for
+    assert measured["guessed"]["stages"] == ["merge"]
     assert measured["windowed"]["stages"] == ["threshold", "merge"]
     assert "threshold pass 1/2" in measured["two-pass-fallback"]["stages"]
     assert "threshold pass 1/2" in measured["dare"]["stages"]
