@@ -114,3 +114,36 @@ def allocate(specs: Sequence[tuple[tuple[int, ...], torch.dtype]]) -> list[torch
         at = start + offset
         out.append(buffer[at : at + numel * dtype.itemsize].view(dtype).view(shape))
     return out
+
+
+MADV_POPULATE_READ = 22  # Linux 5.14: map a range's pages (here: the page cache's) without a fault per page
+
+
+def map_in(tensors: Sequence[torch.Tensor], threads: int | None = None) -> None:
+    """Have the kernel map the pages of ``tensors`` (views of mapped files) into this process now.
+
+    A load's first switch reads all of θ_base and τ*; left to faults, each fault maps a few pages of the page
+    cache, and the traps cost more than the mapping. One ``MADV_POPULATE_READ`` per tensor maps them in bulk (a
+    tensor of anonymous memory, or a kernel without the call, is left as it is: the reads fault it in as before).
+    Split over ``threads`` (torch's intra-op count by default), as the switch that reads them is.
+    """
+    madvise = _madvise() if sys.platform.startswith("linux") else None
+    if madvise is None or not tensors:
+        return
+    page = os.sysconf("SC_PAGE_SIZE")
+
+    def one(tensor: torch.Tensor) -> None:
+        start = tensor.data_ptr() // page * page
+        stop = tensor.data_ptr() + tensor.nbytes
+        if stop > start:
+            madvise(start, stop - start, MADV_POPULATE_READ)  # type: ignore[operator]
+
+    workers = max(1, threads or torch.get_num_threads())
+    if workers == 1:
+        for tensor in tensors:
+            one(tensor)
+        return
+    from concurrent.futures import ThreadPoolExecutor
+
+    with ThreadPoolExecutor(workers) as pool:
+        list(pool.map(one, tensors))

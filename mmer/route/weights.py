@@ -20,7 +20,7 @@ from mmer.checkpoint.decoupled import BASE_DIR, DecoupledCheckpoint, modality_te
 from mmer.checkpoint.manifest import SlotRecord
 from mmer.errors import DecoupledFormatError
 from mmer.merge.masks import rebuild_weight
-from mmer.route import switch_kernel
+from mmer.route import arena, switch_kernel
 
 MEAN = "<mean>"  # the text-weight state of expansion mode, θ_base + m̄∘τ* (not a valid modality name)
 BASE = "<base>"  # θ_base itself: the only weights an extension pack may run on (mmer.route.packs)
@@ -153,6 +153,7 @@ class DeviceWeights:
             self.base[name] = base.pin_memory() if pin else base.to(home)
             if slot.merged and not self.single_model:
                 self.tau[name] = ckpt.tau_star(name, copy=False).to(self.devices[name])
+        arena.map_in([t for name, t in [*self.base.items(), *self.tau.items()] if t.device.type == "cpu"])
         self.scales = {m: ckpt.modality(m).scale for m in self.modalities}
         # Every rebuild from these tensors is proved finite once per load, before its first use: by the one-pass
         # kernel's own maxima during the first switch, else (check_all, or a torch-path rebuild) by reading them.
