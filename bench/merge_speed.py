@@ -24,6 +24,7 @@ Usage:
   python bench/merge_speed.py --device cuda         # run mmer's math on a GPU
   python bench/merge_speed.py --check-floor-ratio 6 # exit 1 if mmer-global is slower than 6x the floor
   python bench/merge_speed.py --small --workload realistic --matrix   # every variant, beside floor and mergekit
+  python bench/merge_speed.py --workload realistic --threads 1   # one thread per run: CPU time on a shared machine
 """
 
 from __future__ import annotations
@@ -330,6 +331,13 @@ def main() -> int:
     ap.add_argument("--skip-mergekit", action="store_true")
     ap.add_argument("--only", nargs="*", default=None, help="subset of: floor mmer-global mmer-tensor mergekit")
     ap.add_argument("--check-floor-ratio", type=float, default=None, help="fail if mmer-global > ratio × floor")
+    ap.add_argument(
+        "--threads",
+        type=int,
+        default=None,
+        help="threads every run may use (torch/OpenMP and numba); on a machine other work shares, --threads 1 "
+        "makes CPU time a fair measure of each row's work (no thread pool spins waiting for a descheduled peer)",
+    )
     ap.add_argument("--cache", type=Path, default=HERE / ".cache")
     ap.add_argument(
         "--matrix",
@@ -356,6 +364,10 @@ def main() -> int:
         dirs = build(args.cache / f"speed-{tag}", cfg)
     if args.k is not None:
         tag += f"-k{args.k:g}"
+    if args.threads is not None:
+        tag += f"-threads{args.threads}"
+        for var in ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "NUMBA_NUM_THREADS"):
+            os.environ[var] = str(args.threads)  # inherited by every measured child
     k, density = (0.8, 0.2) if args.k is None else (args.k, args.k)
     print(f"workload ready in {time.perf_counter() - t:.0f} s: {dirs[0].parent}", flush=True)
     work = args.cache / f"speed-{tag}-out"
