@@ -35,11 +35,11 @@ pytestmark = pytest.mark.skipif(
 )
 
 PATHS = {
-    "guessed": {"k": 0.8},  # the sample pins every threshold to 0: the merge's own counts confirm it
     "windowed": {"k": 0.2},
     "two-pass-fallback": {"k": 0.2, "_force_two_pass": True},
     "dare": {"k": 0.2, "dare": 0.3, "dare_seed": 1},
     "per-tensor": {"k": 0.2, "trim_scope": "per-tensor"},
+    "guessed": {"k": 0.8},  # the sample pins every threshold to 0: the merge's own counts confirm it
 }
 
 CHILD = """
