@@ -105,6 +105,12 @@ def _meta_model(config: Mapping[str, Any], tensor_count: int) -> Any:
         raise NotFound(f"config.json's model_type {str(model_type)[:80]!r} is not a transformers family")
     cls = _model_class(model_type, config.get("architectures"))
     settings = {k: v for k, v in config.items() if k not in ("auto_map", "model_type")}
+    # transformers writes a non-finite float (Nemotron-H's time_step_limit ends at inf) as {"__float__": "Infinity"}
+    # and reads it back when it loads the file itself; from_dict does not, so the config is read as transformers
+    # reads config.json
+    decode = getattr(CONFIG_MAPPING[model_type], "_decode_special_floats", None)
+    if callable(decode):
+        settings = decode(settings)
     try:
         with _quiet(), torch.device("meta"):
             hf_config = CONFIG_MAPPING[model_type].from_dict(settings)
@@ -204,6 +210,21 @@ def find_llm(keys: Set[str], config: Mapping[str, Any] | None) -> tuple[str, str
     from mmer.io.layouts import CANONICAL_LLM
 
     llm = body | head_keys
+    # A prefix layout maps names by their prefix alone: a decoder tensor whose name on disk is not a causal LM's
+    # (Kimi K2.5 saves its layers as blocks.N, which transformers renames to layers.N on load) would reach the
+    # merge under a name no base has; the rename is said here instead of a base mismatch there.
+    renamed = sorted(
+        k
+        for k in body
+        if k[len(body_prefix) :] != loaded[k][len(decoder) + 1 :]
+        and not CANONICAL_LLM.match("model." + k[len(body_prefix) :])
+    )
+    if renamed:
+        raise NotFound(
+            f"{renamed[0]!r} loads into the decoder as {loaded[renamed[0]]!r}: the files name the decoder's "
+            "tensors otherwise than a causal LM does (transformers renames them on load), which no prefix "
+            "layout maps"
+        )
     claimed = {k for k in keys if k.startswith((body_prefix, head_prefix))}
     if claimed == llm:
         return body_prefix, head_prefix, False

@@ -59,10 +59,12 @@ def expected_llm_tensor(ckpt, modality: str, canonical: str, source: torch.Tenso
     slot = next((s for s in ckpt.slots if s.name == canonical), None)
     if slot is None or not slot.merged:
         return source
-    rows = slot.shape[0]
     base = ckpt.base_tensor(canonical)
     mask = bits.unpack(ckpt.mask_file(modality).packed(canonical), slot.shape)
     shared = (base.float() + mask.float() * ckpt.tau_star(canonical).float()).to(base.dtype)
+    if not slot.shape:  # a scalar (Apertus 1.5's per-layer gains) has no rows to add
+        return shared
+    rows = slot.shape[0]
     return torch.cat([shared, source[rows:]]) if source.shape[0] > rows else shared
 
 
@@ -196,7 +198,7 @@ def _said(text: str, root: Path) -> str:
     """A message without the run's temporary paths, so that it reads the same on every machine."""
     text = text.replace(str(root), "<dir>").split(" Fix:")[0]
     text = re.sub(r" \(looked for [^)]*\)", "", text)  # the layouts mmer reads: the same in every refusal
-    return re.sub(r"\s+", " ", text).strip()[:300]
+    return re.sub(r"\s+", " ", text).strip()[:420]
 
 
 # Families whose tiny build does not finish in minutes on two cores: answered without building them.
@@ -211,7 +213,7 @@ def answer(family: str, root: Path) -> tuple[str, str]:
     try:
         parameters = count_parameters(family)
         model = build(family, 1) if parameters <= MAX_PARAMETERS else None
-        base = build_base(family) if model is not None else None
+        base = build_base(family, model) if model is not None else None
     except Exception as err:  # the family's own code refuses the generic tiny config
         return "skipped", _said(f"no tiny build from its config class: {type(err).__name__}: {err}", root)
     if model is None:

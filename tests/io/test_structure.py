@@ -112,3 +112,61 @@ def test_a_config_claiming_more_layers_than_its_files_hold_is_refused_before_any
     with pytest.raises(NotFound, match="num_hidden_layers = 1000000"):
         find_llm(keys, hostile)
     assert time.perf_counter() - started < 5
+
+
+def test_a_decoder_saved_under_names_transformers_renames_on_load_is_refused_saying_so(tmp_path):
+    """Kimi K2.5 saves its decoder's layers as ``language_model.model.blocks.N`` (transformers renames them to
+    ``layers.N`` on load). A prefix layout would hand the merge ``model.blocks.N`` names no causal-LM base has;
+    the refusal names the renamed tensor instead of a base mismatch."""
+    if not hasattr(transformers, "Kimi_K25ForConditionalGeneration"):
+        pytest.skip("this transformers has no Kimi K2.5")
+    text = dict(
+        {k: v for k, v in TEXT.items() if k != "layer_types"},
+        moe_intermediate_size=32,
+        n_routed_experts=4,
+        num_experts_per_tok=2,
+        kv_lora_rank=16,
+        q_lora_rank=16,
+        qk_rope_head_dim=8,
+        qk_nope_head_dim=8,
+        v_head_dim=8,
+        max_position_embeddings=256,
+    )
+    vision = {k: v for k, v in VISION.items() if k != "image_size"}
+    config = transformers.Kimi_K25Config(text_config=text, vision_config=vision)
+    torch.manual_seed(0)
+    transformers.Kimi_K25ForConditionalGeneration(config).save_pretrained(tmp_path)
+    with safe_open(str(tmp_path / "model.safetensors"), "pt") as f:
+        keys = set(f.keys())
+    assert "language_model.model.blocks.0.input_layernorm.weight" in keys
+    saved = json.loads((tmp_path / "config.json").read_text())
+    with pytest.raises(NotFound, match=r"blocks\.0\..* loads into the decoder as .*layers\.0\..*no prefix layout"):
+        find_llm(keys, saved)
+    with pytest.raises(LayoutError, match="renames them on load"):
+        detect_layout(keys, "kimi_k25", saved)
+
+
+def test_a_config_json_with_a_non_finite_float_is_read_as_transformers_reads_it(tmp_path):
+    """transformers 5 writes an infinite float (Nemotron-H's ``time_step_limit`` ends at inf) as
+    ``{"__float__": "Infinity"}`` and decodes it when it loads config.json; read any other way, the family's
+    strict config refuses it and the structure's answer would be that refusal instead of where the LLM is."""
+    if not hasattr(transformers, "NemotronHForCausalLM"):
+        pytest.skip("this transformers has no Nemotron-H")
+    config = transformers.NemotronHConfig(
+        **{k: v for k, v in TEXT.items() if k not in ("layer_types", "num_hidden_layers")},
+        layers_block_type=["mamba", "attention"],
+        mamba_num_heads=8,
+        mamba_head_dim=8,
+        n_groups=1,
+        ssm_state_size=16,
+    )
+    torch.manual_seed(0)
+    transformers.NemotronHForCausalLM(config).save_pretrained(tmp_path)
+    saved = json.loads((tmp_path / "config.json").read_text())
+    assert {"__float__": "Infinity"} in saved["time_step_limit"]
+    with safe_open(str(tmp_path / "model.safetensors"), "pt") as f:
+        keys = set(f.keys())
+    # read as transformers reads it, the family builds, and the refusal is about its decoder's names
+    with pytest.raises(NotFound, match="holds embeddings, layers, norm_f") as refused:
+        find_llm(keys, saved)
+    assert "cannot be built" not in str(refused.value)
