@@ -100,7 +100,10 @@ def render_markdown(r: dict) -> str:
     lines = [
         f"# MMER in miniature: results ({r['mode']}, {n} seed{'s' if n != 1 else ''})",
         "",
-        f"Command: `{r['command']}` — wall time {r['wall_seconds'] / 60:.1f} min ({r['machine']}).",
+        f"Command: `{r['command']}` — this invocation {r['wall_seconds'] / 60:.1f} min ({r['machine']}); each "
+        "seed's own run (stages in the last table; a stage reused from the cache counts ~0): "
+        + ", ".join(f"seed {k} {v['total'] / 60:.0f} min" for k, v in r["seed_seconds"].items())
+        + ".",
         f"Seeds {', '.join(map(str, r['seeds']))}: every number is the mean over the seeds ± its standard deviation "
         "(ddof 1); `results.json` also holds each seed's value and the range.",
         "Examples per task (train / validation / test): "

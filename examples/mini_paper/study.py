@@ -313,12 +313,12 @@ def accuracies(weights, encoders, tasks, data, split, prompter, task_of=None) ->
 
 # --------------------------------------------------------------------------------------------------- merges
 def options_for(variant: str, s: Settings, seed: int, chosen: dict) -> mmer.MergeOptions:
-    base = mmer.MergeOptions(
-        trim_scope=s.trim_scope, hash_inputs=False, base_storage="reference", dare_seed=seed, zero_sign="zero"
-    )
+    base = mmer.MergeOptions(trim_scope=s.trim_scope, hash_inputs=False, base_storage="reference", zero_sign="zero")
     options = parse_variant(variant, base)
     if "trim_scope" not in METHODS[options.method].accepts:  # only trimming methods take a trim scope
         options = replace(options, trim_scope=mmer.MergeOptions().trim_scope)
+    if options.dare:  # the seed draws DARE's drops; a method without DARE refuses a dare_seed
+        options = replace(options, dare_seed=seed)
     return replace(options, **chosen)
 
 
@@ -412,6 +412,12 @@ def run_seed(seed: int, work: Path, s: Settings, raw) -> dict:
     rows: dict[str, dict] = {}
     t = time.perf_counter()
     for variant in s.variants:
+        row_file = work / f"seed{seed}" / "rows" / f"{_slug(variant)}.json"
+        if row_file.is_file():  # a finished variant of an interrupted run (same settings only)
+            saved = json.loads(row_file.read_text())
+            if saved.get("settings_key") == s.key() and (work / f"seed{seed}" / "merged" / _slug(variant)).is_dir():
+                rows[variant] = saved["row"]
+                continue
         t0 = time.perf_counter()
         chosen, candidates, out = select(variant, dirs, data, ft_val, prompter, s, seed, work)
         select_s = time.perf_counter() - t0
@@ -436,6 +442,8 @@ def run_seed(seed: int, work: Path, s: Settings, raw) -> dict:
                 lambda c, w=weights: [w[TAU], *(w[m] for m in c)], enc_ckpt, mixed, prompter
             )
         rows[variant] = row
+        row_file.parent.mkdir(parents=True, exist_ok=True)
+        row_file.write_text(json.dumps({"settings_key": s.key(), "row": row}))
         log(
             f"seed {seed}: {variant:22s} chose {chosen} | test "
             + " ".join(f"{m} {acc[m]:.3f}" for m in MODALITIES)

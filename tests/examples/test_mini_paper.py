@@ -239,3 +239,15 @@ def test_settings_change_the_cache_key():
     s = run.settings(True, VARIANTS, "per-tensor")
     assert s.key() == run.settings(True, VARIANTS, "per-tensor").key()
     assert s.key() != replace(s, max_test=s.max_test + 1).key()
+
+
+def test_only_dare_variants_take_the_seed_as_dare_seed():
+    """A method without DARE refuses a dare_seed (mmer's ConfigError), so seeds other than 0 must not set it."""
+    run = _load_run()
+    import study
+
+    s = run.settings(True, VARIANTS, "per-tensor")
+    assert study.options_for("emr/emr", s, 2, {}).dare_seed == 0
+    assert study.options_for("ties/mmer", s, 2, {"k": 0.4}).dare_seed == 0
+    dare = study.options_for("ties+dare/none", s, 2, {"k": 0.2})
+    assert (dare.dare, dare.dare_seed, dare.k) == (0.5, 2, 0.2)
