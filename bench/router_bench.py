@@ -30,9 +30,11 @@ Then, in this process, on ``--device``:
                  modality weights cached versus rebuilt per layer, against the same-length pass on text
                  weights with routing off; with the bytes each mode adds (and CUDA peak memory on a GPU).
 
-Median of ``--repeats`` timed runs after one warm-up. ``--skip forward expansion`` leaves groups out (the
-1.1 B preset's forwards take minutes on a small CPU). Prints one table and writes bench/results/router_bench.json
-and .md (``router_bench_<device>_<preset>`` for any other device or preset).
+Median of ``--repeats`` timed runs after one warm-up. ``--skip reload forward expansion`` leaves groups out (the
+1.1 B preset's forwards take minutes on a small CPU; ``reload`` is the reconstruct-and-reload comparison).
+Prints one table and writes bench/results/router_bench.json and .md (``router_bench_<device>_<preset>`` for any
+other device or preset, ``_<tag>`` added with ``--tag``). The load row is broken into the steps
+``Router.load_seconds`` reports, beside a fresh-memory reference (the page faults of the live weights).
 """
 
 from __future__ import annotations
