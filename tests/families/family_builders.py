@@ -2,13 +2,16 @@
 
 Each family's own config class is instantiated with its defaults and then shrunk: every sub-config's size fields
 become tiny (``SMALL``), and the LLM's text config (found by transformers' ``get_text_config``) takes the shared
-``TEXT`` dimensions. The LLM inside a model is found through transformers' own structure (``get_decoder`` and
-``get_output_embeddings``), never by name, so the test's view of "the LLM" is independent of mmer's name-based
-layouts (``mmer/io/layouts.py``) that it checks.
+``TEXT`` dimensions. Where a family's default config cannot build a model at all (a field its published
+configs carry is left empty) or its validators need more than the generic shrink, ``FIXUPS`` supplies it, one
+named function per family. The LLM inside a model is found through transformers' own structure
+(``get_decoder`` and ``get_output_embeddings``), never by name, so the test's view of "the LLM" is independent of
+mmer's name-based layouts (``mmer/io/layouts.py``) that it checks.
 
-The base is the plain causal LM of the same text config: the class transformers registers for the text
-config's ``model_type``, or for the longest ``_``-prefix of it that has one (``qwen2_vl_text`` → ``qwen2``),
-accepted only when its tensors are the family's LLM tensors, name for name and shape for shape.
+The base is the plain causal LM of the same text config: the first class transformers registers for a
+``model_type`` the text config's names (``causal_base_types``: the longest ``_``-prefix, ``qwen2_vl_text`` →
+``qwen2``, then names whose parts it contains in order, ``qwen3_omni_moe_text`` → ``qwen3_moe``) whose tensors
+are the family's LLM tensors, name for name and shape for shape.
 """
 
 from __future__ import annotations
@@ -363,6 +366,12 @@ def _short_codec(config, text) -> None:
             part.depths = [1] * (len(part.downsampling_ratios) + 1)
 
 
+def _cross_attention_layers(config, text) -> None:
+    """Mllama's LLM interleaves cross-attention layers (to the image) at indices past the shrunk layer count; the
+    last layer stays one, so the tiny model is the family (a base-less layer kind), not a plain Llama."""
+    text.cross_attention_layers = [text.num_hidden_layers - 1]
+
+
 def _talker_merge_size(config, text) -> None:
     """Qwen3-Omni's talker reads the vision tower's spatial merge size, which its default config does not copy."""
     config.talker_config.spatial_merge_size = config.thinker_config.vision_config.spatial_merge_size
@@ -406,6 +415,7 @@ FIXUPS = {
     "chameleon": _both(_vocabulary_map("<image>"), _small_vq),
     "emu3": _both(_vocabulary_map("<image>", "<|extra_200|>"), _small_vq),
     "janus": _small_vq,
+    "mllama": _cross_attention_layers,
     "apertus1p5": _apertus_tokens,
     "vibevoice": _short_codec,
     "vibevoice_asr": _short_codec,
