@@ -31,7 +31,9 @@ Data = Annotated[
     Path,
     typer.Argument(
         help="Training data: a safetensors file written by mmer.extend.save_data, or a directory of such files "
-        "(shards, read lazily; mmer.extend.save_shards)."
+        "(shards, read lazily; mmer.extend.save_shards). Text-only samples may sit beside the modality's: "
+        "feature_mask [N] is 0 for them, they have no placeholder token and no row in features "
+        "(docs/moextend.md §7)."
     ),
 ]
 Recipe = Annotated[

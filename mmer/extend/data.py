@@ -9,13 +9,23 @@ tensor                 shape / dtype                meaning
 ``labels``             [N, T] int64, optional       targets (-100: no loss; default: the input ids
                                                     where ``attention_mask`` is 1, else -100)
 ``attention_mask``     [N, T] int64, optional       1 for real tokens, 0 for padding (default: all 1)
-``features``           [N, F, d] float, optional    the frozen encoder's output, F per sample
+``features``           [M, F, d] float, optional    the frozen encoder's output, F per sample, one row
+                                                    per sample that has features, in sample order
+``feature_mask``       [N] int64 or bool, optional  1 for a sample with features, 0 for a text-only one
+                                                    (default: every sample has features, M = N)
 ``routing_mask``       [N, T] int64, optional       tokens the routing statistics count (default:
                                                     ``attention_mask``; e.g. only the prompt, as the
                                                     authors counted the first user turn)
 =====================  ===========================  ==================================================
 
 Metadata: ``format`` = ``mmer-extend-data/1`` and, with features, ``placeholder_id``.
+
+**Text-only samples.** MoExtend's data mixes text-only samples into the modality's (LLaVA-665k holds ShareGPT's
+text conversations beside its image ones). A text-only sample has ``feature_mask`` 0, no placeholder token and
+no row in ``features``; the rows belong, in order, to the samples with ``feature_mask`` 1, so text-only samples
+cost no feature storage. A batch follows the same rule (:func:`pack_features`): its ``features`` are those of
+its samples that have them, in batch order, and ``feature_mask`` says which those are when some lack them;
+the model writes them over the placeholders in that order (:mod:`mmer.extend.modality`).
 
 Every data set the stages read is an :class:`ExtendDataset`, a map-style ``torch.utils.data.Dataset`` whose
 ``__getitems__`` returns a whole collated micro-batch, so the training loop reads it through a standard
@@ -44,6 +54,8 @@ from mmer.io.reader import read_safetensors_header
 
 DATA_FORMAT = "mmer-extend-data/1"
 TOKEN_TENSORS = ("input_ids", "labels", "attention_mask", "routing_mask")
+FEATURE_MASK = "feature_mask"
+FEATURE_TENSORS = ("features", FEATURE_MASK)  # per-sample, packed: see "Text-only samples" above
 
 
 def epoch_order(samples: int, seed: int, epoch: int) -> torch.Tensor:
@@ -56,17 +68,61 @@ def epoch_order(samples: int, seed: int, epoch: int) -> torch.Tensor:
 PAD_VALUES = {"input_ids": 0, "labels": IGNORE_INDEX, "attention_mask": 0, "routing_mask": 0}
 
 
+# A per-sample tensor that only the samples with features carry: the features themselves, or (a frozen encoder
+# computing them on the fly, mmer.extend.datasets.TorchData) the encoder's raw input.
+ENCODER_INPUTS = "encoder_inputs"
+PER_FEATURE_SAMPLE = ("features", ENCODER_INPUTS)
+
+
+def pack_features(has: torch.Tensor, stacked: torch.Tensor | None, key: str = "features") -> dict[str, torch.Tensor]:
+    """A batch's feature entries, in the one form every batch has: ``stacked`` holds the rows of the samples
+    whose ``has`` is true, in batch order; ``feature_mask`` is there only when some sample has none."""
+    if stacked is None or not bool(has.any()):
+        return {}
+    if bool(has.all()):
+        return {key: stacked}
+    return {key: stacked, FEATURE_MASK: has.bool()}
+
+
+def samples_of(batch: dict[str, torch.Tensor]) -> list[dict[str, torch.Tensor]]:
+    """A batch split into per-sample dicts (:func:`collate`'s inverse); a text-only sample has no features."""
+    size = int(batch["input_ids"].shape[0])
+    has = batch.get(FEATURE_MASK)
+    has = torch.ones(size, dtype=torch.bool) if has is None else has.bool()
+    row = (has.long().cumsum(0) - 1).tolist()
+    samples: list[dict[str, torch.Tensor]] = []
+    for j in range(size):
+        sample = {k: v[j] for k, v in batch.items() if k not in PER_FEATURE_SAMPLE and k != FEATURE_MASK}
+        for key in PER_FEATURE_SAMPLE:
+            if key in batch and bool(has[j]):
+                sample[key] = batch[key][row[j]]
+        samples.append(sample)
+    return samples
+
+
 def collate(samples: Sequence[dict[str, torch.Tensor]], source: str = "<memory>") -> dict[str, torch.Tensor]:
-    """Stack per-sample tensors into a batch; token tensors of unequal length are right-padded (``PAD_VALUES``)."""
+    """Stack per-sample tensors into a batch; token tensors of unequal length are right-padded (``PAD_VALUES``).
+
+    A sample without ``features`` (or ``encoder_inputs``) is a text-only one: the batch carries the features
+    of the samples that have them (:func:`pack_features`).
+    """
     if not samples:
         raise ConfigError(f"{source}: an empty batch", file=source)
-    keys = set(samples[0])
+    keys = set(samples[0]) - set(PER_FEATURE_SAMPLE)
     for i, sample in enumerate(samples):
-        if set(sample) != keys:
+        if set(sample) - set(PER_FEATURE_SAMPLE) != keys:
             raise ConfigError(
-                f"{source}: sample {i} has tensors {sorted(sample)}, the first has {sorted(keys)}",
+                f"{source}: sample {i} has tensors {sorted(sample)}, the first has {sorted(samples[0])}",
                 file=source,
-                hint="every sample of a data set carries the same tensors",
+                hint="every sample of a data set carries the same tensors (only features may be left out, by "
+                "text-only samples)",
+            )
+        if FEATURE_MASK in sample:
+            raise ConfigError(
+                f"{source}: sample {i} carries {FEATURE_MASK!r}",
+                file=source,
+                tensor=FEATURE_MASK,
+                hint="a sample has features by carrying them; leave them out for a text-only sample",
             )
     out: dict[str, torch.Tensor] = {}
     for key in sorted(keys):
@@ -77,6 +133,27 @@ def collate(samples: Sequence[dict[str, torch.Tensor]], source: str = "<memory>"
                 torch.nn.functional.pad(v, (0, length - v.shape[-1]), value=PAD_VALUES[key]) for v in values
             ]
         out[key] = torch.stack(values)
+    carriers = [k for k in PER_FEATURE_SAMPLE if any(k in s for s in samples)]
+    if len(carriers) > 1:
+        raise ConfigError(
+            f"{source}: some samples carry features and others {ENCODER_INPUTS!r}",
+            file=source,
+            tensor=ENCODER_INPUTS,
+            hint="give every sample features, or every sample the encoder's input (text-only samples neither)",
+        )
+    for key in carriers:
+        has = torch.tensor([key in s for s in samples])
+        values = [torch.as_tensor(s[key]) for s in samples if key in s]
+        for i, s in enumerate(samples):
+            if key in s and torch.as_tensor(s[key]).shape != values[0].shape:
+                raise ConfigError(
+                    f"{source}: sample {i}'s {key} has shape {list(torch.as_tensor(s[key]).shape)}, another's "
+                    f"{list(values[0].shape)}",
+                    file=source,
+                    tensor=key,
+                    hint="every sample with features has as many feature vectors of one width",
+                )
+        out |= pack_features(has, torch.stack(values), key)
     return out
 
 
@@ -265,7 +342,10 @@ class SubsetData(ExtendDataset):
 
 @dataclass
 class ExtendData(ExtendDataset):
-    """A data set held in memory: the whole of one data file (see the module docstring for the tensors)."""
+    """A data set held in memory: the whole of one data file (see the module docstring for the tensors).
+
+    ``features`` has one row per sample whose ``feature_mask`` is true (every sample when it is ``None``).
+    """
 
     input_ids: torch.Tensor
     labels: torch.Tensor | None = None
@@ -274,6 +354,7 @@ class ExtendData(ExtendDataset):
     routing_mask: torch.Tensor | None = None
     placeholder_id: int | None = None
     source: str = "<memory>"
+    feature_mask: torch.Tensor | None = None
 
     def __post_init__(self) -> None:
         if self.input_ids.dim() != 2:
@@ -296,12 +377,19 @@ class ExtendData(ExtendDataset):
             self.attention_mask = torch.ones_like(self.input_ids)
         if self.labels is None:
             self.labels = torch.where(self.attention_mask.bool(), self.input_ids, IGNORE_INDEX)
+        has = self._check_feature_mask(shape[0])
         if self.features is not None:
-            if self.features.dim() != 3 or self.features.shape[0] != shape[0]:
+            rows = shape[0] if has is None else int(has.sum())
+            if self.features.dim() != 3 or self.features.shape[0] != rows:
+                expected = f"[{rows}, F, d]" + ("" if has is None else f" (one row per sample with {FEATURE_MASK} 1)")
                 raise ConfigError(
-                    f"{self.source}: features has shape {list(self.features.shape)}, expected [{shape[0]}, F, d]",
+                    f"{self.source}: features has shape {list(self.features.shape)}, expected {expected}",
                     file=self.source,
                     tensor="features",
+                    hint=f"features holds one row per sample; for text-only samples give {FEATURE_MASK} (0 for "
+                    "them) and leave their rows out"
+                    if has is None
+                    else f"give every sample with {FEATURE_MASK} 1 its features, in sample order, and no other rows",
                 )
             if self.placeholder_id is None:
                 raise ConfigError(
@@ -310,18 +398,70 @@ class ExtendData(ExtendDataset):
                     key="placeholder_id",
                     hint="record which token id marks the feature positions",
                 )
-            per_sample = (self.input_ids == self.placeholder_id).sum(1)
-            bad = (per_sample != self.features.shape[1]).nonzero()
-            if bad.numel():
-                i = int(bad[0])
-                raise ConfigError(
-                    f"{self.source}: sample {i} has {int(per_sample[i])} placeholder tokens "
-                    f"(id {self.placeholder_id}) "
-                    f"but {self.features.shape[1]} feature vectors",
-                    file=self.source,
-                    tensor="input_ids",
-                    hint="every sample needs exactly one placeholder per feature vector",
-                )
+        if self.placeholder_id is not None and (self.features is not None or has is not None):
+            self._check_placeholders(has)
+        # One form for one meaning: "every sample has features" and "none has, and there are none" need no mask.
+        if has is not None and (bool(has.all()) if self.features is not None else not bool(has.any())):
+            has = None
+        self.feature_mask = has
+        self._feature_row = None if has is None else has.long().cumsum(0) - 1
+
+    def _check_feature_mask(self, samples: int) -> torch.Tensor | None:
+        """``feature_mask`` as a bool [N], checked: 0/1 values, and no sample claiming features there are not."""
+        has = self.feature_mask
+        if has is None:
+            return None
+        has = torch.as_tensor(has)
+        if tuple(has.shape) != (samples,) or has.dtype.is_floating_point or has.is_complex():
+            raise ConfigError(
+                f"{self.source}: {FEATURE_MASK} has shape {list(has.shape)} ({has.dtype}), expected [{samples}] "
+                "integers",
+                file=self.source,
+                tensor=FEATURE_MASK,
+                hint="one 0/1 integer per sample: 1 when it has features, 0 for a text-only sample",
+            )
+        bad = ((has != 0) & (has != 1)).nonzero()
+        if bad.numel():
+            i = int(bad[0])
+            raise ConfigError(
+                f"{self.source}: sample {i} has {FEATURE_MASK} = {int(has[i])}",
+                file=self.source,
+                tensor=FEATURE_MASK,
+                hint="1 when the sample has features, 0 for a text-only sample",
+            )
+        has = has.bool()
+        if self.features is None and bool(has.any()):
+            i = int(has.nonzero()[0])
+            raise ConfigError(
+                f"{self.source}: sample {i} has {FEATURE_MASK} = 1 but the data has no features",
+                file=self.source,
+                tensor="features",
+                hint=f"add the features of the samples with {FEATURE_MASK} 1, or set it to 0 for text-only samples",
+            )
+        return has
+
+    def _check_placeholders(self, has: torch.Tensor | None) -> None:
+        """Each sample with features has one placeholder per feature vector; a text-only sample has none."""
+        per_sample = (self.input_ids == self.placeholder_id).sum(1)
+        per_feature = 0 if self.features is None else int(self.features.shape[1])
+        expected = torch.full_like(per_sample, per_feature)
+        if has is not None:
+            expected = torch.where(has, expected, 0)
+        bad = (per_sample != expected).nonzero()
+        if bad.numel():
+            i = int(bad[0])
+            text_only = has is not None and not bool(has[i])
+            raise ConfigError(
+                f"{self.source}: sample {i} has {int(per_sample[i])} placeholder tokens "
+                f"(id {self.placeholder_id}) but "
+                + (f"is text-only ({FEATURE_MASK} 0)" if text_only else f"{per_feature} feature vectors"),
+                file=self.source,
+                tensor="input_ids",
+                hint=f"a text-only sample has no placeholder token; give it features and {FEATURE_MASK} 1 if it "
+                "has some"
+                if text_only
+                else "every sample needs exactly one placeholder per feature vector",
+            )
 
     def __len__(self) -> int:
         return self.input_ids.shape[0]
@@ -334,18 +474,32 @@ class ExtendData(ExtendDataset):
     __eq__ = object.__eq__
     __hash__ = object.__hash__
 
+    def _features_of(self, index: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """(which of the samples ``index`` have features, their feature rows in that order)."""
+        if self.features is None:
+            return torch.zeros(len(index), dtype=torch.bool), None
+        if self.feature_mask is None:
+            return torch.ones(len(index), dtype=torch.bool), self.features[index]
+        has = self.feature_mask[index]
+        assert self._feature_row is not None
+        return has, self.features[self._feature_row[index][has]]
+
     def subset(self, index: torch.Tensor) -> ExtendData:
+        index = torch.as_tensor(index, dtype=torch.long)
+
         def pick(t: torch.Tensor | None) -> torch.Tensor | None:
             return None if t is None else t[index]
 
+        has, features = self._features_of(index)
         return ExtendData(
             self.input_ids[index],
             pick(self.labels),
             pick(self.attention_mask),
-            pick(self.features),
+            features,
             pick(self.routing_mask),
             self.placeholder_id,
             self.source,
+            None if self.feature_mask is None else has,
         )
 
     def fetch(self, index: Sequence[int] | torch.Tensor) -> dict[str, torch.Tensor]:
@@ -356,7 +510,7 @@ class ExtendData(ExtendDataset):
             "attention_mask": self.attention_mask[index],
         }
         if self.features is not None:
-            out["features"] = self.features[index]
+            out |= pack_features(*self._features_of(index))
         if self.routing_mask is not None:
             out["routing_mask"] = self.routing_mask[index]
         return out
@@ -368,6 +522,8 @@ def save_data(path: str | Path, data: ExtendData) -> Path:
     tensors = {"input_ids": data.input_ids, "labels": data.labels, "attention_mask": data.attention_mask}
     if data.features is not None:
         tensors["features"] = data.features
+    if data.feature_mask is not None:
+        tensors[FEATURE_MASK] = data.feature_mask.long()
     if data.routing_mask is not None:
         tensors["routing_mask"] = data.routing_mask
     metadata = {"format": DATA_FORMAT}
@@ -388,14 +544,19 @@ def check_data_header(path: Path) -> tuple[dict[str, Any], int | None]:
             key="format",
             hint="write it with mmer.extend.save_data",
         )
-    known = set(TOKEN_TENSORS) | {"features"}
+    known = set(TOKEN_TENSORS) | set(FEATURE_TENSORS)
     for name, info in infos.items():
         if name not in known:
             raise ConfigError(
                 f"{path}: unknown tensor {name!r}", file=str(path), tensor=name, hint=f"known: {sorted(known)}"
             )
-        if name in TOKEN_TENSORS and info.dtype.is_floating_point:
-            raise ConfigError(f"{path}: {name} must hold integers, not {info.dtype}", file=str(path), tensor=name)
+        if name in (*TOKEN_TENSORS, FEATURE_MASK) and info.dtype.is_floating_point:
+            raise ConfigError(
+                f"{path}: {name} must hold integers, not {info.dtype}",
+                file=str(path),
+                tensor=name,
+                hint="write token ids, labels and masks as int64 (feature_mask: 0/1)",
+            )
     if "input_ids" not in infos:
         raise ConfigError(f"{path}: has no input_ids", file=str(path), tensor="input_ids")
     placeholder = metadata.get("placeholder_id")
@@ -420,6 +581,7 @@ def data_from_tensors(tensors: dict[str, torch.Tensor], placeholder_id: int | No
         tokens("routing_mask"),
         placeholder_id,
         source,
+        tensors.get(FEATURE_MASK),
     )
 
 

@@ -14,6 +14,10 @@ ExtendDataset`\\ s, read by the training loop through a ``torch.utils.data.DataL
   module, samples carry the encoder's raw input under ``encoder_inputs`` instead, and features are computed
   on the fly on the training device, so no feature is ever stored (the paper's frozen CLIP, docs/moextend.md
   §1).
+
+Both take text-only samples beside the modality's (:mod:`mmer.extend.data`, "Text-only samples"): a shard's
+``feature_mask`` marks them (a shard without ``features`` holds text only), a torch sample simply has no
+``features`` (or ``encoder_inputs``).
 """
 
 from __future__ import annotations
@@ -29,17 +33,20 @@ from torch import nn
 
 from mmer.errors import ConfigError
 from mmer.extend.data import (
+    ENCODER_INPUTS,
+    FEATURE_MASK,
     ExtendData,
     ExtendDataset,
     check_data_header,
     collate,
     data_from_tensors,
+    samples_of,
     save_data,
 )
 from mmer.extend.losses import IGNORE_INDEX
 from mmer.io.writer import StagedOutput
 
-ENCODER_INPUTS = "encoder_inputs"
+__all__ = ["ENCODER_INPUTS", "SHARD_NAME", "ShardedData", "TorchData", "save_shards"]
 SHARD_NAME = "shard-{:05d}.safetensors"
 
 
@@ -69,12 +76,13 @@ class ShardedData(ExtendDataset):
         self.placeholder_id = placeholder_id
         self._feature_dim = feature_dim
         self.source = source
-        self._open: tuple[int, Any] | None = None
+        self._open: tuple[int, Any, torch.Tensor | None, torch.Tensor | None] | None = None
         self.opened = 0  # shard openings so far (diagnostics and tests)
 
     @classmethod
     def open(cls, directory: str | Path) -> ShardedData:
-        """Every ``*.safetensors`` file of ``directory``, checked from its header alone (nothing is loaded)."""
+        """Every ``*.safetensors`` file of ``directory``, checked from its header (and ``feature_mask``, a few
+        bytes a sample; no token or feature is loaded)."""
         directory = Path(directory)
         shards = sorted(p for p in directory.iterdir() if p.suffix == ".safetensors" and p.is_file())
         if not shards:
@@ -84,26 +92,41 @@ class ShardedData(ExtendDataset):
                 hint="write shards with mmer.extend.save_shards, or pass one data file",
             )
         counts: list[int] = []
-        first: tuple[Path, int | None, list[int] | None, Any] | None = None
+        # The placeholder and the feature shape and dtype of the first shard that has features: every other
+        # shard with features must agree; a shard without any holds text-only samples.
+        first: tuple[Path, int | None, list[int], Any] | None = None
+        placeholders: dict[int, Path] = {}
         for shard in shards:
             infos, placeholder_id = check_data_header(shard)
             counts.append(int(infos["input_ids"].shape[0]))
+            if placeholder_id is not None:
+                placeholders.setdefault(placeholder_id, shard)
             feature = infos.get("features")
-            shape = None if feature is None else list(feature.shape[1:])
-            this = (shard, placeholder_id, shape, None if feature is None else feature.dtype)
+            _check_feature_rows(shard, infos)
+            if feature is None:
+                continue
+            this = (shard, placeholder_id, list(feature.shape[1:]), feature.dtype)
             if first is None:
                 first = this
             elif this[1:] != first[1:]:
                 raise ConfigError(
-                    f"{shard}: placeholder id {placeholder_id}, features {shape} ({this[3]}) differ from "
+                    f"{shard}: placeholder id {placeholder_id}, features {this[2]} ({this[3]}) differ from "
                     f"{first[0].name}'s ({first[1]}, {first[2]}, {first[3]})",
                     file=str(shard),
                     tensor="features",
                     hint="every shard of a data set has the same placeholder and feature shape and dtype",
                 )
-        assert first is not None
-        feature_dim = None if first[2] is None else int(first[2][-1])
-        return cls(shards, counts, first[1], feature_dim, str(directory))
+        if len(placeholders) > 1:
+            (a, first_shard), (b, other) = sorted(placeholders.items(), key=lambda kv: kv[1])[:2]
+            raise ConfigError(
+                f"{other}: placeholder id {b} differs from {first_shard.name}'s ({a})",
+                file=str(other),
+                key="placeholder_id",
+                hint="every shard of a data set marks feature positions with one placeholder id",
+            )
+        placeholder = next(iter(placeholders), None)
+        feature_dim = None if first is None else int(first[2][-1])
+        return cls(shards, counts, placeholder, feature_dim, str(directory))
 
     def __len__(self) -> int:
         return self.offsets[-1]
@@ -122,14 +145,17 @@ class ShardedData(ExtendDataset):
             return self._open[1]
         self.close()
         handle = safe_open(str(self.shards[shard]), framework="pt")
-        self._open = (shard, handle)
+        # Which rows have features, and where each one's is (a shard's feature_mask is N small integers).
+        has = handle.get_tensor(FEATURE_MASK).bool() if FEATURE_MASK in handle.keys() else None
+        row = None if has is None else has.long().cumsum(0) - 1
+        self._open = (shard, handle, has, row)
         self.opened += 1
         return handle
 
     def close(self) -> None:
         """Close the open shard, if any."""
         if self._open is not None:
-            _, handle = self._open
+            handle = self._open[1]
             self._open = None
             handle.__exit__(None, None, None)
 
@@ -143,9 +169,26 @@ class ShardedData(ExtendDataset):
     def _read(self, shard: int, rows: list[int]) -> ExtendData:
         """``rows`` of ``shard`` (each read through the memory map, nothing else of the file), checked."""
         handle = self._handle(shard)
-        tensors = {
-            name: torch.cat([handle.get_slice(name)[row : row + 1] for row in rows]) for name in handle.keys()
-        }
+        assert self._open is not None
+        _, _, has, feature_row = self._open
+        names = [n for n in handle.keys() if n not in ("features", FEATURE_MASK)]
+        tensors = {name: torch.cat([handle.get_slice(name)[row : row + 1] for row in rows]) for name in names}
+        if "features" in handle.keys():
+            if has is None:
+                feature_rows = rows
+            else:
+                assert feature_row is not None
+                tensors[FEATURE_MASK] = has[rows]
+                feature_rows = [int(feature_row[row]) for row in rows if bool(has[row])]
+            features = handle.get_slice("features")
+            tensors["features"] = (
+                torch.cat([features[r : r + 1] for r in feature_rows])
+                if feature_rows
+                else torch.zeros((0, *features.get_shape()[1:]), dtype=_FEATURE_DTYPES[features.get_dtype()])
+            )
+        elif self._feature_dim is not None:
+            # A text-only shard of a data set with features: its samples are checked as text-only ones.
+            tensors[FEATURE_MASK] = torch.zeros(len(rows), dtype=torch.bool)
         return data_from_tensors(tensors, self.placeholder_id, str(self.shards[shard]))
 
     def fetch(self, index: Sequence[int] | torch.Tensor) -> dict[str, torch.Tensor]:
@@ -156,9 +199,54 @@ class ShardedData(ExtendDataset):
         for shard in sorted({s for s, _ in where}, key=lambda s: (s != current, s)):
             positions = [p for p, (s, _) in enumerate(where) if s == shard]
             part = self._read(shard, [where[p][1] for p in positions]).fetch(range(len(positions)))
-            for j, p in enumerate(positions):
-                samples[p] = {k: v[j] for k, v in part.items()}
+            for p, sample in zip(positions, samples_of(part), strict=True):
+                samples[p] = sample
         return collate(samples, self.source)  # type: ignore[arg-type]
+
+
+_FEATURE_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16}
+
+
+def _check_feature_rows(shard: Path, infos: dict[str, Any]) -> None:
+    """A shard's ``features`` rows against its samples (``feature_mask`` is read: N small integers), up front."""
+    feature = infos.get("features")
+    if FEATURE_MASK in infos:
+        if list(infos[FEATURE_MASK].shape) != [int(infos["input_ids"].shape[0])]:
+            raise ConfigError(
+                f"{shard}: {FEATURE_MASK} has shape {list(infos[FEATURE_MASK].shape)} for "
+                f"{int(infos['input_ids'].shape[0])} samples",
+                file=str(shard),
+                tensor=FEATURE_MASK,
+                hint="one 0/1 integer per sample: 1 when it has features, 0 for a text-only sample",
+            )
+        with safe_open(str(shard), framework="pt") as handle:
+            has = handle.get_tensor(FEATURE_MASK)
+        bad = ((has != 0) & (has != 1)).nonzero()
+        if bad.numel():
+            raise ConfigError(
+                f"{shard}: sample {int(bad[0])} has {FEATURE_MASK} = {int(has[int(bad[0])])}",
+                file=str(shard),
+                tensor=FEATURE_MASK,
+                hint="1 when the sample has features, 0 for a text-only sample",
+            )
+        rows = int(has.sum())
+        if feature is None and rows:
+            raise ConfigError(
+                f"{shard}: {rows} samples have {FEATURE_MASK} = 1 but the shard has no features",
+                file=str(shard),
+                tensor="features",
+                hint=f"add their features, or set {FEATURE_MASK} to 0 for text-only samples",
+            )
+    else:
+        rows = int(infos["input_ids"].shape[0])
+    if feature is not None and (len(feature.shape) != 3 or int(feature.shape[0]) != rows):
+        raise ConfigError(
+            f"{shard}: features has shape {list(feature.shape)}, expected [{rows}, F, d] (one row per sample "
+            "with features)",
+            file=str(shard),
+            tensor="features",
+            hint=f"features holds one row per sample; text-only samples have {FEATURE_MASK} 0 and no row",
+        )
 
 
 def save_shards(
@@ -227,8 +315,29 @@ class TorchData(ExtendDataset):
         return len(self.dataset)
 
     def fetch(self, index: Sequence[int] | torch.Tensor) -> dict[str, torch.Tensor]:
-        samples = [_sample_defaults(self.dataset[int(i)]) for i in torch.as_tensor(index, dtype=torch.long)]
+        index = torch.as_tensor(index, dtype=torch.long).tolist()
+        samples = [_sample_defaults(self.dataset[i]) for i in index]
+        if self.placeholder_id is not None:
+            for i, sample in zip(index, samples, strict=True):
+                self._check_placeholders(i, sample)
         return collate(samples, self.source)
+
+    def _check_placeholders(self, i: int, sample: dict[str, torch.Tensor]) -> None:
+        """A text-only sample has no placeholder; one with features has one per feature vector."""
+        slots = int((sample["input_ids"] == self.placeholder_id).sum())
+        if "features" in sample:
+            expected, what = int(sample["features"].shape[0]), f"{int(sample['features'].shape[0])} feature vectors"
+        elif ENCODER_INPUTS in sample:
+            return  # the encoder decides how many; the model checks them against the placeholders
+        else:
+            expected, what = 0, "no features (a text-only sample)"
+        if slots != expected:
+            raise ConfigError(
+                f"{self.source}: sample {i} has {slots} placeholder tokens (id {self.placeholder_id}) but {what}",
+                file=self.source,
+                tensor="input_ids",
+                hint="a sample with features has one placeholder per feature vector; a text-only sample none",
+            )
 
     def _encode(self, inputs: torch.Tensor, device: torch.device | str) -> torch.Tensor:
         assert self.encoder is not None
@@ -248,31 +357,29 @@ class TorchData(ExtendDataset):
     def to_device(self, batch: dict[str, torch.Tensor], device: torch.device | str) -> dict[str, torch.Tensor]:
         batch = dict(batch)
         inputs = batch.pop(ENCODER_INPUTS, None)
-        if self.encoder is not None:
-            if inputs is None:
-                raise ConfigError(
-                    f"{self.source}: a sample has no {ENCODER_INPUTS!r} for the encoder",
-                    file=self.source,
-                    tensor=ENCODER_INPUTS,
-                )
-            batch["features"] = self._encode(inputs, device)
-        elif inputs is not None:
+        if inputs is not None and self.encoder is None:
             raise ConfigError(
                 f"{self.source}: samples carry {ENCODER_INPUTS!r} but no encoder was given",
                 file=self.source,
                 tensor=ENCODER_INPUTS,
                 hint="pass encoder= to TorchData, or give features instead",
             )
+        if inputs is not None:
+            # Only the samples that have encoder inputs are encoded (feature_mask, if any, says which).
+            batch["features"] = self._encode(inputs, device)
         return {k: v.to(device) for k, v in batch.items()}
 
     @property
     def feature_dim(self) -> int | None:
+        """The width of the first sample with features (text-only samples before it are skipped)."""
         if self._feature_dim is False:
-            if len(self) == 0:
-                self._feature_dim = None
-            else:
-                first = self.to_device(self.fetch([0]), _encoder_device(self.encoder))
-                self._feature_dim = None if "features" not in first else int(first["features"].shape[-1])
+            self._feature_dim = None
+            for i in range(len(self)):
+                sample = self.dataset[i]
+                if "features" in sample or ENCODER_INPUTS in sample:
+                    first = self.to_device(self.fetch([i]), _encoder_device(self.encoder))
+                    self._feature_dim = int(first["features"].shape[-1])
+                    break
         return self._feature_dim  # type: ignore[return-value]
 
 

@@ -3,7 +3,9 @@
 The encoder (CLIP in the paper) is frozen and external: mmer takes its output features, never runs it. A
 sample is token ids in which ``placeholder_id`` marks as many positions as the sample has feature vectors;
 the projector maps the features to the embedding width and they overwrite those positions' embeddings in
-order (the authors' ``<imgpad>`` scheme, LLaVA's too). Text-only data (a task extension) has no features.
+order (the authors' ``<imgpad>`` scheme, LLaVA's too). Text-only data (a task extension) has no features, and
+text-only samples mixed into the modality's (LLaVA-665k's ShareGPT conversations) have none either: a batch's
+features are those of its rows with placeholders, in row order, so each goes to its own sample.
 """
 
 from __future__ import annotations
@@ -59,9 +61,20 @@ class MoExtendModel(nn.Module):
         self.manifest: dict[str, Any] | None = None
 
     def embed(self, input_ids: torch.Tensor, features: torch.Tensor | None = None) -> torch.Tensor:
-        """Token embeddings with the projected features written over the placeholder positions."""
+        """Token embeddings with the projected features written over the placeholder positions.
+
+        ``features`` [S, F, d] belong, in order, to the S rows of ``input_ids`` that hold placeholders (each
+        exactly F); rows without placeholders (text-only samples) keep their token embeddings.
+        """
         embeds = self.lm.get_input_embeddings()(input_ids)
         if features is None:
+            if self.projector is not None and torch.is_grad_enabled() and self._projector_trains():
+                # A batch of text-only samples still runs a projector being trained, on no rows: its parameters
+                # get a (zero) gradient on every step and every process, so the loss always has a graph and
+                # DDP's gradient exchange never waits for a process that skipped them (LLaVA likewise runs
+                # its projector on an empty slice for a text-only sample).
+                nothing = self.projector(embeds.new_zeros(0, self.projector.in_features))
+                return embeds + nothing.sum().to(embeds.dtype)
             return embeds
         if self.projector is None or self.placeholder_id is None:
             raise ConfigError(
@@ -70,16 +83,28 @@ class MoExtendModel(nn.Module):
                 hint="align a projector first (mmer extend align) or drop the features from the data",
             )
         slots = input_ids == self.placeholder_id
-        expected = features.shape[0] * features.shape[1]
-        if int(slots.sum()) != expected:
+        per_row = slots.sum(1)
+        # The features are those of the rows that have placeholders, in row order (a text-only row has none):
+        # each such row must have one per feature vector, and there must be one feature row per such row.
+        with_slots = int((per_row > 0).sum())
+        bad = ((per_row != 0) & (per_row != features.shape[1])).nonzero()
+        if bad.numel() or with_slots != features.shape[0]:
+            where = (
+                f"row {int(bad[0])} has {int(per_row[int(bad[0])])} placeholder tokens (id {self.placeholder_id})"
+                if bad.numel()
+                else f"{with_slots} rows have placeholder tokens (id {self.placeholder_id})"
+            )
             raise ConfigError(
-                f"the batch has {int(slots.sum())} placeholder tokens (id {self.placeholder_id}) but {expected} "
-                f"feature vectors ({features.shape[0]} samples × {features.shape[1]})",
+                f"{where}, but the batch has features of {features.shape[0]} samples × {features.shape[1]} vectors",
                 key="features",
-                hint="every sample needs exactly one placeholder token per feature vector",
+                hint="every sample with features needs exactly one placeholder token per feature vector; a "
+                "text-only sample has none and no features (docs/moextend.md §7)",
             )
         projected = self.projector(features).to(embeds.dtype)
         return embeds.masked_scatter(slots.unsqueeze(-1), projected.reshape(-1, embeds.shape[-1]))
+
+    def _projector_trains(self) -> bool:
+        return self.projector is not None and any(p.requires_grad for p in self.projector.parameters())
 
     def forward(
         self,

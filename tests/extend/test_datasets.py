@@ -159,7 +159,9 @@ def test_shards_padded_to_other_lengths_train_to_the_same_losses(tmp_path):
 def test_shards_that_disagree_on_the_features_are_refused_naming_the_shard(tmp_path):
     (tmp_path / "bad").mkdir()
     save_data(tmp_path / "bad" / "a.safetensors", make_data(4))
-    save_data(tmp_path / "bad" / "b.safetensors", make_data(4, features=False))
+    narrow = make_data(4)
+    narrow.features = narrow.features[..., :5]  # another feature width (a shard without features is text-only)
+    save_data(tmp_path / "bad" / "b.safetensors", narrow)
     with pytest.raises(ConfigError, match="b.safetensors") as info:
         load_data(tmp_path / "bad")
     assert info.value.file.endswith("b.safetensors")

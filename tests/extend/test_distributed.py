@@ -152,3 +152,22 @@ def test_the_example_accelerate_config_is_a_multi_gpu_ddp_config_accelerate_read
     config = ClusterConfig.from_yaml_file(str(path))
     assert config.distributed_type == DistributedType.MULTI_GPU and config.mixed_precision == "bf16"
     assert "-m mmer_cli.main" in path.read_text()
+
+
+def test_two_gloo_processes_align_on_text_only_samples_as_one_process_does(tmp_path):
+    from ddp_worker import MIXED_BATCH, MIXED_SAMPLES, align_mixed
+    from tiny_moe import make_mixed_data
+
+    # The data makes some process's share of a micro-batch text alone: that process's projector gradient is
+    # zero (the projector runs on no rows), so the exchange neither stalls nor changes the result.
+    _, is_text = make_mixed_data(MIXED_SAMPLES, text_every=2)
+    plan = BatchPlan(MIXED_SAMPLES, MIXED_BATCH, quick().seed, 0, 2)
+    assert any(bool(is_text[plan.share(step)[0]].all()) for step in range(4))
+    single = align_mixed(tmp_path / "single.safetensors")
+    done = launch(2, "align-mixed", str(tmp_path / "ddp.safetensors"))
+    assert done.returncode == 0, done.stderr[-4000:]
+    assert done.stdout.count("aligned") == 2
+    two = load_file(str(tmp_path / "ddp.safetensors"))
+    assert sorted(two) == sorted(single)
+    for name in single:
+        torch.testing.assert_close(two[name], single[name], atol=ATOL, rtol=RTOL, msg=name)

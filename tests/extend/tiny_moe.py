@@ -132,6 +132,26 @@ def make_data(n: int = 24, length: int = 12, seed: int = 1, features: bool = Tru
     )
 
 
+def make_mixed_data(n: int = 12, text_every: int = 3) -> tuple[ExtendData, torch.Tensor]:
+    """``make_data(n)`` with every ``text_every``-th sample (1, 1 + text_every, ...) a text-only one (no
+    placeholder, no features, ``feature_mask`` 0); returns (data, which samples are text-only)."""
+    digits, text = make_data(n), make_data(n, seed=2, features=False)
+    is_text = torch.arange(n) % text_every == 1
+
+    def pick(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+        return torch.where(is_text[:, None], b, a)
+
+    data = ExtendData(
+        pick(digits.input_ids, text.input_ids),
+        labels=pick(digits.labels, text.labels),
+        attention_mask=pick(digits.attention_mask, text.attention_mask),
+        features=digits.features[~is_text],
+        placeholder_id=PLACEHOLDER,
+        feature_mask=(~is_text).long(),
+    )
+    return data, is_text
+
+
 def quick(steps: int = 3, **changes) -> TrainOptions:
     """A few CPU steps with a learning rate large enough to move the tiny weights."""
     values = {
