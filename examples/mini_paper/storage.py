@@ -123,6 +123,13 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--group-size", type=int, default=128)
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--render", action="store_true", help="only rewrite results.md from results.json")
+    parser.add_argument(
+        "--seed",
+        type=int,
+        default=0,
+        help="which seed's models run.py trained (<workdir>/seed<S>/models); the single-seed layout of earlier "
+        "run.py versions (<workdir>/models) is read when that folder is absent",
+    )
     args = parser.parse_args(argv)
     if args.render:
         report = json.loads((args.results / "results.json").read_text())
@@ -133,7 +140,10 @@ def main(argv: list[str] | None = None) -> dict:
     from transformers.utils import logging as hf_logging
 
     hf_logging.set_verbosity_error()
-    models = {name: args.workdir / "models" / name for name in ("base", *MODALITIES)}
+    models_dir = args.workdir / f"seed{args.seed}" / "models"
+    if not models_dir.is_dir():
+        models_dir = args.workdir / "models"
+    models = {name: models_dir / name for name in ("base", *MODALITIES)}
     missing = [str(p) for p in models.values() if not (p / "model.safetensors").is_file()]
     if missing:
         raise SystemExit(f"no trained model at {missing[0]}: run `python examples/mini_paper/run.py` first")
