@@ -4,24 +4,21 @@ ended; written as JSON, a recipe for ``mmer merge --recipe`` and a plot, as the 
 
 from __future__ import annotations
 
-import json
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from mmer.config import Recipe
-from mmer.io.report_files import save_figure, write_report_file
+from mmer.io.report_files import save_figure
 from mmer.tune.joint_search import Axis, Vector
 from mmer.tune.report import (
     JOINT_TUNE_REPORT_FORMAT,
-    TUNED_RECIPE_FIRST_WORDS,
-    TUNED_RECIPE_SIGNATURE,
     chosen_recipe,
-    tune_report_written_by_mmer,
+    write_tune_json,
+    write_tuned_recipe,
 )
 from mmer.tune.search import flat_along
-from mmer.version import __version__
 
 
 @dataclass
@@ -88,17 +85,11 @@ class JointReport:
         )
 
     def write_recipe(self, path: str | Path) -> Path:
-        path = Path(path)
-        header = (
-            f"{TUNED_RECIPE_FIRST_WORDS} {__version__} (jointly, {self.method} search; score: {self.description})."
-            f"\n# Merge with: mmer merge --recipe {path.name} -o merged/\n"
-        )
-        data = (header + self.tuned_recipe().to_yaml()).encode("utf-8")
-        return write_report_file(path, data, TUNED_RECIPE_SIGNATURE, "tuned recipe")
+        how = f"jointly, {self.method} search; score: {self.description}"
+        return write_tuned_recipe(path, self.tuned_recipe(), how)
 
     def write_json(self, path: str | Path) -> Path:
-        data = (json.dumps({"format": JOINT_TUNE_REPORT_FORMAT, **self.to_dict()}, indent=2) + "\n").encode("utf-8")
-        return write_report_file(path, data, tune_report_written_by_mmer, "tune report")
+        return write_tune_json(path, JOINT_TUNE_REPORT_FORMAT, self.to_dict())
 
     def to_dict(self) -> dict[str, Any]:
         return {

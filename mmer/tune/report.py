@@ -43,6 +43,21 @@ def chosen_recipe(recipe: Recipe, lambdas: dict[str, float], k: float, alpha: fl
     return Recipe(recipe.base, models, options)
 
 
+def write_tuned_recipe(path: str | Path, recipe: Recipe, how: str) -> Path:
+    """The tuned recipe under the header that marks it as mmer's (``how``: how it was chosen), so that a rerun
+    may overwrite it and nothing else."""
+    path = Path(path)
+    header = f"{TUNED_RECIPE_FIRST_WORDS} {__version__} ({how}).\n"
+    data = (header + f"# Merge with: mmer merge --recipe {path.name} -o merged/\n" + recipe.to_yaml()).encode("utf-8")
+    return write_report_file(path, data, TUNED_RECIPE_SIGNATURE, "tuned recipe")
+
+
+def write_tune_json(path: str | Path, report_format: str, fields: dict[str, Any]) -> Path:
+    """A tune report's JSON, its format tag first."""
+    data = (json.dumps({"format": report_format, **fields}, indent=2) + "\n").encode("utf-8")
+    return write_report_file(path, data, tune_report_written_by_mmer, "tune report")
+
+
 @dataclass
 class TuneResult:
     modality: str
@@ -118,17 +133,10 @@ class TuneReport:
         )
 
     def write_recipe(self, path: str | Path) -> Path:
-        path = Path(path)
-        header = (
-            f"{TUNED_RECIPE_FIRST_WORDS} {__version__} (score: {self.score}, "
-            f"{self.description}).\n# Merge with: mmer merge --recipe {path.name} -o merged/\n"
-        )
-        data = (header + self.tuned_recipe().to_yaml()).encode("utf-8")
-        return write_report_file(path, data, TUNED_RECIPE_SIGNATURE, "tuned recipe")
+        return write_tuned_recipe(path, self.tuned_recipe(), f"score: {self.score}, {self.description}")
 
     def write_json(self, path: str | Path) -> Path:
-        data = (json.dumps({"format": TUNE_REPORT_FORMAT, **self.to_dict()}, indent=2) + "\n").encode("utf-8")
-        return write_report_file(path, data, tune_report_written_by_mmer, "tune report")
+        return write_tune_json(path, TUNE_REPORT_FORMAT, self.to_dict())
 
     def write_plot(self, png: str | Path) -> Path:
         return write_plot(self, png)
