@@ -239,47 +239,32 @@ def tune(
         elif probe_arg is not None:
             raise ConfigError("--probes goes with --score logits, not --joint", key="probes", hint="leave it out")
         with render.RichProgress(enabled=not quiet and not json_out) as progress:
+            shared = dict(
+                checkpoint=checkpoint,
+                sources=_pairs(source, "--source"),
+                score=score,
+                ks=k_grid,
+                alphas=alpha_grid,
+                modalities=modality,
+                validation=validation,
+                jobs=jobs,
+                backend=backend,
+                ray_address=ray_address,
+                workdir=workdir,
+                device=device,
+                check_sources=check_sources,
+                progress=progress,
+            )
             if joint:
                 report = run_joint_tune(
                     recipe_obj,
-                    checkpoint=checkpoint,
-                    sources=_pairs(source, "--source"),
-                    score=score,
                     lambdas=_floats(lambdas, "--lambdas"),
-                    ks=k_grid,
-                    alphas=alpha_grid,
-                    modalities=modality,
                     search=search or "auto",
                     budget=DEFAULT_BUDGET if budget is None else budget,
-                    validation=validation,
-                    jobs=jobs,
-                    backend=backend,
-                    ray_address=ray_address,
-                    workdir=workdir,
-                    device=device,
-                    check_sources=check_sources,
-                    progress=progress,
+                    **shared,
                 )
             else:
-                report = run_tune(
-                    recipe_obj,
-                    checkpoint=checkpoint,
-                    sources=_pairs(source, "--source"),
-                    score=score,
-                    lambdas=lambda_grid,
-                    ks=k_grid,
-                    alphas=alpha_grid,
-                    modalities=modality,
-                    probes=probe_arg,
-                    validation=validation,
-                    jobs=jobs,
-                    backend=backend,
-                    ray_address=ray_address,
-                    workdir=workdir,
-                    device=device,
-                    check_sources=check_sources,
-                    progress=progress,
-                )
+                report = run_tune(recipe_obj, lambdas=lambda_grid, probes=probe_arg, **shared)
         written = write_outputs(report, output, write_recipe, overwrite)
     except MmerError as err:
         _fail(err, json_out)
