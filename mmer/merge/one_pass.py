@@ -272,18 +272,7 @@ def _merge_kernel(
                 bits = row.view(np.int32)
                 for j in range(size):
                     mags[j] = bits[j] & mask
-                below, zeros, at_lo, at_hi, strict, under, under_n, over, over_n = _window_counts(
-                    mags, window[i], window[i]
-                )
-                counts[0, blk, i] = below
-                counts[1, blk, i] = zeros
-                counts[2, blk, i] = at_lo
-                counts[3, blk, i] = at_hi
-                counts[4, blk, i] = strict
-                counts[5, blk, i] = under_n
-                counts[6, blk, i] = over_n
-                edges[0, blk, i] = under
-                edges[1, blk, i] = over
+                _count_window(mags, window[i], window[i], counts, edges, blk, i)
             if trim:
                 t_i = thr[i]
                 for j in range(size):
@@ -372,11 +361,13 @@ def _pack_py(kept, out):
         out[w] = np.uint8((words[w] * np.uint64(0x0102040810204080)) >> np.uint64(56))
 
 
-def _window_counts_py(mags, low, high):
+def _count_window_py(mags, low, high, counts, edges, blk, i):
     """One model's :class:`~mmer.merge.trim.WindowPiece` counts over magnitude patterns ``mags`` against the window
-    ``[low, high]``: below, zeros (0 when ``low`` is 0: they are then the entries at ``low``), at each edge,
-    strictly inside, and the nearest pattern either side with its ties. Branch-free sums and extremes (magnitudes
-    fall either side at random), each a vector loop; the nearest values' ties are counted in a second loop."""
+    ``[low, high]``, stored at block ``blk``, model ``i`` of ``counts`` (below, zeros (0 when ``low`` is 0: they
+    are then the entries at ``low``), at each edge, strictly inside, the nearest patterns' ties) and ``edges`` (the
+    nearest pattern either side): one layout, written by the threshold pass and by a merge that counts alike.
+    Branch-free sums and extremes (magnitudes fall either side at random), each a vector loop; the nearest values'
+    ties are counted in a second loop."""
     below = 0
     zeros = 0
     at_lo = 0
@@ -401,16 +392,24 @@ def _window_counts_py(mags, low, high):
         m = mags[j]
         under_n += (m < low) & (m == under)
         over_n += (m > high) & (m == over)
-    return below, zeros if low > 0 else 0, at_lo, at_hi, strict, under, under_n, over, over_n
+    counts[0, blk, i] = below
+    counts[1, blk, i] = zeros if low > 0 else 0
+    counts[2, blk, i] = at_lo
+    counts[3, blk, i] = at_hi
+    counts[4, blk, i] = strict
+    counts[5, blk, i] = under_n
+    counts[6, blk, i] = over_n
+    edges[0, blk, i] = under
+    edges[1, blk, i] = over
 
 
 _l1 = _l1_py
 _pack = _pack_py
-_window_counts = _window_counts_py
+_count_window = _count_window_py
 if njit is not None:
     _l1 = njit(inline="always", cache=True)(_l1_py)
     _pack = njit(inline="always", cache=True)(_pack_py)
-    _window_counts = njit(inline="always", cache=True)(_window_counts_py)
+    _count_window = njit(inline="always", cache=True)(_count_window_py)
 
 
 # ---------------------------------------------------------------------------------------------- sign census

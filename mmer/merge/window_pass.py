@@ -18,7 +18,7 @@ from functools import lru_cache
 import numpy as np
 import torch
 
-from mmer.merge.one_pass import BLOCK, _decode, _l1, _models_u16, _u16, _window_counts, njit, prange
+from mmer.merge.one_pass import BLOCK, _count_window, _decode, _l1, _models_u16, _u16, njit, prange
 from mmer.merge.trim import NO_VALUE_ABOVE, NO_VALUE_BELOW, WindowPiece
 
 
@@ -152,14 +152,5 @@ def _count_kernel(base, thetas, half, lo, hi, counts, edges, l1, inside):
                     m = mags[j]
                     row[at] = m
                     at += (m > low) & (m < high)
-            below, zeros, at_lo, at_hi, strict, under, under_n, over, over_n = _window_counts(mags, low, high)
-            counts[0, blk, i] = below
-            counts[1, blk, i] = zeros
-            counts[2, blk, i] = at_lo
-            counts[3, blk, i] = at_hi
-            counts[4, blk, i] = strict
-            counts[5, blk, i] = under_n
-            counts[6, blk, i] = over_n
-            edges[0, blk, i] = under
-            edges[1, blk, i] = over
+            _count_window(mags, low, high, counts, edges, blk, i)
             l1[blk, i] = _l1(tau)
